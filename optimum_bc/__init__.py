@@ -1,0 +1,25 @@
+"""optimum-bc: post-training quantization (RTN / GPTQ) with bias compensation for transformers.
+
+``import optimum_bc`` registers ``quant_method="bc"`` with transformers; it must run before ``from_pretrained`` of a
+BC checkpoint (transformers otherwise skips the unknown quantization and loads random weights).
+"""
+
+__version__ = "0.1.0.dev0"
+
+from .api import quantize_model
+from .config import BCQuantizationConfig
+from .qlinear import QuantLinear
+from .quantizer import BCHfQuantizer, register
+from .report import QuantizationReport
+
+
+register()
+
+__all__ = [
+    "BCHfQuantizer",
+    "BCQuantizationConfig",
+    "QuantLinear",
+    "QuantizationReport",
+    "__version__",
+    "quantize_model",
+]

@@ -1,0 +1,52 @@
+"""The weight-quantizer protocol shared by every algorithm, and its result type.
+
+A quantizer lives for one Linear layer and has three verbs (after the GPTQ reference): ``add_batch`` observes
+calibration inputs, ``quantize`` solves for the integer codes, ``free`` releases the statistics.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Codes and grid of one quantized weight matrix ``[out, in]``, in the original column order.
+
+    ``W[o, i] ≈ scales[o, g_idx[i]] * (codes[o, i] - zeros[o, g_idx[i]])``.
+    """
+
+    codes: torch.Tensor  # (out, in) uint8
+    scales: torch.Tensor  # (out, groups) float32, exactly representable in float16
+    zeros: torch.Tensor  # (out, groups) uint8
+    g_idx: torch.Tensor  # (in,) int32, group of each input column
+    loss: float  # algorithm-specific objective (GPTQ: sum of (w - q)^2 / [H^-1]_jj / 2); 0 for RTN
+    damp: float | None = None  # relative dampening that made the Hessian factorisable (GPTQ only)
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 weight ``[out, in]`` that the packed layer reproduces exactly."""
+        idx = self.g_idx.long()
+        return self.scales[:, idx] * (self.codes.float() - self.zeros[:, idx].float())
+
+
+class WeightQuantizer:
+    """Base class: quantizes one ``[out, in]`` weight, optionally from observed inputs."""
+
+    #: Whether ``add_batch`` needs the layer's calibration inputs (RTN does not).
+    needs_inputs: bool = False
+
+    def __init__(self, in_features: int, *, bits: int, group_size: int, sym: bool, **options: object) -> None:
+        self.in_features = in_features
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Observe inputs ``x`` of shape ``(tokens, in_features)`` (padding already removed)."""
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        """Return the quantized form of ``weight`` (``[out, in]``); never modifies it."""
+        raise NotImplementedError
+
+    def free(self) -> None:
+        """Release statistics held for this layer."""

@@ -1,0 +1,169 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323, Algorithm 1) with groups, act-order and dampening escalation.
+
+Notation follows the paper: ``W`` is the ``[out, in]`` weight, ``H = 2 X Xᵀ / N`` the Hessian of the layer-wise
+squared error from the layer inputs ``X``, ``U`` the upper Cholesky factor of ``H⁻¹``. Columns are quantized one at a
+time and the scaled error of each is spread over the columns not yet quantized; updates are applied lazily per block
+of columns. With act-order (``desc_act``) columns go in order of decreasing ``diag(H)`` and groups are formed in that
+order (``g_idx`` maps each original column to its group).
+"""
+
+import logging
+
+import torch
+
+from ..primitives import QParams, compute_qparams, dequantize_codes, quantize_codes
+from . import register_algorithm
+from .base import QuantizedWeight, WeightQuantizer
+from .rtn import rtn_quantize
+
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 128
+MAX_DAMP_TRIES = 8
+
+
+def inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of ``(H + λ I)⁻¹`` with ``λ = damp · mean(diag H)``.
+
+    When the factorisation fails (``H`` not positive definite in float32), the relative dampening is multiplied by 10
+    and retried. Returns ``(None, damp)`` if every try failed, so the caller can fall back instead of producing NaN.
+    """
+    mean_diag = torch.diagonal(H).mean()
+    damp = damp_percent
+    for _ in range(MAX_DAMP_TRIES):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        damp *= 10.0
+    return None, damp
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    damp_percent: float = 0.01,
+    desc_act: bool = False,
+    block_size: int = BLOCK_SIZE,
+) -> QuantizedWeight:
+    """Quantize ``weight`` ``[out, in]`` given the input Hessian ``H`` ``[in, in]`` (not modified)."""
+    W = weight.float().clone()
+    H = H.float().clone()
+    rows, n = W.shape
+    if not bool(torch.isfinite(H).all()):
+        logger.warning("GPTQ: the Hessian has non-finite entries; falling back to RTN for this layer")
+        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym)
+
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    if desc_act:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(n, device=W.device)
+
+    U, damp = inverse_cholesky(H, damp_percent)
+    if U is None:
+        logger.warning("GPTQ: Hessian not factorisable even with damp=%.3g; falling back to RTN for this layer", damp)
+        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym)
+
+    size = n if group_size == -1 else group_size
+    # Blocks are whole multiples of the group size, so every group is fitted on its current, updated columns.
+    B = block_size if group_size == -1 else size * max(1, block_size // size)
+    num_groups = -(-n // size)
+    codes = torch.zeros_like(W)
+    scales = torch.zeros(rows, num_groups, device=W.device)
+    zeros = torch.zeros(rows, num_groups, device=W.device)
+    losses = torch.zeros(rows, device=W.device)
+    qp: QParams = compute_qparams(W, bits, sym)
+
+    for i1 in range(0, n, B):
+        i2 = min(i1 + B, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if j % size == 0:
+                if group_size != -1:
+                    qp = compute_qparams(W1[:, i : i + size], bits, sym)
+                scales[:, j // size] = qp.scale[:, 0]
+                zeros[:, j // size] = qp.zero[:, 0]
+            w = W1[:, i : i + 1]  # (rows, 1)
+            q = quantize_codes(w, qp)
+            err = (w - dequantize_codes(q, qp)) / U1[i, i]
+            codes[:, j] = q[:, 0]
+            losses += err[:, 0] ** 2 / 2
+            W1[:, i:] -= err @ U1[i : i + 1, i:]
+            Err1[:, i] = err[:, 0]
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    invperm = torch.argsort(perm)
+    g_idx = torch.empty(n, dtype=torch.int32, device=W.device)
+    g_idx[perm] = (torch.arange(n, device=W.device) // size).to(torch.int32)
+    return QuantizedWeight(
+        codes=codes[:, invperm].to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.uint8),
+        g_idx=g_idx,
+        loss=float(losses.sum()),
+        damp=damp,
+    )
+
+
+@register_algorithm("gptq")
+class GPTQQuantizer(WeightQuantizer):
+    """Accumulates ``H = 2 Σ x xᵀ / N`` over calibration tokens, then runs :func:`gptq_quantize`."""
+
+    needs_inputs = True
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        damp_percent: float = 0.01,
+        desc_act: bool = False,
+        **options: object,
+    ) -> None:
+        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym)
+        self.damp_percent = damp_percent
+        self.desc_act = desc_act
+        self.H: torch.Tensor | None = None
+        self.num_tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features).float()
+        if self.H is None:
+            self.H = torch.zeros(self.in_features, self.in_features, device=x.device)
+        self.H.addmm_(x.T, x)
+        self.num_tokens += x.shape[0]
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        if self.H is None or self.num_tokens == 0:
+            raise ValueError("GPTQ needs calibration inputs: add_batch() was never called with any token")
+        H = self.H.to(weight.device) * (2.0 / self.num_tokens)
+        return gptq_quantize(
+            weight,
+            H,
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            damp_percent=self.damp_percent,
+            desc_act=self.desc_act,
+        )
+
+    def free(self) -> None:
+        self.H = None
+        self.num_tokens = 0

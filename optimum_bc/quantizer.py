@@ -1,0 +1,81 @@
+"""``BCHfQuantizer``: the only module that touches ``transformers.quantizers``.
+
+Registered as ``quant_method="bc"`` on ``import optimum_bc``. Calibrating path (float checkpoint + our config): the
+calibration data is built before the weights load (so bad data fails fast), and the model is quantized after they
+load. Pre-quantized path (a saved BC checkpoint): the target Linears are swapped for packed ``QuantLinear``
+skeletons before loading, so the checkpoint's ``qweight/qzeros/scales/g_idx/bias`` load by name.
+"""
+
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from .api import build_calibration, quantize_model, resolve_modules_to_not_convert
+from .architectures import get_spec, set_module, target_linears
+from .config import QUANT_METHOD, BCQuantizationConfig
+from .qlinear import QuantLinear
+
+
+class BCHfQuantizer(HfQuantizer):
+    """Quantizes with RTN/GPTQ + bias compensation inside ``from_pretrained``, and reloads packed checkpoints."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: BCQuantizationConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.dtype: torch.dtype | None = None
+        self._calibration: list | None = None
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if not self.pre_quantized and config.needs_calibration and config.dataset is None:
+            build_calibration(config)  # raises the "dataset=None" error before anything is loaded
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        self.dtype = dtype if isinstance(dtype, torch.dtype) else None
+        return dtype
+
+    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        config = self.quantization_config
+        get_spec(model.config.model_type)
+        if config.modules_to_not_convert is None:
+            config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
+        if self.pre_quantized:
+            self._swap_in_skeletons(model)
+        else:
+            self._calibration = build_calibration(config, name_or_path=getattr(model.config, "_name_or_path", None))
+        return model
+
+    def _swap_in_skeletons(self, model: Any) -> None:
+        config = self.quantization_config
+        spec = get_spec(model.config.model_type)
+        for name in target_linears(model, spec, list(config.modules_to_not_convert)):
+            linear = model.get_submodule(name)
+            dtype = self.dtype or linear.weight.dtype
+            skeleton = QuantLinear(
+                linear.in_features, linear.out_features, config.bits, config.group_size, dtype=dtype, device="meta"
+            )
+            set_module(model, name, skeleton)
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        if not self.pre_quantized:
+            quantize_model(model, self.quantization_config, calibration=self._calibration)
+            self._calibration = None
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register the config and quantizer under ``"bc"`` (idempotent, so re-imports are safe)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(BCQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(BCHfQuantizer)
