@@ -27,7 +27,7 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -352,7 +352,9 @@ def _pretokenized_samples(data: Any, num_samples: int, seq_len: int) -> list[Sam
     else:
         items = [item if isinstance(item, Mapping) else {"input_ids": item} for item in data]
     if len(items) < num_samples:
-        logger.warning("Only %d pre-tokenized samples given (num_samples=%d): using all of them", len(items), num_samples)
+        logger.warning(
+            "Only %d pre-tokenized samples given (num_samples=%d): using all of them", len(items), num_samples
+        )
     return [_one_pretokenized(item, index, seq_len) for index, item in enumerate(items[:num_samples])]
 
 
@@ -442,7 +444,9 @@ def _load_hub_dataset(source: _HubText) -> Any:
     """Load one split of a Hub corpus, or raise a ValueError naming the offline alternatives."""
     import datasets
 
-    offline = _hub_offline() or not _hub_reachable()
+    offline_requested = _hub_offline()
+    unreachable = not offline_requested and not _hub_reachable()
+    offline = offline_requested or unreachable
     kwargs: dict[str, Any] = {"split": source.split}
     if source.data_files is not None:
         kwargs["data_files"] = {source.split: source.data_files}
@@ -456,7 +460,12 @@ def _load_hub_dataset(source: _HubText) -> Any:
                     raise
                 return datasets.load_dataset(source.path, source.config, revision="refs/convert/parquet", **kwargs)
     except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, hub errors)
-        reason = "the Hub is unreachable or offline mode is on, and it is not in the local cache" if offline else err
+        if offline_requested:
+            reason = "offline mode is on (HF_HUB_OFFLINE) and it is not in the local datasets cache"
+        elif unreachable:
+            reason = "the HuggingFace Hub is unreachable and it is not in the local datasets cache"
+        else:
+            reason = str(err)
         raise ValueError(
             f"cannot load {source.path} ({source.split}): {reason}. Use an offline source instead: "
             f"{OFFLINE_ALTERNATIVES}"

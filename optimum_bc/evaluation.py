@@ -55,7 +55,9 @@ def evaluate_perplexity(
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     if stride > seq_len:
-        raise ValueError(f"stride={stride} is larger than seq_len={seq_len}: tokens would be skipped; use stride <= seq_len")
+        raise ValueError(
+            f"stride={stride} is larger than seq_len={seq_len}: tokens would be skipped; use stride <= seq_len"
+        )
     ids = _evaluation_ids(tokenizer, dataset)
     if ids.numel() < seq_len + 1:
         raise ValueError(

@@ -37,12 +37,20 @@ def compute_qparams(w: torch.Tensor, bits: int, sym: bool) -> QParams:
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
-    scale = ((xmax - xmin) / maxq).clamp(min=MIN_SCALE).to(SCALE_DTYPE).float()
+    scale = _round_up_to_storage(((xmax - xmin) / maxq).clamp(min=MIN_SCALE))
     if sym:
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return QParams(scale.unsqueeze(1), zero.unsqueeze(1), maxq)
+
+
+def _round_up_to_storage(scale: torch.Tensor) -> torch.Tensor:
+    """Round float32 scales up to the next float16 value, so the stored grid still spans ``[xmin, xmax]``."""
+    stored = scale.to(SCALE_DTYPE)
+    below = stored.float() < scale
+    stored = torch.where(below, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    return stored.float()
 
 
 def quantize_codes(w: torch.Tensor, qp: QParams) -> torch.Tensor:

@@ -45,7 +45,9 @@ class BCHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             self._swap_in_skeletons(model)
         else:
-            self._calibration = build_calibration(config, name_or_path=getattr(model.config, "_name_or_path", None))
+            # This hook runs under transformers' meta-device init context: build the token tensors on the CPU.
+            with torch.device("cpu"):
+                self._calibration = build_calibration(config, name_or_path=getattr(model.config, "_name_or_path", None))
         return model
 
     def _swap_in_skeletons(self, model: Any) -> None:

@@ -1,0 +1,92 @@
+"""Bias compensation math against direct computations on explicit tokens."""
+
+import pytest
+import torch
+
+from optimum_bc.algorithms.gptq import gptq_quantize
+from optimum_bc.algorithms.rtn import rtn_quantize
+from optimum_bc.compensation import InputMoments, ResidualMean
+
+
+def _direct(W: torch.Tensor, Q: torch.Tensor, x_fp: torch.Tensor, x_q: torch.Tensor):
+    r = x_fp @ W.T - x_q @ Q.T
+    b = r.mean(0)
+    return b, (r**2).mean(), ((r - b) ** 2).mean()
+
+
+@pytest.mark.parametrize("target", ["float", "sequential"])
+def test_bias_and_mse_match_direct_computation(target: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 40, generator=g, dtype=torch.float64).float()
+    Q = rtn_quantize(W, bits=3, group_size=-1, sym=False).dequantize()
+    x_fp = torch.randn(500, 40, generator=g) + 0.7
+    x_q = x_fp + 0.05 * torch.randn(500, 40, generator=g) + 0.02
+    moments = InputMoments(40, target)
+    for chunk in range(0, 500, 128):
+        moments.add_batch(x_fp[chunk : chunk + 128], x_q[chunk : chunk + 128])
+    comp = moments.compensate(W, Q, torch.float32)
+    b, before, after = _direct(W, Q, x_fp, x_fp if target == "float" else x_q)
+    torch.testing.assert_close(comp.bias, b, rtol=1e-4, atol=1e-5)
+    assert comp.mse_before == pytest.approx(float(before), rel=1e-3)
+    assert comp.mse_after == pytest.approx(float(after), rel=1e-3)
+    assert comp.mse_after < comp.mse_before
+
+
+def test_bias_is_the_least_squares_optimum() -> None:
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(8, 16, generator=g)
+    Q = rtn_quantize(W, bits=2, group_size=-1, sym=False).dequantize()
+    x = torch.randn(300, 16, generator=g) + 1.0
+    moments = InputMoments(16, "float")
+    moments.add_batch(x)
+    b = moments.compensate(W, Q, torch.float32).bias
+    r = x @ (W - Q).T
+    A = torch.ones(300, 1)
+    lstsq = torch.linalg.lstsq(A, r).solution[0]
+    torch.testing.assert_close(b, lstsq, rtol=1e-4, atol=1e-5)
+    for _ in range(5):
+        other = b + 0.01 * torch.randn(8, generator=g)
+        assert ((r - b) ** 2).mean() <= ((r - other) ** 2).mean()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("target", ["float", "sequential"])
+def test_after_bc_never_exceeds_before_over_many_random_layers(method: str, target: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    for trial in range(25):
+        d_in, d_out = int(torch.randint(8, 80, (1,), generator=g)), int(torch.randint(4, 40, (1,), generator=g))
+        bits = [2, 3, 4, 8][trial % 4]
+        W = torch.randn(d_out, d_in, generator=g) * (0.1 + trial / 10)
+        x_fp = torch.randn(200, d_in, generator=g) * torch.rand(d_in, generator=g) * 3 + torch.randn(d_in, generator=g)
+        x_q = x_fp + 0.1 * torch.randn(200, d_in, generator=g)
+        if method == "gptq":
+            H = 2 * x_q.T @ x_q / 200
+            Q = gptq_quantize(W, H, bits=bits, group_size=-1, sym=False).dequantize()
+        else:
+            Q = rtn_quantize(W, bits=bits, group_size=-1, sym=False).dequantize()
+        moments = InputMoments(d_in, target)
+        moments.add_batch(x_fp, x_q)
+        comp = moments.compensate(W, Q, torch.float32)
+        assert comp.mse_after <= comp.mse_before
+        _, _, after = _direct(W, Q, x_fp, x_fp if target == "float" else x_q)
+        assert comp.mse_after == pytest.approx(float(after), rel=1e-2, abs=1e-9)
+
+
+def test_residual_mean_block_level() -> None:
+    target = torch.randn(100, 6)
+    output = target - torch.tensor([0.5, -0.2, 0.0, 1.0, 0.3, -0.7]) + 0.01 * torch.randn(100, 6)
+    acc = ResidualMean(6)
+    acc.add_batch(target[:50], output[:50])
+    acc.add_batch(target[50:], output[50:])
+    comp = acc.compensate(torch.float32)
+    torch.testing.assert_close(comp.bias, (target - output).mean(0))
+    assert comp.mse_after < 0.01 * comp.mse_before
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="bc_target='median'"):
+        InputMoments(4, "median")
+    with pytest.raises(ValueError, match="no calibration token"):
+        InputMoments(4, "float").compensate(torch.ones(2, 4), torch.ones(2, 4), torch.float32)
+    with pytest.raises(ValueError, match="quantized prefix"):
+        InputMoments(4, "sequential").add_batch(torch.ones(3, 4))
