@@ -134,7 +134,9 @@ def _add_bias_(module: nn.Module, delta: torch.Tensor) -> None:
 class BlockCalibrator:
     """Quantizes the blocks of one model in order; holds the two activation streams between blocks."""
 
-    def __init__(self, model: nn.Module, spec: ArchitectureSpec, config: BCQuantizationConfig, skip: list[str]) -> None:
+    def __init__(
+        self, model: nn.Module, spec: ArchitectureSpec, config: BCQuantizationConfig, skip: list[str]
+    ) -> None:
         self.model = model
         self.spec = spec
         self.config = config

@@ -96,7 +96,9 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = modules_to_not_convert
         self.config_version = config_version
         if kwargs:
-            logger.warning("BCQuantizationConfig: ignoring unknown keys %s (written by a newer version?)", sorted(kwargs))
+            logger.warning(
+                "BCQuantizationConfig: ignoring unknown keys %s (written by a newer version?)", sorted(kwargs)
+            )
         self.post_init()
 
     def post_init(self) -> None:

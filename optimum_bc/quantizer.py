@@ -47,7 +47,9 @@ class BCHfQuantizer(HfQuantizer):
         else:
             # This hook runs under transformers' meta-device init context: build the token tensors on the CPU.
             with torch.device("cpu"):
-                self._calibration = build_calibration(config, name_or_path=getattr(model.config, "_name_or_path", None))
+                self._calibration = build_calibration(
+                    config, name_or_path=getattr(model.config, "_name_or_path", None)
+                )
         return model
 
     def _swap_in_skeletons(self, model: Any) -> None:
