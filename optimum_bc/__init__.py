@@ -6,10 +6,9 @@ BC checkpoint (transformers otherwise skips the unknown quantization and loads r
 
 __version__ = "0.1.0.dev0"
 
-from .api import quantize_model
 from .config import BCQuantizationConfig
 from .qlinear import QuantLinear
-from .quantizer import BCHfQuantizer, register
+from .quantizer import BCHfQuantizer, load_report, quantize_model, register
 from .report import QuantizationReport
 
 
@@ -21,5 +20,6 @@ __all__ = [
     "QuantLinear",
     "QuantizationReport",
     "__version__",
+    "load_report",
     "quantize_model",
 ]

@@ -6,16 +6,23 @@ load. Pre-quantized path (a saved BC checkpoint): the target Linears are swapped
 skeletons before loading, so the checkpoint's ``qweight/qzeros/scales/g_idx/bias`` load by name.
 """
 
+import json
 from typing import Any
 
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from .api import build_calibration, quantize_model, resolve_modules_to_not_convert
+from . import api
+from .api import build_calibration, resolve_modules_to_not_convert
 from .architectures import get_spec, set_module, target_linears
 from .config import QUANT_METHOD, BCQuantizationConfig
 from .qlinear import QuantLinear
+from .report import QuantizationReport
+
+
+#: safetensors metadata key holding the JSON QuantizationReport, so the report travels with the weights.
+REPORT_METADATA_KEY = "optimum_bc.quantization_report"
 
 
 class BCHfQuantizer(HfQuantizer):
@@ -65,9 +72,14 @@ class BCHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if not self.pre_quantized:
-            quantize_model(model, self.quantization_config, calibration=self._calibration)
+            api.quantize_model(model, self.quantization_config, calibration=self._calibration)
             self._calibration = None
         return model
+
+    def get_state_dict_and_metadata(self, model: Any) -> tuple[None, dict[str, str]]:
+        """Keep the default state dict; store the quantization report in the safetensors metadata."""
+        report = getattr(model, "quantization_report", None)
+        return None, ({REPORT_METADATA_KEY: json.dumps(report.to_dict())} if report is not None else {})
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
@@ -83,3 +95,43 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(BCQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(BCHfQuantizer)
+
+
+def quantize_model(
+    model: Any, config: BCQuantizationConfig, calibration: list | None = None, tokenizer: Any = None
+) -> QuantizationReport:
+    """Quantize an already loaded float model in place (see :func:`optimum_bc.api.quantize_model`).
+
+    Unlike the bare engine it also marks the model as BC-quantized for transformers, so ``save_pretrained`` writes
+    ``quantization_config`` and ``from_pretrained`` (after ``import optimum_bc``) reloads the packed layers.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            f"the model already carries a {type(model.hf_quantizer).__name__} (it was loaded quantized). Fix: load "
+            "the float model (for a GGUF file, clear `model.hf_quantizer` and `model.config.quantization_config`)."
+        )
+    report = api.quantize_model(model, config, calibration=calibration, tokenizer=tokenizer)
+    model.hf_quantizer = BCHfQuantizer(config, pre_quantized=False)
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    return report
+
+
+def load_report(directory: str) -> QuantizationReport:
+    """The QuantizationReport stored in a saved BC checkpoint folder."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors file in {directory!r}; is it a folder written by save_pretrained?")
+    with safe_open(str(files[0]), "pt") as f:
+        metadata = f.metadata() or {}
+    if REPORT_METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{directory!r} holds no optimum-bc quantization report; it is written when a model quantized by "
+            "optimum-bc in this process is saved with save_pretrained."
+        )
+    return QuantizationReport.from_dict(json.loads(metadata[REPORT_METADATA_KEY]))

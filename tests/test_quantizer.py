@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
+from optimum_bc import BCQuantizationConfig, QuantLinear, load_report, quantize_model
 
 from .conftest import TEXTS, VOCAB, tiny_llama, tiny_opt
 
@@ -204,3 +204,15 @@ def test_too_short_text_fails_before_loading(tiny_model_dir: str, word_tokenizer
     cfg = BCQuantizationConfig(dataset=TEXTS[:1], tokenizer=word_tokenizer, num_samples=4, seq_len=512)
     with pytest.raises(ValueError, match="seq_len"):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=cfg)
+
+
+def test_quantize_model_in_memory_saves_reloadable_checkpoint_with_report(calib_ids, tmp_path) -> None:
+    model = tiny_llama()
+    report = quantize_model(model, _cfg(calib_ids, bc_layer=True))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "bc"
+    x = torch.randint(0, VOCAB, (1, 12))
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(x).logits, model(x).logits)
+    assert load_report(str(tmp_path)).to_dict() == report.to_dict()
+    with pytest.raises(ValueError, match="already carries"):
+        quantize_model(model, _cfg(calib_ids))

@@ -1,0 +1,296 @@
+"""The ``optimum-bc`` command line: quantize, eval, report, demo.
+
+Exit codes: 0 success, 2 bad arguments or invalid settings, 1 any other failure (one line on stderr; the traceback
+only with ``--debug``).
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+logger = logging.getLogger("optimum_bc")
+
+DEMO_SETTINGS = ("rtn", "rtn+bc", "gptq", "gptq+bc")
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+def _add_quant_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quantization")
+    group.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per weight (default 4)")
+    group.add_argument("--method", default="gptq", help="weight quantizer: gptq (default) or rtn")
+    group.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per channel (128)")
+    group.add_argument("--sym", action="store_true", help="symmetric grid")
+    group.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    group.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ dampening (0.01)")
+    group.add_argument("--no-bc", action="store_true", help="disable bias compensation")
+    group.add_argument("--bc-target", default="float", help="float (default) or sequential")
+    group.add_argument("--bc-layer", action="store_true", help="also compensate each whole decoder block")
+    data = parser.add_argument_group("calibration data")
+    data.add_argument(
+        "--dataset", default="wiki-vital", help="wikitext2 | c4 | ptb | wiki-vital (offline) | a .txt file or folder"
+    )
+    data.add_argument("--num-samples", type=int, default=128, help="calibration windows (128)")
+    data.add_argument("--seq-len", type=int, default=2048, help="tokens per window (2048)")
+    data.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (1)")
+    data.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimum-bc",
+        description="Post-training quantization (RTN / GPTQ) with bias compensation for transformers models.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("--quiet", action="store_true", help="only print results")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser(
+        parents=[common],
+        name="quantize",
+        help="quantize a model and save it",
+        description="Quantize MODEL into --output.",
+    )
+    q.add_argument("model", help="Hub id or local folder of a float OPT / LLaMA-family model")
+    q.add_argument("--output", required=True, help="folder to write the quantized model into (must not exist)")
+    q.add_argument("--gguf-file", help="GGUF file inside MODEL: dequantized by transformers, then quantized")
+    q.add_argument("--eval-dataset", help="also print perplexity on this evaluation text")
+    _add_quant_options(q)
+
+    e = sub.add_parser(
+        parents=[common],
+        name="eval",
+        help="print perplexity",
+        description="Perplexity of a model on an evaluation text.",
+    )
+    e.add_argument("model", help="quantized folder, float folder or Hub id")
+    e.add_argument("--dataset", default="wiki-vital", help="evaluation text name or path (wiki-vital)")
+    e.add_argument("--seq-len", type=int, default=2048, help="window length (2048)")
+    e.add_argument("--max-samples", type=int, help="evaluate only the first N windows")
+    e.add_argument("--gguf-file", help="GGUF file inside MODEL")
+
+    r = sub.add_parser(
+        parents=[common],
+        name="report",
+        help="per-layer error table and plot",
+        description="Show a saved model's report.",
+    )
+    r.add_argument("directory", help="folder written by `optimum-bc quantize` or save_pretrained")
+    r.add_argument("--plot", help="PNG path for the per-layer error plot (default DIRECTORY/layer_errors.png)")
+
+    d = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="offline comparison on the packaged SmolLM2-135M",
+        description="Quantize the packaged SmolLM2-135M with RTN and GPTQ, with and without BC, and compare "
+        "perplexity on held-out Wikipedia text. Runs offline on CPU in a few minutes.",
+    )
+    d.add_argument("--bits", type=int, default=3, choices=[2, 3, 4, 8], help="bits per weight (3)")
+    d.add_argument("--group-size", type=int, default=128, help="group size (128)")
+    d.add_argument("--bc-target", default="float", help="float (default) or sequential")
+    d.add_argument("--num-samples", type=int, default=16, help="calibration windows (16)")
+    d.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
+    d.add_argument("--eval-windows", type=int, default=8, help="evaluation windows of --seq-len tokens (8)")
+    d.add_argument(
+        "--settings", default=",".join(DEMO_SETTINGS), help=f"comma-separated subset of {','.join(DEMO_SETTINGS)}"
+    )
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
+    from .config import BCQuantizationConfig
+
+    return BCQuantizationConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=args.sym,
+        method=args.method,
+        desc_act=args.desc_act,
+        damp_percent=args.damp_percent,
+        bias_compensation=not args.no_bc,
+        bc_target=args.bc_target,
+        bc_layer=args.bc_layer and not args.no_bc,
+        dataset=args.dataset,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        tokenizer=tokenizer,
+    )
+
+
+def _load_float(model_id: str, gguf_file: str | None) -> tuple[Any, Any]:
+    """Float model + tokenizer; a GGUF file is dequantized by transformers and its quantizer detached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, **kwargs)
+    if gguf_file:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+    return model, tokenizer
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantizer import quantize_model
+
+    if os.path.exists(args.output) and os.listdir(args.output):
+        raise UsageError(
+            f"--output {args.output!r} exists and is not empty; choose a new folder (nothing is overwritten)"
+        )
+    _config_from_args(args, tokenizer=None)  # validate the settings before loading anything
+    model, tokenizer = _load_float(args.model, args.gguf_file)
+    config = _config_from_args(args, tokenizer)
+    report = quantize_model(model, config)
+    if not args.quiet:
+        print(report.format_table())
+    # Write next to the target, then rename: an interrupted save never leaves a half-written --output.
+    tmp = args.output.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.isdir(args.output):
+        os.rmdir(args.output)  # empty, checked above
+    os.replace(tmp, args.output)
+    print(f"saved {len(report.layers)} quantized layers to {args.output} ({report.total_seconds:.1f} s)")
+    if args.eval_dataset:
+        from .evaluation import evaluate_perplexity
+
+        ppl = evaluate_perplexity(model, tokenizer, args.eval_dataset, seq_len=args.seq_len, progress=not args.quiet)
+        print(f"perplexity on {args.eval_dataset}: {ppl:.3f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import evaluate_perplexity
+
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    ppl = evaluate_perplexity(
+        model, tokenizer, args.dataset, seq_len=args.seq_len, max_samples=args.max_samples, progress=not args.quiet
+    )
+    print(f"perplexity on {args.dataset} ({args.seq_len}-token windows): {ppl:.3f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .plotting import plot_layer_errors
+    from .quantizer import load_report
+
+    report = load_report(args.directory)
+    print(report.format_table())
+    path = args.plot or os.path.join(args.directory, "layer_errors.png")
+    plot_layer_errors(report, path)
+    print(f"per-layer error plot written to {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import BCQuantizationConfig
+    from .evaluation import evaluate_perplexity
+    from .packaged import packaged_model_dir
+    from .quantizer import quantize_model
+
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = sorted(set(settings) - set(DEMO_SETTINGS))
+    if unknown or not settings:
+        raise UsageError(f"--settings: unknown {unknown or 'empty list'}; choose from {','.join(DEMO_SETTINGS)}")
+    for s in settings:  # validate every config before the long work starts
+        BCQuantizationConfig(
+            bits=args.bits, group_size=args.group_size, method=s.split("+")[0], bc_target=args.bc_target
+        )
+    path = packaged_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def perplexity(model: Any) -> float:
+        return evaluate_perplexity(
+            model, tokenizer, "wiki-vital", seq_len=args.seq_len, max_samples=args.eval_windows, progress=False
+        )
+
+    print(
+        f"optimum-bc demo: SmolLM2-135M (LLaMA, packaged GGUF dequantized to fp32), {args.bits}-bit g{args.group_size}"
+        f", calibration {args.num_samples} x {args.seq_len} tokens of wiki-vital; perplexity on a SHORT held-out slice"
+        f" ({args.eval_windows} x {args.seq_len} tokens), so numbers are indicative, not a benchmark."
+    )
+    rows = [("fp32", perplexity(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)), 0.0)]
+    print(f"  fp32 done: {rows[0][1]:.2f}")
+    for s in settings:
+        method, bc = s.split("+")[0], s.endswith("+bc")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        config = BCQuantizationConfig(
+            bits=args.bits,
+            group_size=args.group_size,
+            method=method,
+            bias_compensation=bc,
+            bc_target=args.bc_target,
+            dataset="wiki-vital",
+            tokenizer=tokenizer,
+            num_samples=args.num_samples,
+            seq_len=args.seq_len,
+            batch_size=4,
+        )
+        start = time.perf_counter()
+        quantize_model(model, config)
+        seconds = time.perf_counter() - start
+        rows.append((s, perplexity(model), seconds))
+        print(f"  {s} done: {rows[-1][1]:.2f} ({seconds:.0f} s)")
+    print(f"\n{'setting':<10} {'perplexity':>11} {'quantize s':>11}")
+    for name, ppl, seconds in rows:
+        print(f"{name:<10} {ppl:>11.2f} {seconds:>11.1f}")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``optimum-bc`` console script; returns the exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    import optimum_bc  # noqa: F401  (registers quant_method "bc" before any from_pretrained)
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ValueError) as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"optimum-bc {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the CLI turns every failure into one line + exit code 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"optimum-bc {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

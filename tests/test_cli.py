@@ -1,0 +1,101 @@
+"""The optimum-bc CLI, called in-process through main(argv)."""
+
+import os
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from optimum_bc import QuantLinear
+from optimum_bc.cli import main
+
+from .conftest import TEXTS, tiny_llama
+
+
+@pytest.fixture
+def model_with_tokenizer(tmp_path, word_tokenizer) -> str:
+    path = tmp_path / "float"
+    tiny_llama().save_pretrained(path)
+    word_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def text_file(tmp_path) -> str:
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(TEXTS * 3))
+    return str(path)
+
+
+def test_help_reads_well(capsys) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("quantize", "eval", "report", "demo"):
+        assert command in out
+    assert main(["quantize", "--help"]) == 0
+    assert "--group-size" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["quantize", "m"], "--output"),
+        (["quantize", "m", "--output", "o", "--bits", "5"], "invalid choice"),
+        (["quantize", "m", "--output", "o", "--group-size", "0"], "group_size=0"),
+        (["quantize", "m", "--output", "o", "--method", "awq"], "method='awq'"),
+        (["demo", "--settings", "rtn,awq"], "unknown"),
+        (["nope"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, match, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err
+    assert "Traceback" not in err
+
+
+def test_failure_exits_1_without_traceback_unless_debug(capsys, tmp_path) -> None:
+    argv = ["eval", str(tmp_path / "missing-model")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("optimum-bc eval: failed:") and "Traceback" not in err
+    assert main([*argv, "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_report_on_folder_without_weights_exits_2(capsys, tmp_path) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no .safetensors" in capsys.readouterr().err
+
+
+def test_quantize_eval_report_round_trip(model_with_tokenizer, text_file, tmp_path, capsys) -> None:
+    out = str(tmp_path / "q")
+    argv = ["quantize", model_with_tokenizer, "--output", out, "--bits", "3", "--group-size", "32"]
+    argv += ["--dataset", text_file, "--num-samples", "4", "--seq-len", "16", "--bc-layer", "--quiet"]
+    assert main(argv) == 0
+    assert "saved 14 quantized layers" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert not os.path.exists(out + ".partial")
+    assert main(argv) == 2  # refuses to overwrite
+    assert "not empty" in capsys.readouterr().err
+
+    assert main(["eval", out, "--dataset", text_file, "--seq-len", "16", "--quiet"]) == 0
+    ppl = float(capsys.readouterr().out.strip().split()[-1])
+    assert ppl > 1
+
+    assert main(["report", out]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in text and "layer-level BC" in text
+    assert os.path.getsize(os.path.join(out, "layer_errors.png")) > 1000
+
+
+@pytest.mark.slow
+def test_demo_on_packaged_model(capsys) -> None:
+    argv = ["demo", "--settings", "rtn,rtn+bc", "--num-samples", "4", "--seq-len", "128", "--eval-windows", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "SHORT held-out slice" in out
+    rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.startswith(("fp32", "rtn"))}
+    assert set(rows) == {"fp32", "rtn", "rtn+bc"}
+    assert rows["fp32"] < rows["rtn"]
