@@ -107,17 +107,27 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 
 @contextmanager
-def _capture_inputs(block: nn.Module, names: list[str], store: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Record the input of each named submodule of ``block`` into ``store`` during the forward passes inside."""
+def _capture_inputs(
+    block: nn.Module, names: list[str], store: dict[str, torch.Tensor], stop: bool = False
+) -> Iterator[None]:
+    """Record the input of each named submodule of ``block`` into ``store`` during the forward passes inside.
+
+    With ``stop`` the forward is cut (``_StopForward``) once every input is recorded: the rest of the block is not
+    needed to observe them.
+    """
     handles = []
     for name in names:
 
         def hook(module: nn.Module, args: tuple, name: str = name) -> None:
             store[name] = args[0].detach()
+            if stop and len(store) == len(names):
+                raise _StopForward
 
         handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
     try:
         yield
+    except _StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
@@ -205,7 +215,7 @@ class BlockCalibrator:
                     seen_fp: dict[str, torch.Tensor] = {}
                     valid = batch.valid
                     if need_q:
-                        with _capture_inputs(block, keys, seen_q):
+                        with _capture_inputs(block, keys, seen_q, stop=True):
                             _run_block(block, batch.hidden.to(device), batch.kwargs)
                         for key in keys:
                             quantizers[key].add_batch(_valid_rows(seen_q[key], valid))
