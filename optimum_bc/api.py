@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import get_blocks, get_spec
+from .architectures import check_supported, get_blocks
 from .calibration import BlockCalibrator, capture_block_inputs, collate
 from .config import BCQuantizationConfig
 from .report import QuantizationReport
@@ -83,7 +83,7 @@ def quantize_model(
     Returns:
         The report, also attached as ``model.quantization_report``.
     """
-    spec = get_spec(model.config.model_type)
+    spec = check_supported(model.config.model_type, config.bc_granularity)
     if config.modules_to_not_convert is None:
         config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
     skip = list(config.modules_to_not_convert)

@@ -24,6 +24,8 @@ class ArchitectureSpec:
     post_ln_bias_target: str | None = None
     # Config flags that make stock loaders build biased Linears, keyed by the module-name prefix they cover.
     bias_config_flags: tuple[tuple[str, str], ...] = ()
+    # Whether every Linear sees [batch, seq, features] inputs (needed by bc_granularity="position").
+    keeps_sequence_axis: bool = True
 
 
 _LLAMA = ArchitectureSpec(
@@ -50,6 +52,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         layer_bias_target="fc2",
         post_ln_flag="do_layer_norm_before",
         post_ln_bias_target="final_layer_norm",
+        keeps_sequence_axis=False,  # OPT flattens tokens before fc1/fc2
     ),
     "llama": _LLAMA,
     "mistral": ArchitectureSpec(_LLAMA.blocks, _LLAMA.groups, _LLAMA.layer_bias_target),
@@ -70,6 +73,17 @@ def get_spec(model_type: str) -> ArchitectureSpec:
             "To add a family, describe its blocks in optimum_bc/architectures.py (ARCHITECTURES)."
         )
     return ARCHITECTURES[model_type]
+
+
+def check_supported(model_type: str, bc_granularity: str) -> ArchitectureSpec:
+    """The spec for ``model_type`` after checking the config's options fit this architecture."""
+    spec = get_spec(model_type)
+    if bc_granularity == "position" and not spec.keeps_sequence_axis:
+        raise ValueError(
+            f"bc_granularity='position' is not available for model_type {model_type!r}: its MLP Linears see flattened "
+            "tokens, so a per-position bias cannot be applied. Fix: bc_granularity='channel'."
+        )
+    return spec
 
 
 def get_blocks(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:

@@ -101,6 +101,12 @@ def _valid_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])[valid.reshape(-1)]
 
 
+def _valid_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Token position of each row returned by :func:`_valid_rows` for the same mask."""
+    positions = torch.arange(valid.shape[-1], device=valid.device).expand_as(valid)
+    return positions[valid]
+
+
 def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -154,6 +160,7 @@ class BlockCalibrator:
         self.algorithm = get_algorithm(config.method)
         self.bc = config.bias_compensation
         self.sequential_target = self.bc and config.bc_target == "sequential"
+        self.positions = config.seq_len if config.bc_granularity == "position" else None
         self.report = QuantizationReport()
         self.compensated: list[str] = []
 
@@ -208,7 +215,8 @@ class BlockCalibrator:
             run_float = self.bc and (s == 0 or bool(float_keys))
             quantizers = {k: self.algorithm(block.get_submodule(k).in_features, **self._options()) for k in keys}
             for key in float_keys:
-                moments[key] = InputMoments(block.get_submodule(key).in_features, self.config.bc_target, device)
+                in_features = block.get_submodule(key).in_features
+                moments[key] = InputMoments(in_features, self.config.bc_target, device, positions=self.positions)
             if need_q or run_float:
                 for b, batch in enumerate(h_q):
                     seen_q: dict[str, torch.Tensor] = {}
@@ -227,7 +235,7 @@ class BlockCalibrator:
                             next_fp.append(_Batch(out, fp_batch.kwargs, fp_batch.valid))
                         for key in float_keys:
                             x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
-                            moments[key].add_batch(_valid_rows(seen_fp[key], valid), x_q)
+                            moments[key].add_batch(_valid_rows(seen_fp[key], valid), x_q, _valid_positions(valid))
             self._finish_stage(index, block, stage, quantizers, moments)
         next_q = [_Batch(_run_block(block, b.hidden.to(device), b.kwargs), b.kwargs, b.valid) for b in h_q]
         block_report = BlockReport(index=index, seconds=0.0)
@@ -257,11 +265,12 @@ class BlockCalibrator:
                 qw = quantizer.quantize(W)
                 bias = linear.bias.data.clone() if linear.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
                 row = LayerReport(name=prefix + rel, block=index, seconds=0.0, loss=qw.loss, damp=qw.damp)
-                if self.bc:
-                    comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype)
-                    bias = bias.to(comp.bias.device) + comp.bias
+                comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype) if self.bc else None
+                if comp is not None:
                     row.mse_before, row.mse_after = comp.mse_before, comp.mse_after
-                    self.compensated.append(prefix + rel)
+                    if self.positions is None:
+                        bias = bias.to(comp.bias.device) + comp.bias
+                        self.compensated.append(prefix + rel)
                 qlinear = QuantLinear.from_quantized(
                     qw.codes,
                     qw.scales,
@@ -272,6 +281,8 @@ class BlockCalibrator:
                     bias=bias,
                     dtype=W.dtype,
                 ).to(W.device)
+                if comp is not None and self.positions is not None:
+                    qlinear.set_position_bias(comp.bias)
                 parent_name, _, child = rel.rpartition(".")
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, qlinear)
                 row.seconds = time.perf_counter() - t0

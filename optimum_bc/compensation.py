@@ -13,6 +13,9 @@ For a Linear layer the residual is linear in the inputs, so everything needed is
   ``E[r_c²] = d_c E[x xᵀ] d_cᵀ + 2 d_c E[x δᵀ] Q_cᵀ + Q_c E[δ δᵀ] Q_cᵀ``.
 
 All moments are accumulated in float32, over valid (non-padding) tokens only.
+
+With ``positions`` (the reference code's default granularity) the mean is taken per token position instead of over
+all tokens: ``b[t] = (W - Q) E[x | t] (+ Q E[δ | t])``, a ``[positions, out]`` table that cannot fold into a bias.
 """
 
 from dataclasses import dataclass
@@ -21,13 +24,14 @@ import torch
 
 
 BC_TARGETS = ("float", "sequential")
+BC_GRANULARITIES = ("channel", "position")
 
 
 @dataclass(frozen=True)
 class Compensation:
     """Bias of one layer and its per-element output MSE on the calibration tokens before and after adding it."""
 
-    bias: torch.Tensor  # (out,)
+    bias: torch.Tensor  # (out,), or (positions, out) for the position granularity
     mse_before: float
     mse_after: float
 
@@ -35,10 +39,17 @@ class Compensation:
 class InputMoments:
     """Streams the input moments of one Linear (or of several sharing an input) for bias compensation."""
 
-    def __init__(self, in_features: int, target: str, device: torch.device | None = None) -> None:
+    def __init__(
+        self, in_features: int, target: str, device: torch.device | None = None, positions: int | None = None
+    ) -> None:
         if target not in BC_TARGETS:
             raise ValueError(f"bc_target={target!r} is not supported; use one of {BC_TARGETS}")
         self.target = target
+        self.positions = positions
+        if positions is not None:
+            self.count_pos = torch.zeros(positions, device=device)
+            self.sum_x_pos = torch.zeros(positions, in_features, device=device)
+            self.sum_delta_pos = torch.zeros(positions, in_features, device=device)
         self.num_tokens = 0
         zeros_vec = torch.zeros(in_features, device=device)
         zeros_mat = torch.zeros(in_features, in_features, device=device)
@@ -49,12 +60,18 @@ class InputMoments:
             self.x_delta = zeros_mat.clone()
             self.delta_delta = zeros_mat.clone()
 
-    def add_batch(self, x_float: torch.Tensor, x_quant: torch.Tensor | None = None) -> None:
-        """Add paired inputs ``(tokens, in)``: the float model's and (sequential target) the quantized prefix's."""
+    def add_batch(
+        self, x_float: torch.Tensor, x_quant: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> None:
+        """Add paired inputs ``(tokens, in)``: the float model's and (sequential target) the quantized prefix's.
+
+        ``positions`` (``(tokens,)`` long) gives each row's token position; needed for the position granularity.
+        """
         x = x_float.float()
         self.num_tokens += x.shape[0]
         self.sum_x += x.sum(0)
         self.xx.addmm_(x.T, x)
+        delta = None
         if self.target == "sequential":
             if x_quant is None:
                 raise ValueError("the sequential target needs the quantized prefix's inputs as well")
@@ -62,6 +79,13 @@ class InputMoments:
             self.sum_delta += delta.sum(0)
             self.x_delta.addmm_(x.T, delta)
             self.delta_delta.addmm_(delta.T, delta)
+        if self.positions is not None:
+            if positions is None or int(positions.max()) >= self.positions:
+                raise ValueError(f"position granularity needs token positions below {self.positions} for every row")
+            self.count_pos.index_add_(0, positions, torch.ones_like(positions, dtype=torch.float32))
+            self.sum_x_pos.index_add_(0, positions, x)
+            if delta is not None:
+                self.sum_delta_pos.index_add_(0, positions, delta)
 
     def compensate(self, W: torch.Tensor, Q: torch.Tensor, bias_dtype: torch.dtype) -> Compensation:
         """Closed-form bias for a layer with float weight ``W`` and quantized weight ``Q`` (both ``[out, in]``)."""
@@ -76,9 +100,25 @@ class InputMoments:
         if self.target == "sequential":
             mean_r = mean_r + Q @ (self.sum_delta / n)
             sq_r = sq_r + (2 * (d @ self.x_delta) * Q).sum(1) / n + ((Q @ self.delta_delta) * Q).sum(1) / n
+        if self.positions is not None:
+            return self._compensate_positions(d, Q, sq_r, bias_dtype)
         bias = mean_r.to(bias_dtype)
         b = bias.float()
         after = sq_r - 2 * b * mean_r + b * b
+        return Compensation(bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()))
+
+    def _compensate_positions(
+        self, d: torch.Tensor, Q: torch.Tensor, sq_r: torch.Tensor, bias_dtype: torch.dtype
+    ) -> Compensation:
+        """Per-position means ``b[t]``; positions never seen get no bias."""
+        count = self.count_pos.clamp(min=1).unsqueeze(1)
+        mean_pos = (self.sum_x_pos / count) @ d.T  # (positions, out)
+        if self.target == "sequential":
+            mean_pos = mean_pos + (self.sum_delta_pos / count) @ Q.T
+        bias = mean_pos.to(bias_dtype)
+        b = bias.float()
+        weight = (self.count_pos / self.num_tokens).unsqueeze(1)
+        after = sq_r - (weight * (2 * b * mean_pos - b * b)).sum(0)
         return Compensation(bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .algorithms import available_algorithms
-from .compensation import BC_TARGETS
+from .compensation import BC_GRANULARITIES, BC_TARGETS
 
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         bc_target: ``"float"`` (both layers see the float model's inputs; the reference code) or ``"sequential"``
             (target = float model's output, quantized layer fed by the quantized prefix).
         bc_layer: also compensate each whole decoder block's output (folded into its last bias).
+        bc_granularity: ``"channel"`` (one bias per output channel, folded into the layer bias, free at inference) or
+            ``"position"`` (the reference code's per-(position, channel) table: evaluation-only, stored as an extra
+            ``position_bias`` buffer, refuses inputs longer than ``seq_len``).
         dataset: calibration data: a name (``"wikitext2"``, ``"c4"``, ``"ptb"``, ``"wiki-vital"``), a local text file
             or folder, a list of strings, or pre-tokenized ids. Not needed for RTN without compensation.
         num_samples: calibration windows.
@@ -65,6 +68,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         bias_compensation: bool = True,
         bc_target: str = "float",
         bc_layer: bool = False,
+        bc_granularity: str = "channel",
         dataset: Any = None,
         num_samples: int = 128,
         seq_len: int = 2048,
@@ -87,6 +91,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.bias_compensation = bias_compensation
         self.bc_target = bc_target
         self.bc_layer = bc_layer
+        self.bc_granularity = bc_granularity
         self.dataset = dataset
         self.num_samples = num_samples
         self.seq_len = seq_len
@@ -133,6 +138,20 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             self.bc_layer,
             "True only together with bias_compensation=True",
             "set bias_compensation=True or bc_layer=False",
+        )
+        _check(
+            self.bc_granularity in BC_GRANULARITIES,
+            "bc_granularity",
+            self.bc_granularity,
+            str(BC_GRANULARITIES),
+            'bc_granularity="channel"',
+        )
+        _check(
+            self.bc_granularity == "channel" or self.bias_compensation,
+            "bc_granularity",
+            self.bc_granularity,
+            '"position" only together with bias_compensation=True',
+            "set bias_compensation=True",
         )
         for field, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1)):
             value = getattr(self, field)

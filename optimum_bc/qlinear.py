@@ -45,6 +45,7 @@ class QuantLinear(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        positions: int | None = None,
     ) -> None:
         super().__init__()
         if in_features <= 0 or out_features <= 0:
@@ -79,6 +80,9 @@ class QuantLinear(nn.Module):
             )
         self.register_buffer("g_idx", g_idx)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        # Per-(position, channel) bias of the reference BC code: evaluation-only, it cannot fold into ``bias``.
+        table = None if positions is None else torch.zeros(positions, out_features, dtype=dtype, device=device)
+        self.register_buffer("position_bias", table)
 
     @property
     def in_features(self) -> int:
@@ -207,7 +211,34 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` with the cached dequantized weight, in ``x.dtype``."""
         weight = self._weight_for(x)
-        return F.linear(x, weight, self.bias.to(dtype=x.dtype, device=x.device))
+        out = F.linear(x, weight, self.bias.to(dtype=x.dtype, device=x.device))
+        if self.position_bias is not None:
+            out = out + self._position_bias_for(x)
+        return out
+
+    def set_position_bias(self, position_bias: torch.Tensor) -> None:
+        """Attach a ``[positions, out]`` bias added by token position (the reference code's BC granularity)."""
+        if position_bias.dim() != 2 or position_bias.shape[1] != self.out_features:
+            raise ValueError(
+                f"position_bias must be [positions, {self.out_features}], got {tuple(position_bias.shape)}"
+            )
+        self.position_bias = position_bias.to(self.bias.dtype).to(self.bias.device)
+
+    def _position_bias_for(self, x: torch.Tensor) -> torch.Tensor:
+        calibrated = self.position_bias.shape[0]
+        if x.dim() < 3:
+            raise ValueError(
+                "position-granularity bias compensation needs [batch, seq, features] inputs, got a flattened "
+                f"{tuple(x.shape)} input; use bc_granularity='channel' for this model"
+            )
+        length = x.shape[-2]
+        if length > calibrated:
+            raise ValueError(
+                f"this layer's position-granularity BC was calibrated for {calibrated} positions but got an input of "
+                f"{length} tokens; it is evaluation-only (full windows from position 0, no KV cache). Evaluate with "
+                f"seq_len <= {calibrated}, or quantize with bc_granularity='channel' for deployment"
+            )
+        return self.position_bias[:length].to(dtype=x.dtype, device=x.device)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         """Load buffers as usual, then drop the cache since the weight may have changed."""

@@ -15,7 +15,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from . import api
 from .api import build_calibration, resolve_modules_to_not_convert
-from .architectures import get_spec, set_module, target_linears
+from .architectures import check_supported, set_module, target_linears
 from .config import QUANT_METHOD, BCQuantizationConfig
 from .qlinear import QuantLinear
 from .report import QuantizationReport
@@ -46,7 +46,7 @@ class BCHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         config = self.quantization_config
-        get_spec(model.config.model_type)
+        check_supported(model.config.model_type, config.bc_granularity)
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
         if self.pre_quantized:
@@ -61,12 +61,19 @@ class BCHfQuantizer(HfQuantizer):
 
     def _swap_in_skeletons(self, model: Any) -> None:
         config = self.quantization_config
-        spec = get_spec(model.config.model_type)
+        spec = check_supported(model.config.model_type, config.bc_granularity)
         for name in target_linears(model, spec, list(config.modules_to_not_convert)):
             linear = model.get_submodule(name)
             dtype = self.dtype or linear.weight.dtype
+            positions = config.seq_len if config.bc_granularity == "position" else None
             skeleton = QuantLinear(
-                linear.in_features, linear.out_features, config.bits, config.group_size, dtype=dtype, device="meta"
+                linear.in_features,
+                linear.out_features,
+                config.bits,
+                config.group_size,
+                dtype=dtype,
+                device="meta",
+                positions=positions,
             )
             set_module(model, name, skeleton)
 

@@ -90,3 +90,25 @@ def test_errors() -> None:
         InputMoments(4, "float").compensate(torch.ones(2, 4), torch.ones(2, 4), torch.float32)
     with pytest.raises(ValueError, match="quantized prefix"):
         InputMoments(4, "sequential").add_batch(torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("target", ["float", "sequential"])
+def test_position_granularity_matches_per_position_means(target: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    samples, T, d_in = 30, 8, 12
+    W = torch.randn(5, d_in, generator=g)
+    Q = rtn_quantize(W, bits=2, group_size=-1, sym=False).dequantize()
+    x_fp = torch.randn(samples, T, d_in, generator=g) + torch.linspace(-1, 1, T).unsqueeze(1)
+    x_q = x_fp + 0.1 * torch.randn(samples, T, d_in, generator=g)
+    moments = InputMoments(d_in, target, positions=T)
+    positions = torch.arange(T).repeat(samples)
+    moments.add_batch(x_fp.reshape(-1, d_in), x_q.reshape(-1, d_in), positions)
+    comp = moments.compensate(W, Q, torch.float32)
+    r = x_fp @ W.T - (x_fp if target == "float" else x_q) @ Q.T  # (samples, T, out)
+    b = r.mean(0)
+    torch.testing.assert_close(comp.bias, b, rtol=1e-4, atol=1e-5)
+    assert comp.mse_before == pytest.approx(float((r**2).mean()), rel=1e-3)
+    assert comp.mse_after == pytest.approx(float(((r - b) ** 2).mean()), rel=1e-3)
+    channel = InputMoments(d_in, target)
+    channel.add_batch(x_fp.reshape(-1, d_in), x_q.reshape(-1, d_in))
+    assert comp.mse_after <= channel.compensate(W, Q, torch.float32).mse_after + 1e-9

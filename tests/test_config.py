@@ -70,3 +70,10 @@ def test_each_bad_value_raises_named_error(field: str, value: object, match: str
 def test_bc_layer_requires_bias_compensation() -> None:
     with pytest.raises(ValueError, match="bc_layer=True"):
         BCQuantizationConfig(bias_compensation=False, bc_layer=True)
+
+
+def test_position_granularity_needs_bc() -> None:
+    with pytest.raises(ValueError, match="bc_granularity='position'"):
+        BCQuantizationConfig(bias_compensation=False, bc_granularity="position")
+    with pytest.raises(ValueError, match="bc_granularity='row'"):
+        BCQuantizationConfig(bc_granularity="row")

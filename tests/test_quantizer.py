@@ -216,3 +216,26 @@ def test_quantize_model_in_memory_saves_reloadable_checkpoint_with_report(calib_
     assert load_report(str(tmp_path)).to_dict() == report.to_dict()
     with pytest.raises(ValueError, match="already carries"):
         quantize_model(model, _cfg(calib_ids))
+
+
+def test_position_granularity_is_stored_reloaded_and_refuses_longer_inputs(calib_ids, tmp_path) -> None:
+    src = tmp_path / "float"
+    tiny_llama().save_pretrained(src)
+    cfg = _cfg(calib_ids, method="rtn", bc_granularity="position")
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.position_bias.shape == (32, layer.out_features)
+    assert torch.count_nonzero(layer.bias) == 0  # nothing folded: the table is the compensation
+    assert all(r.mse_after <= r.mse_before for r in model.quantization_report.layers)
+    x = torch.randint(0, VOCAB, (2, 32))
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(reloaded(x).logits, model(x).logits)
+    with pytest.raises(ValueError, match="calibrated for 32 positions but got an input of 33 tokens"):
+        reloaded(torch.randint(0, VOCAB, (1, 33)))
+
+
+def test_position_granularity_rejected_for_opt(calib_ids, tmp_path) -> None:
+    tiny_opt().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="bc_granularity='position' is not available for model_type 'opt'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=_cfg(calib_ids, bc_granularity="position"))
