@@ -258,11 +258,18 @@ class BlockCalibrator:
         prefix = f"{self.spec.blocks}.{index}."
         for group in stage:
             quantizer = quantizers[group[0]]
-            for rel in group:
+            linears = [block.get_submodule(rel) for rel in group]
+            # Linears sharing an input share the statistics and their rows are independent: quantize them stacked.
+            t0 = time.perf_counter()
+            stacked = quantizer.quantize(torch.cat([linear.weight.data for linear in linears]))
+            quantizer.free()
+            share = (time.perf_counter() - t0) / stacked.codes.shape[0]
+            start = 0
+            for rel, linear in zip(group, linears, strict=True):
                 t0 = time.perf_counter()
-                linear = block.get_submodule(rel)
                 W = linear.weight.data
-                qw = quantizer.quantize(W)
+                qw = stacked.rows(start, start + W.shape[0])
+                start += W.shape[0]
                 bias = linear.bias.data.clone() if linear.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
                 row = LayerReport(name=prefix + rel, block=index, seconds=0.0, loss=qw.loss, damp=qw.damp)
                 comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype) if self.bc else None
@@ -285,9 +292,8 @@ class BlockCalibrator:
                     qlinear.set_position_bias(comp.bias)
                 parent_name, _, child = rel.rpartition(".")
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, qlinear)
-                row.seconds = time.perf_counter() - t0
+                row.seconds = time.perf_counter() - t0 + share * W.shape[0]
                 self.report.layers.append(row)
-            quantizer.free()
         for group in stage:
             moments.pop(group[0], None)
 

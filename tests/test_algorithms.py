@@ -110,3 +110,15 @@ def test_gptq_quantizer_accumulates_hessian() -> None:
     torch.testing.assert_close(q.H * 2 / q.num_tokens, 2 * X.T @ X / 100)
     with pytest.raises(ValueError, match="never called"):
         cls(16, bits=4, group_size=-1, sym=False).quantize(torch.randn(3, 16))
+
+
+def test_gptq_rows_are_independent_so_stacking_layers_is_exact() -> None:
+    d = 48
+    X = _correlated_inputs(512, d, seed=5)
+    H = 2 * X.T @ X / X.shape[0]
+    W1, W2 = torch.randn(10, d), torch.randn(6, d)
+    stacked = gptq_quantize(torch.cat([W1, W2]), H, bits=3, group_size=16, sym=False, desc_act=True)
+    for W, part in ((W1, stacked.rows(0, 10)), (W2, stacked.rows(10, 16))):
+        alone = gptq_quantize(W, H, bits=3, group_size=16, sym=False, desc_act=True)
+        assert (part.codes != alone.codes).float().mean() < 0.01
+        assert part.loss == pytest.approx(alone.loss, rel=1e-3)

@@ -20,8 +20,25 @@ class QuantizedWeight:
     scales: torch.Tensor  # (out, groups) float32, exactly representable in float16
     zeros: torch.Tensor  # (out, groups) uint8
     g_idx: torch.Tensor  # (in,) int32, group of each input column
-    loss: float  # algorithm-specific objective (GPTQ: sum of (w - q)^2 / [H^-1]_jj / 2); 0 for RTN
+    row_losses: torch.Tensor  # (out,) algorithm objective per row (GPTQ: Σ (w - q)² / [H⁻¹]_jj / 2); zeros for RTN
     damp: float | None = None  # relative dampening that made the Hessian factorisable (GPTQ only)
+
+    @property
+    def loss(self) -> float:
+        """Total objective over all rows."""
+        return float(self.row_losses.sum())
+
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """The output rows ``[start, stop)``: rows are independent, so several layers sharing an input (q/k/v) can
+        be quantized as one stacked matrix and split afterwards."""
+        return QuantizedWeight(
+            codes=self.codes[start:stop],
+            scales=self.scales[start:stop],
+            zeros=self.zeros[start:stop],
+            g_idx=self.g_idx,
+            row_losses=self.row_losses[start:stop],
+            damp=self.damp,
+        )
 
     def dequantize(self) -> torch.Tensor:
         """Float32 weight ``[out, in]`` that the packed layer reproduces exactly."""

@@ -115,7 +115,7 @@ def gptq_quantize(
         scales=scales,
         zeros=zeros.to(torch.uint8),
         g_idx=g_idx,
-        loss=float(losses.sum()),
+        row_losses=losses,
         damp=damp,
     )
 

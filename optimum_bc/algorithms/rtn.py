@@ -25,7 +25,7 @@ def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int, sym: bool)
         scales=torch.cat(scales, dim=1),
         zeros=torch.cat(zeros, dim=1).to(torch.uint8),
         g_idx=g_idx,
-        loss=0.0,
+        row_losses=torch.zeros(W.shape[0], device=W.device),
     )
 
 
