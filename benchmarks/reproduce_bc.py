@@ -22,14 +22,16 @@ from optimum_bc.packaged import packaged_model_dir
 
 
 GRIDS = {"4-bit g128": (4, 128), "3-bit g128": (3, 128), "3-bit per-channel": (3, -1)}
-# name -> (method, bias_compensation, bc_target)
+# name -> (method, bias_compensation, bc_target, bc_granularity)
 SETTINGS = {
-    "RTN": ("rtn", False, "float"),
-    "RTN+BC (float)": ("rtn", True, "float"),
-    "RTN+BC (sequential)": ("rtn", True, "sequential"),
-    "GPTQ": ("gptq", False, "float"),
-    "GPTQ+BC (float)": ("gptq", True, "float"),
-    "GPTQ+BC (sequential)": ("gptq", True, "sequential"),
+    "RTN": ("rtn", False, "float", "channel"),
+    "RTN+BC (float)": ("rtn", True, "float", "channel"),
+    "RTN+BC (sequential)": ("rtn", True, "sequential", "channel"),
+    "RTN+BC (position)": ("rtn", True, "float", "position"),
+    "GPTQ": ("gptq", False, "float", "channel"),
+    "GPTQ+BC (float)": ("gptq", True, "float", "channel"),
+    "GPTQ+BC (sequential)": ("gptq", True, "sequential", "channel"),
+    "GPTQ+BC (position)": ("gptq", True, "float", "position"),
 }
 PAPER_OPT_125M = (
     "| OPT-125M WikiText2 (paper, for reference) | FP16 27.66 | RTN 4-bit 37.28 | GPTQ 4-bit 31.22 | GPTQ+BC 4-bit 29.90 "
@@ -56,6 +58,15 @@ def model_bytes(model: torch.nn.Module) -> int:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
+    return total
+
+
+def bc_parameters(model: torch.nn.Module) -> int:
+    """Parameters added by BC: a bias per output channel (LLaMA Linears have none), or the position table."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.position_bias.numel() if m.position_bias is not None else m.out_features
     return total
 
 
@@ -88,7 +99,7 @@ def main() -> None:
     for grid in args.grids.split(","):
         bits, group_size = GRIDS[grid]
         for name in args.settings.split(","):
-            method, bc, target = SETTINGS[name]
+            method, bc, target, granularity = SETTINGS[name]
             model = load()
             config = BCQuantizationConfig(
                 bits=bits,
@@ -96,6 +107,7 @@ def main() -> None:
                 method=method,
                 bias_compensation=bc,
                 bc_target=target,
+                bc_granularity=granularity,
                 dataset="wiki-vital",
                 tokenizer=tokenizer,
                 num_samples=args.num_samples,
@@ -105,8 +117,7 @@ def main() -> None:
             start = time.perf_counter()
             report = quantize_model(model, config)
             seconds = time.perf_counter() - start
-            # LLaMA Linears have no bias: every compensated layer gains out_features parameters.
-            extra = sum(m.out_features for m in model.modules() if isinstance(m, QuantLinear)) if bc else 0
+            extra = bc_parameters(model) if bc else 0
             rows.append(Row(grid, name, perplexity(model), seconds, model_bytes(model), extra))
             print(
                 f"{grid} {name}: {rows[-1].perplexity:.2f} ({seconds:.0f} s, {len(report.layers)} layers)", flush=True
