@@ -67,6 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, help="folder to write the quantized model into (must not exist)")
     q.add_argument("--gguf-file", help="GGUF file inside MODEL: dequantized by transformers, then quantized")
     q.add_argument("--eval-dataset", help="also print perplexity on this evaluation text")
+    q.add_argument("--eval-max-samples", type=int, help="evaluate only the first N windows of --eval-dataset")
     _add_quant_options(q)
 
     e = sub.add_parser(
@@ -171,7 +172,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.eval_dataset:
         from .evaluation import evaluate_perplexity
 
-        ppl = evaluate_perplexity(model, tokenizer, args.eval_dataset, seq_len=args.seq_len, progress=not args.quiet)
+        ppl = evaluate_perplexity(
+            model,
+            tokenizer,
+            args.eval_dataset,
+            seq_len=args.seq_len,
+            max_samples=args.eval_max_samples,
+            progress=not args.quiet,
+        )
         print(f"perplexity on {args.eval_dataset}: {ppl:.3f}")
     return 0
 

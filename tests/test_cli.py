@@ -99,3 +99,15 @@ def test_demo_on_packaged_model(capsys) -> None:
     rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.startswith(("fp32", "rtn"))}
     assert set(rows) == {"fp32", "rtn", "rtn+bc"}
     assert rows["fp32"] < rows["rtn"]
+
+
+@pytest.mark.slow
+def test_quantize_gguf_file_end_to_end(tmp_path, capsys) -> None:
+    from optimum_bc.packaged import GGUF_FILE, _gguf_dir
+
+    out = str(tmp_path / "q")
+    argv = ["quantize", str(_gguf_dir()), "--gguf-file", GGUF_FILE, "--output", out, "--method", "rtn", "--no-bc"]
+    assert main([*argv, "--quiet", "--eval-dataset", "wiki-vital", "--seq-len", "128", "--eval-max-samples", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "saved 210 quantized layers" in text
+    assert float(text.strip().splitlines()[-1].split()[-1]) < 100
