@@ -229,7 +229,8 @@ class BlockCalibrator:
                             quantizers[key].add_batch(_valid_rows(seen_q[key], valid))
                     if run_float:
                         fp_batch = h_fp[b]
-                        with _capture_inputs(fblock, float_keys, seen_fp):
+                        # Only the first stage needs the whole float block: its output feeds the next block.
+                        with _capture_inputs(fblock, float_keys, seen_fp, stop=s > 0):
                             out = _run_block(fblock, fp_batch.hidden.to(device), fp_batch.kwargs)
                         if s == 0:
                             next_fp.append(_Batch(out, fp_batch.kwargs, fp_batch.valid))

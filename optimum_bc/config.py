@@ -39,8 +39,9 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         true_sequential: quantize the Linears of a block group by group (q/k/v, o, up/gate, down), each group
             observed after the previous one was quantized; else the whole block at once.
         bias_compensation: add to every quantized Linear the bias that cancels its mean output error.
-        bc_target: ``"float"`` (both layers see the float model's inputs; the reference code) or ``"sequential"``
-            (target = float model's output, quantized layer fed by the quantized prefix).
+        bc_target: ``"sequential"`` (default: target = the float model's output, the quantized layer fed by the
+            quantized prefix, so BC also cancels the mean error carried in from earlier blocks) or ``"float"`` (both
+            layers see the float model's inputs, as the reference code does; measured worse, see README).
         bc_layer: also compensate each whole decoder block's output (folded into its last bias).
         bc_granularity: ``"channel"`` (one bias per output channel, folded into the layer bias, free at inference) or
             ``"position"`` (the reference code's per-(position, channel) table: evaluation-only, stored as an extra
@@ -66,7 +67,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         damp_percent: float = 0.01,
         true_sequential: bool = True,
         bias_compensation: bool = True,
-        bc_target: str = "float",
+        bc_target: str = "sequential",
         bc_layer: bool = False,
         bc_granularity: str = "channel",
         dataset: Any = None,
