@@ -7,6 +7,7 @@ BC checkpoint (transformers otherwise skips the unknown quantization and loads r
 __version__ = "0.1.0.dev0"
 
 from .config import BCQuantizationConfig
+from .hub import Provenance, push_folder, record_evaluation
 from .qlinear import QuantLinear
 from .quantizer import BCHfQuantizer, load_report, quantize_model, register
 from .report import QuantizationReport
@@ -17,9 +18,12 @@ register()
 __all__ = [
     "BCHfQuantizer",
     "BCQuantizationConfig",
+    "Provenance",
     "QuantLinear",
     "QuantizationReport",
     "__version__",
     "load_report",
+    "push_folder",
     "quantize_model",
+    "record_evaluation",
 ]

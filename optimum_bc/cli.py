@@ -1,4 +1,4 @@
-"""The ``optimum-bc`` command line: quantize, eval, report, demo.
+"""The ``optimum-bc`` command line: quantize, eval, report, push, demo.
 
 Exit codes: 0 success, 2 bad arguments or invalid settings, 1 any other failure (one line on stderr; the traceback
 only with ``--debug``).
@@ -35,7 +35,7 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
     group.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ dampening (0.01)")
     group.add_argument("--no-bc", action="store_true", help="disable bias compensation")
-    group.add_argument("--bc-target", default="float", help="float (default) or sequential")
+    group.add_argument("--bc-target", default="sequential", help="sequential (default) or float")
     group.add_argument("--bc-layer", action="store_true", help="also compensate each whole decoder block")
     data = parser.add_argument_group("calibration data")
     data.add_argument(
@@ -91,6 +91,21 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("directory", help="folder written by `optimum-bc quantize` or save_pretrained")
     r.add_argument("--plot", help="PNG path for the per-layer error plot (default DIRECTORY/layer_errors.png)")
 
+    p = sub.add_parser(
+        parents=[common],
+        name="push",
+        help="upload a quantized folder to the Hub",
+        description="Upload DIRECTORY (written by `optimum-bc quantize` or save_pretrained) to the Hub repository "
+        "REPO_ID in one commit, with its model card. The token comes from HF_TOKEN or `hf auth login`. A failed "
+        "upload commits nothing and never changes DIRECTORY.",
+    )
+    p.add_argument("directory", help="folder of a BC-quantized model")
+    p.add_argument("repo_id", help="target repository, e.g. user/opt-125m-bc-4bit (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    p.add_argument("--commit-message", help="commit message (default: 'Upload N-bit optimum-bc model')")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing directly")
+
     d = sub.add_parser(
         "demo",
         parents=[common],
@@ -100,7 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--bits", type=int, default=3, choices=[2, 3, 4, 8], help="bits per weight (3)")
     d.add_argument("--group-size", type=int, default=128, help="group size (128)")
-    d.add_argument("--bc-target", default="float", help="float (default) or sequential")
+    d.add_argument("--bc-target", default="sequential", help="sequential (default) or float")
     d.add_argument("--num-samples", type=int, default=16, help="calibration windows (16)")
     d.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
     d.add_argument("--eval-windows", type=int, default=8, help="evaluation windows of --seq-len tokens (8)")
@@ -148,6 +163,7 @@ def _load_float(model_id: str, gguf_file: str | None) -> tuple[Any, Any]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .hub import write_model_card
     from .quantizer import quantize_model
 
     if os.path.exists(args.output) and os.listdir(args.output):
@@ -160,6 +176,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = quantize_model(model, config)
     if not args.quiet:
         print(report.format_table())
+    ppl, eval_error = None, None
+    if args.eval_dataset:  # before saving, so the result lands in the card's model-index
+        from .evaluation import evaluate_perplexity
+        from .hub import record_evaluation
+
+        try:
+            ppl = evaluate_perplexity(
+                model,
+                tokenizer,
+                args.eval_dataset,
+                seq_len=args.seq_len,
+                max_samples=args.eval_max_samples,
+                progress=not args.quiet,
+            )
+            record_evaluation(model, args.eval_dataset, ppl, seq_len=args.seq_len, max_samples=args.eval_max_samples)
+        except Exception as err:  # noqa: BLE001 - save the quantized model anyway, then report the failure
+            eval_error = err
     # Write next to the target, then rename: an interrupted save never leaves a half-written --output.
     tmp = args.output.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -168,18 +201,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if os.path.isdir(args.output):
         os.rmdir(args.output)  # empty, checked above
     os.replace(tmp, args.output)
+    write_model_card(args.output, render_plot=False)  # again, now with the tokenizer and the final folder name
     print(f"saved {len(report.layers)} quantized layers to {args.output} ({report.total_seconds:.1f} s)")
-    if args.eval_dataset:
-        from .evaluation import evaluate_perplexity
-
-        ppl = evaluate_perplexity(
-            model,
-            tokenizer,
-            args.eval_dataset,
-            seq_len=args.seq_len,
-            max_samples=args.eval_max_samples,
-            progress=not args.quiet,
-        )
+    if eval_error is not None:
+        raise eval_error
+    if ppl is not None:
         print(f"perplexity on {args.eval_dataset}: {ppl:.3f}")
     return 0
 
@@ -208,6 +234,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = args.plot or os.path.join(args.directory, "layer_errors.png")
     plot_layer_errors(report, path)
     print(f"per-layer error plot written to {path}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
+    if not os.path.isdir(args.directory):
+        raise UsageError(f"{args.directory!r} is not a folder; pass the --output of `optimum-bc quantize`")
+    info = push_folder(
+        args.directory,
+        args.repo_id,
+        private=True if args.private else None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+    )
+    print(f"pushed {args.directory} to {args.repo_id}: {info.pr_url or info.commit_url}")
     return 0
 
 
@@ -268,7 +311,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "report": cmd_report, "push": cmd_push, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ the tokenizer nor raw calibration text (the dataset is stored as a short descrip
 """
 
 import logging
+import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -197,8 +198,8 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         from .data import describe_dataset
 
         out = {k: v for k, v in self.__dict__.items() if k not in ("tokenizer", "dataset")}
-        # A string (a name, a path, or the description of a reloaded checkpoint) is already JSON-safe and short.
-        if self.dataset is None or isinstance(self.dataset, str):
+        # A name, or the description of a reloaded checkpoint, is kept as is; a local path is reduced to its basename.
+        if self.dataset is None or (isinstance(self.dataset, str) and not os.path.exists(self.dataset)):
             out["dataset"] = self.dataset
         else:
             out["dataset"] = describe_dataset(self.dataset)

@@ -34,6 +34,7 @@ class BCHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.dtype: torch.dtype | None = None
         self._calibration: list | None = None
+        self._checkpoint_files: list[str] = []
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         config = self.quantization_config
@@ -50,6 +51,7 @@ class BCHfQuantizer(HfQuantizer):
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
         if self.pre_quantized:
+            self._checkpoint_files = [str(f) for f in kwargs.get("checkpoint_files") or []]
             self._swap_in_skeletons(model)
         else:
             # This hook runs under transformers' meta-device init context: build the token tensors on the CPU.
@@ -81,19 +83,40 @@ class BCHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             api.quantize_model(model, self.quantization_config, calibration=self._calibration)
             self._calibration = None
+        _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
         return model
 
     def get_state_dict_and_metadata(self, model: Any) -> tuple[None, dict[str, str]]:
-        """Keep the default state dict; store the quantization report in the safetensors metadata."""
+        """Keep the default state dict; store the quantization report and provenance in the safetensors metadata."""
+        from .hub import PROVENANCE_METADATA_KEY
+
+        metadata = {}
         report = getattr(model, "quantization_report", None)
-        return None, ({REPORT_METADATA_KEY: json.dumps(report.to_dict())} if report is not None else {})
+        if report is not None:
+            metadata[REPORT_METADATA_KEY] = json.dumps(report.to_dict())
+        provenance = getattr(model, "quantization_provenance", None)
+        if provenance is not None:
+            metadata[PROVENANCE_METADATA_KEY] = json.dumps(provenance.to_dict())
+        return None, metadata
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """PEFT adapters (LoRA, see ``optimum_bc.peft``) train on top of the frozen packed weights."""
+        return True
+
+
+def _prepare_for_hub(model: Any, checkpoint_files: list[str] | None = None) -> None:
+    """The one place that gives a BC model its provenance and card-writing ``save_pretrained`` / ``push_to_hub``.
+
+    After calibration (``checkpoint_files`` None) the provenance is collected now; after a pre-quantized reload the
+    report and provenance are read back from the checkpoint's safetensors metadata.
+    """
+    from . import hub
+
+    hub.attach(model, checkpoint_files)
 
 
 def register() -> None:
@@ -122,6 +145,7 @@ def quantize_model(
     model.config.quantization_config = config
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+    _prepare_for_hub(model)
     return report
 
 

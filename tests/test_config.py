@@ -77,3 +77,11 @@ def test_position_granularity_needs_bc() -> None:
         BCQuantizationConfig(bias_compensation=False, bc_granularity="position")
     with pytest.raises(ValueError, match="bc_granularity='row'"):
         BCQuantizationConfig(bc_granularity="row")
+
+
+def test_local_path_is_stored_by_basename(tmp_path) -> None:
+    path = tmp_path / "private_corpus.txt"
+    path.write_text("text")
+    data = BCQuantizationConfig(dataset=str(path)).to_dict()
+    assert data["dataset"] == "local:private_corpus.txt"
+    assert str(tmp_path) not in json.dumps(data)
