@@ -289,6 +289,8 @@ def _dataset_label(dataset: Any) -> str:
     if text in _KNOWN_DATASETS:
         hub_id, config, _, pretty = _KNOWN_DATASETS[text]
         return f"`{text}` ({pretty}{', ' + hub_id if '/' in hub_id else ''}{'/' + config if config else ''})"
+    if text.startswith("local:"):
+        return f"local text `{text.removeprefix('local:')}`"
     if os.path.isabs(text):
         return f"local text `{os.path.basename(text.rstrip(os.sep))}`"
     return f"`{text}`"

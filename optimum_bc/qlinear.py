@@ -2,9 +2,14 @@
 
 ``QuantLinear`` keeps the quantized weight as packed codes (``qweight``), packed integer zero points (``qzeros``),
 float16 ``scales`` and a per-column group index (``g_idx``, which also covers act-order / permuted groups). The
-dequantized weight ``W[o, i] = scales[o, g] * (q[o, i] - z[o, g])`` with ``g = g_idx[i]`` is computed once in
-float32 and cached in the activation dtype, so inference costs the same as a dense ``nn.Linear``. ``bias`` is always
+dequantized weight is ``W[o, i] = scales[o, g] * (q[o, i] - z[o, g])`` with ``g = g_idx[i]``. ``bias`` is always
 present because bias compensation gives bias-less layers a bias.
+
+``forward`` picks a path per call (:mod:`optimum_bc.kernels`): packed-weight ATen kernels (CPU int4 / int8, CUDA
+int4) for bf16/fp16 activations by default, or the reference path that dequantizes once (float32 math), caches the
+dense weight in the activation dtype and runs ``F.linear`` (bit-exact, but the cache costs 4 bytes/weight in
+float32, 2 in bf16/fp16). ``optimum_bc.kernels.set_backend("reference")`` (or ``OPTIMUM_BC_KERNEL=reference``) forces
+the reference path; ``"fast"`` also uses the kernels for float32 activations (computed in bf16).
 """
 
 import math
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optimum_bc import kernels
 from optimum_bc.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
 
 
@@ -34,7 +40,20 @@ def _as_integer(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """Linear layer with ``bits``-bit grouped weights, dequantized once and cached for fast forward passes."""
+    """Linear layer with ``bits``-bit grouped weights: packed-weight kernels or a dequantize-once dense cache.
+
+    Paths (see :mod:`optimum_bc.kernels`; ``kernel_path(x)`` tells which one an input takes):
+
+    * CPU, 2/3/4-bit, groups made of runs of 32/64/128/256 columns (per-channel and act-order included):
+      ``aten._weight_int4pack_mm_for_cpu``; +0.5 byte/weight (bf16 activations; fp16/fp32 are cast).
+    * CPU, 5..8-bit per-channel: ``aten._weight_int8pack_mm`` (+1 byte/weight); 5..8-bit grouped: two int4
+      matmuls on the high and low nibbles (+1 byte/weight).
+    * CUDA, 2/3/4-bit, bf16: ``aten._weight_int4pack_mm`` (untested, self-checked when built).
+    * Everything else, float32 activations under the default ``"auto"`` backend, and anything needing gradients:
+      the reference dense cache, 4 bytes/weight in float32 (2 in bf16/fp16) on top of the packed buffers.
+
+    Kernel forms and the dense cache are derived data: never in the ``state_dict``, dropped by :meth:`reset_cache`.
+    """
 
     def __init__(
         self,
@@ -62,6 +81,8 @@ class QuantLinear(nn.Module):
         self._bits = bits
         self._group_size = group_size
         self._cached_weight: torch.Tensor | None = None
+        self._kernel_form: kernels.KernelForm | None = None
+        self._kernel_plans: dict[str, kernels.Plan] = {}
 
         groups = _num_groups(in_features, group_size)
         self.register_buffer(
@@ -191,8 +212,10 @@ class QuantLinear(nn.Module):
         return weight.to(target)
 
     def reset_cache(self) -> None:
-        """Drop the cached dense weight so the next forward recomputes it from the buffers."""
+        """Drop the cached dense weight and kernel forms so the next forward recomputes them from the buffers."""
         self._cached_weight = None
+        self._kernel_form = None
+        self._kernel_plans = {}
 
     def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
         """Cached dense weight in ``x``'s dtype and device, rebuilt only when those change or the cache was dropped."""
@@ -208,10 +231,69 @@ class QuantLinear(nn.Module):
             self._cached_weight = cached
         return cached
 
+    def kernel_plan(self, device_type: str) -> kernels.Plan:
+        """The kernel this layer can use on ``device_type`` (decided once from its shape and ``g_idx``)."""
+        layer_plan = self._kernel_plans.get(device_type)
+        return self._build_kernel_plan(device_type) if layer_plan is None else layer_plan
+
+    @torch.compiler.disable
+    def _build_kernel_plan(self, device_type: str) -> kernels.Plan:
+        """Decide and remember the plan eagerly (it reads ``g_idx`` values, which a compiled graph cannot)."""
+        layer_plan = kernels.plan(self, device_type)
+        self._kernel_plans[device_type] = layer_plan
+        return layer_plan
+
+    def kernel_path(self, x: torch.Tensor) -> str:
+        """The path ``forward(x)`` takes under the current backend (``"reference"``, ``"cpu_int4"``, ...)."""
+        return kernels.select_path(self, x)
+
+    @torch.compiler.disable
+    def kernel_form(self, device: torch.device | str) -> "kernels.KernelForm | None":
+        """This layer's kernel form on ``device``, built on first use; ``None`` when the device has no usable kernel.
+
+        Runs eagerly under ``torch.compile`` (a graph break on the first call only). A CUDA form is checked against
+        the dequantized weight once; on failure the layer falls back to the reference path with a warning.
+        """
+        device = torch.device(device)
+        form = self._kernel_form
+        if form is not None and form.device == device:
+            return form
+        layer_plan = self.kernel_plan(device.type)
+        if layer_plan.path == kernels.REFERENCE:
+            return None
+        try:
+            form = kernels.build_form(self, device, layer_plan)
+            error = kernels.check_form(self, form) if device.type == "cuda" else 0.0
+            problem = None if error <= kernels._CUDA_CHECK_RTOL else f"relative error {error:.3g}"
+        except RuntimeError as exc:  # an op missing or refusing this shape on this device
+            form, problem = None, str(exc).splitlines()[0]
+        if problem is not None:
+            kernels.logger.warning(
+                "%s kernel disabled for %s (%s); using the reference path", layer_plan.path, self, problem
+            )
+            self._kernel_plans[device.type] = kernels.Plan(kernels.REFERENCE, f"{layer_plan.path} failed: {problem}")
+            return None
+        self._kernel_form = form
+        return form
+
+    def cache_bytes(self) -> int:
+        """Bytes held by derived data: the dense weight cache and the kernel form (0 when neither is built)."""
+        dense = self._cached_weight
+        total = 0 if dense is None else dense.numel() * dense.element_size()
+        return total + (0 if self._kernel_form is None else self._kernel_form.nbytes())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T + bias`` with the cached dequantized weight, in ``x.dtype``."""
-        weight = self._weight_for(x)
-        out = F.linear(x, weight, self.bias.to(dtype=x.dtype, device=x.device))
+        """``x @ W.T + bias`` in ``x.dtype``, on the path :func:`optimum_bc.kernels.select_path` picks."""
+        path = kernels.select_path(self, x)
+        form = None
+        if path != kernels.REFERENCE:
+            form = self._kernel_form
+            if form is None or form.device != x.device:
+                form = self.kernel_form(x.device)  # built eagerly, outside any compiled graph
+        if form is None:
+            out = F.linear(x, self._weight_for(x), self.bias.to(dtype=x.dtype, device=x.device))
+        else:
+            out = kernels.matmul(form, x) + self.bias.to(dtype=x.dtype, device=x.device)
         if self.position_bias is not None:
             out = out + self._position_bias_for(x)
         return out

@@ -1,0 +1,346 @@
+"""Fast packed-weight paths of ``QuantLinear`` (``optimum_bc.kernels``) against dequantize-then-matmul.
+
+Kernel paths compute in bfloat16 (activations rounded to bf16, bf16 scales / zero terms, float32 accumulation), so
+they are compared with a float64 matmul of the dequantized weight on the same bf16-rounded input, with the stated
+tolerance ``max |y - ref| <= KERNEL_RTOL * max |ref|`` (observed worst case ~8e-3). The reference path stays
+bit-exact and is what the ``"reference"`` backend forces.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from optimum_bc import BCQuantizationConfig, kernels, quantize_model
+from optimum_bc.qlinear import QuantLinear
+
+from .conftest import VOCAB, tiny_llama
+
+
+KERNEL_RTOL = 2e-2
+cpu_int4 = pytest.mark.skipif(not kernels.HAS_CPU_INT4, reason="torch lacks aten._weight_int4pack_mm_for_cpu")
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Every test starts from, and leaves behind, the default ``auto`` backend."""
+    kernels.set_backend("auto")
+    yield
+    kernels.set_backend("auto")
+
+
+def _layer(
+    out_features: int,
+    in_features: int,
+    bits: int,
+    group_size: int,
+    *,
+    seed: int = 0,
+    permute: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> QuantLinear:
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
+    codes = torch.randint(0, 1 << bits, (out_features, in_features), generator=gen)
+    zeros = torch.randint(0, 1 << bits, (out_features, groups), generator=gen)
+    scales = (torch.rand(out_features, groups, generator=gen) * 0.05 + 1e-3).half().float()
+    if group_size == -1:
+        g_idx = torch.zeros(in_features, dtype=torch.int32)
+    else:
+        g_idx = (torch.arange(in_features) // group_size).to(torch.int32)
+    if permute:
+        g_idx = g_idx[torch.randperm(in_features, generator=gen)]
+    bias = torch.randn(out_features, generator=gen)
+    return QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits, group_size, bias, dtype)
+
+
+def _reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """float64 ``x_bf16 @ W.T + bias`` (+ position bias): what a kernel path approximates."""
+    xr = x.to(torch.bfloat16).double()
+    out = xr @ layer.dequantize_weight(torch.float64).T + layer.bias.double()
+    if layer.position_bias is not None:
+        out = out + layer.position_bias[: x.shape[-2]].double()
+    return out
+
+
+def _assert_kernel_close(y: torch.Tensor, layer: QuantLinear, x: torch.Tensor) -> None:
+    ref = _reference(layer, x)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    err = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert err <= KERNEL_RTOL, f"relative error {err:.3g} > {KERNEL_RTOL}"
+
+
+# (out, in, bits, group_size, act-order permuted g_idx, expected CPU path)
+CASES = [
+    (64, 256, 4, 32, False, kernels.CPU_INT4),
+    (48, 256, 4, 128, True, kernels.CPU_INT4),  # act-order
+    (37, 256, 4, 64, True, kernels.CPU_INT4),  # odd out_features (padded to 48) + act-order
+    (64, 576, 4, 128, False, kernels.CPU_INT4),  # last group of 64 columns (SmolLM2 shapes)
+    (64, 512, 4, 512, False, kernels.CPU_INT4),  # group larger than the kernel's 256
+    (48, 256, 4, -1, False, kernels.CPU_INT4),  # per channel
+    (48, 256, 3, 64, True, kernels.CPU_INT4),
+    (32, 192, 2, -1, False, kernels.CPU_INT4),
+    (64, 256, 8, -1, False, kernels.CPU_INT8),
+    (33, 208, 8, -1, False, kernels.CPU_INT8),  # odd out_features, in_features % 32 != 0
+    (40, 256, 8, 64, True, kernels.CPU_INT4X2),  # grouped 8-bit + act-order
+    (64, 256, 8, 128, False, kernels.CPU_INT4X2),
+]
+
+
+@cpu_int4
+@pytest.mark.parametrize(("out_f", "in_f", "bits", "group_size", "permute", "path"), CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernel_paths_match_dequantized_matmul(out_f, in_f, bits, group_size, permute, path, dtype) -> None:
+    layer = _layer(out_f, in_f, bits, group_size, seed=out_f + bits, permute=permute)
+    kernels.set_backend("fast")
+    for shape in [(1, in_f), (32, in_f), (2, 5, in_f), (4, 1, in_f)]:  # batch 1, batch 32, 3-D prefill / decode
+        x = torch.randn(*shape).to(dtype)
+        with torch.no_grad():
+            assert layer.kernel_path(x) == path
+            y = layer(x)
+        _assert_kernel_close(y, layer, x)
+        assert torch.equal(layer(x), y)  # deterministic
+    assert layer._cached_weight is None  # no dense cache next to the kernel form
+
+
+@cpu_int4
+def test_position_bias_and_bias_on_kernel_path() -> None:
+    layer = _layer(64, 256, 4, 64, seed=3, dtype=torch.bfloat16)
+    layer.set_position_bias(torch.randn(8, 64))
+    x = torch.randn(2, 6, 256, dtype=torch.bfloat16)
+    assert layer.kernel_path(x) == kernels.CPU_INT4
+    _assert_kernel_close(layer(x), layer, x)
+    with pytest.raises(ValueError, match="calibrated for 8 positions"):
+        layer(torch.randn(1, 9, 256, dtype=torch.bfloat16))
+
+
+@cpu_int4
+def test_auto_backend_policy() -> None:
+    layer = _layer(64, 256, 4, 128)
+    bf16 = torch.randn(3, 256, dtype=torch.bfloat16)
+    assert layer.kernel_path(bf16) == kernels.CPU_INT4
+    assert layer.kernel_path(bf16.half()) == kernels.CPU_INT4
+    assert layer.kernel_path(bf16.float()) == kernels.REFERENCE  # float32 stays exact by default
+    assert layer.kernel_path(bf16.double()) == kernels.REFERENCE
+    assert layer.kernel_path(bf16.clone().requires_grad_()) == kernels.REFERENCE  # kernels have no backward
+    with torch.no_grad():
+        assert layer.kernel_path(bf16) == kernels.CPU_INT4
+    # Tiny layer: padding 8 -> 16 output rows would double the kernel's work; "fast" pads anyway.
+    tiny = _layer(8, 64, 4, 32)
+    assert tiny.kernel_path(bf16[:, :64]) == kernels.REFERENCE
+    kernels.set_backend("fast")
+    assert tiny.kernel_path(bf16[:, :64]) == kernels.CPU_INT4
+    assert layer.kernel_path(bf16.float()) == kernels.CPU_INT4
+    kernels.set_backend("reference")
+    assert layer.kernel_path(bf16) == kernels.REFERENCE
+
+
+def test_unsupported_layouts_fall_back_to_exact_reference() -> None:
+    cases = [
+        (_layer(32, 200, 4, 32), "no kernel group"),  # 200 columns: no run of 32 fits
+        (_layer(32, 256, 4, 16), "no kernel group"),  # groups of 16 columns
+        (_layer(32, 200, 8, -1), "multiple of 16"),  # int8 op constraint
+    ]
+    kernels.set_backend("fast")
+    for layer, reason in cases:
+        assert reason in layer.kernel_plan("cpu").reason
+        x = torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16)
+        assert layer.kernel_path(x) == kernels.REFERENCE
+        expected = F.linear(x, layer.dequantize_weight(torch.bfloat16), layer.bias.to(torch.bfloat16))
+        assert torch.equal(layer(x), expected)
+    # A g_idx whose groups do not come in equal runs (not act-order, just arbitrary): reference.
+    layer = _layer(32, 256, 4, 64)
+    with torch.no_grad():
+        layer.g_idx.copy_(torch.cat([torch.zeros(100), torch.ones(156)]).int())
+    layer.reset_cache()
+    assert layer.kernel_plan("cpu").path == kernels.REFERENCE
+
+
+@cpu_int4
+def test_reference_backend_is_bit_exact() -> None:
+    layer = _layer(64, 256, 4, 64, permute=True)
+    x = torch.randn(2, 4, 256, dtype=torch.bfloat16)
+    with kernels.use_backend("reference"):
+        assert kernels.get_backend() == "reference"
+        expected = F.linear(x, layer.dequantize_weight(torch.bfloat16), layer.bias.to(torch.bfloat16))
+        assert torch.equal(layer(x), expected)
+    assert kernels.get_backend() == "auto"
+    assert not torch.equal(layer(x), expected)  # the kernel path rounds differently
+
+
+def test_backend_validation_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="kernel backend must be one of"):
+        kernels.set_backend("triton")
+    with pytest.raises(ValueError, match="dense_min_tokens"):
+        kernels.set_backend("fast", dense_min_tokens=0)
+    monkeypatch.setenv(kernels.ENV_VAR, "reference")
+    assert kernels.set_backend(None) == "auto" and kernels.get_backend() == "reference"
+    code = "import optimum_bc.kernels as k; print(k.get_backend())"
+    env_run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, kernels.ENV_VAR: "fast"},
+    )
+    assert env_run.stdout.strip() == "fast"
+
+
+@cpu_int4
+def test_dense_min_tokens_sends_long_float32_inputs_to_reference() -> None:
+    layer = _layer(64, 256, 4, 64)
+    kernels.set_backend("fast", dense_min_tokens=16)
+    assert layer.kernel_path(torch.randn(1, 15, 256)) == kernels.CPU_INT4
+    assert layer.kernel_path(torch.randn(2, 8, 256)) == kernels.REFERENCE
+    assert layer.kernel_path(torch.randn(2, 8, 256, dtype=torch.bfloat16)) == kernels.CPU_INT4
+
+
+@cpu_int4
+def test_kernel_form_is_derived_not_saved_and_invalidated() -> None:
+    first, second = _layer(64, 256, 4, 64, seed=1), _layer(64, 256, 4, 64, seed=2)
+    keys = set(first.state_dict())
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    out_first = first(x)
+    form = first._kernel_form
+    assert form is not None and form.path == kernels.CPU_INT4
+    assert set(first.state_dict()) == keys
+    assert first(x) is not None and first._kernel_form is form  # built once
+    first.load_state_dict(second.state_dict())
+    assert first._kernel_form is None
+    assert torch.equal(first(x), second(x)) and not torch.equal(first(x), out_first)
+    first.to(torch.bfloat16)
+    assert first._kernel_form is None and first.scales.dtype == torch.float16
+    first(x)
+    first.reset_cache()
+    assert first._kernel_form is None and first.cache_bytes() == 0
+
+
+@cpu_int4
+def test_memory_of_kernel_forms() -> None:
+    out_f, in_f = 256, 1024
+    layer4 = _layer(out_f, in_f, 4, 128)
+    layer4(torch.randn(1, in_f, dtype=torch.bfloat16))
+    weights = out_f * in_f
+    assert layer4._cached_weight is None
+    # int4 pack (0.5 B/weight) + bf16 (scale, zero) pairs per group of 128
+    assert layer4.cache_bytes() == weights // 2 + (in_f // 128) * out_f * 2 * 2
+    total = layer4.weight_bytes() + layer4.cache_bytes()
+    assert total <= 0.3 * 4 * weights
+    layer8 = _layer(out_f, in_f, 8, -1)
+    layer8(torch.randn(1, in_f, dtype=torch.bfloat16))
+    assert layer8.cache_bytes() == weights + out_f * (2 + 4)
+    with kernels.use_backend("reference"):
+        layer4(torch.randn(1, in_f))
+    assert layer4._cached_weight.numel() == weights  # the reference path adds its own cache: 4 B/weight
+
+
+@cpu_int4
+def test_empty_batch() -> None:
+    layer = _layer(64, 256, 4, 64, dtype=torch.bfloat16)
+    y = layer(torch.randn(0, 256, dtype=torch.bfloat16))
+    assert y.shape == (0, 64) and y.dtype == torch.bfloat16
+
+
+@cpu_int4
+def test_prepare_and_paths_on_a_quantized_model(calib_ids) -> None:
+    model = tiny_llama()
+    cfg = BCQuantizationConfig(bits=4, group_size=32, method="rtn", dataset=calib_ids, num_samples=4, seq_len=16)
+    quantize_model(model, cfg)
+    assert kernels.paths(model, torch.float32) == {kernels.REFERENCE: 14}
+    assert kernels.paths(model, torch.bfloat16) == {kernels.CPU_INT4: 14}
+    model.to(torch.bfloat16)
+    assert kernels.prepare(model) == {kernels.CPU_INT4: 14}
+    assert kernels.runtime_bytes(model) > sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@cpu_int4
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_path_models_reload_with_identical_logits(calib_ids, tmp_path, dtype) -> None:
+    model = tiny_llama()
+    cfg = BCQuantizationConfig(bits=4, group_size=32, method="rtn", dataset=calib_ids, num_samples=4, seq_len=16)
+    quantize_model(model, cfg)
+    model.save_pretrained(tmp_path / "a")
+    if dtype == torch.bfloat16:
+        # ``model.to(bf16)`` also casts transformers' rotary ``inv_freq`` (a float32 buffer on load), so the bf16
+        # in-memory model is one loaded in bf16, then saved and reloaded once more.
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=dtype)
+        model.save_pretrained(tmp_path / "b")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / ("b" if dtype == torch.bfloat16 else "a"), dtype=dtype)
+    x = torch.randint(0, VOCAB, (2, 12))
+    kernels.set_backend("auto" if dtype == torch.bfloat16 else "fast")
+    with torch.no_grad():
+        logits = model(x).logits
+        assert model.model.layers[0].mlp.down_proj.kernel_path(torch.zeros(1, 160, dtype=dtype)) == kernels.CPU_INT4
+        assert torch.equal(reloaded(x).logits, logits)
+        with kernels.use_backend("reference"):
+            exact = model(x).logits
+            assert torch.equal(reloaded(x).logits, exact)
+    assert not torch.equal(logits, exact)
+    assert (logits.float() - exact.float()).abs().max() <= 5e-2 * exact.float().abs().max()
+
+
+def _compile_check(module: torch.nn.Module, x: torch.Tensor, backend: str, fullgraph: bool) -> None:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = module(x)
+        compiled = torch.compile(module, backend=backend, fullgraph=fullgraph)
+        got = compiled(x)
+        again = compiled(x)
+    assert torch.equal(got, again)
+    scale = eager.float().abs().max()
+    assert (got.float() - eager.float()).abs().max() <= 1e-2 * scale  # inductor may fuse the float epilogue
+
+
+@cpu_int4
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (8, -1), (8, 64)])
+def test_torch_compile_quantlinear_aot_eager(bits: int, group_size: int) -> None:
+    layer = _layer(64, 256, bits, group_size, permute=group_size > 0, dtype=torch.bfloat16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    kernels.prepare(layer)  # forms built before tracing: one graph, no break
+    _compile_check(layer, x, "aot_eager", fullgraph=True)
+    fresh = _layer(64, 256, bits, group_size, dtype=torch.bfloat16)  # built lazily: one graph break, then fine
+    _compile_check(fresh, x, "aot_eager", fullgraph=False)
+    with kernels.use_backend("reference"):
+        _compile_check(_layer(64, 256, bits, group_size), x.float(), "aot_eager", fullgraph=False)
+
+
+@cpu_int4
+@pytest.mark.slow
+def test_torch_compile_inductor_layer_and_tiny_model(calib_ids) -> None:
+    start = time.perf_counter()
+    layer = _layer(64, 256, 4, 64, permute=True, dtype=torch.bfloat16)
+    kernels.prepare(layer)
+    _compile_check(layer, torch.randn(3, 256, dtype=torch.bfloat16), "inductor", fullgraph=True)
+    model = tiny_llama()
+    cfg = BCQuantizationConfig(bits=4, group_size=32, method="rtn", dataset=calib_ids, num_samples=4, seq_len=16)
+    quantize_model(model, cfg)
+    model.to(torch.bfloat16)
+    kernels.prepare(model)
+    torch._dynamo.reset()
+    x = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        eager = model(x).logits.float()
+        got = torch.compile(model)(x).logits.float()
+    assert (got - eager).abs().max() <= 5e-2 * eager.abs().max()
+    assert time.perf_counter() - start < 600
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_int4_path_matches_reference() -> None:
+    layer = _layer(48, 512, 4, 128, permute=True).cuda()
+    x = torch.randn(2, 5, 512, device="cuda", dtype=torch.bfloat16)
+    path = layer.kernel_path(x)
+    y = layer(x)
+    if path == kernels.CUDA_INT4 and layer.kernel_plan("cuda").path == kernels.CUDA_INT4:
+        ref = _reference(layer.cpu(), x.cpu())
+        err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+        assert err <= KERNEL_RTOL
+    else:
+        assert layer.kernel_plan("cuda").path == kernels.REFERENCE  # fell back, with the reason recorded
