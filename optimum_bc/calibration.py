@@ -37,6 +37,15 @@ from .report import BlockReport, LayerReport, QuantizationReport
 logger = logging.getLogger(__name__)
 
 
+_progress_bars = True
+
+
+def set_progress_bars(enabled: bool) -> None:
+    """Show or hide the "block i/N" progress bar (like ``transformers.utils.logging.disable_progress_bar``)."""
+    global _progress_bars
+    _progress_bars = enabled
+
+
 class _StopForward(Exception):
     """Raised by the capture hook to stop the model forward after the first block's inputs are recorded."""
 
@@ -183,7 +192,7 @@ class BlockCalibrator:
         h_q = batches
         h_fp = batches if self.bc else None
         blocks = get_blocks(self.model, self.spec)
-        bar = tqdm(range(len(blocks)), desc="optimum-bc", unit="block")
+        bar = tqdm(range(len(blocks)), desc="optimum-bc", unit="block", disable=not _progress_bars)
         for i in bar:
             bar.set_description(f"block {i + 1}/{len(blocks)}")
             h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)

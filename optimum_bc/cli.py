@@ -325,9 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
     import optimum_bc  # noqa: F401  (registers quant_method "bc" before any from_pretrained)
+
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        from .calibration import set_progress_bars
+
+        set_progress_bars(False)
+        hf_logging.disable_progress_bar()
 
     try:
         return COMMANDS[args.command](args)
