@@ -1,4 +1,4 @@
-"""The ``optimum-bc`` command line: quantize, eval, report, push, demo.
+"""The ``optimum-bc`` command line: quantize, eval, lm-eval, report, push, demo.
 
 Exit codes: 0 success, 2 bad arguments or invalid settings, 1 any other failure (one line on stderr; the traceback
 only with ``--debug``).
@@ -81,6 +81,22 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=2048, help="window length (2048)")
     e.add_argument("--max-samples", type=int, help="evaluate only the first N windows")
     e.add_argument("--gguf-file", help="GGUF file inside MODEL")
+
+    lm = sub.add_parser(
+        parents=[common],
+        name="lm-eval",
+        help="run lm-evaluation-harness tasks (extra: eval)",
+        description="Score MODEL (a quantized folder, float folder or Hub id) on lm-evaluation-harness tasks and "
+        "print lm-eval's table. Needs `pip install 'optimum-bc[eval]'`. Task data comes from the Hub unless the "
+        "tasks are defined in YAML files under --include-path with local data files.",
+    )
+    lm.add_argument("model", help="quantized folder, float folder or Hub id")
+    lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,hellaswag")
+    lm.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (task default)")
+    lm.add_argument("--limit", type=float, help="only the first N documents per task (a fraction if < 1)")
+    lm.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (1)")
+    lm.add_argument("--include-path", help="folder of extra task YAML files")
+    lm.add_argument("--output", help="also write lm-eval's results as JSON to this file")
 
     r = sub.add_parser(
         parents=[common],
@@ -225,6 +241,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .lm_eval_adapter import evaluate_tasks, format_results
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--tasks is empty; pass comma-separated lm-eval task names")
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit must be > 0, got {args.limit}")
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise UsageError(f"--include-path {args.include_path!r} is not a folder")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = evaluate_tasks(
+        model,
+        tokenizer,
+        tasks,
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        batch_size=args.batch_size,
+        include_path=args.include_path,
+    )
+    print(format_results(results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"results": results["results"], "config": {"model": args.model, "tasks": tasks}}, f, indent=1)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .plotting import plot_layer_errors
     from .quantizer import load_report
@@ -311,7 +360,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "report": cmd_report, "push": cmd_push, "demo": cmd_demo}
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "lm-eval": cmd_lm_eval,
+    "report": cmd_report,
+    "push": cmd_push,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
