@@ -12,6 +12,7 @@ from torch import nn
 from .architectures import check_supported, get_blocks
 from .calibration import BlockCalibrator, capture_block_inputs, collate
 from .config import BCQuantizationConfig
+from .positions import attach_position_hooks
 from .report import QuantizationReport
 
 
@@ -93,6 +94,7 @@ def quantize_model(
     model.eval()
     batches = collate(calibration, config.batch_size)
     blocks = get_blocks(model, spec)
+    attach_position_hooks(blocks)
     inputs = capture_block_inputs(model, blocks, batches) if batches else []
     report = BlockCalibrator(model, spec, config, skip).run(inputs)
     model.train(was_training)

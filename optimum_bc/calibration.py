@@ -182,7 +182,13 @@ class BlockCalibrator:
 
     def _options(self) -> dict:
         c = self.config
-        return {"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "damp_percent": c.damp_percent}
+        return {
+            "bits": c.bits,
+            "group_size": c.group_size,
+            "sym": c.sym,
+            "damp_percent": c.damp_percent,
+            "desc_act": c.desc_act,
+        }
 
     @torch.no_grad()
     def run(self, batches: list[_Batch]) -> QuantizationReport:
@@ -225,7 +231,13 @@ class BlockCalibrator:
             quantizers = {k: self.algorithm(block.get_submodule(k).in_features, **self._options()) for k in keys}
             for key in float_keys:
                 in_features = block.get_submodule(key).in_features
-                moments[key] = InputMoments(in_features, self.config.bc_target, device, positions=self.positions)
+                moments[key] = InputMoments(
+                    in_features,
+                    self.config.bc_target,
+                    device,
+                    positions=self.positions,
+                    sink_tokens=self.config.layer_sink_tokens,
+                )
             if need_q or run_float:
                 for b, batch in enumerate(h_q):
                     seen_q: dict[str, torch.Tensor] = {}
@@ -300,6 +312,8 @@ class BlockCalibrator:
                 ).to(W.device)
                 if comp is not None and self.positions is not None:
                     qlinear.set_position_bias(comp.bias)
+                if comp is not None and comp.sink is not None:
+                    qlinear.set_sink_bias(comp.sink)
                 parent_name, _, child = rel.rpartition(".")
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, qlinear)
                 row.seconds = time.perf_counter() - t0 + share * W.shape[0]

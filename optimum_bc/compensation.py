@@ -16,6 +16,12 @@ All moments are accumulated in float32, over valid (non-padding) tokens only.
 
 With ``positions`` (the reference code's default granularity) the mean is taken per token position instead of over
 all tokens: ``b[t] = (W - Q) E[x | t] (+ Q E[δ | t])``, a ``[positions, out]`` table that cannot fold into a bias.
+
+With ``sink_tokens = K`` the positions ``t < K`` each get their own mean and all later positions share one: the
+per-channel bias is the mean over positions ``>= K`` (it folds into the layer bias) and the first ``K`` positions get
+``b[t] - b`` on top. In LLaMA-family models the first token is an attention sink whose activations are orders of
+magnitude larger than the others; its error dominates an all-token mean, and the bias that mean gives is wrong for
+every other token.
 """
 
 from dataclasses import dataclass
@@ -34,22 +40,34 @@ class Compensation:
     bias: torch.Tensor  # (out,), or (positions, out) for the position granularity
     mse_before: float
     mse_after: float
+    sink: torch.Tensor | None = None  # (sink_tokens, out): extra bias of the first positions, on top of ``bias``
 
 
 class InputMoments:
     """Streams the input moments of one Linear (or of several sharing an input) for bias compensation."""
 
     def __init__(
-        self, in_features: int, target: str, device: torch.device | None = None, positions: int | None = None
+        self,
+        in_features: int,
+        target: str,
+        device: torch.device | None = None,
+        positions: int | None = None,
+        sink_tokens: int = 0,
     ) -> None:
         if target not in BC_TARGETS:
             raise ValueError(f"bc_target={target!r} is not supported; use one of {BC_TARGETS}")
+        if positions is not None and sink_tokens:
+            raise ValueError("positions and sink_tokens are exclusive: the position table already covers every token")
         self.target = target
         self.positions = positions
-        if positions is not None:
-            self.count_pos = torch.zeros(positions, device=device)
-            self.sum_x_pos = torch.zeros(positions, in_features, device=device)
-            self.sum_delta_pos = torch.zeros(positions, in_features, device=device)
+        self.sink_tokens = sink_tokens
+        # Per-class moments: one class per position, or one per sink position plus one for all later positions.
+        classes = positions if positions is not None else (sink_tokens + 1 if sink_tokens else None)
+        self.classes = classes
+        if classes is not None:
+            self.count_pos = torch.zeros(classes, device=device)
+            self.sum_x_pos = torch.zeros(classes, in_features, device=device)
+            self.sum_delta_pos = torch.zeros(classes, in_features, device=device)
         self.num_tokens = 0
         zeros_vec = torch.zeros(in_features, device=device)
         zeros_mat = torch.zeros(in_features, in_features, device=device)
@@ -79,8 +97,12 @@ class InputMoments:
             self.sum_delta += delta.sum(0)
             self.x_delta.addmm_(x.T, delta)
             self.delta_delta.addmm_(delta.T, delta)
-        if self.positions is not None:
-            if positions is None or int(positions.max()) >= self.positions:
+        if self.classes is not None:
+            if positions is None:
+                raise ValueError("position-dependent compensation needs each row's token position")
+            if self.sink_tokens:
+                positions = positions.clamp(max=self.sink_tokens)
+            elif int(positions.max()) >= self.positions:
                 raise ValueError(f"position granularity needs token positions below {self.positions} for every row")
             self.count_pos.index_add_(0, positions, torch.ones_like(positions, dtype=torch.float32))
             self.sum_x_pos.index_add_(0, positions, x)
@@ -100,7 +122,7 @@ class InputMoments:
         if self.target == "sequential":
             mean_r = mean_r + Q @ (self.sum_delta / n)
             sq_r = sq_r + (2 * (d @ self.x_delta) * Q).sum(1) / n + ((Q @ self.delta_delta) * Q).sum(1) / n
-        if self.positions is not None:
+        if self.classes is not None:
             return self._compensate_positions(d, Q, sq_r, bias_dtype)
         bias = mean_r.to(bias_dtype)
         b = bias.float()
@@ -110,16 +132,25 @@ class InputMoments:
     def _compensate_positions(
         self, d: torch.Tensor, Q: torch.Tensor, sq_r: torch.Tensor, bias_dtype: torch.dtype
     ) -> Compensation:
-        """Per-position means ``b[t]``; positions never seen get no bias."""
+        """Per-class means ``b[t]`` (classes never seen get no bias); for sink tokens split into bias + sink part."""
         count = self.count_pos.clamp(min=1).unsqueeze(1)
-        mean_pos = (self.sum_x_pos / count) @ d.T  # (positions, out)
+        mean_pos = (self.sum_x_pos / count) @ d.T  # (classes, out)
         if self.target == "sequential":
             mean_pos = mean_pos + (self.sum_delta_pos / count) @ Q.T
-        bias = mean_pos.to(bias_dtype)
-        b = bias.float()
+        table = mean_pos.to(bias_dtype)
+        sink = None
+        if self.sink_tokens:
+            bias = table[-1]
+            sink = (mean_pos[:-1] - bias.float()).to(bias_dtype)
+            table = torch.cat([bias.float() + sink.float(), bias.float()[None]])
+        else:
+            bias = table
+        b = table.float()
         weight = (self.count_pos / self.num_tokens).unsqueeze(1)
         after = sq_r - (weight * (2 * b * mean_pos - b * b)).sum(0)
-        return Compensation(bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()))
+        return Compensation(
+            bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()), sink=sink
+        )
 
 
 class ResidualMean:

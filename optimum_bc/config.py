@@ -17,7 +17,9 @@ from .compensation import BC_GRANULARITIES, BC_TARGETS
 
 logger = logging.getLogger(__name__)
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+# Sequence-start tokens that get their own compensation bias (config_version 1 checkpoints predate it: 0).
+DEFAULT_SINK_TOKENS = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 QUANT_METHOD = "bc"
 
@@ -47,6 +49,11 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         bc_granularity: ``"channel"`` (one bias per output channel, folded into the layer bias, free at inference) or
             ``"position"`` (the reference code's per-(position, channel) table: evaluation-only, stored as an extra
             ``position_bias`` buffer, refuses inputs longer than ``seq_len``).
+        bc_sink_tokens: with the channel granularity, the first N tokens of every sequence (the attention sink, whose
+            activations are outliers in LLaMA-family models) get their own compensation bias, stored as a small
+            ``sink_bias`` buffer ``[N, out]``, and are left out of the per-channel mean. 0 = one mean over all tokens
+            (the paper's per-channel BC). Works with KV-cache generation and left padding (positions come from the
+            model's ``position_ids``). Default 1; see README for the measurements behind it.
         dataset: calibration data: a name (``"wikitext2"``, ``"c4"``, ``"ptb"``, ``"wiki-vital"``), a local text file
             or folder, a list of strings, or pre-tokenized ids. Not needed for RTN without compensation.
         num_samples: calibration windows.
@@ -71,6 +78,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         bc_target: str = "sequential",
         bc_layer: bool = False,
         bc_granularity: str = "channel",
+        bc_sink_tokens: int | None = None,
         dataset: Any = None,
         num_samples: int = 128,
         seq_len: int = 2048,
@@ -94,6 +102,9 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.bc_target = bc_target
         self.bc_layer = bc_layer
         self.bc_granularity = bc_granularity
+        if bc_sink_tokens is None:
+            bc_sink_tokens = DEFAULT_SINK_TOKENS if config_version >= 2 else 0
+        self.bc_sink_tokens = bc_sink_tokens
         self.dataset = dataset
         self.num_samples = num_samples
         self.seq_len = seq_len
@@ -155,6 +166,20 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             '"position" only together with bias_compensation=True',
             "set bias_compensation=True",
         )
+        _check(
+            type(self.bc_sink_tokens) is int and 0 <= self.bc_sink_tokens <= 64,
+            "bc_sink_tokens",
+            self.bc_sink_tokens,
+            "an int in [0, 64]",
+            "bc_sink_tokens=1 (or 0 for one mean over all tokens)",
+        )
+        _check(
+            self.bc_sink_tokens < self.seq_len,
+            "bc_sink_tokens",
+            self.bc_sink_tokens,
+            f"fewer than seq_len={self.seq_len} calibration tokens per window",
+            "lower bc_sink_tokens or raise seq_len",
+        )
         for field, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1)):
             value = getattr(self, field)
             _check(type(value) is int and value >= low, field, value, f"an int >= {low}", f"{field}={max(low, 8)}")
@@ -185,6 +210,12 @@ class BCQuantizationConfig(QuantizationConfigMixin):
                 "a name, a path, a list of strings, pre-tokenized ids or a datasets.Dataset",
                 'dataset="wikitext2"',
             )
+
+    @property
+    def layer_sink_tokens(self) -> int:
+        """Rows of each quantized layer's ``sink_bias`` (0 when it has none)."""
+        active = self.bias_compensation and self.bc_granularity == "channel"
+        return self.bc_sink_tokens if active else 0
 
     @property
     def needs_calibration(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimum_bc import kernels
+from optimum_bc import kernels, positions
 from optimum_bc.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
 
 
@@ -65,6 +65,7 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         positions: int | None = None,
+        sink_tokens: int = 0,
     ) -> None:
         super().__init__()
         if in_features <= 0 or out_features <= 0:
@@ -104,6 +105,9 @@ class QuantLinear(nn.Module):
         # Per-(position, channel) bias of the reference BC code: evaluation-only, it cannot fold into ``bias``.
         table = None if positions is None else torch.zeros(positions, out_features, dtype=dtype, device=device)
         self.register_buffer("position_bias", table)
+        # Extra bias of the first ``sink_tokens`` positions (the attention sink), on top of ``bias``.
+        sink = torch.zeros(sink_tokens, out_features, dtype=dtype, device=device) if sink_tokens else None
+        self.register_buffer("sink_bias", sink)
 
     @property
     def in_features(self) -> int:
@@ -295,8 +299,19 @@ class QuantLinear(nn.Module):
         else:
             out = kernels.matmul(form, x) + self.bias.to(dtype=x.dtype, device=x.device)
         if self.position_bias is not None:
-            out = out + self._position_bias_for(x)
+            out = out + positions.position_term(x, self.position_bias, self._label())
+        if self.sink_bias is not None:
+            out = out + positions.sink_term(x, self.sink_bias, self._label())
         return out
+
+    def _label(self) -> str:
+        return f"QuantLinear({self.in_features}->{self.out_features}, {self.bits}-bit)"
+
+    def set_sink_bias(self, sink_bias: torch.Tensor) -> None:
+        """Attach the ``[sink_tokens, out]`` extra bias of the first token positions (see ``bc_sink_tokens``)."""
+        if sink_bias.dim() != 2 or sink_bias.shape[1] != self.out_features:
+            raise ValueError(f"sink_bias must be [tokens, {self.out_features}], got {tuple(sink_bias.shape)}")
+        self.sink_bias = sink_bias.to(self.bias.dtype).to(self.bias.device)
 
     def set_position_bias(self, position_bias: torch.Tensor) -> None:
         """Attach a ``[positions, out]`` bias added by token position (the reference code's BC granularity)."""
@@ -305,22 +320,6 @@ class QuantLinear(nn.Module):
                 f"position_bias must be [positions, {self.out_features}], got {tuple(position_bias.shape)}"
             )
         self.position_bias = position_bias.to(self.bias.dtype).to(self.bias.device)
-
-    def _position_bias_for(self, x: torch.Tensor) -> torch.Tensor:
-        calibrated = self.position_bias.shape[0]
-        if x.dim() < 3:
-            raise ValueError(
-                "position-granularity bias compensation needs [batch, seq, features] inputs, got a flattened "
-                f"{tuple(x.shape)} input; use bc_granularity='channel' for this model"
-            )
-        length = x.shape[-2]
-        if length > calibrated:
-            raise ValueError(
-                f"this layer's position-granularity BC was calibrated for {calibrated} positions but got an input of "
-                f"{length} tokens; it is evaluation-only (full windows from position 0, no KV cache). Evaluate with "
-                f"seq_len <= {calibrated}, or quantize with bc_granularity='channel' for deployment"
-            )
-        return self.position_bias[:length].to(dtype=x.dtype, device=x.device)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         """Load buffers as usual, then drop the cache since the weight may have changed."""

@@ -15,8 +15,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from . import api
 from .api import build_calibration, resolve_modules_to_not_convert
-from .architectures import check_supported, set_module, target_linears
+from .architectures import check_supported, get_blocks, set_module, target_linears
 from .config import QUANT_METHOD, BCQuantizationConfig
+from .positions import attach_position_hooks
 from .qlinear import QuantLinear
 from .report import QuantizationReport
 
@@ -76,6 +77,7 @@ class BCHfQuantizer(HfQuantizer):
                 dtype=dtype,
                 device="meta",
                 positions=positions,
+                sink_tokens=config.layer_sink_tokens,
             )
             set_module(model, name, skeleton)
 
@@ -83,6 +85,9 @@ class BCHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             api.quantize_model(model, self.quantization_config, calibration=self._calibration)
             self._calibration = None
+        else:
+            spec = check_supported(model.config.model_type, self.quantization_config.bc_granularity)
+            attach_position_hooks(get_blocks(model, spec))
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
         return model
 

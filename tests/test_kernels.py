@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, kernels, quantize_model
+from optimum_bc.positions import token_positions
 from optimum_bc.qlinear import QuantLinear
 
 from .conftest import VOCAB, tiny_llama
@@ -115,8 +116,9 @@ def test_position_bias_and_bias_on_kernel_path() -> None:
     layer.set_position_bias(torch.randn(8, 64))
     x = torch.randn(2, 6, 256, dtype=torch.bfloat16)
     assert layer.kernel_path(x) == kernels.CPU_INT4
-    _assert_kernel_close(layer(x), layer, x)
-    with pytest.raises(ValueError, match="calibrated for 8 positions"):
+    with token_positions(torch.arange(6).expand(2, 6)):
+        _assert_kernel_close(layer(x), layer, x)
+    with pytest.raises(ValueError, match="calibrated for 8 positions"), token_positions(torch.arange(9)[None]):
         layer(torch.randn(1, 9, 256, dtype=torch.bfloat16))
 
 
