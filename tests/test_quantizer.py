@@ -239,3 +239,10 @@ def test_position_granularity_rejected_for_opt(calib_ids, tmp_path) -> None:
     tiny_opt().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="bc_granularity='position' is not available for model_type 'opt'"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=_cfg(calib_ids, bc_granularity="position"))
+
+
+def test_desc_act_reaches_the_quantizer(calib_ids) -> None:
+    model = tiny_llama()
+    quantize_model(model, _cfg(calib_ids, desc_act=True, group_size=16))
+    g_idx = model.model.layers[0].mlp.down_proj.g_idx
+    assert not torch.equal(g_idx, torch.sort(g_idx).values)  # act-order permutes the groups
