@@ -30,7 +30,7 @@ from .architectures import (
 )
 from .compensation import InputMoments, ResidualMean
 from .config import BCQuantizationConfig
-from .qlinear import QuantLinear
+from .layers import packed_layer
 from .report import BlockReport, LayerReport, QuantizationReport
 
 
@@ -182,7 +182,13 @@ class BlockCalibrator:
 
     def _options(self) -> dict:
         c = self.config
-        return {"bits": c.bits, "group_size": c.group_size, "sym": c.sym, "damp_percent": c.damp_percent}
+        return {
+            "bits": c.bits,
+            "group_size": c.group_size,
+            "sym": c.sym,
+            "damp_percent": c.damp_percent,
+            "format": c.format,
+        }
 
     @torch.no_grad()
     def run(self, batches: list[_Batch]) -> QuantizationReport:
@@ -288,16 +294,7 @@ class BlockCalibrator:
                     if self.positions is None:
                         bias = bias.to(comp.bias.device) + comp.bias
                         self.compensated.append(prefix + rel)
-                qlinear = QuantLinear.from_quantized(
-                    qw.codes,
-                    qw.scales,
-                    qw.zeros,
-                    qw.g_idx,
-                    bits=self.config.bits,
-                    group_size=self.config.group_size,
-                    bias=bias,
-                    dtype=W.dtype,
-                ).to(W.device)
+                qlinear = packed_layer(qw, self.config, bias, W.dtype).to(W.device)
                 if comp is not None and self.positions is not None:
                     qlinear.set_position_bias(comp.bias)
                 parent_name, _, child = rel.rpartition(".")
