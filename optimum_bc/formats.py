@@ -305,6 +305,6 @@ def check_mx_shapes(in_features: dict[str, int], format_name: str) -> None:
     for name, n in in_features.items():
         if n % MX_BLOCK_SIZE:
             raise ValueError(
-                f"format={format_name!r} needs in_features divisible by the MX block size {MX_BLOCK_SIZE}, but layer "
-                f"{name!r} has in_features={n}. Fix: add it to modules_to_not_convert, or use format='int'."
+                f"layer {name!r} has in_features={n}, not divisible by the MX block size {MX_BLOCK_SIZE} that "
+                f"format={format_name!r} needs. Fix: add it to modules_to_not_convert, or use format='int'."
             )
