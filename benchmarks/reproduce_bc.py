@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
+from optimum_bc import BCQuantizationConfig, MXLinear, QuantLinear, quantize_model
 from optimum_bc.evaluation import evaluate_perplexity
 from optimum_bc.packaged import packaged_model_dir
 
@@ -65,7 +65,7 @@ def bc_parameters(model: torch.nn.Module) -> int:
     """Parameters added by BC: a bias per output channel (LLaMA Linears have none), or the position table."""
     total = 0
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear | MXLinear):
             total += m.position_bias.numel() if m.position_bias is not None else m.out_features
     return total
 

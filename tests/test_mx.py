@@ -304,6 +304,24 @@ def test_save_reload_bit_identical(family: str, calib_ids: torch.Tensor, tmp_pat
     assert torch.equal(before, after)
 
 
+def test_position_granularity_reloads(calib_ids: torch.Tensor, tmp_path) -> None:
+    model = tiny_llama()
+    config = BCQuantizationConfig(
+        format="mxint4", method="rtn", bc_granularity="position", dataset=calib_ids, num_samples=16, seq_len=32
+    )
+    optimum_bc.quantize_model(model, config)
+    layer = model.model.layers[1].self_attn.o_proj
+    assert isinstance(layer, MXLinear) and layer.position_bias.shape == (32, 64)
+    with torch.no_grad():
+        before = model(calib_ids[:2]).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(before, reloaded(calib_ids[:2]).logits)
+    with pytest.raises(ValueError, match="calibrated for 32 positions"):
+        reloaded(torch.zeros(1, 40, dtype=torch.long))
+
+
 def test_from_pretrained_quantizes_to_mx(tiny_model_dir: str, calib_ids: torch.Tensor) -> None:
     config = BCQuantizationConfig(format="mxint8", method="rtn", dataset=calib_ids, num_samples=16, seq_len=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config)
@@ -415,3 +433,25 @@ def test_gptq_and_mxlinear_reject_bad_shapes() -> None:
         MXLinear(64, 8, "int")
     with pytest.raises(ValueError, match="in_features divisible by 32"):
         MXLinear(48, 8, "mxfp4")
+
+
+@pytest.mark.slow
+def test_mx_rtn_on_packaged_model() -> None:
+    """Real SmolLM2-135M (every Linear has in_features 576 or 1536): MXFP8 stays close to fp32, MXFP4 is coarser."""
+    from transformers import AutoTokenizer
+
+    from optimum_bc.evaluation import evaluate_perplexity
+    from optimum_bc.packaged import packaged_model_dir
+
+    path = packaged_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ppl = {}
+    for name in ("fp32", "mxfp8_e4m3", "mxfp4"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if name != "fp32":
+            config = BCQuantizationConfig(format=name, method="rtn", bias_compensation=False)
+            optimum_bc.quantize_model(model, config)
+            assert sum(isinstance(m, MXLinear) for m in model.modules()) == 30 * 7
+        ppl[name] = evaluate_perplexity(model, tokenizer, "wiki-vital", seq_len=256, max_samples=2, progress=False)
+    assert abs(ppl["mxfp8_e4m3"] / ppl["fp32"] - 1) < 0.05
+    assert ppl["mxfp8_e4m3"] < ppl["mxfp4"]
