@@ -133,10 +133,14 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         )
         if is_mx(self.format):
             self._check_mx()
-            return self._check_common()
-        _check(
-            self.bits in SUPPORTED_BITS and type(self.bits) is int, "bits", self.bits, str(SUPPORTED_BITS), "bits=4"
-        )
+        else:
+            _check(
+                self.bits in SUPPORTED_BITS and type(self.bits) is int,
+                "bits",
+                self.bits,
+                str(SUPPORTED_BITS),
+                "bits=4",
+            )
         self._check_common()
 
     def _check_mx(self) -> None:
@@ -184,6 +188,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             )
 
     def _check_common(self) -> None:
+        """Checks shared by every format."""
         _check(
             type(self.group_size) is int and (self.group_size == -1 or self.group_size > 0),
             "group_size",
