@@ -455,3 +455,12 @@ def test_mx_rtn_on_packaged_model() -> None:
         ppl[name] = evaluate_perplexity(model, tokenizer, "wiki-vital", seq_len=256, max_samples=2, progress=False)
     assert abs(ppl["mxfp8_e4m3"] / ppl["fp32"] - 1) < 0.05
     assert ppl["mxfp8_e4m3"] < ppl["mxfp4"]
+
+
+def test_model_card_names_the_mx_format() -> None:
+    from optimum_bc.hub import build_model_card
+
+    config = BCQuantizationConfig(format="mxfp6_e2m3", method="rtn", bias_compensation=False)
+    text = str(build_model_card(config.to_dict()))
+    assert "OCP MX format `mxfp6_e2m3` (6-bit elements, 32 per E8M0 scale)" in text
+    assert '`format` | `"mxfp6_e2m3"`' in text
