@@ -16,22 +16,24 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
+from optimum_bc import BCQuantizationConfig, MXLinear, QuantLinear, quantize_model
 from optimum_bc.evaluation import evaluate_perplexity
 from optimum_bc.packaged import packaged_model_dir
 
 
 GRIDS = {"4-bit g128": (4, 128), "3-bit g128": (3, 128), "3-bit per-channel": (3, -1)}
-# name -> (method, bias_compensation, bc_target, bc_granularity)
+# name -> (method, bias_compensation, bc_target, bc_granularity, bc_sink_tokens)
 SETTINGS = {
-    "RTN": ("rtn", False, "float", "channel"),
-    "RTN+BC (float)": ("rtn", True, "float", "channel"),
-    "RTN+BC (sequential)": ("rtn", True, "sequential", "channel"),
-    "RTN+BC (position)": ("rtn", True, "float", "position"),
-    "GPTQ": ("gptq", False, "float", "channel"),
-    "GPTQ+BC (float)": ("gptq", True, "float", "channel"),
-    "GPTQ+BC (sequential)": ("gptq", True, "sequential", "channel"),
-    "GPTQ+BC (position)": ("gptq", True, "float", "position"),
+    "RTN": ("rtn", False, "float", "channel", 0),
+    "RTN+BC (float)": ("rtn", True, "float", "channel", 0),
+    "RTN+BC (sequential, all tokens)": ("rtn", True, "sequential", "channel", 0),
+    "RTN+BC (sequential, sink 1)": ("rtn", True, "sequential", "channel", 1),
+    "RTN+BC (position)": ("rtn", True, "float", "position", 0),
+    "GPTQ": ("gptq", False, "float", "channel", 0),
+    "GPTQ+BC (float)": ("gptq", True, "float", "channel", 0),
+    "GPTQ+BC (sequential, all tokens)": ("gptq", True, "sequential", "channel", 0),
+    "GPTQ+BC (sequential, sink 1)": ("gptq", True, "sequential", "channel", 1),
+    "GPTQ+BC (position)": ("gptq", True, "float", "position", 0),
 }
 PAPER_OPT_125M = (
     "| OPT-125M WikiText2 (paper, for reference) | FP16 27.66 | RTN 4-bit 37.28 | GPTQ 4-bit 31.22 | GPTQ+BC 4-bit 29.90 "
@@ -65,7 +67,7 @@ def bc_parameters(model: torch.nn.Module) -> int:
     """Parameters added by BC: a bias per output channel (LLaMA Linears have none), or the position table."""
     total = 0
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear | MXLinear):
             total += m.position_bias.numel() if m.position_bias is not None else m.out_features
     return total
 
@@ -99,7 +101,7 @@ def main() -> None:
     for grid in args.grids.split(","):
         bits, group_size = GRIDS[grid]
         for name in args.settings.split(","):
-            method, bc, target, granularity = SETTINGS[name]
+            method, bc, target, granularity, sink = SETTINGS[name]
             model = load()
             config = BCQuantizationConfig(
                 bits=bits,
@@ -108,6 +110,7 @@ def main() -> None:
                 bias_compensation=bc,
                 bc_target=target,
                 bc_granularity=granularity,
+                bc_sink_tokens=sink,
                 dataset="wiki-vital",
                 tokenizer=tokenizer,
                 num_samples=args.num_samples,

@@ -8,6 +8,7 @@ __version__ = "0.1.0.dev0"
 
 from .config import BCQuantizationConfig
 from .hub import Provenance, push_folder, record_evaluation
+from .mxlinear import MXLinear
 from .qlinear import QuantLinear
 from .quantizer import BCHfQuantizer, load_report, quantize_model, register
 from .report import QuantizationReport
@@ -18,6 +19,7 @@ register()
 __all__ = [
     "BCHfQuantizer",
     "BCQuantizationConfig",
+    "MXLinear",
     "Provenance",
     "QuantLinear",
     "QuantizationReport",

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import check_supported, get_blocks
+from .architectures import ArchitectureSpec, check_supported, get_blocks, target_linears
 from .calibration import BlockCalibrator, capture_block_inputs, collate
 from .config import BCQuantizationConfig
+from .formats import check_mx_shapes, is_mx
 from .positions import attach_position_hooks
 from .report import QuantizationReport
 
@@ -26,6 +27,25 @@ def resolve_modules_to_not_convert(model: nn.Module, config: BCQuantizationConfi
     skip = set(config.modules_to_not_convert or [])
     skip.update(get_keys_to_not_convert(model))
     return sorted(skip)
+
+
+def check_layers(model: nn.Module, spec: ArchitectureSpec, config: BCQuantizationConfig, skip: list[str]) -> None:
+    """Refuse, before any calibration, Linears the config's format cannot hold, naming the first such layer.
+
+    MX formats need ``in_features`` divisible by the block size 32, and finite weights (a NaN/Inf would make its
+    whole block NaN, MX spec §6.3). Weights still on the meta device (before loading) are not inspected.
+    """
+    if not is_mx(config.format):
+        return
+    names = target_linears(model, spec, skip)
+    check_mx_shapes({n: model.get_submodule(n).in_features for n in names}, config.format)
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if weight is not None and not weight.is_meta and not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"layer {name!r} has NaN or infinite weights; format={config.format!r} would turn its blocks into "
+                "NaN. Fix: repair the checkpoint, or add the layer to modules_to_not_convert."
+            )
 
 
 def build_calibration(config: BCQuantizationConfig, tokenizer: Any = None, name_or_path: str | None = None) -> list:
@@ -88,6 +108,7 @@ def quantize_model(
     if config.modules_to_not_convert is None:
         config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
     skip = list(config.modules_to_not_convert)
+    check_layers(model, spec, config, skip)
     if calibration is None:
         calibration = build_calibration(config, tokenizer, getattr(model, "name_or_path", None))
     was_training = model.training

@@ -30,7 +30,7 @@ from .architectures import (
 )
 from .compensation import InputMoments, ResidualMean
 from .config import BCQuantizationConfig
-from .qlinear import QuantLinear
+from .layers import packed_layer
 from .report import BlockReport, LayerReport, QuantizationReport
 
 
@@ -188,6 +188,7 @@ class BlockCalibrator:
             "sym": c.sym,
             "damp_percent": c.damp_percent,
             "desc_act": c.desc_act,
+            "format": c.format,
         }
 
     @torch.no_grad()
@@ -300,16 +301,7 @@ class BlockCalibrator:
                     if self.positions is None:
                         bias = bias.to(comp.bias.device) + comp.bias
                         self.compensated.append(prefix + rel)
-                qlinear = QuantLinear.from_quantized(
-                    qw.codes,
-                    qw.scales,
-                    qw.zeros,
-                    qw.g_idx,
-                    bits=self.config.bits,
-                    group_size=self.config.group_size,
-                    bias=bias,
-                    dtype=W.dtype,
-                ).to(W.device)
+                qlinear = packed_layer(qw, self.config, bias, W.dtype).to(W.device)
                 if comp is not None and self.positions is not None:
                     qlinear.set_position_bias(comp.bias)
                 if comp is not None and comp.sink is not None:

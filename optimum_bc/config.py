@@ -13,6 +13,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .algorithms import available_algorithms
 from .compensation import BC_GRANULARITIES, BC_TARGETS
+from .formats import FORMATS, INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, is_mx
 
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,8 @@ CONFIG_VERSION = 2
 # Sequence-start tokens that get their own compensation bias (config_version 1 checkpoints predate it: 0).
 DEFAULT_SINK_TOKENS = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
+DEFAULT_BITS = 4
+DEFAULT_GROUP_SIZE = 128
 QUANT_METHOD = "bc"
 
 
@@ -33,9 +36,16 @@ class BCQuantizationConfig(QuantizationConfigMixin):
     """Weight-only quantization (RTN or GPTQ) followed by bias compensation.
 
     Args:
-        bits: bits per weight, one of 2, 3, 4, 8.
-        group_size: columns sharing one scale/zero per output row; -1 for one grid per output channel.
-        sym: symmetric grid (zero point fixed at the middle) instead of asymmetric min-max.
+        bits: bits per weight, one of 2, 3, 4, 8 (default 4). With an MX format it follows from the format (4, 6 or
+            8) and may only be set to that value.
+        group_size: columns sharing one scale/zero per output row; -1 for one grid per output channel (default 128).
+            With an MX format it is the MX block size, 32, and may only be set to 32.
+        sym: symmetric grid (zero point fixed at the middle) instead of asymmetric min-max (default False). MX
+            formats are symmetric (sign-magnitude or two's complement, no zero point): only True or unset.
+        format: weight format: ``"int"`` (the integer grid above) or a block-scaled OCP MX format, one of
+            ``"mxint8"``, ``"mxint4"``, ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"``,
+            ``"mxfp4"`` (32 consecutive input columns share one power-of-two E8M0 scale; see
+            ``optimum_bc.formats``). Case-insensitive; ``"mxfp4_e2m1"`` and the names without underscore are aliases.
         method: weight quantizer, ``"rtn"`` or ``"gptq"`` (see ``optimum_bc.algorithms``).
         desc_act: GPTQ act-order: quantize columns by decreasing Hessian diagonal (groups follow that order).
         damp_percent: GPTQ dampening, as a fraction of the mean Hessian diagonal; escalated x10 on failure.
@@ -67,10 +77,11 @@ class BCQuantizationConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        bits: int = 4,
-        group_size: int = 128,
-        sym: bool = False,
+        bits: int | None = None,
+        group_size: int | None = None,
+        sym: bool | None = None,
         method: str = "gptq",
+        format: str = INT_FORMAT,
         desc_act: bool = False,
         damp_percent: float = 0.01,
         true_sequential: bool = True,
@@ -91,9 +102,12 @@ class BCQuantizationConfig(QuantizationConfigMixin):
     ) -> None:
         kwargs.pop("quant_method", None)
         self.quant_method = QUANT_METHOD
-        self.bits = bits
-        self.group_size = group_size
-        self.sym = sym
+        self.format = canonical_format(format)
+        mx = self.format in MX_ELEMENTS
+        # Unset values take the format's own: an MX format fixes the bits, the block size and symmetry.
+        self.bits = bits if bits is not None else (MX_ELEMENTS[self.format].bits if mx else DEFAULT_BITS)
+        self.group_size = group_size if group_size is not None else (MX_BLOCK_SIZE if mx else DEFAULT_GROUP_SIZE)
+        self.sym = sym if sym is not None else mx
         self.method = method
         self.desc_act = desc_act
         self.damp_percent = damp_percent
@@ -122,8 +136,70 @@ class BCQuantizationConfig(QuantizationConfigMixin):
     def post_init(self) -> None:
         """Validate every field; raise ValueError naming the field, the value, what is allowed and the fix."""
         _check(
-            self.bits in SUPPORTED_BITS and type(self.bits) is int, "bits", self.bits, str(SUPPORTED_BITS), "bits=4"
+            self.format in FORMATS,
+            "format",
+            self.format,
+            str(list(FORMATS)),
+            'format="int" (integer grid) or e.g. format="mxfp4"',
         )
+        if is_mx(self.format):
+            self._check_mx()
+        else:
+            _check(
+                self.bits in SUPPORTED_BITS and type(self.bits) is int,
+                "bits",
+                self.bits,
+                str(SUPPORTED_BITS),
+                "bits=4",
+            )
+        self._check_common()
+
+    def _check_mx(self) -> None:
+        """An MX format fixes bits, group size and symmetry; it needs an algorithm that asks the format to round."""
+        from .algorithms import get_algorithm
+
+        element = MX_ELEMENTS[self.format]
+        _check(
+            self.bits == element.bits and type(self.bits) is int,
+            "bits",
+            self.bits,
+            f"{element.bits} with format={self.format!r} (its element width); other MX formats: "
+            + ", ".join(f"{n}={e.bits}" for n, e in MX_ELEMENTS.items()),
+            "leave bits unset, or pick the MX format with the bit width you want",
+        )
+        _check(
+            self.group_size == MX_BLOCK_SIZE,
+            "group_size",
+            self.group_size,
+            f"{MX_BLOCK_SIZE} with format={self.format!r} (the MX block size: 32 input columns share one scale)",
+            "leave group_size unset (or 32), or use format='int' for other group sizes",
+        )
+        _check(
+            self.sym is True,
+            "sym",
+            self.sym,
+            f"True with format={self.format!r} (MX elements are symmetric and have no zero point)",
+            "leave sym unset",
+        )
+        _check(
+            not self.desc_act,
+            "desc_act",
+            self.desc_act,
+            f"False with format={self.format!r} (an MX block is 32 consecutive input columns; act-order would "
+            "scatter them)",
+            "desc_act=False",
+        )
+        if self.method in available_algorithms():
+            _check(
+                get_algorithm(self.method).supports_mx,
+                "method",
+                self.method,
+                f"{[m for m in available_algorithms() if get_algorithm(m).supports_mx]} with format={self.format!r}",
+                'method="gptq" or method="rtn"',
+            )
+
+    def _check_common(self) -> None:
+        """Checks shared by every format."""
         _check(
             type(self.group_size) is int and (self.group_size == -1 or self.group_size > 0),
             "group_size",

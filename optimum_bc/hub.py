@@ -384,6 +384,7 @@ def _layer_error_section(report: QuantizationReport | None, has_plot: bool) -> s
 
 _SETTING_ORDER = (
     "method",
+    "format",
     "bits",
     "group_size",
     "sym",
@@ -463,6 +464,8 @@ def build_model_card(
     scheme = (
         f"{bits}-bit {method.upper()}, group size {cfg.get('group_size')}{', symmetric' if cfg.get('sym') else ''}"
     )
+    if cfg.get("format", "int") != "int":
+        scheme = f"{method.upper()} to the OCP MX format `{cfg['format']}` ({bits}-bit elements, 32 per E8M0 scale)"
     bc = (
         f"plus **bias compensation** ([arXiv 2404.01892]({_PAPER}); target `{cfg.get('bc_target')}`"
         f"{', layer-level too' if cfg.get('bc_layer') else ''})"

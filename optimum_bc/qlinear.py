@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimum_bc import kernels, positions
+from optimum_bc import kernels
 from optimum_bc.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
+from optimum_bc.positions import PositionBiasMixin
 
 
 def _num_groups(in_features: int, group_size: int) -> int:
@@ -39,7 +40,7 @@ def _as_integer(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return tensor.to(torch.int64)
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PositionBiasMixin):
     """Linear layer with ``bits``-bit grouped weights: packed-weight kernels or a dequantize-once dense cache.
 
     Paths (see :mod:`optimum_bc.kernels`; ``kernel_path(x)`` tells which one an input takes):
@@ -102,12 +103,7 @@ class QuantLinear(nn.Module):
             )
         self.register_buffer("g_idx", g_idx)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-        # Per-(position, channel) bias of the reference BC code: evaluation-only, it cannot fold into ``bias``.
-        table = None if positions is None else torch.zeros(positions, out_features, dtype=dtype, device=device)
-        self.register_buffer("position_bias", table)
-        # Extra bias of the first ``sink_tokens`` positions (the attention sink), on top of ``bias``.
-        sink = torch.zeros(sink_tokens, out_features, dtype=dtype, device=device) if sink_tokens else None
-        self.register_buffer("sink_bias", sink)
+        self._register_position_buffers(out_features, positions, sink_tokens, dtype, device)
 
     @property
     def in_features(self) -> int:
@@ -298,28 +294,7 @@ class QuantLinear(nn.Module):
             out = F.linear(x, self._weight_for(x), self.bias.to(dtype=x.dtype, device=x.device))
         else:
             out = kernels.matmul(form, x) + self.bias.to(dtype=x.dtype, device=x.device)
-        if self.position_bias is not None:
-            out = out + positions.position_term(x, self.position_bias, self._label())
-        if self.sink_bias is not None:
-            out = out + positions.sink_term(x, self.sink_bias, self._label())
-        return out
-
-    def _label(self) -> str:
-        return f"QuantLinear({self.in_features}->{self.out_features}, {self.bits}-bit)"
-
-    def set_sink_bias(self, sink_bias: torch.Tensor) -> None:
-        """Attach the ``[sink_tokens, out]`` extra bias of the first token positions (see ``bc_sink_tokens``)."""
-        if sink_bias.dim() != 2 or sink_bias.shape[1] != self.out_features:
-            raise ValueError(f"sink_bias must be [tokens, {self.out_features}], got {tuple(sink_bias.shape)}")
-        self.sink_bias = sink_bias.to(self.bias.dtype).to(self.bias.device)
-
-    def set_position_bias(self, position_bias: torch.Tensor) -> None:
-        """Attach a ``[positions, out]`` bias added by token position (the reference code's BC granularity)."""
-        if position_bias.dim() != 2 or position_bias.shape[1] != self.out_features:
-            raise ValueError(
-                f"position_bias must be [positions, {self.out_features}], got {tuple(position_bias.shape)}"
-            )
-        self.position_bias = position_bias.to(self.bias.dtype).to(self.bias.device)
+        return self._add_position_terms(out, x)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         """Load buffers as usual, then drop the cache since the weight may have changed."""

@@ -14,11 +14,11 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 from . import api
-from .api import build_calibration, resolve_modules_to_not_convert
+from .api import build_calibration, check_layers, resolve_modules_to_not_convert
 from .architectures import check_supported, get_blocks, set_module, target_linears
 from .config import QUANT_METHOD, BCQuantizationConfig
+from .layers import skeleton_layer
 from .positions import attach_position_hooks
-from .qlinear import QuantLinear
 from .report import QuantizationReport
 
 
@@ -48,9 +48,10 @@ class BCHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         config = self.quantization_config
-        check_supported(model.config.model_type, config.bc_granularity)
+        spec = check_supported(model.config.model_type, config.bc_granularity)
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
+        check_layers(model, spec, config, list(config.modules_to_not_convert))
         if self.pre_quantized:
             self._checkpoint_files = [str(f) for f in kwargs.get("checkpoint_files") or []]
             self._swap_in_skeletons(model)
@@ -69,16 +70,7 @@ class BCHfQuantizer(HfQuantizer):
             linear = model.get_submodule(name)
             dtype = self.dtype or linear.weight.dtype
             positions = config.seq_len if config.bc_granularity == "position" else None
-            skeleton = QuantLinear(
-                linear.in_features,
-                linear.out_features,
-                config.bits,
-                config.group_size,
-                dtype=dtype,
-                device="meta",
-                positions=positions,
-                sink_tokens=config.layer_sink_tokens,
-            )
+            skeleton = skeleton_layer(linear, config, dtype, positions)
             set_module(model, name, skeleton)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:

@@ -8,20 +8,24 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats import INT_FORMAT, get_format
+
 
 @dataclass(frozen=True)
 class QuantizedWeight:
     """Codes and grid of one quantized weight matrix ``[out, in]``, in the original column order.
 
-    ``W[o, i] ≈ scales[o, g_idx[i]] * (codes[o, i] - zeros[o, g_idx[i]])``.
+    Integer format: ``W[o, i] ≈ scales[o, g_idx[i]] * (codes[o, i] - zeros[o, g_idx[i]])``. MX formats
+    (:mod:`optimum_bc.formats`): ``W[o, i] ≈ scales[o, g_idx[i]] * element_value(codes[o, i])``, zeros all 0.
     """
 
     codes: torch.Tensor  # (out, in) uint8
-    scales: torch.Tensor  # (out, groups) float32, exactly representable in float16
+    scales: torch.Tensor  # (out, groups) float32: representable in float16 (int) or powers of two 2^E (MX)
     zeros: torch.Tensor  # (out, groups) uint8
     g_idx: torch.Tensor  # (in,) int32, group of each input column
     row_losses: torch.Tensor  # (out,) algorithm objective per row (GPTQ: Σ (w - q)² / [H⁻¹]_jj / 2); zeros for RTN
     damp: float | None = None  # relative dampening that made the Hessian factorisable (GPTQ only)
+    format: str = INT_FORMAT  # weight format of the codes (see optimum_bc.formats)
 
     @property
     def loss(self) -> float:
@@ -38,12 +42,14 @@ class QuantizedWeight:
             g_idx=self.g_idx,
             row_losses=self.row_losses[start:stop],
             damp=self.damp,
+            format=self.format,
         )
 
     def dequantize(self) -> torch.Tensor:
         """Float32 weight ``[out, in]`` that the packed layer reproduces exactly."""
         idx = self.g_idx.long()
-        return self.scales[:, idx] * (self.codes.float() - self.zeros[:, idx].float())
+        fmt = get_format(self.format, bits=8)  # bits only matter for fitting, not decoding
+        return fmt.decode(self.codes, self.scales[:, idx], self.zeros[:, idx])
 
 
 class WeightQuantizer:
@@ -51,12 +57,24 @@ class WeightQuantizer:
 
     #: Whether ``add_batch`` needs the layer's calibration inputs (RTN does not).
     needs_inputs: bool = False
+    #: Whether ``quantize`` honours ``format`` (block-scaled MX formats); the config refuses MX for the others.
+    supports_mx: bool = False
 
-    def __init__(self, in_features: int, *, bits: int, group_size: int, sym: bool, **options: object) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        format: str = INT_FORMAT,
+        **options: object,
+    ) -> None:
         self.in_features = in_features
         self.bits = bits
         self.group_size = group_size
         self.sym = sym
+        self.format = format
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Observe inputs ``x`` of shape ``(tokens, in_features)`` (padding already removed)."""

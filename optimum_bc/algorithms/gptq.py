@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from ..primitives import QParams, compute_qparams, dequantize_codes, quantize_codes
+from ..formats import INT_FORMAT, get_format, is_mx
 from . import register_algorithm
 from .base import QuantizedWeight, WeightQuantizer
 from .rtn import rtn_quantize
@@ -53,14 +53,26 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     desc_act: bool = False,
     block_size: int = BLOCK_SIZE,
+    format: str = INT_FORMAT,
 ) -> QuantizedWeight:
-    """Quantize ``weight`` ``[out, in]`` given the input Hessian ``H`` ``[in, in]`` (not modified)."""
+    """Quantize ``weight`` ``[out, in]`` given the input Hessian ``H`` ``[in, in]`` (not modified).
+
+    ``format`` picks the grid (:mod:`optimum_bc.formats`); each group's grid is fitted when the loop reaches the
+    group's first column, on the already-updated columns. MX formats need ``group_size`` = the MX block size and
+    no act-order, so that a group is a block of consecutive input columns.
+    """
+    fmt = get_format(format, bits, sym)
+    if is_mx(fmt.name) and (group_size != fmt.block_size or desc_act):
+        raise ValueError(
+            f"GPTQ with format={fmt.name!r} needs group_size={fmt.block_size} and desc_act=False, got "
+            f"group_size={group_size}, desc_act={desc_act}"
+        )
     W = weight.float().clone()
     H = H.float().clone()
     rows, n = W.shape
     if not bool(torch.isfinite(H).all()):
         logger.warning("GPTQ: the Hessian has non-finite entries; falling back to RTN for this layer")
-        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym)
+        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
 
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
@@ -74,7 +86,7 @@ def gptq_quantize(
     U, damp = inverse_cholesky(H, damp_percent)
     if U is None:
         logger.warning("GPTQ: Hessian not factorisable even with damp=%.3g; falling back to RTN for this layer", damp)
-        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym)
+        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
 
     size = n if group_size == -1 else group_size
     # Blocks are whole multiples of the group size, so every group is fitted on its current, updated columns.
@@ -84,7 +96,7 @@ def gptq_quantize(
     scales = torch.zeros(rows, num_groups, device=W.device)
     zeros = torch.zeros(rows, num_groups, device=W.device)
     losses = torch.zeros(rows, device=W.device)
-    qp: QParams = compute_qparams(W, bits, sym)
+    grid = fmt.fit(W)
 
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
@@ -95,12 +107,12 @@ def gptq_quantize(
             j = i1 + i
             if j % size == 0:
                 if group_size != -1:
-                    qp = compute_qparams(W1[:, i : i + size], bits, sym)
-                scales[:, j // size] = qp.scale[:, 0]
-                zeros[:, j // size] = qp.zero[:, 0]
+                    grid = fmt.fit(W1[:, i : i + size])
+                scales[:, j // size] = grid.scale[:, 0]
+                zeros[:, j // size] = grid.zero[:, 0]
             w = W1[:, i : i + 1]  # (rows, 1)
-            q = quantize_codes(w, qp)
-            err = (w - dequantize_codes(q, qp)) / U1[i, i]
+            q = grid.quantize(w)
+            err = (w - grid.dequantize(q)) / U1[i, i]
             codes[:, j] = q[:, 0]
             losses += err[:, 0] ** 2 / 2
             W1[:, i:] -= err @ U1[i : i + 1, i:]
@@ -117,6 +129,7 @@ def gptq_quantize(
         g_idx=g_idx,
         row_losses=losses,
         damp=damp,
+        format=fmt.name,
     )
 
 
@@ -125,6 +138,7 @@ class GPTQQuantizer(WeightQuantizer):
     """Accumulates ``H = 2 Σ x xᵀ / N`` over calibration tokens, then runs :func:`gptq_quantize`."""
 
     needs_inputs = True
+    supports_mx = True
 
     def __init__(
         self,
@@ -135,9 +149,10 @@ class GPTQQuantizer(WeightQuantizer):
         sym: bool,
         damp_percent: float = 0.01,
         desc_act: bool = False,
+        format: str = INT_FORMAT,
         **options: object,
     ) -> None:
-        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym)
+        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym, format=format)
         self.damp_percent = damp_percent
         self.desc_act = desc_act
         self.H: torch.Tensor | None = None
@@ -162,6 +177,7 @@ class GPTQQuantizer(WeightQuantizer):
             sym=self.sym,
             damp_percent=self.damp_percent,
             desc_act=self.desc_act,
+            format=self.format,
         )
 
     def free(self) -> None:

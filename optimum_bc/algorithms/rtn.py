@@ -1,24 +1,27 @@
-"""Round-to-nearest (RTN): the min-max grid of each group, no calibration data."""
+"""Round-to-nearest (RTN): each group's grid from its own weights (min-max or MX scale), no calibration data."""
 
 import torch
 
-from ..primitives import compute_qparams, quantize_codes
+from ..formats import INT_FORMAT, get_format
 from . import register_algorithm
 from .base import QuantizedWeight, WeightQuantizer
 
 
-def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
+def rtn_quantize(
+    weight: torch.Tensor, *, bits: int, group_size: int, sym: bool, format: str = INT_FORMAT
+) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` with one grid per row and per group of ``group_size`` columns."""
+    fmt = get_format(format, bits, sym)
     W = weight.float()
     n = W.shape[1]
     size = n if group_size == -1 else group_size
     codes, scales, zeros = [], [], []
     for start in range(0, n, size):
         block = W[:, start : start + size]
-        qp = compute_qparams(block, bits, sym)
-        codes.append(quantize_codes(block, qp))
-        scales.append(qp.scale)
-        zeros.append(qp.zero)
+        grid = fmt.fit(block)
+        codes.append(grid.quantize(block))
+        scales.append(grid.scale)
+        zeros.append(grid.zero)
     g_idx = (torch.arange(n, device=W.device) // size).to(torch.int32)
     return QuantizedWeight(
         codes=torch.cat(codes, dim=1).to(torch.uint8),
@@ -26,6 +29,7 @@ def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int, sym: bool)
         zeros=torch.cat(zeros, dim=1).to(torch.uint8),
         g_idx=g_idx,
         row_losses=torch.zeros(W.shape[0], device=W.device),
+        format=fmt.name,
     )
 
 
@@ -34,6 +38,7 @@ class RTNQuantizer(WeightQuantizer):
     """Round-to-nearest; ignores calibration inputs."""
 
     needs_inputs = False
+    supports_mx = True
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        return rtn_quantize(weight, bits=self.bits, group_size=self.group_size, sym=self.sym)
+        return rtn_quantize(weight, bits=self.bits, group_size=self.group_size, sym=self.sym, format=self.format)

@@ -1,0 +1,58 @@
+"""Which packed layer a config produces: ``QuantLinear`` for the integer grid, ``MXLinear`` for MX formats.
+
+Used both after quantization (from a :class:`QuantizedWeight`) and before a pre-quantized reload (a meta-device
+skeleton with the same buffers, so the checkpoint loads by name).
+"""
+
+import torch
+from torch import nn
+
+from .algorithms import QuantizedWeight
+from .config import BCQuantizationConfig
+from .formats import is_mx
+from .mxlinear import MXLinear
+from .qlinear import QuantLinear
+
+
+def packed_layer(
+    qw: QuantizedWeight, config: BCQuantizationConfig, bias: torch.Tensor, dtype: torch.dtype
+) -> QuantLinear | MXLinear:
+    """The packed layer holding ``qw`` exactly, with ``bias``."""
+    if is_mx(qw.format):
+        return MXLinear.from_quantized(qw.codes, qw.scales, qw.format, bias=bias, dtype=dtype)
+    return QuantLinear.from_quantized(
+        qw.codes,
+        qw.scales,
+        qw.zeros,
+        qw.g_idx,
+        bits=config.bits,
+        group_size=config.group_size,
+        bias=bias,
+        dtype=dtype,
+    )
+
+
+def skeleton_layer(
+    linear: nn.Linear, config: BCQuantizationConfig, dtype: torch.dtype, positions: int | None
+) -> QuantLinear | MXLinear:
+    """An empty packed layer on the meta device, shaped for ``linear`` and ``config``."""
+    if is_mx(config.format):
+        return MXLinear(
+            linear.in_features,
+            linear.out_features,
+            config.format,
+            dtype=dtype,
+            device="meta",
+            positions=positions,
+            sink_tokens=config.layer_sink_tokens,
+        )
+    return QuantLinear(
+        linear.in_features,
+        linear.out_features,
+        config.bits,
+        config.group_size,
+        dtype=dtype,
+        device="meta",
+        positions=positions,
+        sink_tokens=config.layer_sink_tokens,
+    )
