@@ -52,8 +52,7 @@ def ridge_solve(H: torch.Tensor, B: torch.Tensor, lam: float) -> torch.Tensor:
 
 def aqer_correction(weight: torch.Tensor, H: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
     """Aqer's ``ΔW`` ``[out, in]`` = ``((H + λI)⁻¹ (C - H) Wᵀ)ᵀ`` (absolute ``λ``)."""
-    W = weight.float()
-    return ridge_solve(H, (C - H) @ W.T, lam).T
+    return ridge_solve(H, (C - H) @ weight.to(H.dtype).T, lam).T
 
 
 def erq_quantize(
