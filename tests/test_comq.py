@@ -9,6 +9,7 @@ from optimum_bc.algorithms import get_algorithm
 from optimum_bc.algorithms.comq import comq_quantize
 from optimum_bc.algorithms.gptq import gptq_quantize
 from optimum_bc.algorithms.rtn import rtn_quantize
+from optimum_bc.cli import main
 from optimum_bc.primitives import compute_qparams
 
 from .conftest import VOCAB
@@ -120,6 +121,15 @@ def test_comq_quantizer_needs_inputs() -> None:
 def test_comq_config_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"{field}="):
         BCQuantizationConfig(method="comq", **{field: value})
+
+
+@pytest.mark.parametrize(
+    "flags,match", [(["--comq-sweeps", "0"], "comq_sweeps=0"), (["--erq-lambda", "-1"], "erq_lambda=-1.0")]
+)
+def test_cli_method_options_reach_the_config(flags: list[str], match: str, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "m", "--output", "o", "--method", "comq", *flags]) == 2
+    assert match in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bc", [False, True], ids=["no-bc", "bc"])
