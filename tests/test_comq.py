@@ -58,9 +58,12 @@ def _reference_comq(
 def test_comq_matches_brute_force_reference(bits: int, group_size: int, sym: bool, sweeps: int) -> None:
     X = _correlated_inputs(64, 16, seed=bits)
     w = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
-    qw = comq_quantize(w, _gram(X), bits=bits, group_size=group_size, sym=sym, sweeps=sweeps)
     expected = _reference_comq(X, w, bits, group_size, sym, sweeps)
-    assert torch.equal(qw.codes.double(), expected)
+    for block_size in (5, 64):  # several lazy blocks (the last one partial), and a single one
+        qw = comq_quantize(
+            w, _gram(X), bits=bits, group_size=group_size, sym=sym, sweeps=sweeps, block_size=block_size
+        )
+        assert torch.equal(qw.codes.double(), expected)
     residual = (w - qw.dequantize()).double()
     loss = ((X.double() @ residual.T) ** 2).sum(dim=0) / X.shape[0]
     torch.testing.assert_close(qw.row_losses.double(), loss, rtol=1e-4, atol=1e-6)

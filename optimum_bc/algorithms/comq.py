@@ -8,8 +8,9 @@ problem in ``q_j`` is a 1-D convex quadratic whose minimiser is
 
 so the best grid value is the grid point nearest to ``t*``. Before the first sweep ``q = w`` (zero residual), so
 coordinates not yet visited still hold their float value. Each row visits its coordinates in its own greedy order,
-decreasing ``|w_j| · ||x_j||`` (the released code's ``--greedy``). Keeping ``G = (W - Q) H`` up to date makes one step
-cost ``O(rows · in)`` and a sweep ``O(rows · in²)``, the cost of GPTQ.
+decreasing ``|w_j| · ||x_j||`` (the released code's ``--greedy``). ``G = (W - Q) H`` supplies the sums; it is updated
+lazily, as GPTQ does: inside a block of ``b`` steps only the visited entries (``b x b`` per row), then the rest with one
+batched product, so a sweep costs ``O(rows · in²)``, the cost of GPTQ.
 
 The grid (min-max per row and per group) is fitted once on the float weights and kept fixed, as in the reference
 code. ``update_scale`` adds the paper's claim that scales are variables too: after each sweep every (row, group)
@@ -31,6 +32,9 @@ from .rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
 
+# Coordinates per lazy block: G is brought up to date once per block with a batched product (like GPTQ's blocks).
+BLOCK_SIZE = 64
+
 
 def comq_quantize(
     weight: torch.Tensor,
@@ -41,6 +45,7 @@ def comq_quantize(
     sym: bool,
     sweeps: int = 1,
     update_scale: bool = False,
+    block_size: int = BLOCK_SIZE,
 ) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` given the input Gram matrix ``H`` ``[in, in]`` (neither is modified).
 
@@ -58,27 +63,48 @@ def comq_quantize(
     order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
     codes = torch.zeros(rows, n, device=W.device)
     residual = torch.zeros_like(W)  # W - Q; Q starts at W
-    row_index = torch.arange(rows, device=W.device)
     for _ in range(sweeps):
         G = residual @ H  # recomputed each sweep so rounding drift does not accumulate
-        for t in range(n):
-            j = order[:, t]
-            h_jj = diag[j]
-            r_j = residual[row_index, j]
-            w_j = W[row_index, j]
-            # Dead input (H_jj == 0): the coordinate does not affect the error; round to nearest.
-            target = torch.where(h_jj > 0, w_j + (G[row_index, j] - h_jj * r_j) / h_jj.clamp(min=1e-30), w_j)
-            cols = j.unsqueeze(1)
-            code = grid.nearest(target.unsqueeze(1), cols)
-            new_r = w_j - grid.value(code, cols)[:, 0]
-            codes[row_index, j] = code[:, 0]
-            residual[row_index, j] = new_r
-            G += (new_r - r_j).unsqueeze(1) * H[j]
+        for t0 in range(0, n, block_size):
+            J = order[:, t0 : t0 + block_size]  # (rows, b): the columns each row visits in this block
+            codes_b, delta = _sweep_block(W.gather(1, J), residual.gather(1, J), G.gather(1, J), H, J, grid)
+            codes.scatter_(1, J, codes_b)
+            residual.scatter_add_(1, J, delta)
+            # Lazy update of G = (W - Q) H for the columns visited later: one matrix product per block.
+            G += torch.zeros_like(W).scatter_(1, J, delta) @ H
         if update_scale:
             grid = _update_scales(W, H, grid, codes)
             residual = W - grid.value(codes, grid.all_columns(rows))
     row_losses = ((residual @ H) * residual).sum(dim=1) / 2
     return grid.result(codes, row_losses)
+
+
+def _sweep_block(
+    w: torch.Tensor, r: torch.Tensor, g: torch.Tensor, H: torch.Tensor, J: torch.Tensor, grid: GroupGrid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visit columns ``J[:, t]`` (one per row) for ``t = 0..b-1``; return their codes and residual changes.
+
+    ``w``, ``r``, ``g`` are the weights, residuals ``w - q`` and ``G = (W - Q) H`` at ``J`` when the block starts; ``g``
+    is kept current inside the block from the ``b x b`` sub-matrices ``H[J_r, J_r]`` of each row.
+    """
+    rows, b = J.shape
+    Hb = torch.take(H, J.unsqueeze(2) * H.shape[0] + J.unsqueeze(1))  # (rows, b, b) = H[J_r][:, J_r] per row
+    h = torch.diagonal(Hb, dim1=1, dim2=2)
+    r, g = r.clone(), g.clone()
+    codes = torch.zeros_like(w)
+    delta = torch.zeros_like(w)
+    for t in range(b):
+        h_t = h[:, t]
+        # Dead input (H_jj == 0): the coordinate does not affect the error; round to nearest.
+        target = torch.where(h_t > 0, w[:, t] + (g[:, t] - h_t * r[:, t]) / h_t.clamp(min=1e-30), w[:, t])
+        cols = J[:, t : t + 1]
+        code = grid.nearest(target.unsqueeze(1), cols)
+        d = w[:, t] - grid.value(code, cols)[:, 0] - r[:, t]
+        codes[:, t] = code[:, 0]
+        delta[:, t] = d
+        r[:, t] += d
+        g += d.unsqueeze(1) * Hb[:, t]
+    return codes, delta
 
 
 def _update_scales(W: torch.Tensor, H: torch.Tensor, grid: GroupGrid, codes: torch.Tensor) -> GroupGrid:
