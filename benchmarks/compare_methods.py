@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from reproduce_bc import model_bytes
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from optimum_bc import BCQuantizationConfig, quantize_model
+from optimum_bc.calibration import set_progress_bars
 from optimum_bc.evaluation import evaluate_perplexity
 from optimum_bc.packaged import packaged_model_dir
 
@@ -59,6 +61,8 @@ def main() -> None:
         parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)} (add new ones to SETTINGS)")
     bc_values = [{"off": False, "on": True}[v] for v in args.bc.split(",")]
     torch.set_num_threads(args.threads)
+    set_progress_bars(False)
+    hf_logging.disable_progress_bar()
 
     path = packaged_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -93,7 +97,10 @@ def main() -> None:
                 quantize_model(model, config)
                 seconds = time.perf_counter() - start
                 rows.append(Row(setting, method, bc, perplexity(model), seconds, model_bytes(model)))
-                print(f"{setting} {method} BC={'on' if bc else 'off'}: {rows[-1].perplexity:.2f} ({seconds:.0f} s)")
+                print(
+                    f"{setting} {method} BC={'on' if bc else 'off'}: {rows[-1].perplexity:.2f} ({seconds:.0f} s)",
+                    flush=True,
+                )
                 del model
 
     table = format_table(rows, settings, args)

@@ -126,6 +126,13 @@ def test_comq_config_rejects_bad_values(field: str, value: object) -> None:
         BCQuantizationConfig(method="comq", **{field: value})
 
 
+@pytest.mark.parametrize("method", ["comq", "erq"])
+def test_missing_dataset_fails_before_loading(tiny_model_dir: str, method: str) -> None:
+    config = BCQuantizationConfig(method=method, bias_compensation=False)
+    with pytest.raises(ValueError, match=f"dataset=None but method='{method}'"):
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config)
+
+
 @pytest.mark.parametrize(
     "flags,match", [(["--comq-sweeps", "0"], "comq_sweeps=0"), (["--erq-lambda", "-1"], "erq_lambda=-1.0")]
 )
