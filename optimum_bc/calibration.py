@@ -191,6 +191,7 @@ class BlockCalibrator:
             "group_size": c.group_size,
             "sym": c.sym,
             "damp_percent": c.damp_percent,
+            "desc_act": c.desc_act,
             "comq_sweeps": c.comq_sweeps,
             "comq_update_scale": c.comq_update_scale,
             "erq_lambda": c.erq_lambda,

@@ -239,3 +239,14 @@ def test_position_granularity_rejected_for_opt(calib_ids, tmp_path) -> None:
     tiny_opt().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="bc_granularity='position' is not available for model_type 'opt'"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=_cfg(calib_ids, bc_granularity="position"))
+
+
+def test_desc_act_reaches_gptq_and_reloads(calib_ids, tmp_path) -> None:
+    tiny_llama().save_pretrained(tmp_path / "float")
+    cfg = _cfg(calib_ids, method="gptq", desc_act=True, bias_compensation=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg)
+    g_idx = [m.g_idx for m in _quantized_linears(model).values()]
+    assert any(bool((g[1:] < g[:-1]).any()) for g in g_idx)  # act-order groups: not in column order
+    x = torch.randint(0, VOCAB, (2, 20))
+    model.save_pretrained(tmp_path / "q")
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(x).logits, model(x).logits)
