@@ -99,6 +99,9 @@ def test_comq_update_scale_is_the_least_squares_scale_and_lowers_error() -> None
         v = X.double() @ (updated.codes[r].double() - updated.zeros[r, 0].double())
         best = torch.linalg.lstsq(v.unsqueeze(1), (X.double() @ w[r].double()).unsqueeze(1)).solution.item()
         assert abs(updated.scales[r, 0].item() - best) <= abs(best) * 2**-10  # float16 storage rounding
+    grouped = [comq_quantize(w, H, bits=3, group_size=8, sym=True, sweeps=2, update_scale=u) for u in (False, True)]
+    assert grouped[1].loss < grouped[0].loss
+    assert not torch.equal(grouped[1].scales, grouped[0].scales)
 
 
 def test_comq_stacked_rows_equal_separate_and_dead_inputs_stay_finite() -> None:

@@ -119,11 +119,11 @@ def _update_scales(W: torch.Tensor, H: torch.Tensor, grid: GroupGrid, codes: tor
     offsets = codes - grid.at(cols).zero
     residual = W - grid.value(codes, cols)
     for g in range(scales.shape[1]):
-        mask = grid.g_idx == g
-        v = torch.where(mask, offsets, torch.zeros_like(offsets))
-        Hv = v @ H
+        idx = torch.nonzero(grid.g_idx == g).squeeze(1)
+        v = offsets[:, idx]
+        Hv = v @ H[idx]  # (rows, in): the group's v, zero elsewhere, times H
         num = (Hv * residual).sum(dim=1)
-        den = (Hv * v).sum(dim=1)
+        den = (Hv[:, idx] * v).sum(dim=1)
         old = scales[:, g]
         best = old + num / den.clamp(min=1e-30)
         new = best.to(SCALE_DTYPE).float().clamp(min=MIN_SCALE)
@@ -131,7 +131,7 @@ def _update_scales(W: torch.Tensor, H: torch.Tensor, grid: GroupGrid, codes: tor
         better = (den > 0) & torch.isfinite(new) & (d * d * den - 2 * d * num < 0)
         d = torch.where(better, d, torch.zeros_like(d))
         scales[:, g] = old + d
-        residual -= d.unsqueeze(1) * v
+        residual[:, idx] -= d.unsqueeze(1) * v
     return replace(grid, scales=scales)
 
 
