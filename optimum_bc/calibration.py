@@ -230,7 +230,8 @@ class BlockCalibrator:
             keys = [g[0] for g in stage]
             need_q = self.algorithm.needs_inputs or self.sequential_target
             # The float stream runs once per block (its output feeds the next block); the float target observes all
-            # inputs in that pass, the sequential target (and ERQ) pairs each stage's float inputs with its quantized ones.
+            # inputs in that pass; the sequential target, and algorithms using float inputs (ERQ), pair each stage's
+            # float inputs with its quantized ones.
             if self.paired:
                 float_keys = keys
             else:
