@@ -169,6 +169,10 @@ class BlockCalibrator:
         self.algorithm = get_algorithm(config.method)
         self.bc = config.bias_compensation
         self.sequential_target = self.bc and config.bc_target == "sequential"
+        # The float stream runs beside the quantized one for BC's target and for algorithms that use float inputs.
+        self.float_stream = self.bc or self.algorithm.needs_float_inputs
+        # Whether each stage pairs its quantized inputs with the float inputs of the same Linears.
+        self.paired = self.sequential_target or self.algorithm.needs_float_inputs
         self.positions = config.seq_len if config.bc_granularity == "position" else None
         self.report = QuantizationReport()
         self.compensated: list[str] = []
@@ -189,6 +193,10 @@ class BlockCalibrator:
             "damp_percent": c.damp_percent,
             "desc_act": c.desc_act,
             "format": c.format,
+            "comq_sweeps": c.comq_sweeps,
+            "comq_update_scale": c.comq_update_scale,
+            "erq_lambda": c.erq_lambda,
+            "erq_chunk": c.erq_chunk,
         }
 
     @torch.no_grad()
@@ -197,7 +205,7 @@ class BlockCalibrator:
         start = time.perf_counter()
         self.report.calibration_tokens = int(sum(int(b.valid.sum()) for b in batches))
         h_q = batches
-        h_fp = batches if self.bc else None
+        h_fp = batches if self.float_stream else None
         blocks = get_blocks(self.model, self.spec)
         bar = tqdm(range(len(blocks)), desc="optimum-bc", unit="block", disable=not _progress_bars)
         for i in bar:
@@ -215,22 +223,23 @@ class BlockCalibrator:
         """Quantize, compensate and pack one block; return the next block's inputs (quantized, float) streams."""
         t0 = time.perf_counter()
         device = first_param_device(block)
-        fblock = copy.deepcopy(block) if self.bc else None
+        fblock = copy.deepcopy(block) if self.float_stream else None
         stages = self.stages(index)
         moments: dict[str, InputMoments] = {}
-        next_fp: list[_Batch] | None = [] if self.bc else None
+        next_fp: list[_Batch] | None = [] if self.float_stream else None
         for s, stage in enumerate(stages):
             keys = [g[0] for g in stage]
             need_q = self.algorithm.needs_inputs or self.sequential_target
             # The float stream runs once per block (its output feeds the next block); the float target observes all
-            # inputs in that pass, the sequential target pairs each stage's float inputs with its quantized ones.
-            if self.sequential_target:
+            # inputs in that pass; the sequential target, and algorithms using float inputs (ERQ), pair each stage's
+            # float inputs with its quantized ones.
+            if self.paired:
                 float_keys = keys
             else:
                 float_keys = [g[0] for st in stages for g in st] if (self.bc and s == 0) else []
-            run_float = self.bc and (s == 0 or bool(float_keys))
+            run_float = self.float_stream and (s == 0 or bool(float_keys))
             quantizers = {k: self.algorithm(block.get_submodule(k).in_features, **self._options()) for k in keys}
-            for key in float_keys:
+            for key in float_keys if self.bc else []:
                 in_features = block.get_submodule(key).in_features
                 moments[key] = InputMoments(
                     in_features,
@@ -257,8 +266,12 @@ class BlockCalibrator:
                         if s == 0:
                             next_fp.append(_Batch(out, fp_batch.kwargs, fp_batch.valid))
                         for key in float_keys:
-                            x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
-                            moments[key].add_batch(_valid_rows(seen_fp[key], valid), x_q, _valid_positions(valid))
+                            x_fp = _valid_rows(seen_fp[key], valid)
+                            if self.algorithm.needs_float_inputs:
+                                quantizers[key].add_float_batch(_valid_rows(seen_q[key], valid), x_fp)
+                            if self.bc:
+                                x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
+                                moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
             self._finish_stage(index, block, stage, quantizers, moments)
         next_q = [_Batch(_run_block(block, b.hidden.to(device), b.kwargs), b.kwargs, b.valid) for b in h_q]
         block_report = BlockReport(index=index, seconds=0.0)

@@ -29,11 +29,17 @@ class UsageError(ValueError):
 def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("quantization")
     group.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per weight (default 4)")
-    group.add_argument("--method", default="gptq", help="weight quantizer: gptq (default) or rtn")
+    group.add_argument("--method", default="gptq", help="weight quantizer: gptq (default), rtn, comq or erq")
     group.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per channel (128)")
     group.add_argument("--sym", action="store_true", help="symmetric grid")
     group.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
     group.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ dampening (0.01)")
+    group.add_argument("--comq-sweeps", type=int, default=1, help="COMQ passes over all coordinates (1)")
+    group.add_argument("--comq-update-scale", action="store_true", help="COMQ: also optimise the scales")
+    group.add_argument("--erq-lambda", type=float, default=0.01, help="ERQ ridge, relative to mean Gram diag (0.01)")
+    group.add_argument(
+        "--erq-chunk", type=float, default=0.5, help="ERQ: fraction of remaining columns per step (0.5)"
+    )
     group.add_argument("--no-bc", action="store_true", help="disable bias compensation")
     group.add_argument("--bc-target", default="sequential", help="sequential (default) or float")
     group.add_argument("--bc-layer", action="store_true", help="also compensate each whole decoder block")
@@ -151,6 +157,10 @@ def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
         method=args.method,
         desc_act=args.desc_act,
         damp_percent=args.damp_percent,
+        comq_sweeps=args.comq_sweeps,
+        comq_update_scale=args.comq_update_scale,
+        erq_lambda=args.erq_lambda,
+        erq_chunk=args.erq_chunk,
         bias_compensation=not args.no_bc,
         bc_target=args.bc_target,
         bc_layer=args.bc_layer and not args.no_bc,

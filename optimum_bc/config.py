@@ -33,7 +33,7 @@ def _check(ok: bool, field: str, value: object, allowed: str, fix: str) -> None:
 
 
 class BCQuantizationConfig(QuantizationConfigMixin):
-    """Weight-only quantization (RTN or GPTQ) followed by bias compensation.
+    """Weight-only quantization (RTN, GPTQ, COMQ or ERQ) followed by bias compensation.
 
     Args:
         bits: bits per weight, one of 2, 3, 4, 8 (default 4). With an MX format it follows from the format (4, 6 or
@@ -46,9 +46,16 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             ``"mxint8"``, ``"mxint4"``, ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"``,
             ``"mxfp4"`` (32 consecutive input columns share one power-of-two E8M0 scale; see
             ``optimum_bc.formats``). Case-insensitive; ``"mxfp4_e2m1"`` and the names without underscore are aliases.
-        method: weight quantizer, ``"rtn"`` or ``"gptq"`` (see ``optimum_bc.algorithms``).
+        method: weight quantizer, ``"rtn"``, ``"gptq"``, ``"comq"`` or ``"erq"`` (see ``optimum_bc.algorithms``).
         desc_act: GPTQ act-order: quantize columns by decreasing Hessian diagonal (groups follow that order).
         damp_percent: GPTQ dampening, as a fraction of the mean Hessian diagonal; escalated x10 on failure.
+        comq_sweeps: COMQ: passes over all coordinates (the reference code does 1).
+        comq_update_scale: COMQ: after each sweep also set every scale to its error minimiser for the current codes
+            (the paper's claim; the reference code keeps the min-max scales: default False).
+        erq_lambda: ERQ: ridge λ of Aqer and Wqer, as a fraction of the mean diagonal of the input Gram matrix (the
+            reference's absolute λ = 2000 depends on its token count and activation scale, so it does not transfer).
+        erq_chunk: ERQ Wqer: fraction of the remaining columns quantized per step before the ridge correction of the
+            rest (the reference halves the remainder: 0.5).
         true_sequential: quantize the Linears of a block group by group (q/k/v, o, up/gate, down), each group
             observed after the previous one was quantized; else the whole block at once.
         bias_compensation: add to every quantized Linear the bias that cancels its mean output error.
@@ -84,6 +91,10 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         format: str = INT_FORMAT,
         desc_act: bool = False,
         damp_percent: float = 0.01,
+        comq_sweeps: int = 1,
+        comq_update_scale: bool = False,
+        erq_lambda: float = 0.01,
+        erq_chunk: float = 0.5,
         true_sequential: bool = True,
         bias_compensation: bool = True,
         bc_target: str = "sequential",
@@ -111,6 +122,10 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.method = method
         self.desc_act = desc_act
         self.damp_percent = damp_percent
+        self.comq_sweeps = comq_sweeps
+        self.comq_update_scale = comq_update_scale
+        self.erq_lambda = erq_lambda
+        self.erq_chunk = erq_chunk
         self.true_sequential = true_sequential
         self.bias_compensation = bias_compensation
         self.bc_target = bc_target
@@ -207,7 +222,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             "-1 (per output channel) or a positive int",
             "group_size=128",
         )
-        for flag in ("sym", "desc_act", "true_sequential", "bias_compensation", "bc_layer"):
+        for flag in ("sym", "desc_act", "comq_update_scale", "true_sequential", "bias_compensation", "bc_layer"):
             value = getattr(self, flag)
             _check(isinstance(value, bool), flag, value, "True or False", f"{flag}=True")
         _check(
@@ -219,6 +234,29 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             self.damp_percent,
             "a float in (0, 1)",
             "damp_percent=0.01",
+        )
+        _check(
+            type(self.comq_sweeps) is int and 1 <= self.comq_sweeps <= 100,
+            "comq_sweeps",
+            self.comq_sweeps,
+            "an int in [1, 100]",
+            "comq_sweeps=1",
+        )
+        _check(
+            isinstance(self.erq_lambda, float | int) and not isinstance(self.erq_lambda, bool) and self.erq_lambda > 0,
+            "erq_lambda",
+            self.erq_lambda,
+            "a float > 0 (relative to the mean input Gram diagonal)",
+            "erq_lambda=0.01",
+        )
+        _check(
+            isinstance(self.erq_chunk, float | int)
+            and not isinstance(self.erq_chunk, bool)
+            and 0 < self.erq_chunk <= 1,
+            "erq_chunk",
+            self.erq_chunk,
+            "a float in (0, 1]",
+            "erq_chunk=0.5",
         )
         _check(self.bc_target in BC_TARGETS, "bc_target", self.bc_target, str(BC_TARGETS), 'bc_target="float"')
         _check(

@@ -46,7 +46,7 @@ def test_unknown_keys_are_tolerated() -> None:
         ("group_size", 0, "group_size=0 is invalid"),
         ("group_size", -2, "group_size=-2"),
         ("sym", "yes", "sym='yes'"),
-        ("method", "awq", r"method='awq' is invalid; allowed: \['gptq', 'rtn'"),
+        ("method", "awq", r"method='awq' is invalid; allowed: \['comq', 'erq', 'gptq', 'rtn'"),
         ("desc_act", 1, "desc_act=1"),
         ("damp_percent", 0.0, "damp_percent=0.0"),
         ("damp_percent", 1.5, "damp_percent=1.5"),

@@ -241,8 +241,12 @@ def test_position_granularity_rejected_for_opt(calib_ids, tmp_path) -> None:
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=_cfg(calib_ids, bc_granularity="position"))
 
 
-def test_desc_act_reaches_the_quantizer(calib_ids) -> None:
-    model = tiny_llama()
-    quantize_model(model, _cfg(calib_ids, desc_act=True, group_size=16))
-    g_idx = model.model.layers[0].mlp.down_proj.g_idx
-    assert not torch.equal(g_idx, torch.sort(g_idx).values)  # act-order permutes the groups
+def test_desc_act_reaches_gptq_and_reloads(calib_ids, tmp_path) -> None:
+    tiny_llama().save_pretrained(tmp_path / "float")
+    cfg = _cfg(calib_ids, method="gptq", desc_act=True, bias_compensation=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg)
+    g_idx = [m.g_idx for m in _quantized_linears(model).values()]
+    assert any(bool((g[1:] < g[:-1]).any()) for g in g_idx)  # act-order groups: not in column order
+    x = torch.randint(0, VOCAB, (2, 20))
+    model.save_pretrained(tmp_path / "q")
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(x).logits, model(x).logits)

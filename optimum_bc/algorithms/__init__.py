@@ -32,7 +32,7 @@ def available_algorithms() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from . import gptq, rtn  # noqa: E402  (register the built-in algorithms)
+from . import comq, erq, gptq, rtn  # noqa: E402  (register the built-in algorithms)
 
 
 __all__ = [

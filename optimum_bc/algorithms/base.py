@@ -59,6 +59,8 @@ class WeightQuantizer:
     needs_inputs: bool = False
     #: Whether ``quantize`` honours ``format`` (block-scaled MX formats); the config refuses MX for the others.
     supports_mx: bool = False
+    #: Whether ``add_float_batch`` must also be fed the float model's inputs of the same tokens (ERQ's Aqer).
+    needs_float_inputs: bool = False
 
     def __init__(
         self,
@@ -79,9 +81,43 @@ class WeightQuantizer:
     def add_batch(self, x: torch.Tensor) -> None:
         """Observe inputs ``x`` of shape ``(tokens, in_features)`` (padding already removed)."""
 
+    def add_float_batch(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
+        """Observe the float model's inputs ``x_float`` of the tokens whose quantized-stream inputs are ``x``.
+
+        Called after ``add_batch(x)`` and only for quantizers with ``needs_float_inputs``.
+        """
+
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """Return the quantized form of ``weight`` (``[out, in]``); never modifies it."""
         raise NotImplementedError
 
     def free(self) -> None:
         """Release statistics held for this layer."""
+
+
+class GramQuantizer(WeightQuantizer):
+    """Base for algorithms that need only the input Gram matrix ``H = 2 Σ x xᵀ / N`` (the GPTQ Hessian)."""
+
+    needs_inputs = True
+
+    def __init__(self, in_features: int, *, bits: int, group_size: int, sym: bool, **options: object) -> None:
+        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym)
+        self.gram: torch.Tensor | None = None
+        self.num_tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features).float()
+        if self.gram is None:
+            self.gram = torch.zeros(self.in_features, self.in_features, device=x.device)
+        self.gram.addmm_(x.T, x)
+        self.num_tokens += x.shape[0]
+
+    def hessian(self, device: torch.device) -> torch.Tensor:
+        """``2 Σ x xᵀ / N`` on ``device``; raises when no token was observed."""
+        if self.gram is None or self.num_tokens == 0:
+            raise ValueError(f"{type(self).__name__} needs calibration inputs: add_batch() never saw a token")
+        return self.gram.to(device) * (2.0 / self.num_tokens)
+
+    def free(self) -> None:
+        self.gram = None
+        self.num_tokens = 0

@@ -1,0 +1,166 @@
+"""COMQ (Zhang et al., arXiv 2403.07134): coordinate-wise minimisation of the layer reconstruction error.
+
+For every output row ``w`` with quantized values ``q``, COMQ minimises ``(w - q)ᵀ H (w - q)`` (``H`` the input Gram
+matrix ``2 XᵀX / N``, the same Hessian as GPTQ) one coordinate at a time. With the other coordinates fixed the
+problem in ``q_j`` is a 1-D convex quadratic whose minimiser is
+
+    t* = w_j + Σ_{k≠j} H_jk (w_k - q_k) / H_jj
+
+so the best grid value is the grid point nearest to ``t*``. Before the first sweep ``q = w`` (zero residual), so
+coordinates not yet visited still hold their float value. Each row visits its coordinates in its own greedy order,
+decreasing ``|w_j| · ||x_j||`` (the released code's ``--greedy``). ``G = (W - Q) H`` supplies the sums; it is updated
+lazily, as GPTQ does: inside a block of ``b`` steps only the visited entries (``b x b`` per row), then the rest with one
+batched product, so a sweep costs ``O(rows · in²)``, the cost of GPTQ.
+
+The grid (min-max per row and per group) is fitted once on the float weights and kept fixed, as in the reference
+code. ``update_scale`` adds the paper's claim that scales are variables too: after each sweep every (row, group)
+scale takes the exact 1-D minimiser for the current integer codes (rounded to its float16 storage, kept only when it
+lowers the error).
+"""
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from ..primitives import MIN_SCALE, SCALE_DTYPE
+from . import register_algorithm
+from .base import GramQuantizer, QuantizedWeight
+from .grid import GroupGrid
+from .rtn import rtn_quantize
+
+
+logger = logging.getLogger(__name__)
+
+# Coordinates per lazy block: G is brought up to date once per block with a batched product (like GPTQ's blocks).
+BLOCK_SIZE = 64
+
+
+def comq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    sweeps: int = 1,
+    update_scale: bool = False,
+    block_size: int = BLOCK_SIZE,
+) -> QuantizedWeight:
+    """Quantize ``weight`` ``[out, in]`` given the input Gram matrix ``H`` ``[in, in]`` (neither is modified).
+
+    ``row_losses`` holds ``(w - q)ᵀ H (w - q) / 2`` per row: the mean squared output error per token when
+    ``H = 2 XᵀX / N``.
+    """
+    W = weight.float()
+    H = H.float().to(W.device)
+    if not bool(torch.isfinite(H).all()):
+        logger.warning("COMQ: the Gram matrix has non-finite entries; falling back to RTN for this layer")
+        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym)
+    rows, n = W.shape
+    grid = GroupGrid.fit(W, bits=bits, group_size=group_size, sym=sym)
+    diag = torch.diagonal(H)
+    order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
+    codes = torch.zeros(rows, n, device=W.device)
+    residual = torch.zeros_like(W)  # W - Q; Q starts at W
+    for _ in range(sweeps):
+        G = residual @ H  # recomputed each sweep so rounding drift does not accumulate
+        for t0 in range(0, n, block_size):
+            J = order[:, t0 : t0 + block_size]  # (rows, b): the columns each row visits in this block
+            codes_b, delta = _sweep_block(W.gather(1, J), residual.gather(1, J), G.gather(1, J), H, J, grid)
+            codes.scatter_(1, J, codes_b)
+            residual.scatter_add_(1, J, delta)
+            # Lazy update of G = (W - Q) H for the columns visited later: one matrix product per block.
+            G += torch.zeros_like(W).scatter_(1, J, delta) @ H
+        if update_scale:
+            grid = _update_scales(W, H, grid, codes)
+            residual = W - grid.value(codes, grid.all_columns(rows))
+    row_losses = ((residual @ H) * residual).sum(dim=1) / 2
+    return grid.result(codes, row_losses)
+
+
+def _sweep_block(
+    w: torch.Tensor, r: torch.Tensor, g: torch.Tensor, H: torch.Tensor, J: torch.Tensor, grid: GroupGrid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visit columns ``J[:, t]`` (one per row) for ``t = 0..b-1``; return their codes and residual changes.
+
+    ``w``, ``r``, ``g`` are the weights, residuals ``w - q`` and ``G = (W - Q) H`` at ``J`` when the block starts; ``g``
+    is kept current inside the block from the ``b x b`` sub-matrices ``H[J_r, J_r]`` of each row.
+    """
+    rows, b = J.shape
+    Hb = torch.take(H, J.unsqueeze(2) * H.shape[0] + J.unsqueeze(1))  # (rows, b, b) = H[J_r][:, J_r] per row
+    h = torch.diagonal(Hb, dim1=1, dim2=2)
+    r, g = r.clone(), g.clone()
+    codes = torch.zeros_like(w)
+    delta = torch.zeros_like(w)
+    for t in range(b):
+        h_t = h[:, t]
+        # Dead input (H_jj == 0): the coordinate does not affect the error; round to nearest.
+        target = torch.where(h_t > 0, w[:, t] + (g[:, t] - h_t * r[:, t]) / h_t.clamp(min=1e-30), w[:, t])
+        cols = J[:, t : t + 1]
+        code = grid.nearest(target.unsqueeze(1), cols)
+        d = w[:, t] - grid.value(code, cols)[:, 0] - r[:, t]
+        codes[:, t] = code[:, 0]
+        delta[:, t] = d
+        r[:, t] += d
+        g += d.unsqueeze(1) * Hb[:, t]
+    return codes, delta
+
+
+def _update_scales(W: torch.Tensor, H: torch.Tensor, grid: GroupGrid, codes: torch.Tensor) -> GroupGrid:
+    """One coordinate step on every (row, group) scale, groups in order, codes fixed.
+
+    With ``v`` the integer offsets ``codes - zero`` of one group (zero elsewhere) and residual ``r = w - q``, changing
+    the scale by ``d`` changes the error by ``-2 d vᵀHr + d² vᵀHv``; the minimiser is ``d = vᵀHr / vᵀHv``.
+    """
+    rows = W.shape[0]
+    cols = grid.all_columns(rows)
+    scales = grid.scales.clone()
+    offsets = codes - grid.at(cols).zero
+    residual = W - grid.value(codes, cols)
+    for g in range(scales.shape[1]):
+        idx = torch.nonzero(grid.g_idx == g).squeeze(1)
+        v = offsets[:, idx]
+        Hv = v @ H[idx]  # (rows, in): the group's v, zero elsewhere, times H
+        num = (Hv * residual).sum(dim=1)
+        den = (Hv[:, idx] * v).sum(dim=1)
+        old = scales[:, g]
+        best = old + num / den.clamp(min=1e-30)
+        new = best.to(SCALE_DTYPE).float().clamp(min=MIN_SCALE)
+        d = new - old
+        better = (den > 0) & torch.isfinite(new) & (d * d * den - 2 * d * num < 0)
+        d = torch.where(better, d, torch.zeros_like(d))
+        scales[:, g] = old + d
+        residual[:, idx] -= d.unsqueeze(1) * v
+    return replace(grid, scales=scales)
+
+
+@register_algorithm("comq")
+class COMQQuantizer(GramQuantizer):
+    """Accumulates ``H = 2 Σ x xᵀ / N`` over calibration tokens, then runs :func:`comq_quantize`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        comq_sweeps: int = 1,
+        comq_update_scale: bool = False,
+        **options: object,
+    ) -> None:
+        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym)
+        self.sweeps = comq_sweeps
+        self.update_scale = comq_update_scale
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        return comq_quantize(
+            weight,
+            self.hessian(weight.device),
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            sweeps=self.sweeps,
+            update_scale=self.update_scale,
+        )

@@ -1,0 +1,176 @@
+"""COMQ against a slow, obviously-correct reference, and end to end through transformers."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_bc import BCQuantizationConfig, QuantLinear
+from optimum_bc.algorithms import get_algorithm
+from optimum_bc.algorithms.comq import comq_quantize
+from optimum_bc.algorithms.gptq import gptq_quantize
+from optimum_bc.algorithms.rtn import rtn_quantize
+from optimum_bc.cli import main
+from optimum_bc.primitives import compute_qparams
+
+from .conftest import VOCAB
+
+
+def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3.0, d)
+
+
+def _gram(X: torch.Tensor) -> torch.Tensor:
+    return 2 * X.T @ X / X.shape[0]
+
+
+def _reference_comq(
+    X: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, sym: bool, sweeps: int
+) -> torch.Tensor:
+    """Per row, per coordinate in greedy order: try every grid point and keep the one with the least ||X(w - q)||²."""
+    X, w = X.double(), w.double()
+    n = w.shape[1]
+    size = n if group_size == -1 else group_size
+    codes = torch.zeros_like(w)
+    for r in range(w.shape[0]):
+        grids = [compute_qparams(w[r : r + 1, s : s + size], bits, sym) for s in range(0, n, size)]
+        q = w[r].clone()
+        order = sorted(range(n), key=lambda j: -float(w[r, j].abs() * X[:, j].norm()))
+        for _ in range(sweeps):
+            for j in order:
+                qp = grids[j // size]
+                best, best_err = None, None
+                for k in range(qp.maxq + 1):
+                    q[j] = float(qp.scale) * (k - float(qp.zero))
+                    err = float(((X @ (w[r] - q)) ** 2).sum())
+                    if best_err is None or err < best_err:
+                        best, best_err = k, err
+                codes[r, j] = best
+                q[j] = float(qp.scale) * (best - float(qp.zero))
+    return codes
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,sym,sweeps",
+    [(2, -1, False, 1), (3, -1, True, 1), (3, 8, False, 1), (4, 8, True, 1), (3, -1, False, 2), (8, 8, False, 1)],
+)
+def test_comq_matches_brute_force_reference(bits: int, group_size: int, sym: bool, sweeps: int) -> None:
+    X = _correlated_inputs(64, 16, seed=bits)
+    w = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
+    expected = _reference_comq(X, w, bits, group_size, sym, sweeps)
+    for block_size in (5, 64):  # several lazy blocks (the last one partial), and a single one
+        qw = comq_quantize(
+            w, _gram(X), bits=bits, group_size=group_size, sym=sym, sweeps=sweeps, block_size=block_size
+        )
+        assert torch.equal(qw.codes.double(), expected)
+    residual = (w - qw.dequantize()).double()
+    loss = ((X.double() @ residual.T) ** 2).sum(dim=0) / X.shape[0]
+    torch.testing.assert_close(qw.row_losses.double(), loss, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, -1), (3, 32), (2, 16)])
+def test_comq_beats_rtn_and_more_sweeps_do_not_hurt(bits: int, group_size: int) -> None:
+    X = _correlated_inputs(2048, 64)
+    w = torch.randn(32, 64)
+    H = _gram(X)
+
+    def err(qw) -> float:
+        return float(((X @ (w - qw.dequantize()).T) ** 2).mean())
+
+    rtn = err(rtn_quantize(w, bits=bits, group_size=group_size, sym=False))
+    one = err(comq_quantize(w, H, bits=bits, group_size=group_size, sym=False))
+    three = err(comq_quantize(w, H, bits=bits, group_size=group_size, sym=False, sweeps=3))
+    gptq = err(gptq_quantize(w, H, bits=bits, group_size=group_size, sym=False))
+    assert one < 0.9 * rtn
+    assert three <= one * (1 + 1e-5)
+    assert one < 1.2 * gptq
+
+
+def test_comq_update_scale_is_the_least_squares_scale_and_lowers_error() -> None:
+    X = _correlated_inputs(1024, 32, seed=2)
+    w = torch.randn(6, 32)
+    H = _gram(X)
+    fixed = comq_quantize(w, H, bits=3, group_size=-1, sym=False)
+    updated = comq_quantize(w, H, bits=3, group_size=-1, sym=False, update_scale=True)
+    assert torch.equal(updated.codes, fixed.codes)  # one sweep: codes first, then the scale for those codes
+    assert updated.loss < fixed.loss
+    for r in range(6):
+        v = X.double() @ (updated.codes[r].double() - updated.zeros[r, 0].double())
+        best = torch.linalg.lstsq(v.unsqueeze(1), (X.double() @ w[r].double()).unsqueeze(1)).solution.item()
+        assert abs(updated.scales[r, 0].item() - best) <= abs(best) * 2**-10  # float16 storage rounding
+    grouped = [comq_quantize(w, H, bits=3, group_size=8, sym=True, sweeps=2, update_scale=u) for u in (False, True)]
+    assert grouped[1].loss < grouped[0].loss
+    assert not torch.equal(grouped[1].scales, grouped[0].scales)
+
+
+def test_comq_stacked_rows_equal_separate_and_dead_inputs_stay_finite() -> None:
+    X = _correlated_inputs(512, 48, seed=4)
+    X[:, 5] = 0.0
+    H = _gram(X)
+    a, b = torch.randn(8, 48), torch.randn(4, 48)
+    stacked = comq_quantize(torch.cat([a, b]), H, bits=4, group_size=16, sym=False)
+    alone = comq_quantize(b, H, bits=4, group_size=16, sym=False)
+    assert torch.equal(stacked.rows(8, 12).codes, alone.codes)
+    assert torch.isfinite(stacked.dequantize()).all() and torch.isfinite(stacked.row_losses).all()
+
+
+def test_comq_quantizer_needs_inputs() -> None:
+    quantizer = get_algorithm("comq")(16, bits=4, group_size=-1, sym=False)
+    with pytest.raises(ValueError, match="needs calibration inputs"):
+        quantizer.quantize(torch.randn(4, 16))
+
+
+@pytest.mark.parametrize(
+    "field,value", [("comq_sweeps", 0), ("comq_sweeps", 1.5), ("comq_update_scale", "yes")], ids=str
+)
+def test_comq_config_rejects_bad_values(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{field}="):
+        BCQuantizationConfig(method="comq", **{field: value})
+
+
+@pytest.mark.parametrize("method", ["comq", "erq"])
+def test_missing_dataset_fails_before_loading(tiny_model_dir: str, method: str) -> None:
+    config = BCQuantizationConfig(method=method, bias_compensation=False)
+    with pytest.raises(ValueError, match=f"dataset=None but method='{method}'"):
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config)
+
+
+@pytest.mark.parametrize(
+    "flags,match", [(["--comq-sweeps", "0"], "comq_sweeps=0"), (["--erq-lambda", "-1"], "erq_lambda=-1.0")]
+)
+def test_cli_method_options_reach_the_config(flags: list[str], match: str, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "m", "--output", "o", "--method", "comq", *flags]) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bc", [False, True], ids=["no-bc", "bc"])
+def test_comq_end_to_end_save_reload(tiny_model_dir: str, calib_ids, tmp_path, bc: bool) -> None:
+    config = BCQuantizationConfig(
+        bits=3,
+        group_size=32,
+        method="comq",
+        comq_sweeps=2,
+        comq_update_scale=True,
+        bias_compensation=bc,
+        dataset=calib_ids,
+        num_samples=16,
+        seq_len=32,
+        batch_size=4,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config)
+    qlinears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qlinears) in (12, 14)
+    for row in model.quantization_report.layers:
+        assert row.loss > 0
+        if bc:
+            assert row.mse_after <= row.mse_before
+    x = torch.randint(0, VOCAB, (2, 20))
+    logits = model(x).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(x).logits, logits)
+    saved = reloaded.config.quantization_config
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    assert saved["method"] == "comq" and saved["comq_sweeps"] == 2 and saved["comq_update_scale"] is True

@@ -1,0 +1,170 @@
+"""ERQ (weight part) against slow references solved with torch.linalg.lstsq, and end to end through transformers."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_bc import BCQuantizationConfig, QuantLinear
+from optimum_bc.algorithms.erq import ERQQuantizer, aqer_correction, erq_quantize
+from optimum_bc.algorithms.rtn import rtn_quantize
+from optimum_bc.primitives import compute_qparams
+
+from .conftest import VOCAB
+
+
+def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3.0, d)
+
+
+def _gram(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
+    return 2 * A.T @ (A if B is None else B) / A.shape[0]
+
+
+def _ridge_lstsq(A: torch.Tensor, Y: torch.Tensor, lam: float) -> torch.Tensor:
+    """argmin_D ||A D - Y||² + lam ||D||², solved as the augmented least-squares system [A; √lam I] D = [Y; 0]."""
+    aug = torch.cat([A, math.sqrt(lam) * torch.eye(A.shape[1], dtype=A.dtype)])
+    rhs = torch.cat([Y, torch.zeros(A.shape[1], Y.shape[1], dtype=Y.dtype)])
+    return torch.linalg.lstsq(aug, rhs).solution
+
+
+def test_aqer_is_the_ridge_regression_solution() -> None:
+    X = _correlated_inputs(256, 24).double()  # float inputs
+    A = X + 0.3 * torch.randn_like(X)  # inputs carrying upstream quantization error
+    W = torch.randn(10, 24, dtype=torch.float64)
+    lam_abs = 5.0
+    expected = _ridge_lstsq(A, X @ W.T - A @ W.T, lam_abs).T
+    # With the normalised Gram matrices H = 2AᵀA/N the same ridge term is λ = 2 lam_abs / N.
+    got = aqer_correction(W, _gram(A), _gram(A, X), 2 * lam_abs / A.shape[0])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def _reference_wqer(A: torch.Tensor, w: torch.Tensor, bits: int, lam_rel: float, chunk: float) -> torch.Tensor:
+    """ERQ's Wqer written out per row: floor/ceil errors, the explicit proxy δᵀCδ, ridge by augmented lstsq."""
+    A, w = A.double(), w.double()
+    N, n = A.shape
+    C = A.T @ A / N  # E[a aᵀ] = μμᵀ + Σ
+    lam_abs = lam_rel * float(torch.diagonal(2 * A.T @ A / N).mean()) * N / 2
+    codes = torch.zeros_like(w)
+    for r in range(w.shape[0]):
+        qp = compute_qparams(w[r : r + 1].float(), bits, False)
+        scale, zero, maxq = float(qp.scale), float(qp.zero), qp.maxq
+        row = w[r].clone()
+        done = 0
+        while done < n:
+            k = max(1, int(chunk * (n - done)))
+            S = list(range(done, done + k))
+            lo = [min(max(math.floor(row[j] / scale) + zero, 0), maxq) for j in S]
+            hi = [min(max(math.ceil(row[j] / scale) + zero, 0), maxq) for j in S]
+            code = [min(max(round(float(row[j]) / scale) + zero, 0), maxq) for j in S]
+            delta = torch.tensor(
+                [scale * (c - zero) - float(row[j]) for c, j in zip(code, S, strict=True)], dtype=torch.float64
+            )
+            Cs = C[S][:, S]
+            for _ in range(100):
+                g = 2 * Cs @ delta
+                cand = [i for i in range(k) if torch.sign(g[i]) == torch.sign(delta[i])]
+                if not cand:
+                    break
+                i = max(cand, key=lambda i: float(g[i].abs()))
+                options = [(scale * (c - zero) - float(row[S[i]]), c) for c in (lo[i], hi[i])]
+                new_delta, new_code = min(options, key=lambda o: abs(o[0] - float(delta[i] - g[i])))
+                trial = delta.clone()
+                trial[i] = new_delta
+                if float(trial @ Cs @ trial) >= float(delta @ Cs @ delta):
+                    break
+                delta, code[i] = trial, new_code
+            codes[r, done : done + k] = torch.tensor(code, dtype=torch.float64)
+            if done + k < n:
+                R = list(range(done + k, n))
+                row[R] += _ridge_lstsq(A[:, R], -(A[:, S] @ delta).unsqueeze(1), lam_abs)[:, 0]
+            done += k
+    return codes
+
+
+@pytest.mark.parametrize("bits,chunk,lam", [(3, 0.5, 0.01), (2, 0.5, 0.1), (4, 0.25, 0.01)])
+def test_wqer_matches_reference(bits: int, chunk: float, lam: float) -> None:
+    A = _correlated_inputs(128, 20, seed=bits)
+    w = torch.randn(4, 20, generator=torch.Generator().manual_seed(3))
+    qw = erq_quantize(w, _gram(A), None, bits=bits, group_size=-1, sym=False, lam=lam, chunk=chunk)
+    assert torch.equal(qw.codes.double(), _reference_wqer(A, w, bits, lam, chunk))
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, -1), (3, 32), (2, 16)])
+def test_erq_beats_rtn_on_correlated_inputs(bits: int, group_size: int) -> None:
+    X = _correlated_inputs(2048, 64)
+    w = torch.randn(32, 64)
+
+    def err(qw) -> float:
+        return float(((X @ (w - qw.dequantize()).T) ** 2).mean())
+
+    erq = err(erq_quantize(w, _gram(X), None, bits=bits, group_size=group_size, sym=True))
+    assert erq < 0.9 * err(rtn_quantize(w, bits=bits, group_size=group_size, sym=True))
+
+
+def test_aqer_lowers_error_against_float_outputs() -> None:
+    X = _correlated_inputs(2048, 64, seed=5)
+    A = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(6))
+    w = torch.randn(16, 64)
+
+    def err(qw) -> float:
+        return float(((A @ qw.dequantize().T - X @ w.T) ** 2).mean())
+
+    with_aqer = erq_quantize(w, _gram(A), _gram(A, X), bits=4, group_size=-1, sym=False)
+    without = erq_quantize(w, _gram(A), None, bits=4, group_size=-1, sym=False)
+    assert err(with_aqer) < 0.95 * err(without)
+
+
+def test_erq_quantizer_accumulates_the_cross_gram() -> None:
+    A, X = torch.randn(100, 8), torch.randn(100, 8)
+    quantizer = ERQQuantizer(8, bits=4, group_size=-1, sym=False)
+    for s in (slice(0, 30), slice(30, 100)):
+        quantizer.add_batch(A[s])
+        quantizer.add_float_batch(A[s], X[s])
+    torch.testing.assert_close(quantizer.hessian(torch.device("cpu")), _gram(A))
+    torch.testing.assert_close(quantizer.cross * 2 / quantizer.num_tokens, _gram(A, X))
+
+
+@pytest.mark.parametrize(
+    "field,value", [("erq_lambda", 0), ("erq_lambda", -1.0), ("erq_chunk", 0.0), ("erq_chunk", 1.5)], ids=str
+)
+def test_erq_config_rejects_bad_values(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{field}="):
+        BCQuantizationConfig(method="erq", **{field: value})
+
+
+@pytest.mark.parametrize("bc", [False, True], ids=["no-bc", "bc"])
+def test_erq_end_to_end_save_reload(tiny_model_dir: str, calib_ids, tmp_path, monkeypatch, bc: bool) -> None:
+    calls = []
+    original = ERQQuantizer.add_float_batch
+
+    def spy(self, x: torch.Tensor, x_float: torch.Tensor) -> None:
+        calls.append(bool(torch.equal(x, x_float)))
+        original(self, x, x_float)
+
+    monkeypatch.setattr(ERQQuantizer, "add_float_batch", spy)
+    config = BCQuantizationConfig(
+        bits=3,
+        group_size=32,
+        method="erq",
+        bias_compensation=bc,
+        dataset=calib_ids,
+        num_samples=16,
+        seq_len=32,
+        batch_size=4,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config)
+    assert len([m for m in model.modules() if isinstance(m, QuantLinear)]) in (12, 14)
+    # Float inputs reach every quantizer even without BC; after the first stage they differ from the quantized ones.
+    assert calls and not all(calls)
+    for row in model.quantization_report.layers:
+        if bc:
+            assert row.mse_after <= row.mse_before
+    x = torch.randint(0, VOCAB, (2, 20))
+    logits = model(x).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(x).logits, logits)
