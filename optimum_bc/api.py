@@ -12,6 +12,7 @@ from torch import nn
 from .architectures import check_supported, get_blocks
 from .calibration import BlockCalibrator, capture_block_inputs, collate
 from .config import BCQuantizationConfig
+from .offload import OffloadedCalibration, is_dispatched
 from .report import QuantizationReport
 
 
@@ -93,8 +94,16 @@ def quantize_model(
     model.eval()
     batches = collate(calibration, config.batch_size)
     blocks = get_blocks(model, spec)
+    placement = OffloadedCalibration(model) if is_dispatched(model) else None
+    if placement is not None:
+        placement.onload(model, skip=spec.blocks)
     inputs = capture_block_inputs(model, blocks, batches) if batches else []
-    report = BlockCalibrator(model, spec, config, skip).run(inputs)
+    if placement is not None:
+        placement.offload(model, skip=spec.blocks, write=False)
+    report = BlockCalibrator(model, spec, config, skip, placement).run(inputs)
+    if placement is not None:
+        model.tie_weights()
+        placement.dispatch()
     model.train(was_training)
     model.quantization_report = report
     logger.info("optimum-bc: quantized %d layers in %.1f s", len(report.layers), report.total_seconds)

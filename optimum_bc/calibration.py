@@ -30,6 +30,7 @@ from .architectures import (
 )
 from .compensation import InputMoments, ResidualMean
 from .config import BCQuantizationConfig
+from .offload import OffloadedCalibration
 from .qlinear import QuantLinear
 from .report import BlockReport, LayerReport, QuantizationReport
 
@@ -160,9 +161,15 @@ class BlockCalibrator:
     """Quantizes the blocks of one model in order; holds the two activation streams between blocks."""
 
     def __init__(
-        self, model: nn.Module, spec: ArchitectureSpec, config: BCQuantizationConfig, skip: list[str]
+        self,
+        model: nn.Module,
+        spec: ArchitectureSpec,
+        config: BCQuantizationConfig,
+        skip: list[str],
+        placement: OffloadedCalibration | None = None,
     ) -> None:
         self.model = model
+        self.placement = placement
         self.spec = spec
         self.config = config
         self.skip = skip
@@ -195,7 +202,12 @@ class BlockCalibrator:
         bar = tqdm(range(len(blocks)), desc="optimum-bc", unit="block", disable=not _progress_bars)
         for i in bar:
             bar.set_description(f"block {i + 1}/{len(blocks)}")
+            prefix = f"{self.spec.blocks}.{i}."
+            if self.placement is not None:
+                self.placement.onload(blocks[i], prefix)
             h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
+            if self.placement is not None:
+                self.placement.offload(blocks[i], prefix)
         flags = bias_flags(self.spec, self.compensated)
         for flag, value in flags.items():
             setattr(self.model.config, flag, value)

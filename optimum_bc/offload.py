@@ -1,0 +1,163 @@
+"""Calibrate a model dispatched by Accelerate (``device_map`` with several devices, ``"cpu"`` or ``"disk"``).
+
+The calibration walks the blocks in order; each block is onloaded to its execution device only while it is
+calibrated, then its (quantized and packed) tensors go back where the device map put them: kept on a GPU, moved to
+the CPU, or written to the offload folder (``accelerate.utils.offload_weight``) and left on ``meta``. Offloaded float
+weights are read through the Accelerate weights map the hooks were using (``OffloadedWeightsLoader``), and at the end
+the model is dispatched again (``accelerate.dispatch_model``) with ``offload_buffers=True`` so the packed buffers of
+offloaded blocks stay in the offload store, never all resident at once.
+"""
+
+import os
+from collections.abc import Iterator, Mapping
+
+import torch
+from accelerate import dispatch_model
+from accelerate.hooks import remove_hook_from_submodules
+from accelerate.utils import (
+    OffloadedWeightsLoader,
+    PrefixedDataset,
+    named_module_tensors,
+    offload_weight,
+    save_offload_index,
+    set_module_tensor_to_device,
+)
+from torch import nn
+
+
+Device = int | str | torch.device
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether Accelerate hooks are attached (the device map had several devices, ``"cpu"`` offload or ``"disk"``)."""
+    return any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def device_for(device_map: Mapping[str, Device], name: str) -> Device:
+    """Device the map gives to the tensor or module ``name``: its longest matching prefix (``""`` matches all)."""
+    best, found = -1, "cpu"
+    for key, device in device_map.items():
+        if (key == "" or name == key or name.startswith(key + ".")) and len(key) > best:
+            best, found = len(key), device
+    return found
+
+
+def main_device(device_map: Mapping[str, Device]) -> torch.device:
+    """Where offloaded modules run: the first accelerator of the map, else the CPU (as ``dispatch_model`` picks)."""
+    for device in device_map.values():
+        if device not in ("cpu", "disk", "meta"):
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return torch.device("cpu")
+
+
+def _weights_loader(model: nn.Module) -> OffloadedWeightsLoader | None:
+    """The ``OffloadedWeightsLoader`` behind the Accelerate hooks of ``model`` (None if nothing is offloaded)."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):
+            weights_map = getattr(h, "weights_map", None)
+            if isinstance(weights_map, PrefixedDataset):
+                weights_map = weights_map.dataset
+            if isinstance(weights_map, OffloadedWeightsLoader):
+                return weights_map
+    return None
+
+
+def check_offload_folder(folder: str | None, device_map: Mapping[str, Device]) -> None:
+    """Raise if the map offloads to disk but no writable folder receives the packed weights."""
+    if "disk" not in set(device_map.values()):
+        return
+    if folder is None:
+        raise ValueError(
+            "the device_map offloads modules to 'disk' but no offload_folder was given: optimum-bc writes the packed "
+            "weights of disk-offloaded blocks there. Fix: pass offload_folder='<a writable folder>' to from_pretrained."
+        )
+    probe = os.path.join(folder, ".optimum_bc_write_test")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(
+            f"offload_folder {folder!r} is not writable ({err}); optimum-bc writes the packed weights of "
+            "disk-offloaded blocks there. Fix: pass offload_folder='<a writable folder>' to from_pretrained."
+        ) from err
+
+
+class OffloadedCalibration:
+    """Onloads and offloads parts of a dispatched model during calibration, then dispatches it again.
+
+    Creating it removes the Accelerate hooks (which puts CPU-offloaded tensors back on the CPU; disk-offloaded ones
+    stay on ``meta`` and are read from the hooks' weights map when their module is onloaded).
+    """
+
+    def __init__(self, model: nn.Module, offload_folder: str | None = None) -> None:
+        self.model = model
+        self.device_map: dict[str, Device] = dict(model.hf_device_map)
+        self.execution_device = main_device(self.device_map)
+        loader = _weights_loader(model)
+        self.loader = loader
+        self.folder = offload_folder if offload_folder is not None else getattr(loader, "save_folder", None)
+        self.index: dict[str, dict] = dict(loader.index) if loader is not None else {}
+        check_offload_folder(self.folder, self.device_map)
+        remove_hook_from_submodules(model)
+
+    def _device(self, name: str) -> torch.device:
+        device = device_for(self.device_map, name)
+        if device in ("cpu", "disk"):
+            return self.execution_device
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+    def _tensors(self, module: nn.Module, prefix: str, skip: str | None) -> Iterator[tuple[str, str]]:
+        for name, _ in list(named_module_tensors(module, include_buffers=True, recurse=True)):
+            full = f"{prefix}{name}"
+            if skip is None or not (full + ".").startswith(skip + "."):
+                yield name, full
+
+    def onload(self, module: nn.Module, prefix: str = "", skip: str | None = None) -> None:
+        """Bring every tensor of ``module`` (named ``prefix`` + name in the model) to its execution device."""
+        for name, full in self._tensors(module, prefix, skip):
+            tensor = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
+            device = self._device(full)
+            if tensor.device.type == "meta":
+                if self.loader is None or full not in self.loader:
+                    raise ValueError(f"{full} is on the meta device and no Accelerate weights map holds it")
+                set_module_tensor_to_device(module, name, device, value=self.loader[full])
+            elif tensor.device != device:
+                set_module_tensor_to_device(module, name, device)
+
+    def offload(self, module: nn.Module, prefix: str = "", skip: str | None = None, write: bool = True) -> None:
+        """Return every tensor of ``module`` where the device map puts it; ``write`` stores disk ones anew."""
+        for name, full in self._tensors(module, prefix, skip):
+            target = device_for(self.device_map, full)
+            tensor = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
+            if tensor is None or tensor.device.type == "meta":
+                continue
+            if target == "disk":
+                if write or full not in self.index:
+                    offload_weight(tensor.detach().cpu(), full, self.folder, index=self.index)
+                set_module_tensor_to_device(module, name, "meta")
+            else:
+                set_module_tensor_to_device(module, name, target)
+
+    def dispatch(self) -> None:
+        """Attach fresh Accelerate hooks with the original device map; packed buffers stay offloaded too."""
+        live = set(self.model.state_dict())
+        self.index = {k: v for k, v in self.index.items() if k in live}
+        if self.folder is not None and any(v.get("safetensors_file") is None for v in self.index.values()):
+            save_offload_index({k: v for k, v in self.index.items() if v.get("safetensors_file") is None}, self.folder)
+        dispatch_model(
+            self.model,
+            device_map=self.device_map,
+            main_device=str(self.execution_device),
+            offload_dir=self.folder,
+            offload_index=self.index or None,
+            offload_buffers=True,
+        )
+
+
+def _is_param(module: nn.Module, name: str) -> bool:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return leaf in owner._parameters
