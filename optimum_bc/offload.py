@@ -85,6 +85,75 @@ def check_offload_folder(folder: str | None, device_map: Mapping[str, Device]) -
         ) from err
 
 
+_PLACEMENTS = ("cpu", "disk", "meta")
+
+
+def check_device(device: Device) -> None:
+    """Raise a ValueError naming ``device`` if this machine has no such device (placements cpu/disk included)."""
+    if isinstance(device, str) and device in _PLACEMENTS:
+        return
+    try:
+        dev = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device_map names {device!r}, which is not a device. Fix: use 'cpu', 'disk', a GPU index or 'cuda:N'."
+        ) from err
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    available = bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+    count = backend.device_count() if available and hasattr(backend, "device_count") else 0
+    if not available or (dev.index is not None and dev.index >= count):
+        raise ValueError(
+            f"device_map names {device!r} but this machine has {count} {dev.type} device(s). Fix: map modules to "
+            "existing devices ('cpu', 'disk', or a GPU index below the count), or use device_map='auto'."
+        )
+
+
+def check_device_map(device_map: object) -> None:
+    """Check every device a ``from_pretrained`` device map names exists (strings like ``"auto"`` pass)."""
+    if isinstance(device_map, dict):
+        for device in device_map.values():
+            check_device(device)
+    elif isinstance(device_map, int | torch.device) or (
+        isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")
+    ):
+        check_device(device_map)
+
+
+def block_calibration_bytes(block: nn.Module, groups: list[list[str]], float_copy: bool) -> int:
+    """Memory one block needs on its execution device while calibrated (activations not included).
+
+    The block's weights (twice with bias compensation, which keeps a float copy beside the quantized block), plus,
+    for the largest group of Linears quantized together, its float32 Hessian (``in_features**2``) and its float32
+    stacked weights being quantized.
+    """
+    weights = sum(
+        t.numel() * t.element_size() for _, t in named_module_tensors(block, include_buffers=True, recurse=True)
+    )
+    work = 0
+    for group in groups:
+        linears = [block.get_submodule(name) for name in group]
+        in_features = linears[0].in_features
+        stacked = sum(m.out_features for m in linears) * in_features
+        work = max(work, 4 * (in_features * in_features + stacked))
+    return weights * (2 if float_copy else 1) + work
+
+
+def check_max_memory(max_memory: Mapping[Device, int], needed: int) -> None:
+    """Raise if the execution device's budget in ``max_memory`` cannot hold one block during calibration."""
+    devices = [d for d in max_memory if d not in ("cpu", "disk") and max_memory[d] > 0]
+    device = devices[0] if devices else "cpu"
+    budget = max_memory.get(device, 0)
+    if budget < needed:
+        raise ValueError(
+            f"max_memory[{device!r}] = {budget / 2**20:.1f} MiB is too small to calibrate even one decoder block: "
+            f"one block needs about {needed / 2**20:.1f} MiB on its execution device (its weights, their float copy "
+            "for bias compensation, the Hessian and float32 weights of its largest Linear group; calibration "
+            f"activations come on top). Fix: raise max_memory[{device!r}] to at least {needed / 2**20:.0f}MiB."
+        )
+
+
 class OffloadedCalibration:
     """Onloads and offloads parts of a dispatched model during calibration, then dispatches it again.
 
@@ -129,12 +198,17 @@ class OffloadedCalibration:
 
     def offload(self, module: nn.Module, prefix: str = "", skip: str | None = None, write: bool = True) -> None:
         """Return every tensor of ``module`` where the device map puts it; ``write`` stores disk ones anew."""
+        transient = {
+            f"{m}.{b}".lstrip(".") for m, sub in module.named_modules() for b in sub._non_persistent_buffers_set
+        }
         for name, full in self._tensors(module, prefix, skip):
             target = device_for(self.device_map, full)
             tensor = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
             if tensor is None or tensor.device.type == "meta":
                 continue
-            if target == "disk":
+            if name in transient:  # e.g. rotary inv_freq: Accelerate never offloads non-persistent buffers
+                set_module_tensor_to_device(module, name, self._device(full))
+            elif target == "disk":
                 if write or full not in self.index:
                     offload_weight(tensor.detach().cpu(), full, self.folder, index=self.index)
                 set_module_tensor_to_device(module, name, "meta")
