@@ -58,6 +58,11 @@ def build_calibration(config: BCQuantizationConfig, tokenizer: Any = None, name_
     )
 
 
+def _module_names(model: nn.Module, module: nn.Module | None) -> list[str]:
+    """The names under which ``module`` appears in ``model`` (none for None)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if module is not None and m is module]
+
+
 def _is_text(dataset: Any) -> bool:
     if isinstance(dataset, str):
         return True
@@ -95,11 +100,13 @@ def quantize_model(
     batches = collate(calibration, config.batch_size)
     blocks = get_blocks(model, spec)
     placement = OffloadedCalibration(model) if is_dispatched(model) else None
+    # Only the modules before the first block run during input capture: the blocks and the LM head stay offloaded.
+    outside = (spec.blocks, *_module_names(model, model.get_output_embeddings()))
     if placement is not None:
-        placement.onload(model, skip=spec.blocks)
+        placement.onload(model, skip=outside)
     inputs = capture_block_inputs(model, blocks, batches) if batches else []
     if placement is not None:
-        placement.offload(model, skip=spec.blocks, write=False)
+        placement.offload(model, skip=outside, write=False)
     report = BlockCalibrator(model, spec, config, skip, placement).run(inputs)
     if placement is not None:
         model.tie_weights()

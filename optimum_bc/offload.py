@@ -178,14 +178,14 @@ class OffloadedCalibration:
             return self.execution_device
         return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
 
-    def _tensors(self, module: nn.Module, prefix: str, skip: str | None) -> Iterator[tuple[str, str]]:
+    def _tensors(self, module: nn.Module, prefix: str, skip: tuple[str, ...]) -> Iterator[tuple[str, str]]:
         for name, _ in list(named_module_tensors(module, include_buffers=True, recurse=True)):
             full = f"{prefix}{name}"
-            if skip is None or not (full + ".").startswith(skip + "."):
+            if not any((full + ".").startswith(s + ".") for s in skip):
                 yield name, full
 
-    def onload(self, module: nn.Module, prefix: str = "", skip: str | None = None) -> None:
-        """Bring every tensor of ``module`` (named ``prefix`` + name in the model) to its execution device."""
+    def onload(self, module: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+        """Bring the tensors of ``module`` (named ``prefix`` + name in the model; not under ``skip``) on device."""
         for name, full in self._tensors(module, prefix, skip):
             tensor = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
             device = self._device(full)
@@ -196,7 +196,7 @@ class OffloadedCalibration:
             elif tensor.device != device:
                 set_module_tensor_to_device(module, name, device)
 
-    def offload(self, module: nn.Module, prefix: str = "", skip: str | None = None, write: bool = True) -> None:
+    def offload(self, module: nn.Module, prefix: str = "", skip: tuple[str, ...] = (), write: bool = True) -> None:
         """Return every tensor of ``module`` where the device map puts it; ``write`` stores disk ones anew."""
         transient = {
             f"{m}.{b}".lstrip(".") for m, sub in module.named_modules() for b in sub._non_persistent_buffers_set
