@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 from accelerate import dispatch_model
-from accelerate.hooks import remove_hook_from_submodules
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
 from accelerate.utils import (
     OffloadedWeightsLoader,
     PrefixedDataset,
@@ -197,7 +197,11 @@ class OffloadedCalibration:
                 set_module_tensor_to_device(module, name, device)
 
     def offload(self, module: nn.Module, prefix: str = "", skip: tuple[str, ...] = (), write: bool = True) -> None:
-        """Return every tensor of ``module`` where the device map puts it; ``write`` stores disk ones anew."""
+        """Return every tensor of ``module`` where the device map puts it; ``write`` stores disk ones anew.
+
+        Derived caches (the dense weight a ``QuantLinear`` keeps) are dropped first: they would keep the block resident.
+        """
+        _drop_caches(module)
         transient = {
             f"{m}.{b}".lstrip(".") for m, sub in module.named_modules() for b in sub._non_persistent_buffers_set
         }
@@ -229,6 +233,43 @@ class OffloadedCalibration:
             offload_index=self.index or None,
             offload_buffers=True,
         )
+        for module in self.model.modules():
+            hook = getattr(module, "_hf_hook", None)
+            if hasattr(module, "reset_cache") and isinstance(hook, AlignDevicesHook) and hook.offload:
+                add_hook_to_module(module, OffloadedCacheHook.like(hook))
+
+
+class OffloadedCacheHook(AlignDevicesHook):
+    """Accelerate's offloading hook that also drops the module's derived dense cache after each forward.
+
+    A ``QuantLinear`` caches its dequantized weight; on an offloaded module that cache would keep the weight resident
+    after the hook has put the packed buffers back on ``meta``.
+    """
+
+    @classmethod
+    def like(cls, hook: AlignDevicesHook) -> "OffloadedCacheHook":
+        """The same hook (devices, weights map, options) with the cache dropping added."""
+        return cls(
+            execution_device=hook.execution_device,
+            offload=hook.offload,
+            io_same_device=hook.io_same_device,
+            weights_map=hook.weights_map,
+            offload_buffers=hook.offload_buffers,
+            place_submodules=hook.place_submodules,
+            skip_keys=hook.skip_keys,
+            tied_params_map=hook.tied_params_map,
+        )
+
+    def post_forward(self, module: nn.Module, output: object) -> object:
+        output = super().post_forward(module, output)
+        module.reset_cache()
+        return output
+
+
+def _drop_caches(module: nn.Module) -> None:
+    for sub in module.modules():
+        if hasattr(sub, "reset_cache"):
+            sub.reset_cache()
 
 
 def _is_param(module: nn.Module, name: str) -> bool:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.hooks import AlignDevicesHook
 from accelerate.utils import named_module_tensors
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -75,13 +76,18 @@ def test_cpu_disk_device_map_same_packed_weights_and_logits(family, calib_ids, t
     for module_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             hook = module._hf_hook
+            assert isinstance(hook, AlignDevicesHook)
             on_disk = device_for(model.hf_device_map, module_name) == "disk"
             assert hook.offload is on_disk
             assert (module.qweight.device.type == "meta") is on_disk
             if on_disk:
+                assert module._cached_weight is None
                 for tensor_name, _ in named_module_tensors(module, include_buffers=True):
                     assert hook.weights_map[tensor_name].device.type == "cpu"
     assert torch.equal(model(x).logits, ref(x).logits)
+    for module_name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and device_for(model.hf_device_map, module_name) == "disk":
+            assert module._cached_weight is None and module.qweight.device.type == "meta"  # nothing left resident
     assert torch.equal(
         model.generate(x[:1, :6], max_new_tokens=6, do_sample=False),
         ref.generate(x[:1, :6], max_new_tokens=6, do_sample=False),
