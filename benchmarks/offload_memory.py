@@ -6,12 +6,15 @@ so the peaks do not mix:
 
 * ``offload``: ``from_pretrained(..., device_map="auto", max_memory={"cpu": ...}, offload_folder=...)`` with a CPU
   budget that leaves room for about one block, so most blocks live on disk;
-* ``memory``: the whole model loaded in RAM (no device map).
+* ``memory``: the model loaded in RAM (no device map). With ``--memory-layers K`` only its first K blocks are
+  loaded (``num_hidden_layers=K``: the same checkpoint and block weights), which keeps this reference run short on a
+  small shared machine; time per block is what is compared.
 
 Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on Linux), the ratio peak / model size
 (target <= 0.35 with offload) and the calibration time per block of both runs side by side.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 24] [--tmp /tmp]``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 58] [--memory-layers 0] [--tmp /tmp]``
+(``--memory-layers 0``: the whole model in the reference run).
 """
 
 import argparse
@@ -25,7 +28,7 @@ import tempfile
 import time
 
 
-HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 5632, 16, 32000
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = 1024, 2816, 8, 32000
 
 
 def build(folder: str, layers: int) -> None:
@@ -49,7 +52,7 @@ def build(folder: str, layers: int) -> None:
     model.save_pretrained(folder, max_shard_size="1GB")
 
 
-def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int) -> dict:
+def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int, memory_layers: int) -> dict:
     """Quantize the saved model in this process; return peak RSS and timings."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -68,6 +71,8 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int)
     if mode == "offload":
         offload_dir = tempfile.mkdtemp(prefix="offload_", dir=os.path.dirname(folder))
         kwargs = {"device_map": "auto", "max_memory": {"cpu": cpu_budget}, "offload_folder": offload_dir}
+    elif memory_layers > 0:
+        kwargs = {"num_hidden_layers": memory_layers}
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, **kwargs)
     wall = time.perf_counter() - start
@@ -78,6 +83,7 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int)
     logits = model(ids[:1, :16]).logits
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
+    del model
     return {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "seconds_per_block": report.total_seconds / blocks,
@@ -95,16 +101,17 @@ def _placement(device_map: dict, name: str) -> object:
 
 def _child(folder: str, mode: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--folder", folder, "--cpu-budget", args.cpu_budget]
-    cmd += ["--samples", str(args.samples), "--tokens", str(args.tokens)]
+    cmd += ["--samples", str(args.samples), "--tokens", str(args.tokens), "--memory-layers", str(args.memory_layers)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--layers", type=int, default=58)
+    parser.add_argument("--memory-layers", type=int, default=0, help="blocks loaded by the in-memory run (0: all)")
     parser.add_argument("--tmp", default="/tmp")
-    parser.add_argument("--cpu-budget", default="700MB", help="max_memory['cpu'] of the offload run")
+    parser.add_argument("--cpu-budget", default="200MB", help="max_memory['cpu'] of the offload run")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--child", choices=["build", "offload", "memory"])
@@ -114,7 +121,11 @@ def main() -> None:
         build(args.folder, args.layers)
         return
     if args.child is not None:
-        print(json.dumps(quantize(args.folder, args.child, args.cpu_budget, args.samples, args.tokens)))
+        print(
+            json.dumps(
+                quantize(args.folder, args.child, args.cpu_budget, args.samples, args.tokens, args.memory_layers)
+            )
+        )
         return
 
     root = tempfile.mkdtemp(prefix="optimum_bc_offload_bench_", dir=args.tmp)
@@ -138,10 +149,11 @@ def main() -> None:
         f"offload run: device_map='auto', max_memory={{'cpu': '{args.cpu_budget}'}}, "
         f"{off['blocks_on_disk']}/{off['blocks']} blocks on disk"
     )
-    print(f"{'run':<10}{'peak RSS GiB':>14}{'peak / model':>14}{'s / block':>12}")
+    print(f"{'run':<10}{'blocks':>8}{'peak RSS GiB':>14}{'peak / model':>14}{'s / block':>12}")
     for mode, run in runs.items():
         peak = run["peak_rss_bytes"]
-        print(f"{mode:<10}{peak / 2**30:>14.2f}{peak / size:>14.3f}{run['seconds_per_block']:>12.2f}")
+        row = f"{mode:<10}{run['blocks']:>8}{peak / 2**30:>14.2f}{peak / size:>14.3f}{run['seconds_per_block']:>12.2f}"
+        print(row)
     print(
         f"offload peak RSS / model size: {off['peak_rss_bytes'] / size:.3f} (target <= 0.35); "
         f"time per block offload / memory: {off['seconds_per_block'] / mem['seconds_per_block']:.2f}x; "

@@ -8,6 +8,8 @@ the model is dispatched again (``accelerate.dispatch_model``) with ``offload_buf
 offloaded blocks stay in the offload store, never all resident at once.
 """
 
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Iterator, Mapping
 
@@ -218,6 +220,7 @@ class OffloadedCalibration:
                 set_module_tensor_to_device(module, name, "meta")
             else:
                 set_module_tensor_to_device(module, name, target)
+        _return_freed_memory()
 
     def dispatch(self) -> None:
         """Attach fresh Accelerate hooks with the original device map; packed buffers stay offloaded too."""
@@ -264,6 +267,14 @@ class OffloadedCacheHook(AlignDevicesHook):
         output = super().post_forward(module, output)
         module.reset_cache()
         return output
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed with the block back to the OS (glibc keeps them), so RSS stays bounded by a block."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _drop_caches(module: nn.Module) -> None:
