@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -58,6 +59,12 @@ class _Batch:
     hidden: torch.Tensor  # (batch, tokens, hidden)
     kwargs: dict
     valid: torch.Tensor  # (batch, tokens) bool: non-padding tokens
+
+    def to(self, device: torch.device) -> "_Batch":
+        """The batch with its tensors (kwargs included: masks, rotary embeddings) on ``device``."""
+        if self.hidden.device == device:
+            return self
+        return _Batch(self.hidden.to(device), send_to_device(self.kwargs, device), self.valid.to(device))
 
 
 def collate(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -220,6 +227,9 @@ class BlockCalibrator:
         """Quantize, compensate and pack one block; return the next block's inputs (quantized, float) streams."""
         t0 = time.perf_counter()
         device = first_param_device(block)
+        # Blocks of a device map may sit on different devices: the streams follow the block.
+        h_q = [b.to(device) for b in h_q]
+        h_fp = [b.to(device) for b in h_fp] if h_fp is not None else None
         fblock = copy.deepcopy(block) if self.bc else None
         stages = self.stages(index)
         moments: dict[str, InputMoments] = {}
