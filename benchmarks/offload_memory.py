@@ -13,7 +13,7 @@ so the peaks do not mix:
 Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on Linux), the ratio peak / model size
 (target <= 0.35 with offload) and the calibration time per block of both runs side by side.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 58] [--memory-layers 0] [--tmp /tmp]``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]``
 (``--memory-layers 0``: the whole model in the reference run).
 """
 
@@ -28,7 +28,7 @@ import tempfile
 import time
 
 
-HIDDEN, INTERMEDIATE, HEADS, VOCAB = 1024, 2816, 8, 32000
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = 768, 2048, 12, 32000
 
 
 def build(folder: str, layers: int) -> None:
@@ -108,7 +108,7 @@ def _child(folder: str, mode: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=58)
+    parser.add_argument("--layers", type=int, default=104, help="decoder blocks (104: 3.0 GB in fp32)")
     parser.add_argument("--memory-layers", type=int, default=0, help="blocks loaded by the in-memory run (0: all)")
     parser.add_argument("--tmp", default="/tmp")
     parser.add_argument("--cpu-budget", default="200MB", help="max_memory['cpu'] of the offload run")
