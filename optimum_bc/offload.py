@@ -194,7 +194,8 @@ class OffloadedCalibration:
             if tensor.device.type == "meta":
                 if self.loader is None or full not in self.loader:
                     raise ValueError(f"{full} is on the meta device and no Accelerate weights map holds it")
-                set_module_tensor_to_device(module, name, device, value=self.loader[full])
+                # A copy: the loader's tensor maps the whole safetensors file, and that mapping would outlive the block.
+                set_module_tensor_to_device(module, name, device, value=self.loader[full].clone())
             elif tensor.device != device:
                 set_module_tensor_to_device(module, name, device)
 
