@@ -10,6 +10,7 @@ offloaded blocks stay in the offload store, never all resident at once.
 
 import ctypes
 import ctypes.util
+import gc
 import os
 from collections.abc import Iterator, Mapping
 
@@ -271,7 +272,12 @@ class OffloadedCacheHook(AlignDevicesHook):
 
 
 def _return_freed_memory() -> None:
-    """Hand the heap pages freed with the block back to the OS (glibc keeps them), so RSS stays bounded by a block."""
+    """Free the calibrated block now and hand the heap pages back to the OS, so RSS stays bounded by one block.
+
+    The replaced float Linears sit in reference cycles that Python's collector would reach only much later, and glibc
+    keeps freed pages in its heap.
+    """
+    gc.collect()
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
     if libc is not None and hasattr(libc, "malloc_trim"):
