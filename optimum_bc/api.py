@@ -13,6 +13,7 @@ from .architectures import ArchitectureSpec, check_supported, get_blocks, target
 from .calibration import BlockCalibrator, capture_block_inputs, collate
 from .config import BCQuantizationConfig
 from .formats import check_mx_shapes, is_mx
+from .offload import OffloadedCalibration, is_dispatched
 from .positions import attach_position_hooks
 from .report import QuantizationReport
 
@@ -78,6 +79,11 @@ def build_calibration(config: BCQuantizationConfig, tokenizer: Any = None, name_
     )
 
 
+def _module_names(model: nn.Module, module: nn.Module | None) -> list[str]:
+    """The names under which ``module`` appears in ``model`` (none for None)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if module is not None and m is module]
+
+
 def _is_text(dataset: Any) -> bool:
     if isinstance(dataset, str):
         return True
@@ -116,8 +122,18 @@ def quantize_model(
     batches = collate(calibration, config.batch_size)
     blocks = get_blocks(model, spec)
     attach_position_hooks(blocks)
+    placement = OffloadedCalibration(model) if is_dispatched(model) else None
+    # Only the modules before the first block run during input capture: the blocks and the LM head stay offloaded.
+    outside = (spec.blocks, *_module_names(model, model.get_output_embeddings()))
+    if placement is not None:
+        placement.onload(model, skip=outside)
     inputs = capture_block_inputs(model, blocks, batches) if batches else []
-    report = BlockCalibrator(model, spec, config, skip).run(inputs)
+    if placement is not None:
+        placement.offload(model, skip=outside, write=False)
+    report = BlockCalibrator(model, spec, config, skip, placement).run(inputs)
+    if placement is not None:
+        model.tie_weights()
+        placement.dispatch()
     model.train(was_training)
     model.quantization_report = report
     logger.info("optimum-bc: quantized %d layers in %.1f s", len(report.layers), report.total_seconds)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,6 +32,7 @@ from .architectures import (
 from .compensation import InputMoments, ResidualMean
 from .config import BCQuantizationConfig
 from .layers import packed_layer
+from .offload import OffloadedCalibration
 from .report import BlockReport, LayerReport, QuantizationReport
 
 
@@ -57,6 +59,12 @@ class _Batch:
     hidden: torch.Tensor  # (batch, tokens, hidden)
     kwargs: dict
     valid: torch.Tensor  # (batch, tokens) bool: non-padding tokens
+
+    def to(self, device: torch.device) -> "_Batch":
+        """The batch with its tensors (kwargs included: masks, rotary embeddings) on ``device``."""
+        if self.hidden.device == device:
+            return self
+        return _Batch(self.hidden.to(device), send_to_device(self.kwargs, device), self.valid.to(device))
 
 
 def collate(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -160,9 +168,15 @@ class BlockCalibrator:
     """Quantizes the blocks of one model in order; holds the two activation streams between blocks."""
 
     def __init__(
-        self, model: nn.Module, spec: ArchitectureSpec, config: BCQuantizationConfig, skip: list[str]
+        self,
+        model: nn.Module,
+        spec: ArchitectureSpec,
+        config: BCQuantizationConfig,
+        skip: list[str],
+        placement: OffloadedCalibration | None = None,
     ) -> None:
         self.model = model
+        self.placement = placement
         self.spec = spec
         self.config = config
         self.skip = skip
@@ -210,7 +224,12 @@ class BlockCalibrator:
         bar = tqdm(range(len(blocks)), desc="optimum-bc", unit="block", disable=not _progress_bars)
         for i in bar:
             bar.set_description(f"block {i + 1}/{len(blocks)}")
+            prefix = f"{self.spec.blocks}.{i}."
+            if self.placement is not None:
+                self.placement.onload(blocks[i], prefix)
             h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
+            if self.placement is not None:
+                self.placement.offload(blocks[i], prefix)
         flags = bias_flags(self.spec, self.compensated)
         for flag, value in flags.items():
             setattr(self.model.config, flag, value)
@@ -223,6 +242,9 @@ class BlockCalibrator:
         """Quantize, compensate and pack one block; return the next block's inputs (quantized, float) streams."""
         t0 = time.perf_counter()
         device = first_param_device(block)
+        # Blocks of a device map may sit on different devices: the streams follow the block.
+        h_q = [b.to(device) for b in h_q]
+        h_fp = [b.to(device) for b in h_fp] if h_fp is not None else None
         fblock = copy.deepcopy(block) if self.float_stream else None
         stages = self.stages(index)
         moments: dict[str, InputMoments] = {}

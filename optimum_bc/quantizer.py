@@ -18,6 +18,7 @@ from .api import build_calibration, check_layers, resolve_modules_to_not_convert
 from .architectures import check_supported, get_blocks, set_module, target_linears
 from .config import QUANT_METHOD, BCQuantizationConfig
 from .layers import skeleton_layer
+from .offload import block_calibration_bytes, check_device_map, check_max_memory
 from .positions import attach_position_hooks
 from .report import QuantizationReport
 
@@ -36,11 +37,19 @@ class BCHfQuantizer(HfQuantizer):
         self.dtype: torch.dtype | None = None
         self._calibration: list | None = None
         self._checkpoint_files: list[str] = []
+        self._block_bytes: int | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         config = self.quantization_config
+        check_device_map(kwargs.get("device_map"))
         if not self.pre_quantized and config.needs_calibration and config.dataset is None:
             build_calibration(config)  # raises the "dataset=None" error before anything is loaded
+
+    def adjust_max_memory(self, max_memory: dict) -> dict:
+        """Refuse, before loading, a ``max_memory`` whose execution device cannot hold one block while calibrated."""
+        if not self.pre_quantized and self._block_bytes is not None:
+            check_max_memory(max_memory, self._block_bytes)
+        return max_memory
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         self.dtype = dtype if isinstance(dtype, torch.dtype) else None
@@ -56,6 +65,11 @@ class BCHfQuantizer(HfQuantizer):
             self._checkpoint_files = [str(f) for f in kwargs.get("checkpoint_files") or []]
             self._swap_in_skeletons(model)
         else:
+            spec = check_supported(model.config.model_type, config.bc_granularity)
+            groups = [list(g) for g in spec.groups]
+            self._block_bytes = max(
+                block_calibration_bytes(block, groups, config.bias_compensation) for block in get_blocks(model, spec)
+            )
             # This hook runs under transformers' meta-device init context: build the token tensors on the CPU.
             with torch.device("cpu"):
                 self._calibration = build_calibration(

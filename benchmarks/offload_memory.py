@@ -1,0 +1,165 @@
+"""Peak host memory of quantizing a model that is mostly offloaded to disk, against the model's fp32 size.
+
+Builds a LLaMA-shaped model with random weights from a ``LlamaConfig`` (>= 3 GB in fp32), saves it as safetensors to
+a temporary folder, then quantizes it (GPTQ 4-bit, group 128, bias compensation) twice, each in its own child process
+so the peaks do not mix:
+
+* ``offload``: ``from_pretrained(..., device_map="auto", max_memory={"cpu": ...}, offload_folder=...)`` with a CPU
+  budget that leaves room for about one block, so most blocks live on disk;
+* ``memory``: the model loaded in RAM (no device map). With ``--memory-layers K`` only its first K blocks are
+  loaded (``num_hidden_layers=K``: the same checkpoint and block weights), which keeps this reference run short on a
+  small shared machine; time per block is what is compared.
+
+Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on Linux), the ratio peak / model size
+(target <= 0.35 with offload) and the calibration time per block of both runs side by side.
+
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]``
+(``--memory-layers 0``: the whole model in the reference run).
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = 768, 2048, 12, 32000
+
+
+def build(folder: str, layers: int) -> None:
+    """Save a random LLaMA-shaped fp32 model with ``layers`` blocks to ``folder`` (safetensors, 1 GB shards)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, max_shard_size="1GB")
+
+
+def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int, memory_layers: int) -> dict:
+    """Quantize the saved model in this process; return peak RSS and timings."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from optimum_bc import BCQuantizationConfig
+    from optimum_bc.calibration import set_progress_bars
+
+    set_progress_bars(False)
+    torch.set_num_threads(1)
+    ids = torch.randint(0, VOCAB, (samples, tokens), generator=torch.Generator().manual_seed(1))
+    config = BCQuantizationConfig(
+        method="gptq", bits=4, group_size=128, dataset=ids, num_samples=samples, seq_len=tokens, batch_size=samples
+    )
+    kwargs: dict = {}
+    offload_dir = None
+    if mode == "offload":
+        offload_dir = tempfile.mkdtemp(prefix="offload_", dir=os.path.dirname(folder))
+        kwargs = {"device_map": "auto", "max_memory": {"cpu": cpu_budget}, "offload_folder": offload_dir}
+    elif memory_layers > 0:
+        kwargs = {"num_hidden_layers": memory_layers}
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, **kwargs)
+    wall = time.perf_counter() - start
+    report = model.quantization_report
+    device_map = getattr(model, "hf_device_map", {"": "cpu"})
+    blocks = len(report.blocks)
+    on_disk = sum(1 for i in range(blocks) if _placement(device_map, f"model.layers.{i}") == "disk")
+    logits = model(ids[:1, :16]).logits
+    if offload_dir is not None:
+        shutil.rmtree(offload_dir, ignore_errors=True)
+    del model
+    return {
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seconds_per_block": report.total_seconds / blocks,
+        "load_and_quantize_seconds": wall,
+        "blocks": blocks,
+        "blocks_on_disk": on_disk,
+        "finite_logits": bool(logits.isfinite().all()),
+    }
+
+
+def _placement(device_map: dict, name: str) -> object:
+    keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return device_map[max(keys, key=len)] if keys else "cpu"
+
+
+def _child(folder: str, mode: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--folder", folder, "--cpu-budget", args.cpu_budget]
+    cmd += ["--samples", str(args.samples), "--tokens", str(args.tokens), "--memory-layers", str(args.memory_layers)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=104, help="decoder blocks (104: 3.0 GB in fp32)")
+    parser.add_argument("--memory-layers", type=int, default=0, help="blocks loaded by the in-memory run (0: all)")
+    parser.add_argument("--tmp", default="/tmp")
+    parser.add_argument("--cpu-budget", default="200MB", help="max_memory['cpu'] of the offload run")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--child", choices=["build", "offload", "memory"])
+    parser.add_argument("--folder")
+    args = parser.parse_args()
+    if args.child == "build":
+        build(args.folder, args.layers)
+        return
+    if args.child is not None:
+        print(
+            json.dumps(
+                quantize(args.folder, args.child, args.cpu_budget, args.samples, args.tokens, args.memory_layers)
+            )
+        )
+        return
+
+    root = tempfile.mkdtemp(prefix="optimum_bc_offload_bench_", dir=args.tmp)
+    folder = os.path.join(root, "model")
+    try:
+        subprocess.run(
+            [sys.executable, __file__, "--child", "build", "--folder", folder, "--layers", str(args.layers)],
+            check=True,
+        )
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
+        runs = {mode: _child(folder, mode, args) for mode in ("offload", "memory")}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    off, mem = runs["offload"], runs["memory"]
+    print(
+        f"model: LLaMA-shaped, hidden {HIDDEN}, intermediate {INTERMEDIATE}, {args.layers} layers, vocab {VOCAB} "
+        f"(tied), fp32 size {size / 2**30:.2f} GiB"
+    )
+    print(
+        f"quantization: GPTQ 4-bit g128 + BC, calibration {args.samples} x {args.tokens} tokens, 1 thread; "
+        f"offload run: device_map='auto', max_memory={{'cpu': '{args.cpu_budget}'}}, "
+        f"{off['blocks_on_disk']}/{off['blocks']} blocks on disk"
+    )
+    print(f"{'run':<10}{'blocks':>8}{'peak RSS GiB':>14}{'peak / model':>14}{'s / block':>12}")
+    for mode, run in runs.items():
+        peak = run["peak_rss_bytes"]
+        row = f"{mode:<10}{run['blocks']:>8}{peak / 2**30:>14.2f}{peak / size:>14.3f}{run['seconds_per_block']:>12.2f}"
+        print(row)
+    print(
+        f"offload peak RSS / model size: {off['peak_rss_bytes'] / size:.3f} (target <= 0.35); "
+        f"time per block offload / memory: {off['seconds_per_block'] / mem['seconds_per_block']:.2f}x; "
+        f"logits finite: {off['finite_logits'] and mem['finite_logits']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
