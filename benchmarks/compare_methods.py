@@ -14,14 +14,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from packaged_eval import packaged_model
 from reproduce_bc import model_bytes
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from optimum_bc import BCQuantizationConfig, quantize_model
 from optimum_bc.calibration import set_progress_bars
-from optimum_bc.evaluation import evaluate_perplexity
-from optimum_bc.packaged import packaged_model_dir
 
 
 # Setting name -> BCQuantizationConfig keywords. Add block-scaled formats here, e.g. "mxfp4": {"format": "mxfp4"}.
@@ -64,16 +62,7 @@ def main() -> None:
     set_progress_bars(False)
     hf_logging.disable_progress_bar()
 
-    path = packaged_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-
-    def load() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-    def perplexity(model: torch.nn.Module) -> float:
-        return evaluate_perplexity(
-            model, tokenizer, "wiki-vital", seq_len=args.seq_len, max_samples=args.eval_samples, progress=False
-        )
+    tokenizer, load, perplexity = packaged_model(args.seq_len, args.eval_samples)
 
     fp = load()
     rows = [Row("-", "fp32", False, perplexity(fp), 0.0, model_bytes(fp))]

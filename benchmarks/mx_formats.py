@@ -13,13 +13,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from packaged_eval import packaged_model
 
 from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
 from optimum_bc.calibration import set_progress_bars
-from optimum_bc.evaluation import evaluate_perplexity
 from optimum_bc.mxlinear import MXLinear
-from optimum_bc.packaged import packaged_model_dir
 
 
 # name -> BCQuantizationConfig keyword arguments fixing the grid
@@ -56,16 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     set_progress_bars(False)
 
-    path = packaged_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-
-    def load() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-    def perplexity(model: torch.nn.Module) -> float:
-        return evaluate_perplexity(
-            model, tokenizer, "wiki-vital", seq_len=args.seq_len, max_samples=args.eval_windows, progress=False
-        )
+    tokenizer, load, perplexity = packaged_model(args.seq_len, args.eval_windows)
 
     fp = load()
     rows = [Row("fp32", "-", False, perplexity(fp), 0.0, 0)]

@@ -14,11 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from packaged_eval import packaged_model
 
 from optimum_bc import BCQuantizationConfig, MXLinear, QuantLinear, quantize_model
-from optimum_bc.evaluation import evaluate_perplexity
-from optimum_bc.packaged import packaged_model_dir
 
 
 GRIDS = {"4-bit g128": (4, 128), "3-bit g128": (3, 128), "3-bit per-channel": (3, -1)}
@@ -26,13 +24,13 @@ GRIDS = {"4-bit g128": (4, 128), "3-bit g128": (3, 128), "3-bit per-channel": (3
 SETTINGS = {
     "RTN": ("rtn", False, "float", "channel", 0),
     "RTN+BC (float)": ("rtn", True, "float", "channel", 0),
-    "RTN+BC (sequential, all tokens)": ("rtn", True, "sequential", "channel", 0),
-    "RTN+BC (sequential, sink 1)": ("rtn", True, "sequential", "channel", 1),
+    "RTN+BC (sequential; all tokens)": ("rtn", True, "sequential", "channel", 0),
+    "RTN+BC (sequential; sink 1)": ("rtn", True, "sequential", "channel", 1),
     "RTN+BC (position)": ("rtn", True, "float", "position", 0),
     "GPTQ": ("gptq", False, "float", "channel", 0),
     "GPTQ+BC (float)": ("gptq", True, "float", "channel", 0),
-    "GPTQ+BC (sequential, all tokens)": ("gptq", True, "sequential", "channel", 0),
-    "GPTQ+BC (sequential, sink 1)": ("gptq", True, "sequential", "channel", 1),
+    "GPTQ+BC (sequential; all tokens)": ("gptq", True, "sequential", "channel", 0),
+    "GPTQ+BC (sequential; sink 1)": ("gptq", True, "sequential", "channel", 1),
     "GPTQ+BC (position)": ("gptq", True, "float", "position", 0),
 }
 PAPER_OPT_125M = (
@@ -83,16 +81,7 @@ def main() -> None:
     parser.add_argument("--readme", help="write the table into this README between the reproduce_bc markers")
     args = parser.parse_args()
 
-    path = packaged_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-
-    def load() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-    def perplexity(model: torch.nn.Module) -> float:
-        return evaluate_perplexity(
-            model, tokenizer, "wiki-vital", seq_len=args.seq_len, max_samples=args.eval_windows, progress=False
-        )
+    tokenizer, load, perplexity = packaged_model(args.seq_len, args.eval_windows)
 
     fp = load()
     rows = [Row("-", "fp32", perplexity(fp), 0.0, model_bytes(fp), 0)]

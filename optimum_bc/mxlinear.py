@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, e8m0_to_scale, scale_to_e8m0
+from .packed_base import PackedLinearBase
 from .packing import pack_int32, packed_width, unpack_int32
-from .positions import PositionBiasMixin
 
 
-class MXLinear(PositionBiasMixin):
+class MXLinear(PackedLinearBase):
     """Linear layer with MX weights: packed element codes, one E8M0 scale per 32 input columns, and a bias."""
 
     def __init__(
@@ -100,22 +100,6 @@ class MXLinear(PositionBiasMixin):
             codes, scales = self.unpack()
             weight = self.element.decode(codes) * scales.repeat_interleave(MX_BLOCK_SIZE, dim=1)
         return weight.to(self.bias.dtype if dtype is None else dtype)
-
-    def reset_cache(self) -> None:
-        """Drop the cached dense weight."""
-        self._cached_weight = None
-
-    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
-        cached = self._cached_weight
-        if (
-            cached is None
-            or cached.dtype != x.dtype
-            or cached.device != x.device
-            or (cached.is_inference() and not torch.is_inference_mode_enabled())
-        ):
-            cached = self.dequantize_weight(x.dtype).to(x.device)
-            self._cached_weight = cached
-        return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in ``x.dtype``."""

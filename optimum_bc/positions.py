@@ -101,39 +101,3 @@ def position_term(x: torch.Tensor, position_bias: torch.Tensor, layer: str) -> t
             "bc_granularity='channel' (and bc_sink_tokens) for deployment"
         )
     return position_bias.to(dtype=x.dtype, device=x.device)[positions.clamp(min=0)]
-
-
-class PositionBiasMixin(nn.Module):
-    """Optional position-dependent compensation buffers of a packed layer (which must have ``bias``).
-
-    ``position_bias`` ``[positions, out]``: the reference code's per-position table (``bc_granularity="position"``).
-    ``sink_bias`` ``[sink_tokens, out]``: the extra bias of the first positions (``bc_sink_tokens``).
-    """
-
-    def _register_position_buffers(
-        self, out_features: int, positions: int | None, sink_tokens: int, dtype: torch.dtype, device: object
-    ) -> None:
-        table = None if positions is None else torch.zeros(positions, out_features, dtype=dtype, device=device)
-        self.register_buffer("position_bias", table)
-        sink = torch.zeros(sink_tokens, out_features, dtype=dtype, device=device) if sink_tokens else None
-        self.register_buffer("sink_bias", sink)
-
-    def _add_position_terms(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.position_bias is not None:
-            out = out + position_term(x, self.position_bias, repr(self))
-        if self.sink_bias is not None:
-            out = out + sink_term(x, self.sink_bias, repr(self))
-        return out
-
-    def _checked(self, table: torch.Tensor, name: str) -> torch.Tensor:
-        if table.dim() != 2 or table.shape[1] != self.bias.shape[0]:
-            raise ValueError(f"{name} must be [positions, {self.bias.shape[0]}], got {tuple(table.shape)}")
-        return table.to(self.bias.dtype).to(self.bias.device)
-
-    def set_position_bias(self, position_bias: torch.Tensor) -> None:
-        """Attach a ``[positions, out]`` bias added by token position (the reference code's BC granularity)."""
-        self.position_bias = self._checked(position_bias, "position_bias")
-
-    def set_sink_bias(self, sink_bias: torch.Tensor) -> None:
-        """Attach the ``[sink_tokens, out]`` extra bias of the first token positions (see ``bc_sink_tokens``)."""
-        self.sink_bias = self._checked(sink_bias, "sink_bias")

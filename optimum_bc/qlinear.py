@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from optimum_bc import kernels
+from optimum_bc.packed_base import PackedLinearBase
 from optimum_bc.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
-from optimum_bc.positions import PositionBiasMixin
 
 
 def _num_groups(in_features: int, group_size: int) -> int:
@@ -40,7 +40,7 @@ def _as_integer(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return tensor.to(torch.int64)
 
 
-class QuantLinear(PositionBiasMixin):
+class QuantLinear(PackedLinearBase):
     """Linear layer with ``bits``-bit grouped weights: packed-weight kernels or a dequantize-once dense cache.
 
     Paths (see :mod:`optimum_bc.kernels`; ``kernel_path(x)`` tells which one an input takes):
@@ -216,20 +216,6 @@ class QuantLinear(PositionBiasMixin):
         self._cached_weight = None
         self._kernel_form = None
         self._kernel_plans = {}
-
-    def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
-        """Cached dense weight in ``x``'s dtype and device, rebuilt only when those change or the cache was dropped."""
-        cached = self._cached_weight
-        if (
-            cached is None
-            or cached.dtype != x.dtype
-            or cached.device != x.device
-            # Inference-mode tensors cannot be saved for backward outside inference mode.
-            or (cached.is_inference() and not torch.is_inference_mode_enabled())
-        ):
-            cached = self.dequantize_weight(x.dtype).to(x.device)
-            self._cached_weight = cached
-        return cached
 
     def kernel_plan(self, device_type: str) -> kernels.Plan:
         """The kernel this layer can use on ``device_type`` (decided once from its shape and ``g_idx``)."""
