@@ -19,13 +19,17 @@ from reproduce_bc import model_bytes
 from transformers.utils import logging as hf_logging
 
 from optimum_bc import BCQuantizationConfig, quantize_model
+from optimum_bc.algorithms import get_algorithm
 from optimum_bc.calibration import set_progress_bars
+from optimum_bc.formats import is_mx
 
 
-# Setting name -> BCQuantizationConfig keywords. Add block-scaled formats here, e.g. "mxfp4": {"format": "mxfp4"}.
+# Setting name -> BCQuantizationConfig keywords.
 SETTINGS: dict[str, dict] = {
     "4-bit g128": {"bits": 4, "group_size": 128},
     "3-bit g128": {"bits": 3, "group_size": 128},
+    "mxfp4": {"format": "mxfp4"},
+    "mxint4": {"format": "mxint4"},
 }
 METHODS = ("rtn", "gptq", "comq", "erq")
 START, END = "<!-- compare_methods:start -->", "<!-- compare_methods:end -->"
@@ -71,6 +75,9 @@ def main() -> None:
     for setting in settings:
         for method in args.methods.split(","):
             for bc in bc_values:
+                if not get_algorithm(method).supports_mx and is_mx(SETTINGS[setting].get("format", "int")):
+                    print(f"{setting} {method}: n/a ({method} has no MX support)", flush=True)
+                    continue
                 config = BCQuantizationConfig(
                     method=method,
                     bias_compensation=bc,
@@ -123,7 +130,7 @@ def format_table(rows: list[Row], settings: list[str], args: argparse.Namespace)
             values = []
             for s in settings:
                 r = cells.get((s, method, bc))
-                values += [f"{r.perplexity:.2f}", f"{r.seconds:.0f}"] if r else ["", ""]
+                values += [f"{r.perplexity:.2f}", f"{r.seconds:.0f}"] if r else ["n/a", ""]
             lines.append(f"| {method} | {'on' if bc else 'off'} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
