@@ -62,11 +62,13 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def bc_parameters(model: torch.nn.Module) -> int:
-    """Parameters added by BC: a bias per output channel (LLaMA Linears have none), or the position table."""
+    """Parameters added by BC: a bias per output channel (LLaMA Linears have none) plus the sink rows, or the
+    position table."""
     total = 0
     for m in model.modules():
         if isinstance(m, QuantLinear | MXLinear):
             total += m.position_bias.numel() if m.position_bias is not None else m.out_features
+            total += m.sink_bias.numel() if m.sink_bias is not None else 0
     return total
 
 
