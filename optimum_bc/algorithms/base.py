@@ -100,8 +100,17 @@ class GramQuantizer(WeightQuantizer):
 
     needs_inputs = True
 
-    def __init__(self, in_features: int, *, bits: int, group_size: int, sym: bool, **options: object) -> None:
-        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym)
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        format: str = INT_FORMAT,
+        **options: object,
+    ) -> None:
+        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym, format=format)
         self.gram: torch.Tensor | None = None
         self.num_tokens = 0
 
@@ -115,7 +124,9 @@ class GramQuantizer(WeightQuantizer):
     def hessian(self, device: torch.device) -> torch.Tensor:
         """``2 Σ x xᵀ / N`` on ``device``; raises when no token was observed."""
         if self.gram is None or self.num_tokens == 0:
-            raise ValueError(f"{type(self).__name__} needs calibration inputs: add_batch() never saw a token")
+            raise ValueError(
+                f"{type(self).__name__} needs calibration inputs: add_batch() was never called with any token"
+            )
         return self.gram.to(device) * (2.0 / self.num_tokens)
 
     def free(self) -> None:

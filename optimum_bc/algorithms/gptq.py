@@ -13,7 +13,7 @@ import torch
 
 from ..formats import INT_FORMAT, get_format, is_mx
 from . import register_algorithm
-from .base import QuantizedWeight, WeightQuantizer
+from .base import GramQuantizer, QuantizedWeight
 from .rtn import rtn_quantize
 
 
@@ -134,10 +134,9 @@ def gptq_quantize(
 
 
 @register_algorithm("gptq")
-class GPTQQuantizer(WeightQuantizer):
+class GPTQQuantizer(GramQuantizer):
     """Accumulates ``H = 2 Σ x xᵀ / N`` over calibration tokens, then runs :func:`gptq_quantize`."""
 
-    needs_inputs = True
     supports_mx = True
 
     def __init__(
@@ -155,23 +154,11 @@ class GPTQQuantizer(WeightQuantizer):
         super().__init__(in_features, bits=bits, group_size=group_size, sym=sym, format=format)
         self.damp_percent = damp_percent
         self.desc_act = desc_act
-        self.H: torch.Tensor | None = None
-        self.num_tokens = 0
-
-    def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.in_features).float()
-        if self.H is None:
-            self.H = torch.zeros(self.in_features, self.in_features, device=x.device)
-        self.H.addmm_(x.T, x)
-        self.num_tokens += x.shape[0]
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        if self.H is None or self.num_tokens == 0:
-            raise ValueError("GPTQ needs calibration inputs: add_batch() was never called with any token")
-        H = self.H.to(weight.device) * (2.0 / self.num_tokens)
         return gptq_quantize(
             weight,
-            H,
+            self.hessian(weight.device),
             bits=self.bits,
             group_size=self.group_size,
             sym=self.sym,
@@ -179,7 +166,3 @@ class GPTQQuantizer(WeightQuantizer):
             desc_act=self.desc_act,
             format=self.format,
         )
-
-    def free(self) -> None:
-        self.H = None
-        self.num_tokens = 0
