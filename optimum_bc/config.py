@@ -210,7 +210,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
                 "method",
                 self.method,
                 f"{[m for m in available_algorithms() if get_algorithm(m).supports_mx]} with format={self.format!r}",
-                'method="gptq" or method="rtn"',
+                "one of those methods, or format='int'",
             )
 
     def _check_common(self) -> None:

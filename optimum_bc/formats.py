@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from .primitives import QParams, compute_qparams, dequantize_codes, quantize_codes
+from .primitives import MIN_SCALE, SCALE_DTYPE, QParams, compute_qparams, dequantize_codes, quantize_codes
 
 
 MX_BLOCK_SIZE = 32
@@ -118,6 +118,20 @@ class ElementFormat:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """float32 values of integer ``codes``."""
         return self.values.to(codes.device)[codes.long()]
+
+    @cached_property
+    def ordered(self) -> torch.Tensor:
+        """The distinct values :meth:`round` can produce, ascending (``-0`` and ``+0`` are one value; for integers the
+        most negative code is left out, as the symmetric range never produces it)."""
+        values = self.values[torch.isfinite(self.values)]
+        return torch.unique(values[values.abs() <= self.max_normal])
+
+    def step(self, codes: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """Codes of the next larger (``direction`` +1) or smaller (-1) value; 0 or the end of the range keeps it."""
+        table = self.ordered.to(codes.device)
+        idx = torch.searchsorted(table, self.decode(codes).contiguous())
+        idx = (idx + direction.long()).clamp(0, table.numel() - 1)
+        return self.encode(table[idx]).to(codes.dtype)
 
 
 def _floor_log2(a: torch.Tensor) -> torch.Tensor:
@@ -263,6 +277,18 @@ class IntFormat:
         """Values of codes given per-column scales and zeros."""
         return scales * (codes.float() - zeros.float())
 
+    def grid(self, scale: torch.Tensor, zero: torch.Tensor) -> IntGrid:
+        """The grid with these (broadcastable) scales and zero points."""
+        return IntGrid(QParams(scale, zero, 2**self.bits - 1))
+
+    def step(self, codes: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """Codes one step up (``direction`` +1) or down (-1), kept inside ``[0, 2^bits - 1]``."""
+        return (codes + direction).clamp(0, 2**self.bits - 1)
+
+    def scale_candidates(self, scale: torch.Tensor) -> torch.Tensor:
+        """Storable scales near float32 ``scale`` ``(rows,)``: its float16 rounding, as ``(rows, 1)``."""
+        return scale.to(SCALE_DTYPE).float().clamp(min=MIN_SCALE).unsqueeze(1)
+
 
 @dataclass(frozen=True)
 class MXFormat:
@@ -283,6 +309,20 @@ class MXFormat:
     def decode(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         """Values of codes given per-column scales (zeros are unused)."""
         return self.element.decode(codes) * scales
+
+    def grid(self, scale: torch.Tensor, zero: torch.Tensor) -> MXGrid:
+        """The grid with these (broadcastable) shared scales."""
+        return MXGrid(scale, self.element)
+
+    def step(self, codes: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        """Codes of the adjacent element values (see :meth:`ElementFormat.step`)."""
+        return self.element.step(codes, direction)
+
+    def scale_candidates(self, scale: torch.Tensor) -> torch.Tensor:
+        """Storable scales near ``scale`` ``(rows,)``: the powers of two just below and above it (E8M0, §5.4)."""
+        exp = _floor_log2(scale.clamp(min=2.0**E8M0_MIN)).clamp(E8M0_MIN, E8M0_MAX - 1)
+        low = torch.ldexp(torch.ones_like(scale), exp.int())
+        return torch.stack([low, 2 * low], dim=1)
 
 
 WeightFormat = IntFormat | MXFormat

@@ -1,15 +1,20 @@
 """COMQ against a slow, obviously-correct reference, and end to end through transformers."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear
 from optimum_bc.algorithms import get_algorithm
-from optimum_bc.algorithms.comq import comq_quantize
+from optimum_bc.algorithms.comq import _update_scales, comq_quantize
 from optimum_bc.algorithms.gptq import gptq_quantize
+from optimum_bc.algorithms.grid import GroupGrid
 from optimum_bc.algorithms.rtn import rtn_quantize
 from optimum_bc.cli import main
+from optimum_bc.formats import MX_ELEMENTS, e8m0_to_scale, mx_scale, scale_to_e8m0
+from optimum_bc.mxlinear import MXLinear
 from optimum_bc.primitives import compute_qparams
 
 from .conftest import VOCAB
@@ -25,30 +30,44 @@ def _gram(X: torch.Tensor) -> torch.Tensor:
     return 2 * X.T @ X / X.shape[0]
 
 
+def _grid_points(w: torch.Tensor, bits: int, sym: bool, format: str) -> list[tuple[int, float]]:
+    """Every (code, value) of the grid fitted to the 1-D block ``w``: the min-max integer grid or an MX block."""
+    if format == "int":
+        qp = compute_qparams(w.float().unsqueeze(0), bits, sym)
+        return [(k, float(qp.scale) * (k - float(qp.zero))) for k in range(qp.maxq + 1)]
+    element = MX_ELEMENTS[format]
+    scale = float(mx_scale(w.float().unsqueeze(0), element))
+    # MX integers use the symmetric range: the most negative two's complement code is never produced.
+    usable = [v for v in element.values.tolist() if math.isfinite(v) and v >= -element.max_normal]
+    return [(k, scale * v) for k, v in enumerate(element.values.tolist()) if v in usable]
+
+
 def _reference_comq(
-    X: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, sym: bool, sweeps: int
-) -> torch.Tensor:
-    """Per row, per coordinate in greedy order: try every grid point and keep the one with the least ||X(w - q)||²."""
+    X: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, sym: bool, sweeps: int, format: str = "int"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, per coordinate in greedy order: try every grid point and keep the one with the least ||X(w - q)||².
+
+    Returns the codes and their values.
+    """
     X, w = X.double(), w.double()
     n = w.shape[1]
     size = n if group_size == -1 else group_size
-    codes = torch.zeros_like(w)
+    codes, values = torch.zeros_like(w), torch.zeros_like(w)
     for r in range(w.shape[0]):
-        grids = [compute_qparams(w[r : r + 1, s : s + size], bits, sym) for s in range(0, n, size)]
+        grids = [_grid_points(w[r, s : s + size], bits, sym, format) for s in range(0, n, size)]
         q = w[r].clone()
         order = sorted(range(n), key=lambda j: -float(w[r, j].abs() * X[:, j].norm()))
         for _ in range(sweeps):
             for j in order:
-                qp = grids[j // size]
                 best, best_err = None, None
-                for k in range(qp.maxq + 1):
-                    q[j] = float(qp.scale) * (k - float(qp.zero))
+                for k, v in grids[j // size]:
+                    q[j] = v
                     err = float(((X @ (w[r] - q)) ** 2).sum())
                     if best_err is None or err < best_err:
-                        best, best_err = k, err
-                codes[r, j] = best
-                q[j] = float(qp.scale) * (best - float(qp.zero))
-    return codes
+                        best, best_err = (k, v), err
+                codes[r, j], q[j] = best
+        values[r] = q
+    return codes, values
 
 
 @pytest.mark.parametrize(
@@ -58,7 +77,7 @@ def _reference_comq(
 def test_comq_matches_brute_force_reference(bits: int, group_size: int, sym: bool, sweeps: int) -> None:
     X = _correlated_inputs(64, 16, seed=bits)
     w = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
-    expected = _reference_comq(X, w, bits, group_size, sym, sweeps)
+    expected, _ = _reference_comq(X, w, bits, group_size, sym, sweeps)
     for block_size in (5, 64):  # several lazy blocks (the last one partial), and a single one
         qw = comq_quantize(
             w, _gram(X), bits=bits, group_size=group_size, sym=sym, sweeps=sweeps, block_size=block_size
@@ -67,6 +86,51 @@ def test_comq_matches_brute_force_reference(bits: int, group_size: int, sym: boo
     residual = (w - qw.dequantize()).double()
     loss = ((X.double() @ residual.T) ** 2).sum(dim=0) / X.shape[0]
     torch.testing.assert_close(qw.row_losses.double(), loss, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxint4", "mxfp6_e2m3", "mxfp8_e4m3"])
+def test_comq_mx_matches_brute_force_reference(name: str) -> None:
+    X = _correlated_inputs(96, 64, seed=1)
+    w = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    bits = MX_ELEMENTS[name].bits
+    _, expected = _reference_comq(X, w, bits, 32, True, 1, format=name)
+    for block_size in (7, 64):
+        qw = comq_quantize(w, _gram(X), bits=bits, group_size=32, sym=True, block_size=block_size, format=name)
+        assert qw.format == name
+        assert torch.equal(qw.dequantize().double(), expected)
+    # The codes are on the grid the stored scales describe, so the packed layer reproduces them exactly.
+    layer = MXLinear.from_quantized(qw.codes, qw.scales, name)
+    assert torch.equal(layer.dequantize_weight(), qw.dequantize())
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxint4"])
+def test_comq_mx_beats_rtn_and_scale_update_stays_on_powers_of_two(name: str) -> None:
+    X = _correlated_inputs(2048, 64)
+    w = torch.randn(32, 64)
+    H = _gram(X)
+    bits = MX_ELEMENTS[name].bits
+
+    def err(qw) -> float:
+        return float(((X @ (w - qw.dequantize()).T) ** 2).mean())
+
+    rtn = rtn_quantize(w, bits=bits, group_size=32, sym=True, format=name)
+    fixed = comq_quantize(w, H, bits=bits, group_size=32, sym=True, sweeps=2, format=name)
+    updated = comq_quantize(w, H, bits=bits, group_size=32, sym=True, sweeps=2, update_scale=True, format=name)
+    assert err(fixed) < 0.9 * err(rtn)
+    assert updated.loss <= fixed.loss
+    assert torch.equal(e8m0_to_scale(scale_to_e8m0(updated.scales)), updated.scales)  # still 2^E: E8M0 storable
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxint8"])
+def test_mx_scale_update_finds_the_better_power_of_two(name: str) -> None:
+    """With codes fixed and weights exactly twice their values, the best storable scale is twice the fitted one."""
+    X = _correlated_inputs(512, 64, seed=3)
+    w0 = torch.randn(8, 64)
+    grid = GroupGrid.fit(w0, bits=MX_ELEMENTS[name].bits, group_size=32, sym=True, format=name)
+    cols = grid.all_columns(8)
+    codes = grid.nearest(w0, cols)
+    updated = _update_scales(2 * grid.value(codes, cols), _gram(X), grid, codes)
+    assert torch.equal(updated.scales, 2 * grid.scales)
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, -1), (3, 32), (2, 16)])

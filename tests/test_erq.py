@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 from optimum_bc import BCQuantizationConfig, QuantLinear
 from optimum_bc.algorithms.erq import ERQQuantizer, aqer_correction, erq_quantize
 from optimum_bc.algorithms.rtn import rtn_quantize
+from optimum_bc.formats import MX_ELEMENTS, get_format, mx_scale
+from optimum_bc.mxlinear import MXLinear
 from optimum_bc.primitives import compute_qparams
 
 from .conftest import VOCAB
@@ -42,27 +44,48 @@ def test_aqer_is_the_ridge_regression_solution() -> None:
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
 
 
-def _reference_wqer(A: torch.Tensor, w: torch.Tensor, bits: int, lam_rel: float, chunk: float) -> torch.Tensor:
-    """ERQ's Wqer written out per row: floor/ceil errors, the explicit proxy δᵀCδ, ridge by augmented lstsq."""
+def _grid_values(w: torch.Tensor, bits: int, format: str) -> list[float]:
+    """The sorted values of the grid fitted to the 1-D block ``w`` (asymmetric min-max integer grid, or MX block)."""
+    if format == "int":
+        qp = compute_qparams(w.float().unsqueeze(0), bits, False)
+        return [float(qp.scale) * (k - float(qp.zero)) for k in range(qp.maxq + 1)]
+    element = MX_ELEMENTS[format]
+    scale = float(mx_scale(w.float().unsqueeze(0), element))
+    values = {v for v in element.values.tolist() if math.isfinite(v) and abs(v) <= element.max_normal}
+    return sorted(scale * v for v in values)
+
+
+def _reference_wqer(
+    A: torch.Tensor,
+    w: torch.Tensor,
+    bits: int,
+    lam_rel: float,
+    chunk: float,
+    group_size: int = -1,
+    format: str = "int",
+) -> torch.Tensor:
+    """ERQ's Wqer written out per row: the grid points bracketing each weight, the explicit proxy δᵀCδ, ridge by
+    augmented lstsq. Returns the quantized values."""
     A, w = A.double(), w.double()
     N, n = A.shape
+    size = n if group_size == -1 else group_size
     C = A.T @ A / N  # E[a aᵀ] = μμᵀ + Σ
     lam_abs = lam_rel * float(torch.diagonal(2 * A.T @ A / N).mean()) * N / 2
-    codes = torch.zeros_like(w)
+    out = torch.zeros_like(w)
     for r in range(w.shape[0]):
-        qp = compute_qparams(w[r : r + 1].float(), bits, False)
-        scale, zero, maxq = float(qp.scale), float(qp.zero), qp.maxq
+        grids = [_grid_values(w[r, s : s + size], bits, format) for s in range(0, n, size)]
         row = w[r].clone()
         done = 0
         while done < n:
             k = max(1, int(chunk * (n - done)))
             S = list(range(done, done + k))
-            lo = [min(max(math.floor(row[j] / scale) + zero, 0), maxq) for j in S]
-            hi = [min(max(math.ceil(row[j] / scale) + zero, 0), maxq) for j in S]
-            code = [min(max(round(float(row[j]) / scale) + zero, 0), maxq) for j in S]
-            delta = torch.tensor(
-                [scale * (c - zero) - float(row[j]) for c, j in zip(code, S, strict=True)], dtype=torch.float64
-            )
+            lo, hi, q = [], [], []
+            for j in S:
+                grid, x = grids[j // size], float(row[j])
+                lo.append(max([v for v in grid if v <= x], default=grid[0]))
+                hi.append(min([v for v in grid if v >= x], default=grid[-1]))
+                q.append(min(grid, key=lambda v: abs(v - x)))
+            delta = torch.tensor([q[i] - float(row[j]) for i, j in enumerate(S)], dtype=torch.float64)
             Cs = C[S][:, S]
             for _ in range(100):
                 g = 2 * Cs @ delta
@@ -70,19 +93,19 @@ def _reference_wqer(A: torch.Tensor, w: torch.Tensor, bits: int, lam_rel: float,
                 if not cand:
                     break
                 i = max(cand, key=lambda i: float(g[i].abs()))
-                options = [(scale * (c - zero) - float(row[S[i]]), c) for c in (lo[i], hi[i])]
-                new_delta, new_code = min(options, key=lambda o: abs(o[0] - float(delta[i] - g[i])))
+                options = [(v - float(row[S[i]]), v) for v in (lo[i], hi[i])]
+                new_delta, new_value = min(options, key=lambda o: abs(o[0] - float(delta[i] - g[i])))
                 trial = delta.clone()
                 trial[i] = new_delta
                 if float(trial @ Cs @ trial) >= float(delta @ Cs @ delta):
                     break
-                delta, code[i] = trial, new_code
-            codes[r, done : done + k] = torch.tensor(code, dtype=torch.float64)
+                delta, q[i] = trial, new_value
+            out[r, done : done + k] = torch.tensor(q, dtype=torch.float64)
             if done + k < n:
                 R = list(range(done + k, n))
                 row[R] += _ridge_lstsq(A[:, R], -(A[:, S] @ delta).unsqueeze(1), lam_abs)[:, 0]
             done += k
-    return codes
+    return out
 
 
 @pytest.mark.parametrize("bits,chunk,lam", [(3, 0.5, 0.01), (2, 0.5, 0.1), (4, 0.25, 0.01)])
@@ -90,7 +113,38 @@ def test_wqer_matches_reference(bits: int, chunk: float, lam: float) -> None:
     A = _correlated_inputs(128, 20, seed=bits)
     w = torch.randn(4, 20, generator=torch.Generator().manual_seed(3))
     qw = erq_quantize(w, _gram(A), None, bits=bits, group_size=-1, sym=False, lam=lam, chunk=chunk)
-    assert torch.equal(qw.codes.double(), _reference_wqer(A, w, bits, lam, chunk))
+    torch.testing.assert_close(qw.dequantize().double(), _reference_wqer(A, w, bits, lam, chunk), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "mxint4", "mxfp6_e3m2"])
+def test_wqer_mx_matches_reference(name: str) -> None:
+    A = _correlated_inputs(160, 64, seed=2)
+    w = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    bits = MX_ELEMENTS[name].bits
+    qw = erq_quantize(w, _gram(A), None, bits=bits, group_size=32, sym=True, format=name)
+    assert qw.format == name
+    expected = _reference_wqer(A, w, bits, 0.01, 0.5, group_size=32, format=name)
+    torch.testing.assert_close(qw.dequantize().double(), expected, rtol=0, atol=0)
+    layer = MXLinear.from_quantized(qw.codes, qw.scales, name)
+    assert torch.equal(layer.dequantize_weight(), qw.dequantize())
+    err = lambda q: float(((A @ (w - q).T) ** 2).mean())  # noqa: E731
+    assert err(qw.dequantize()) < err(rtn_quantize(w, bits=bits, group_size=32, sym=True, format=name).dequantize())
+
+
+def test_format_step_walks_the_sorted_values() -> None:
+    for name, element in MX_ELEMENTS.items():
+        fmt = get_format(name, element.bits)
+        table = element.ordered
+        assert float(table[0]) == -element.max_normal and float(table[-1]) == element.max_normal
+        codes = element.encode(table).float()
+        up = fmt.step(codes, torch.ones_like(codes))
+        down = fmt.step(codes, -torch.ones_like(codes))
+        assert torch.equal(element.decode(up), torch.cat([table[1:], table[-1:]])), name
+        assert torch.equal(element.decode(down), torch.cat([table[:1], table[:-1]])), name
+        assert torch.equal(element.decode(fmt.step(codes, torch.zeros_like(codes))), table)
+    fmt = get_format("int", 3)
+    codes = torch.arange(8.0)
+    assert torch.equal(fmt.step(codes, torch.ones_like(codes)), torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 7]))
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, -1), (3, 32), (2, 16)])

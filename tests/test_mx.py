@@ -233,8 +233,11 @@ def _targets(model: nn.Module) -> list[nn.Module]:
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize(
+    "method,name",
+    [(m, f) for m in ("rtn", "gptq") for f in FORMATS]
+    + [(m, f) for m in ("comq", "erq") for f in ("mxfp4", "mxint4", "mxfp6_e3m2", "mxfp8_e4m3")],
+)
 def test_quantize_model_with_bc(family: str, method: str, name: str, calib_ids: torch.Tensor) -> None:
     model = tiny_llama() if family == "llama" else tiny_opt()
     ids = calib_ids[:2]
@@ -259,7 +262,7 @@ def test_quantize_model_with_bc(family: str, method: str, name: str, calib_ids: 
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "comq"])
 @pytest.mark.parametrize("name", ["mxfp4", "mxint4"])
 def test_quantize_model_without_bc_and_bc_helps(family: str, method: str, name: str, calib_ids: torch.Tensor) -> None:
     outputs = {}
@@ -288,9 +291,10 @@ def test_rtn_without_bc_matches_rtn_quantize_exactly() -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_save_reload_bit_identical(family: str, calib_ids: torch.Tensor, tmp_path) -> None:
+@pytest.mark.parametrize("method", ["gptq", "comq", "erq"])
+def test_save_reload_bit_identical(family: str, method: str, calib_ids: torch.Tensor, tmp_path) -> None:
     model = tiny_llama() if family == "llama" else tiny_opt()
-    config = BCQuantizationConfig(format="mxfp4", method="gptq", dataset=calib_ids, num_samples=16, seq_len=32)
+    config = BCQuantizationConfig(format="mxfp4", method=method, dataset=calib_ids, num_samples=16, seq_len=32)
     optimum_bc.quantize_model(model, config)
     with torch.no_grad():
         before = model(calib_ids[:3]).logits
@@ -363,7 +367,9 @@ def test_config_rejects_bad_combinations(kwargs: dict, message: str) -> None:
 
 def test_config_rejects_method_without_mx_support(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(RTNQuantizer, "supports_mx", False)
-    with pytest.raises(ValueError, match=r"method='rtn' is invalid; allowed: \['gptq'\] with format='mxfp4'"):
+    with pytest.raises(
+        ValueError, match=r"method='rtn' is invalid; allowed: \['comq', 'erq', 'gptq'\] with format='mxfp4'"
+    ):
         BCQuantizationConfig(format="mxfp4", method="rtn")
 
 

@@ -12,10 +12,11 @@ decreasing ``|w_j| · ||x_j||`` (the released code's ``--greedy``). ``G = (W - Q
 lazily, as GPTQ does: inside a block of ``b`` steps only the visited entries (``b x b`` per row), then the rest with one
 batched product, so a sweep costs ``O(rows · in²)``, the cost of GPTQ.
 
-The grid (min-max per row and per group) is fitted once on the float weights and kept fixed, as in the reference
-code. ``update_scale`` adds the paper's claim that scales are variables too: after each sweep every (row, group)
-scale takes the exact 1-D minimiser for the current integer codes (rounded to its float16 storage, kept only when it
-lowers the error).
+The grid (min-max per row and per group, or an MX format's shared power-of-two scale per block of 32 columns) is
+fitted once on the float weights and kept fixed, as in the reference code; "nearest grid point" is the format's own
+rounding (:mod:`optimum_bc.formats`). ``update_scale`` adds the paper's claim that scales are variables too: after
+each sweep every (row, group) scale takes the exact 1-D minimiser for the current codes, rounded to its storage (the
+nearest float16; for MX the better of the two neighbouring powers of two), and is kept only when it lowers the error.
 """
 
 import logging
@@ -23,10 +24,10 @@ from dataclasses import replace
 
 import torch
 
-from ..primitives import MIN_SCALE, SCALE_DTYPE
+from ..formats import INT_FORMAT
 from . import register_algorithm
 from .base import GramQuantizer, QuantizedWeight
-from .grid import GroupGrid
+from .grid import GroupGrid, check_group_size
 from .rtn import rtn_quantize
 
 
@@ -46,19 +47,21 @@ def comq_quantize(
     sweeps: int = 1,
     update_scale: bool = False,
     block_size: int = BLOCK_SIZE,
+    format: str = INT_FORMAT,
 ) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` given the input Gram matrix ``H`` ``[in, in]`` (neither is modified).
 
-    ``row_losses`` holds ``(w - q)ᵀ H (w - q) / 2`` per row: the mean squared output error per token when
-    ``H = 2 XᵀX / N``.
+    ``format`` picks the grid (MX formats need ``group_size`` = the MX block size). ``row_losses`` holds
+    ``(w - q)ᵀ H (w - q) / 2`` per row: the mean squared output error per token when ``H = 2 XᵀX / N``.
     """
+    check_group_size("COMQ", format, bits, sym, group_size)
     W = weight.float()
     H = H.float().to(W.device)
     if not bool(torch.isfinite(H).all()):
         logger.warning("COMQ: the Gram matrix has non-finite entries; falling back to RTN for this layer")
-        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym)
+        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
     rows, n = W.shape
-    grid = GroupGrid.fit(W, bits=bits, group_size=group_size, sym=sym)
+    grid = GroupGrid.fit(W, bits=bits, group_size=group_size, sym=sym, format=format)
     diag = torch.diagonal(H)
     order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
     codes = torch.zeros(rows, n, device=W.device)
@@ -110,13 +113,14 @@ def _sweep_block(
 def _update_scales(W: torch.Tensor, H: torch.Tensor, grid: GroupGrid, codes: torch.Tensor) -> GroupGrid:
     """One coordinate step on every (row, group) scale, groups in order, codes fixed.
 
-    With ``v`` the integer offsets ``codes - zero`` of one group (zero elsewhere) and residual ``r = w - q``, changing
-    the scale by ``d`` changes the error by ``-2 d vᵀHr + d² vᵀHv``; the minimiser is ``d = vᵀHr / vᵀHv``.
+    With ``v`` the unit values of one group's codes (``codes - zero`` for integers, the element values for MX; zero
+    elsewhere) and residual ``r = w - q``, changing the scale by ``d`` changes the error by ``-2 d vᵀHr + d² vᵀHv``;
+    the minimiser is ``d = vᵀHr / vᵀHv``. Of the storable scales next to it the one with the lowest error is taken.
     """
     rows = W.shape[0]
     cols = grid.all_columns(rows)
     scales = grid.scales.clone()
-    offsets = codes - grid.at(cols).zero
+    offsets = grid.unit_value(codes, cols)
     residual = W - grid.value(codes, cols)
     for g in range(scales.shape[1]):
         idx = torch.nonzero(grid.g_idx == g).squeeze(1)
@@ -126,9 +130,13 @@ def _update_scales(W: torch.Tensor, H: torch.Tensor, grid: GroupGrid, codes: tor
         den = (Hv[:, idx] * v).sum(dim=1)
         old = scales[:, g]
         best = old + num / den.clamp(min=1e-30)
-        new = best.to(SCALE_DTYPE).float().clamp(min=MIN_SCALE)
-        d = new - old
-        better = (den > 0) & torch.isfinite(new) & (d * d * den - 2 * d * num < 0)
+        cand = grid.fmt.scale_candidates(torch.where(torch.isfinite(best) & (best > 0), best, old))
+        dc = cand - old.unsqueeze(1)
+        change = dc * dc * den.unsqueeze(1) - 2 * dc * num.unsqueeze(1)  # error change of each candidate
+        change = torch.where(torch.isfinite(change), change, torch.inf)
+        pick = change.argmin(dim=1, keepdim=True)
+        d = dc.gather(1, pick)[:, 0]
+        better = (den > 0) & (change.gather(1, pick)[:, 0] < 0)
         d = torch.where(better, d, torch.zeros_like(d))
         scales[:, g] = old + d
         residual[:, idx] -= d.unsqueeze(1) * v
@@ -139,6 +147,8 @@ def _update_scales(W: torch.Tensor, H: torch.Tensor, grid: GroupGrid, codes: tor
 class COMQQuantizer(GramQuantizer):
     """Accumulates ``H = 2 Σ x xᵀ / N`` over calibration tokens, then runs :func:`comq_quantize`."""
 
+    supports_mx = True
+
     def __init__(
         self,
         in_features: int,
@@ -148,9 +158,10 @@ class COMQQuantizer(GramQuantizer):
         sym: bool,
         comq_sweeps: int = 1,
         comq_update_scale: bool = False,
+        format: str = INT_FORMAT,
         **options: object,
     ) -> None:
-        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym)
+        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym, format=format)
         self.sweeps = comq_sweeps
         self.update_scale = comq_update_scale
 
@@ -163,4 +174,5 @@ class COMQQuantizer(GramQuantizer):
             sym=self.sym,
             sweeps=self.sweeps,
             update_scale=self.update_scale,
+            format=self.format,
         )

@@ -12,7 +12,8 @@ Gram matrices are used: ``H = 2 AᵀA / N`` and ``C = 2 AᵀX / N``.
 
    The reference also appends a ones column so the bias absorbs the mean error; here that job is left to bias
    compensation (``bias_compensation=True``), which is exactly that mean correction.
-2. The min-max grid (per row and group) is fitted on the corrected weight and kept fixed, as in the reference.
+2. The grid (min-max per row and group, or an MX format's shared scale per 32-column block) is fitted on the
+   corrected weight and kept fixed, as in the reference.
 3. **Wqer** (progressive quantize-and-correct). While columns remain, the next ``chunk`` fraction of them (the
    reference halves the remainder), in natural order, is quantized: each coordinate starts at its nearest grid point;
    **rounding refinement** then flips, per row and one coordinate at a time (largest gradient whose sign agrees with
@@ -29,9 +30,10 @@ import logging
 
 import torch
 
+from ..formats import INT_FORMAT
 from . import register_algorithm
 from .base import GramQuantizer, QuantizedWeight
-from .grid import GroupGrid
+from .grid import GroupGrid, check_group_size
 from .rtn import rtn_quantize
 
 
@@ -66,23 +68,26 @@ def erq_quantize(
     lam: float = 0.01,
     chunk: float = 0.5,
     refine_iters: int = REFINE_ITERS,
+    format: str = INT_FORMAT,
 ) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` from ``H = 2 AᵀA / N`` and, for Aqer, ``C = 2 AᵀX / N`` (None: no Aqer).
 
     ``lam`` is relative to ``mean(diag H)``; ``chunk`` is the fraction of the remaining columns fixed per step.
-    ``row_losses`` holds ``(w̃ - q)ᵀ H (w̃ - q) / 2`` per row, ``w̃`` the Aqer-corrected weight.
+    ``format`` picks the grid (MX formats need ``group_size`` = the MX block size). ``row_losses`` holds
+    ``(w̃ - q)ᵀ H (w̃ - q) / 2`` per row, ``w̃`` the Aqer-corrected weight.
     """
+    check_group_size("ERQ", format, bits, sym, group_size)
     W = weight.float().clone()
     H = H.float().to(W.device)
     if not bool(torch.isfinite(H).all()) or (C is not None and not bool(torch.isfinite(C).all())):
         logger.warning("ERQ: non-finite input statistics; falling back to RTN for this layer")
-        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym)
+        return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
     rows, n = W.shape
     ridge = lam * max(float(torch.diagonal(H).mean()), 1e-12)
     if C is not None:
         W += aqer_correction(W, H, C.float().to(W.device), ridge)
     target = W.clone()
-    grid = GroupGrid.fit(W, bits=bits, group_size=group_size, sym=sym)
+    grid = GroupGrid.fit(W, bits=bits, group_size=group_size, sym=sym, format=format)
     codes = torch.zeros(rows, n, device=W.device)
     done = 0
     while done < n:
@@ -109,7 +114,7 @@ def _refine(
     """
     code = grid.nearest(w, cols)
     delta = grid.value(code, cols) - w
-    other = (code - torch.sign(delta)).clamp(0, grid.maxq)  # the grid neighbour on the other side of w
+    other = grid.step(code, -torch.sign(delta))  # the grid neighbour on the other side of w
     alt = grid.value(other, cols) - w
     g = 2 * delta @ C
     active = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
@@ -141,6 +146,7 @@ class ERQQuantizer(GramQuantizer):
     """Accumulates ``H = 2 AᵀA / N`` and the cross term ``C = 2 AᵀX / N``, then runs :func:`erq_quantize`."""
 
     needs_float_inputs = True
+    supports_mx = True
 
     def __init__(
         self,
@@ -151,9 +157,10 @@ class ERQQuantizer(GramQuantizer):
         sym: bool,
         erq_lambda: float = 0.01,
         erq_chunk: float = 0.5,
+        format: str = INT_FORMAT,
         **options: object,
     ) -> None:
-        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym)
+        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym, format=format)
         self.lam = erq_lambda
         self.chunk = erq_chunk
         self.cross: torch.Tensor | None = None
@@ -169,7 +176,15 @@ class ERQQuantizer(GramQuantizer):
         H = self.hessian(weight.device)
         C = self.cross.to(weight.device) * (2.0 / self.num_tokens) if self.cross is not None else None
         return erq_quantize(
-            weight, H, C, bits=self.bits, group_size=self.group_size, sym=self.sym, lam=self.lam, chunk=self.chunk
+            weight,
+            H,
+            C,
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            lam=self.lam,
+            chunk=self.chunk,
+            format=self.format,
         )
 
     def free(self) -> None:
