@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import ArchitectureSpec, check_supported, get_blocks, target_linears
-from .calibration import BlockCalibrator, capture_block_inputs, collate
+from .algorithms import get_algorithm
+from .architectures import ArchitectureSpec, check_supported, first_param_device, get_blocks, target_linears
+from .calibration import BlockCalibrator, activation_bytes, activation_store, capture_block_inputs, collate
 from .config import BCQuantizationConfig
 from .formats import check_mx_shapes, is_mx
 from .offload import OffloadedCalibration, is_dispatched
@@ -92,6 +93,22 @@ def _is_text(dataset: Any) -> bool:
     return hasattr(dataset, "column_names")
 
 
+def _activation_store(
+    model: nn.Module,
+    config: BCQuantizationConfig,
+    blocks: nn.ModuleList,
+    batches: list[dict],
+    placement: OffloadedCalibration | None,
+) -> torch.device | None:
+    """Where calibration activations are kept (None: with the blocks), from ``config.offload_activations``."""
+    device = placement.execution_device if placement is not None else first_param_device(blocks[0])
+    streams = 2 if config.bias_compensation or get_algorithm(config.method).needs_float_inputs else 1
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    dtype = model.get_input_embeddings().weight.dtype
+    needed = activation_bytes(tokens, model.config.hidden_size, dtype, streams)
+    return activation_store(config.offload_activations, device, needed)
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -127,10 +144,11 @@ def quantize_model(
     outside = (spec.blocks, *_module_names(model, model.get_output_embeddings()))
     if placement is not None:
         placement.onload(model, skip=outside)
-    inputs = capture_block_inputs(model, blocks, batches) if batches else []
+    store = _activation_store(model, config, blocks, batches, placement)
+    inputs = capture_block_inputs(model, blocks, batches, store) if batches else []
     if placement is not None:
         placement.offload(model, skip=outside, write=False)
-    report = BlockCalibrator(model, spec, config, skip, placement).run(inputs)
+    report = BlockCalibrator(model, spec, config, skip, placement, store).run(inputs)
     if placement is not None:
         model.tie_weights()
         placement.dispatch()

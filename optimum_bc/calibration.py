@@ -60,11 +60,52 @@ class _Batch:
     kwargs: dict
     valid: torch.Tensor  # (batch, tokens) bool: non-padding tokens
 
-    def to(self, device: torch.device) -> "_Batch":
-        """The batch with its tensors (kwargs included: masks, rotary embeddings) on ``device``."""
-        if self.hidden.device == device:
+    def to(self, device: torch.device, store: torch.device | None = None) -> "_Batch":
+        """The batch with its kwargs (masks, rotary embeddings) and mask on ``device`` and its hidden states on
+        ``store`` (default ``device``; the CPU when activations are offloaded)."""
+        store = device if store is None else store
+        if self.valid.device == device and self.hidden.device == store:
             return self
-        return _Batch(self.hidden.to(device), send_to_device(self.kwargs, device), self.valid.to(device))
+        return _Batch(self.hidden.to(store), send_to_device(self.kwargs, device), self.valid.to(device))
+
+
+#: Activations are offloaded by default when they would fill more than this share of the GPU's free memory; the rest
+#: is left to the block, its float copy, the Hessians and the forward pass's own temporaries.
+ACTIVATION_SHARE = 0.5
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on an accelerator ``device`` (None when the backend cannot tell)."""
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "mem_get_info"):
+        return None
+    return int(backend.mem_get_info(device)[0])
+
+
+def activation_bytes(tokens: int, hidden_size: int, dtype: torch.dtype, streams: int) -> int:
+    """Memory of the calibration activations: ``streams`` streams, each one block's inputs and outputs."""
+    return tokens * hidden_size * torch.empty((), dtype=dtype).element_size() * streams * 2
+
+
+def activation_store(setting: bool | None, device: torch.device, needed: int) -> torch.device | None:
+    """Where the calibration activations live between uses: None (with the block, on ``device``) or the CPU.
+
+    ``setting`` is ``config.offload_activations``; None decides from the free memory of ``device``: offload when
+    the activations (``needed`` bytes) exceed :data:`ACTIVATION_SHARE` of it. Blocks running on the CPU keep theirs.
+    """
+    if device.type == "cpu":
+        return None
+    if setting is None:
+        free = free_memory(device)
+        setting = free is not None and needed > ACTIVATION_SHARE * free
+        logger.info(
+            "optimum-bc: calibration activations need %.1f MiB, %s MiB free on %s: %s",
+            needed / 2**20,
+            "?" if free is None else f"{free / 2**20:.0f}",
+            device,
+            "kept on the CPU" if setting else f"kept on {device}",
+        )
+    return torch.device("cpu") if setting else None
 
 
 def collate(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -84,15 +125,21 @@ def collate(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[dic
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict]) -> list[_Batch]:
-    """Run the model up to its first decoder block and record that block's inputs for every batch."""
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[dict], store: torch.device | None = None
+) -> list[_Batch]:
+    """Run the model up to its first decoder block and record that block's inputs for every batch.
+
+    ``store``: where the hidden states are kept (None: where they were computed).
+    """
     records: list[_Batch] = []
     current: dict = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        records.append(_Batch(hidden.detach(), kwargs, current["valid"].to(hidden.device)))
+        valid = current["valid"].to(hidden.device)
+        records.append(_Batch(hidden.detach().to(store or hidden.device), kwargs, valid))
         raise _StopForward
 
     device = model.get_input_embeddings().weight.device
@@ -174,9 +221,11 @@ class BlockCalibrator:
         config: BCQuantizationConfig,
         skip: list[str],
         placement: OffloadedCalibration | None = None,
+        store: torch.device | None = None,
     ) -> None:
         self.model = model
         self.placement = placement
+        self.store = store
         self.spec = spec
         self.config = config
         self.skip = skip
@@ -242,9 +291,11 @@ class BlockCalibrator:
         """Quantize, compensate and pack one block; return the next block's inputs (quantized, float) streams."""
         t0 = time.perf_counter()
         device = first_param_device(block)
-        # Blocks of a device map may sit on different devices: the streams follow the block.
-        h_q = [b.to(device) for b in h_q]
-        h_fp = [b.to(device) for b in h_fp] if h_fp is not None else None
+        # Blocks of a device map may sit on different devices: the streams follow the block, or stay on the CPU
+        # (offloaded activations) and come to the device one batch at a time.
+        store = self.store or device
+        h_q = [b.to(device, store) for b in h_q]
+        h_fp = [b.to(device, store) for b in h_fp] if h_fp is not None else None
         fblock = copy.deepcopy(block) if self.float_stream else None
         stages = self.stages(index)
         moments: dict[str, InputMoments] = {}
@@ -286,7 +337,7 @@ class BlockCalibrator:
                         with _capture_inputs(fblock, float_keys, seen_fp, stop=s > 0):
                             out = _run_block(fblock, fp_batch.hidden.to(device), fp_batch.kwargs)
                         if s == 0:
-                            next_fp.append(_Batch(out, fp_batch.kwargs, fp_batch.valid))
+                            next_fp.append(_Batch(out.to(store), fp_batch.kwargs, fp_batch.valid))
                         for key in float_keys:
                             x_fp = _valid_rows(seen_fp[key], valid)
                             if self.algorithm.needs_float_inputs:
@@ -295,7 +346,7 @@ class BlockCalibrator:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
             self._finish_stage(index, block, stage, quantizers, moments)
-        next_q = [_Batch(_run_block(block, b.hidden.to(device), b.kwargs), b.kwargs, b.valid) for b in h_q]
+        next_q = [_Batch(_run_block(block, b.hidden.to(device), b.kwargs).to(store), b.kwargs, b.valid) for b in h_q]
         block_report = BlockReport(index=index, seconds=0.0)
         if self.config.bc_layer:
             self._compensate_block(index, block, h_q, h_fp, next_q, next_fp, block_report, device)
@@ -364,10 +415,10 @@ class BlockCalibrator:
         residual = ResidualMean(channels, device=device)
         for b, batch in enumerate(next_q):
             if self.sequential_target:
-                out = batch.hidden
+                out = batch.hidden.to(device)
             else:
                 out = _run_block(block, h_fp[b].hidden.to(device), h_fp[b].kwargs)
-            residual.add_batch(_valid_rows(next_fp[b].hidden, batch.valid), _valid_rows(out, batch.valid))
+            residual.add_batch(_valid_rows(next_fp[b].hidden.to(device), batch.valid), _valid_rows(out, batch.valid))
         target_name = layer_bias_target(self.model.config, self.spec)
         target = block.get_submodule(target_name)
         dtype = target.weight.dtype if getattr(target, "weight", None) is not None else torch.float32

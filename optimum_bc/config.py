@@ -77,6 +77,10 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         seq_len: tokens per calibration window.
         seed: seed of the window sampling.
         batch_size: windows per forward pass during calibration.
+        offload_activations: keep the calibration activations (the block inputs and outputs of both streams) on the
+            CPU between uses and bring one batch at a time to the GPU, for a GPU too small to hold them. ``None``
+            (default): decided when calibration starts, from the GPU's free memory (see ``optimum_bc.calibration``).
+            No effect when the blocks run on the CPU.
         tokenizer: tokenizer for text datasets (never serialized); defaults to the model's own.
         modules_to_not_convert: module names kept in float; default: ``lm_head`` and tied embeddings.
         config_version: layout version of this config, for forward compatibility.
@@ -106,6 +110,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         seq_len: int = 2048,
         seed: int = 0,
         batch_size: int = 1,
+        offload_activations: bool | None = None,
         tokenizer: Any = None,
         modules_to_not_convert: list[str] | None = None,
         config_version: int = CONFIG_VERSION,
@@ -139,6 +144,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.seq_len = seq_len
         self.seed = seed
         self.batch_size = batch_size
+        self.offload_activations = offload_activations
         self.tokenizer = tokenizer
         self.modules_to_not_convert = modules_to_not_convert
         self.config_version = config_version
@@ -298,6 +304,13 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             value = getattr(self, field)
             _check(type(value) is int and value >= low, field, value, f"an int >= {low}", f"{field}={max(low, 8)}")
         _check(type(self.seed) is int, "seed", self.seed, "an int", "seed=0")
+        _check(
+            self.offload_activations is None or isinstance(self.offload_activations, bool),
+            "offload_activations",
+            self.offload_activations,
+            "None (decide from free GPU memory), True or False",
+            "offload_activations=None",
+        )
         _check(
             self.modules_to_not_convert is None
             or (

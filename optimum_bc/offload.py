@@ -173,6 +173,7 @@ class OffloadedCalibration:
         self.folder = offload_folder if offload_folder is not None else getattr(loader, "save_folder", None)
         self.index: dict[str, dict] = dict(loader.index) if loader is not None else {}
         check_offload_folder(self.folder, self.device_map)
+        bound_heap_growth()
         remove_hook_from_submodules(model)
 
     def _device(self, name: str) -> torch.device:
@@ -240,15 +241,17 @@ class OffloadedCalibration:
         )
         for module in self.model.modules():
             hook = getattr(module, "_hf_hook", None)
-            if hasattr(module, "reset_cache") and isinstance(hook, AlignDevicesHook) and hook.offload:
+            if isinstance(hook, AlignDevicesHook) and hook.offload and _has_caches(module):
                 add_hook_to_module(module, OffloadedCacheHook.like(hook))
 
 
 class OffloadedCacheHook(AlignDevicesHook):
-    """Accelerate's offloading hook that also drops the module's derived dense cache after each forward.
+    """Accelerate's offloading hook that also drops the derived dense caches of the module and its submodules after
+    each forward.
 
-    A ``QuantLinear`` caches its dequantized weight; on an offloaded module that cache would keep the weight resident
-    after the hook has put the packed buffers back on ``meta``.
+    A ``QuantLinear`` caches its dequantized weight; inside an offloaded module (Accelerate hooks whole decoder blocks,
+    not each Linear) that cache would keep the weight resident after the hook has put the packed buffers back on
+    ``meta``: after one forward pass every block's dense weights would be in memory.
     """
 
     @classmethod
@@ -267,8 +270,33 @@ class OffloadedCacheHook(AlignDevicesHook):
 
     def post_forward(self, module: nn.Module, output: object) -> object:
         output = super().post_forward(module, output)
-        module.reset_cache()
+        _drop_caches(module)
         return output
+
+
+#: glibc ``mallopt`` parameter numbers (malloc.h).
+_M_MMAP_THRESHOLD = -3
+#: Allocations at least this large get their own mapping, returned to the OS on free.
+MMAP_THRESHOLD = 1 << 20
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def bound_heap_growth() -> None:
+    """Make glibc serve allocations of 1 MiB and more from their own mappings, returned to the OS when freed.
+
+    An offloaded model loads each block's tensors and dense weights for every forward and frees them after. glibc's
+    default raises its mmap threshold after the first large free (up to 32 MiB), so later allocations of that size
+    come from the heap, whose freed pages are kept: after a few forward passes the process holds as much memory as the
+    whole dense model. A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic adjustment off)
+    keeps the resident memory bounded by one block. It is a process-wide setting; it has no effect off glibc.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def _return_freed_memory() -> None:
@@ -278,10 +306,13 @@ def _return_freed_memory() -> None:
     keeps freed pages in its heap.
     """
     gc.collect()
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def _has_caches(module: nn.Module) -> bool:
+    return any(hasattr(sub, "reset_cache") for sub in module.modules())
 
 
 def _drop_caches(module: nn.Module) -> None:

@@ -175,3 +175,57 @@ def test_unwritable_offload_folder_is_named(tmp_path) -> None:
         check_offload_folder(str(blocker / "offload"), {"model.layers.0": "disk"})
     check_offload_folder(str(tmp_path / "fine"), {"model.layers.0": "disk"})
     assert (tmp_path / "fine").is_dir() and not list((tmp_path / "fine").iterdir())
+
+
+def test_activation_store_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimum_bc import calibration
+
+    gpu = torch.device("cuda:0")
+    monkeypatch.setattr(calibration, "free_memory", lambda device: 1000)
+    assert calibration.activation_store(None, gpu, 501) == torch.device("cpu")  # more than half the free memory
+    assert calibration.activation_store(None, gpu, 500) is None
+    assert calibration.activation_store(True, gpu, 1) == torch.device("cpu")
+    assert calibration.activation_store(False, gpu, 10**12) is None
+    assert calibration.activation_store(True, torch.device("cpu"), 10**12) is None  # CPU blocks: nothing to offload
+    monkeypatch.setattr(calibration, "free_memory", lambda device: None)
+    assert calibration.activation_store(None, gpu, 10**12) is None  # unknown free memory: keep the default
+    # 2 streams x (inputs + outputs) x 8 x 128 tokens x 64 channels x 2 bytes
+    assert calibration.activation_bytes(8 * 128, 64, torch.float16, 2) == 2 * 2 * 8 * 128 * 64 * 2
+
+
+def test_batch_to_keeps_hidden_states_on_the_store() -> None:
+    from optimum_bc.calibration import _Batch
+
+    batch = _Batch(torch.randn(2, 3, 4), {"mask": torch.ones(2, 3)}, torch.ones(2, 3, dtype=torch.bool))
+    moved = batch.to(torch.device("cpu"), torch.device("meta"))
+    assert moved.hidden.device.type == "meta"
+    assert moved.kwargs["mask"].device.type == "cpu" and moved.valid.device.type == "cpu"
+    assert batch.to(torch.device("cpu")) is batch
+
+
+@pytest.mark.parametrize("value", ["yes", 1])
+def test_offload_activations_config_rejects_bad_values(value: object) -> None:
+    with pytest.raises(ValueError, match="offload_activations="):
+        BCQuantizationConfig(offload_activations=value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offloaded_activations_on_gpu_give_the_same_model(calib_ids, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimum_bc import calibration, quantize_model
+
+    stores = []
+    original = calibration.BlockCalibrator.quantize_block
+
+    def spy(self, index, block, h_q, h_fp):  # noqa: ANN001, ANN202
+        next_q, next_fp = original(self, index, block, h_q, h_fp)
+        stores.append({b.hidden.device.type for b in next_q + (next_fp or [])})
+        return next_q, next_fp
+
+    monkeypatch.setattr(calibration.BlockCalibrator, "quantize_block", spy)
+    logits = {}
+    for offload in (False, True):
+        model = tiny_llama().cuda()
+        quantize_model(model, _cfg(calib_ids, offload_activations=offload))
+        logits[offload] = model(calib_ids[:2].cuda()).logits
+    assert stores[:2] == [{"cuda"}, {"cuda"}] and stores[2:] == [{"cpu"}, {"cpu"}]
+    torch.testing.assert_close(logits[True], logits[False])
