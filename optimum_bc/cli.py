@@ -28,10 +28,17 @@ class UsageError(ValueError):
 
 def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("quantization")
-    group.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per weight (default 4)")
+    group.add_argument(
+        "--bits", type=int, choices=[2, 3, 4, 6, 8], help="bits per weight (default 4; an MX format sets its own)"
+    )
     group.add_argument("--method", default="gptq", help="weight quantizer: gptq (default), rtn, comq or erq")
-    group.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per channel (128)")
-    group.add_argument("--sym", action="store_true", help="symmetric grid")
+    group.add_argument(
+        "--format", default="int", help="weight format: int (default) or an MX format, e.g. mxfp4, mxint4, mxfp8_e4m3"
+    )
+    group.add_argument(
+        "--group-size", type=int, help="columns per scale; -1 = per channel (default 128; MX formats: 32)"
+    )
+    group.add_argument("--sym", action="store_true", help="symmetric grid (MX formats always are)")
     group.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
     group.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ dampening (0.01)")
     group.add_argument("--comq-sweeps", type=int, default=1, help="COMQ passes over all coordinates (1)")
@@ -153,7 +160,8 @@ def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
     return BCQuantizationConfig(
         bits=args.bits,
         group_size=args.group_size,
-        sym=args.sym,
+        sym=True if args.sym else None,
+        format=args.format,
         method=args.method,
         desc_act=args.desc_act,
         damp_percent=args.damp_percent,

@@ -470,3 +470,29 @@ def test_model_card_names_the_mx_format() -> None:
     text = str(build_model_card(config.to_dict()))
     assert "OCP MX format `mxfp6_e2m3` (6-bit elements, 32 per E8M0 scale)" in text
     assert '`format` | `"mxfp6_e2m3"`' in text
+
+
+def test_cli_format_flag() -> None:
+    from optimum_bc.cli import _build_parser, _config_from_args
+
+    args = _build_parser().parse_args(["quantize", "m", "--output", "o", "--format", "mxfp4", "--method", "comq"])
+    config = _config_from_args(args, tokenizer=None)
+    assert (config.format, config.bits, config.group_size, config.sym, config.method) == ("mxfp4", 4, 32, True, "comq")
+    plain = _config_from_args(_build_parser().parse_args(["quantize", "m", "--output", "o"]), tokenizer=None)
+    assert (plain.format, plain.bits, plain.group_size, plain.sym) == ("int", 4, 128, False)
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--format", "mxfp4", "--group-size", "128"], "group_size=128 is invalid; allowed: 32"),
+        (["--format", "mxfp9"], "format='mxfp9' is invalid"),
+        (["--format", "mxint8", "--bits", "4"], "bits=4 is invalid; allowed: 8"),
+    ],
+)
+def test_cli_format_errors_before_loading(flags: list[str], match: str, capsys, tmp_path, monkeypatch) -> None:
+    from optimum_bc.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", "does-not-exist", "--output", "o", *flags]) == 2
+    assert match in capsys.readouterr().err
