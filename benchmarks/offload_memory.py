@@ -80,7 +80,8 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     device_map = getattr(model, "hf_device_map", {"": "cpu"})
     blocks = len(report.blocks)
     on_disk = sum(1 for i in range(blocks) if _placement(device_map, f"model.layers.{i}") == "disk")
-    logits = model(ids[:1, :16]).logits
+    with torch.no_grad():  # inference: with autograd on, the graph would keep every block's dense weight alive
+        logits = model(ids[:1, :16]).logits
     if offload_dir is not None:
         shutil.rmtree(offload_dir, ignore_errors=True)
     del model
