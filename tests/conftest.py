@@ -9,13 +9,25 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """``n`` inputs of width ``d`` with correlated channels of growing scale: where Hessian-aware methods beat RTN."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3.0, d)
+
+
+def gram(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
+    """``2 AᵀB / N`` (``B = A`` by default): the GPTQ Hessian / COMQ Gram matrix, or ERQ's cross term."""
+    return 2 * A.T @ (A if B is None else B) / A.shape[0]
+
+
+def tiny_llama(seed: int = 0, intermediate_size: int = 160) -> LlamaForCausalLM:
     """2-layer LLaMA with grouped-query attention and tied embeddings."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
-        intermediate_size=160,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

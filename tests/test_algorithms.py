@@ -8,11 +8,7 @@ from optimum_bc.algorithms.gptq import gptq_quantize, inverse_cholesky
 from optimum_bc.algorithms.rtn import rtn_quantize
 from optimum_bc.primitives import compute_qparams, fake_quantize
 
-
-def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
-    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3.0, d)
+from .conftest import correlated_inputs, gram
 
 
 def test_registry_lists_and_rejects() -> None:
@@ -60,9 +56,9 @@ def test_gptq_identity_hessian_equals_rtn(group_size: int, desc_act: bool) -> No
 @pytest.mark.parametrize("bits,group_size,desc_act", [(3, -1, False), (4, 32, False), (3, 32, True), (2, 16, True)])
 def test_gptq_beats_rtn_on_correlated_inputs(bits: int, group_size: int, desc_act: bool) -> None:
     d = 64
-    X = _correlated_inputs(2048, d)
+    X = correlated_inputs(2048, d)
     w = torch.randn(32, d)
-    H = 2 * X.T @ X / X.shape[0]
+    H = gram(X)
     gptq = gptq_quantize(w, H, bits=bits, group_size=group_size, sym=False, desc_act=desc_act)
     rtn = rtn_quantize(w, bits=bits, group_size=group_size, sym=False)
     err_gptq = ((X @ (w - gptq.dequantize()).T) ** 2).mean()
@@ -72,8 +68,8 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits: int, group_size: int, desc_ac
 
 def test_gptq_act_order_groups_g_idx_is_permuted_and_consistent() -> None:
     d = 64
-    X = _correlated_inputs(1024, d, seed=3)
-    H = 2 * X.T @ X / X.shape[0]
+    X = correlated_inputs(1024, d, seed=3)
+    H = gram(X)
     qw = gptq_quantize(torch.randn(8, d), H, bits=4, group_size=16, sym=False, desc_act=True)
     counts = torch.bincount(qw.g_idx.long(), minlength=4)
     assert torch.equal(counts, torch.full((4,), 16))
@@ -114,8 +110,8 @@ def test_gptq_quantizer_accumulates_hessian() -> None:
 
 def test_gptq_rows_are_independent_so_stacking_layers_is_exact() -> None:
     d = 48
-    X = _correlated_inputs(512, d, seed=5)
-    H = 2 * X.T @ X / X.shape[0]
+    X = correlated_inputs(512, d, seed=5)
+    H = gram(X)
     W1, W2 = torch.randn(10, d), torch.randn(6, d)
     stacked = gptq_quantize(torch.cat([W1, W2]), H, bits=3, group_size=16, sym=False, desc_act=True)
     for W, part in ((W1, stacked.rows(0, 10)), (W2, stacked.rows(10, 16))):

@@ -17,17 +17,7 @@ from optimum_bc.formats import MX_ELEMENTS, e8m0_to_scale, mx_scale, scale_to_e8
 from optimum_bc.mxlinear import MXLinear
 from optimum_bc.primitives import compute_qparams
 
-from .conftest import VOCAB
-
-
-def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
-    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3.0, d)
-
-
-def _gram(X: torch.Tensor) -> torch.Tensor:
-    return 2 * X.T @ X / X.shape[0]
+from .conftest import VOCAB, correlated_inputs, gram
 
 
 def _grid_points(w: torch.Tensor, bits: int, sym: bool, format: str) -> list[tuple[int, float]]:
@@ -75,13 +65,11 @@ def _reference_comq(
     [(2, -1, False, 1), (3, -1, True, 1), (3, 8, False, 1), (4, 8, True, 1), (3, -1, False, 2), (8, 8, False, 1)],
 )
 def test_comq_matches_brute_force_reference(bits: int, group_size: int, sym: bool, sweeps: int) -> None:
-    X = _correlated_inputs(64, 16, seed=bits)
+    X = correlated_inputs(64, 16, seed=bits)
     w = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
     expected, _ = _reference_comq(X, w, bits, group_size, sym, sweeps)
     for block_size in (5, 64):  # several lazy blocks (the last one partial), and a single one
-        qw = comq_quantize(
-            w, _gram(X), bits=bits, group_size=group_size, sym=sym, sweeps=sweeps, block_size=block_size
-        )
+        qw = comq_quantize(w, gram(X), bits=bits, group_size=group_size, sym=sym, sweeps=sweeps, block_size=block_size)
         assert torch.equal(qw.codes.double(), expected)
     residual = (w - qw.dequantize()).double()
     loss = ((X.double() @ residual.T) ** 2).sum(dim=0) / X.shape[0]
@@ -90,12 +78,12 @@ def test_comq_matches_brute_force_reference(bits: int, group_size: int, sym: boo
 
 @pytest.mark.parametrize("name", ["mxfp4", "mxint4", "mxfp6_e2m3", "mxfp8_e4m3"])
 def test_comq_mx_matches_brute_force_reference(name: str) -> None:
-    X = _correlated_inputs(96, 64, seed=1)
+    X = correlated_inputs(96, 64, seed=1)
     w = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
     bits = MX_ELEMENTS[name].bits
     _, expected = _reference_comq(X, w, bits, 32, True, 1, format=name)
     for block_size in (7, 64):
-        qw = comq_quantize(w, _gram(X), bits=bits, group_size=32, sym=True, block_size=block_size, format=name)
+        qw = comq_quantize(w, gram(X), bits=bits, group_size=32, sym=True, block_size=block_size, format=name)
         assert qw.format == name
         assert torch.equal(qw.dequantize().double(), expected)
     # The codes are on the grid the stored scales describe, so the packed layer reproduces them exactly.
@@ -105,9 +93,9 @@ def test_comq_mx_matches_brute_force_reference(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["mxfp4", "mxint4"])
 def test_comq_mx_beats_rtn_and_scale_update_stays_on_powers_of_two(name: str) -> None:
-    X = _correlated_inputs(2048, 64)
+    X = correlated_inputs(2048, 64)
     w = torch.randn(32, 64)
-    H = _gram(X)
+    H = gram(X)
     bits = MX_ELEMENTS[name].bits
 
     def err(qw) -> float:
@@ -124,20 +112,20 @@ def test_comq_mx_beats_rtn_and_scale_update_stays_on_powers_of_two(name: str) ->
 @pytest.mark.parametrize("name", ["mxfp4", "mxint8"])
 def test_mx_scale_update_finds_the_better_power_of_two(name: str) -> None:
     """With codes fixed and weights exactly twice their values, the best storable scale is twice the fitted one."""
-    X = _correlated_inputs(512, 64, seed=3)
+    X = correlated_inputs(512, 64, seed=3)
     w0 = torch.randn(8, 64)
     grid = GroupGrid.fit(w0, bits=MX_ELEMENTS[name].bits, group_size=32, sym=True, format=name)
     cols = grid.all_columns(8)
     codes = grid.nearest(w0, cols)
-    updated = _update_scales(2 * grid.value(codes, cols), _gram(X), grid, codes)
+    updated = _update_scales(2 * grid.value(codes, cols), gram(X), grid, codes)
     assert torch.equal(updated.scales, 2 * grid.scales)
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, -1), (3, 32), (2, 16)])
 def test_comq_beats_rtn_and_more_sweeps_do_not_hurt(bits: int, group_size: int) -> None:
-    X = _correlated_inputs(2048, 64)
+    X = correlated_inputs(2048, 64)
     w = torch.randn(32, 64)
-    H = _gram(X)
+    H = gram(X)
 
     def err(qw) -> float:
         return float(((X @ (w - qw.dequantize()).T) ** 2).mean())
@@ -152,9 +140,9 @@ def test_comq_beats_rtn_and_more_sweeps_do_not_hurt(bits: int, group_size: int) 
 
 
 def test_comq_update_scale_is_the_least_squares_scale_and_lowers_error() -> None:
-    X = _correlated_inputs(1024, 32, seed=2)
+    X = correlated_inputs(1024, 32, seed=2)
     w = torch.randn(6, 32)
-    H = _gram(X)
+    H = gram(X)
     fixed = comq_quantize(w, H, bits=3, group_size=-1, sym=False)
     updated = comq_quantize(w, H, bits=3, group_size=-1, sym=False, update_scale=True)
     assert torch.equal(updated.codes, fixed.codes)  # one sweep: codes first, then the scale for those codes
@@ -169,9 +157,9 @@ def test_comq_update_scale_is_the_least_squares_scale_and_lowers_error() -> None
 
 
 def test_comq_stacked_rows_equal_separate_and_dead_inputs_stay_finite() -> None:
-    X = _correlated_inputs(512, 48, seed=4)
+    X = correlated_inputs(512, 48, seed=4)
     X[:, 5] = 0.0
-    H = _gram(X)
+    H = gram(X)
     a, b = torch.randn(8, 48), torch.randn(4, 48)
     stacked = comq_quantize(torch.cat([a, b]), H, bits=4, group_size=16, sym=False)
     alone = comq_quantize(b, H, bits=4, group_size=16, sym=False)

@@ -13,17 +13,7 @@ from optimum_bc.formats import MX_ELEMENTS, get_format, mx_scale
 from optimum_bc.mxlinear import MXLinear
 from optimum_bc.primitives import compute_qparams
 
-from .conftest import VOCAB
-
-
-def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
-    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3.0, d)
-
-
-def _gram(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
-    return 2 * A.T @ (A if B is None else B) / A.shape[0]
+from .conftest import VOCAB, correlated_inputs, gram
 
 
 def _ridge_lstsq(A: torch.Tensor, Y: torch.Tensor, lam: float) -> torch.Tensor:
@@ -34,13 +24,13 @@ def _ridge_lstsq(A: torch.Tensor, Y: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def test_aqer_is_the_ridge_regression_solution() -> None:
-    X = _correlated_inputs(256, 24).double()  # float inputs
+    X = correlated_inputs(256, 24).double()  # float inputs
     A = X + 0.3 * torch.randn_like(X)  # inputs carrying upstream quantization error
     W = torch.randn(10, 24, dtype=torch.float64)
     lam_abs = 5.0
     expected = _ridge_lstsq(A, X @ W.T - A @ W.T, lam_abs).T
     # With the normalised Gram matrices H = 2AᵀA/N the same ridge term is λ = 2 lam_abs / N.
-    got = aqer_correction(W, _gram(A), _gram(A, X), 2 * lam_abs / A.shape[0])
+    got = aqer_correction(W, gram(A), gram(A, X), 2 * lam_abs / A.shape[0])
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -110,18 +100,18 @@ def _reference_wqer(
 
 @pytest.mark.parametrize("bits,chunk,lam", [(3, 0.5, 0.01), (2, 0.5, 0.1), (4, 0.25, 0.01)])
 def test_wqer_matches_reference(bits: int, chunk: float, lam: float) -> None:
-    A = _correlated_inputs(128, 20, seed=bits)
+    A = correlated_inputs(128, 20, seed=bits)
     w = torch.randn(4, 20, generator=torch.Generator().manual_seed(3))
-    qw = erq_quantize(w, _gram(A), None, bits=bits, group_size=-1, sym=False, lam=lam, chunk=chunk)
+    qw = erq_quantize(w, gram(A), None, bits=bits, group_size=-1, sym=False, lam=lam, chunk=chunk)
     torch.testing.assert_close(qw.dequantize().double(), _reference_wqer(A, w, bits, lam, chunk), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["mxfp4", "mxint4", "mxfp6_e3m2"])
 def test_wqer_mx_matches_reference(name: str) -> None:
-    A = _correlated_inputs(160, 64, seed=2)
+    A = correlated_inputs(160, 64, seed=2)
     w = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
     bits = MX_ELEMENTS[name].bits
-    qw = erq_quantize(w, _gram(A), None, bits=bits, group_size=32, sym=True, format=name)
+    qw = erq_quantize(w, gram(A), None, bits=bits, group_size=32, sym=True, format=name)
     assert qw.format == name
     expected = _reference_wqer(A, w, bits, 0.01, 0.5, group_size=32, format=name)
     torch.testing.assert_close(qw.dequantize().double(), expected, rtol=0, atol=0)
@@ -149,26 +139,26 @@ def test_format_step_walks_the_sorted_values() -> None:
 
 @pytest.mark.parametrize("bits,group_size", [(4, -1), (3, 32), (2, 16)])
 def test_erq_beats_rtn_on_correlated_inputs(bits: int, group_size: int) -> None:
-    X = _correlated_inputs(2048, 64)
+    X = correlated_inputs(2048, 64)
     w = torch.randn(32, 64)
 
     def err(qw) -> float:
         return float(((X @ (w - qw.dequantize()).T) ** 2).mean())
 
-    erq = err(erq_quantize(w, _gram(X), None, bits=bits, group_size=group_size, sym=True))
+    erq = err(erq_quantize(w, gram(X), None, bits=bits, group_size=group_size, sym=True))
     assert erq < 0.9 * err(rtn_quantize(w, bits=bits, group_size=group_size, sym=True))
 
 
 def test_aqer_lowers_error_against_float_outputs() -> None:
-    X = _correlated_inputs(2048, 64, seed=5)
+    X = correlated_inputs(2048, 64, seed=5)
     A = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(6))
     w = torch.randn(16, 64)
 
     def err(qw) -> float:
         return float(((A @ qw.dequantize().T - X @ w.T) ** 2).mean())
 
-    with_aqer = erq_quantize(w, _gram(A), _gram(A, X), bits=4, group_size=-1, sym=False)
-    without = erq_quantize(w, _gram(A), None, bits=4, group_size=-1, sym=False)
+    with_aqer = erq_quantize(w, gram(A), gram(A, X), bits=4, group_size=-1, sym=False)
+    without = erq_quantize(w, gram(A), None, bits=4, group_size=-1, sym=False)
     assert err(with_aqer) < 0.95 * err(without)
 
 
@@ -178,8 +168,8 @@ def test_erq_quantizer_accumulates_the_cross_gram() -> None:
     for s in (slice(0, 30), slice(30, 100)):
         quantizer.add_batch(A[s])
         quantizer.add_float_batch(A[s], X[s])
-    torch.testing.assert_close(quantizer.hessian(torch.device("cpu")), _gram(A))
-    torch.testing.assert_close(quantizer.cross * 2 / quantizer.num_tokens, _gram(A, X))
+    torch.testing.assert_close(quantizer.hessian(torch.device("cpu")), gram(A))
+    torch.testing.assert_close(quantizer.cross * 2 / quantizer.num_tokens, gram(A, X))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import optimum_bc
 from optimum_bc import BCQuantizationConfig
@@ -22,7 +22,7 @@ from optimum_bc.formats import (
 from optimum_bc.mxlinear import MXLinear
 from optimum_bc.qlinear import QuantLinear
 
-from .conftest import VOCAB, tiny_llama, tiny_opt
+from .conftest import gram, tiny_llama, tiny_opt
 
 
 # (ebits, mbits, max normal) straight from MX spec §5.3 / OFP8, written out independently of optimum_bc.formats.
@@ -35,6 +35,8 @@ SPEC_FP = {
 }
 SPEC_INT = {"mxint8": (8, 127 / 64), "mxint4": (4, 7 / 4)}
 FORMATS = list(MX_ELEMENTS)
+#: A tiny LLaMA MLP width that is not a multiple of 32: its down_proj cannot be MX-quantized.
+ODD_MLP = 80
 
 
 def reference_table(name: str) -> dict[int, float]:
@@ -206,7 +208,7 @@ def _correlated_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", FORMATS)
 def test_gptq_beats_rtn_on_correlated_inputs(name: str) -> None:
     W, X = _correlated_problem()
-    H = 2 * X.T @ X / X.shape[0]
+    H = gram(X)
     rtn = rtn_quantize(W, bits=8, group_size=32, sym=True, format=name)
     gptq = gptq_quantize(W, H, bits=8, group_size=32, sym=True, format=name)
     err_rtn = ((W - rtn.dequantize()) @ X.T).pow(2).sum()
@@ -373,31 +375,15 @@ def test_config_rejects_method_without_mx_support(monkeypatch: pytest.MonkeyPatc
         BCQuantizationConfig(format="mxfp4", method="rtn")
 
 
-def _odd_llama() -> LlamaForCausalLM:
-    """Tiny LLaMA whose MLP width (80) is not a multiple of 32: down_proj cannot be MX-quantized."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def test_in_features_not_multiple_of_32_fails_before_calibration() -> None:
     # dataset=None would fail in calibration: the MX error must come first.
     config = BCQuantizationConfig(format="mxfp4", method="gptq", dataset=None)
     with pytest.raises(ValueError, match=r"layer 'model.layers.0.mlp.down_proj' has in_features=80.*divisible by"):
-        optimum_bc.quantize_model(_odd_llama(), config)
+        optimum_bc.quantize_model(tiny_llama(intermediate_size=ODD_MLP), config)
 
 
 def test_skipping_the_odd_layer_is_the_fix(calib_ids: torch.Tensor) -> None:
-    model = _odd_llama()
+    model = tiny_llama(intermediate_size=ODD_MLP)
     skip = ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     config = BCQuantizationConfig(
         format="mxfp4", method="rtn", dataset=calib_ids, num_samples=16, seq_len=32, modules_to_not_convert=skip
@@ -410,7 +396,7 @@ def test_skipping_the_odd_layer_is_the_fix(calib_ids: torch.Tensor) -> None:
 def test_from_pretrained_checks_shapes_before_calibration(
     tmp_path, calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _odd_llama().save_pretrained(tmp_path)
+    tiny_llama(intermediate_size=ODD_MLP).save_pretrained(tmp_path)
 
     def no_calibration(*args: object, **kwargs: object) -> None:
         raise AssertionError("calibration started before the layer shapes were checked")
@@ -432,7 +418,7 @@ def test_non_finite_weights_are_refused_before_calibration() -> None:
 
 def test_gptq_and_mxlinear_reject_bad_shapes() -> None:
     W, X = _correlated_problem()
-    H = 2 * X.T @ X / X.shape[0]
+    H = gram(X)
     with pytest.raises(ValueError, match="needs group_size=32 and desc_act=False"):
         gptq_quantize(W, H, bits=4, group_size=64, sym=True, format="mxfp4")
     with pytest.raises(ValueError, match="needs an MX format"):
