@@ -5,6 +5,7 @@ calibration inputs, ``quantize`` solves for the integer codes, ``free`` releases
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -100,17 +101,8 @@ class GramQuantizer(WeightQuantizer):
 
     needs_inputs = True
 
-    def __init__(
-        self,
-        in_features: int,
-        *,
-        bits: int,
-        group_size: int,
-        sym: bool,
-        format: str = INT_FORMAT,
-        **options: object,
-    ) -> None:
-        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym, format=format)
+    def __init__(self, in_features: int, **options: Any) -> None:
+        super().__init__(in_features, **options)
         self.gram: torch.Tensor | None = None
         self.num_tokens = 0
 

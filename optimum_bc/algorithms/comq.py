@@ -21,6 +21,7 @@ nearest float16; for MX the better of the two neighbouring powers of two), and i
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -150,18 +151,9 @@ class COMQQuantizer(GramQuantizer):
     supports_mx = True
 
     def __init__(
-        self,
-        in_features: int,
-        *,
-        bits: int,
-        group_size: int,
-        sym: bool,
-        comq_sweeps: int = 1,
-        comq_update_scale: bool = False,
-        format: str = INT_FORMAT,
-        **options: object,
+        self, in_features: int, *, comq_sweeps: int = 1, comq_update_scale: bool = False, **options: Any
     ) -> None:
-        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym, format=format)
+        super().__init__(in_features, **options)
         self.sweeps = comq_sweeps
         self.update_scale = comq_update_scale
 

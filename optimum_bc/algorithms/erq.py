@@ -27,6 +27,7 @@ activation scale: ``λ = lam · mean(diag H)``.
 """
 
 import logging
+from typing import Any
 
 import torch
 
@@ -148,19 +149,8 @@ class ERQQuantizer(GramQuantizer):
     needs_float_inputs = True
     supports_mx = True
 
-    def __init__(
-        self,
-        in_features: int,
-        *,
-        bits: int,
-        group_size: int,
-        sym: bool,
-        erq_lambda: float = 0.01,
-        erq_chunk: float = 0.5,
-        format: str = INT_FORMAT,
-        **options: object,
-    ) -> None:
-        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym, format=format)
+    def __init__(self, in_features: int, *, erq_lambda: float = 0.01, erq_chunk: float = 0.5, **options: Any) -> None:
+        super().__init__(in_features, **options)
         self.lam = erq_lambda
         self.chunk = erq_chunk
         self.cross: torch.Tensor | None = None

@@ -8,6 +8,7 @@ order (``g_idx`` maps each original column to its group).
 """
 
 import logging
+from typing import Any
 
 import torch
 
@@ -140,18 +141,9 @@ class GPTQQuantizer(GramQuantizer):
     supports_mx = True
 
     def __init__(
-        self,
-        in_features: int,
-        *,
-        bits: int,
-        group_size: int,
-        sym: bool,
-        damp_percent: float = 0.01,
-        desc_act: bool = False,
-        format: str = INT_FORMAT,
-        **options: object,
+        self, in_features: int, *, damp_percent: float = 0.01, desc_act: bool = False, **options: Any
     ) -> None:
-        super().__init__(in_features, bits=bits, group_size=group_size, sym=sym, format=format)
+        super().__init__(in_features, **options)
         self.damp_percent = damp_percent
         self.desc_act = desc_act
 
