@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import get_algorithm
 from .architectures import ArchitectureSpec, check_supported, first_param_device, get_blocks, target_linears
 from .calibration import BlockCalibrator, activation_bytes, activation_store, capture_block_inputs, collate
 from .config import BCQuantizationConfig
@@ -102,7 +101,7 @@ def _activation_store(
 ) -> torch.device | None:
     """Where calibration activations are kept (None: with the blocks), from ``config.offload_activations``."""
     device = placement.execution_device if placement is not None else first_param_device(blocks[0])
-    streams = 2 if config.bias_compensation or get_algorithm(config.method).needs_float_inputs else 1
+    streams = 2 if config.needs_float_stream else 1
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     dtype = model.get_input_embeddings().weight.dtype
     needed = activation_bytes(tokens, model.config.hidden_size, dtype, streams)

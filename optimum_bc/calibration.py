@@ -233,7 +233,7 @@ class BlockCalibrator:
         self.bc = config.bias_compensation
         self.sequential_target = self.bc and config.bc_target == "sequential"
         # The float stream runs beside the quantized one for BC's target and for algorithms that use float inputs.
-        self.float_stream = self.bc or self.algorithm.needs_float_inputs
+        self.float_stream = config.needs_float_stream
         # Whether each stage pairs its quantized inputs with the float inputs of the same Linears.
         self.paired = self.sequential_target or self.algorithm.needs_float_inputs
         self.positions = config.seq_len if config.bc_granularity == "position" else None

@@ -351,6 +351,14 @@ class BCQuantizationConfig(QuantizationConfigMixin):
 
         return self.bias_compensation or get_algorithm(self.method).needs_inputs
 
+    @property
+    def needs_float_stream(self) -> bool:
+        """Whether calibration also runs the float model's activations beside the quantized ones (BC's target, and
+        algorithms such as ERQ that use the float inputs)."""
+        from .algorithms import get_algorithm
+
+        return self.bias_compensation or get_algorithm(self.method).needs_float_inputs
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict for ``config.json`` (dataset described, tokenizer dropped)."""
         from .data import describe_dataset
