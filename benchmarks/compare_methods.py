@@ -10,15 +10,13 @@ text and the quantization seconds. Prints a markdown table, writes JSON and opti
 import argparse
 import json
 import re
-import time
 from dataclasses import asdict, dataclass
 
 import torch
-from packaged_eval import packaged_model
+from packaged_eval import packaged_model, quantize_packaged
 from reproduce_bc import model_bytes
 from transformers.utils import logging as hf_logging
 
-from optimum_bc import BCQuantizationConfig, quantize_model
 from optimum_bc.algorithms import get_algorithm
 from optimum_bc.calibration import set_progress_bars
 from optimum_bc.formats import is_mx
@@ -78,20 +76,15 @@ def main() -> None:
                 if not get_algorithm(method).supports_mx and is_mx(SETTINGS[setting].get("format", "int")):
                     print(f"{setting} {method}: n/a ({method} has no MX support)", flush=True)
                     continue
-                config = BCQuantizationConfig(
+                model, _, seconds = quantize_packaged(
+                    load,
+                    tokenizer,
+                    args.num_samples,
+                    args.seq_len,
                     method=method,
                     bias_compensation=bc,
-                    dataset="wiki-vital",
-                    tokenizer=tokenizer,
-                    num_samples=args.num_samples,
-                    seq_len=args.seq_len,
-                    batch_size=4,
                     **SETTINGS[setting],
                 )
-                model = load()
-                start = time.perf_counter()
-                quantize_model(model, config)
-                seconds = time.perf_counter() - start
                 rows.append(Row(setting, method, bc, perplexity(model), seconds, model_bytes(model)))
                 print(
                     f"{setting} {method} BC={'on' if bc else 'off'}: {rows[-1].perplexity:.2f} ({seconds:.0f} s)",

@@ -9,13 +9,12 @@ in this one run, and writes them as JSON.
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass
 
 import torch
-from packaged_eval import packaged_model
+from packaged_eval import packaged_model, quantize_packaged
 
-from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
+from optimum_bc import QuantLinear
 from optimum_bc.calibration import set_progress_bars
 from optimum_bc.mxlinear import MXLinear
 
@@ -63,20 +62,15 @@ def main() -> None:
     for name in args.formats.split(","):
         for method in args.methods.split(","):
             for bc in (False, True):
-                model = load()
-                config = BCQuantizationConfig(
+                model, _, seconds = quantize_packaged(
+                    load,
+                    tokenizer,
+                    args.num_samples,
+                    args.seq_len,
                     **FORMATS[name],
                     method=method,
                     bias_compensation=bc,
-                    dataset="wiki-vital",
-                    tokenizer=tokenizer,
-                    num_samples=args.num_samples,
-                    seq_len=args.seq_len,
-                    batch_size=4,
                 )
-                start = time.perf_counter()
-                quantize_model(model, config)
-                seconds = time.perf_counter() - start
                 rows.append(Row(name, method, bc, perplexity(model), seconds, linear_bytes(model)))
                 print(f"{name} {method}{'+BC' if bc else ''}: {rows[-1].perplexity:.2f} ({seconds:.0f} s)", flush=True)
                 with open(args.json, "w") as f:

@@ -1,11 +1,13 @@
 """Shared by the benchmark scripts: load the packaged SmolLM2-135M in fp32 and score it on held-out wiki-vital."""
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from optimum_bc import BCQuantizationConfig, QuantizationReport, quantize_model
 from optimum_bc.evaluation import evaluate_perplexity
 from optimum_bc.packaged import packaged_model_dir
 
@@ -27,3 +29,17 @@ def packaged_model(
         )
 
     return tokenizer, load, perplexity
+
+
+def quantize_packaged(
+    load: Callable[[], torch.nn.Module], tokenizer: Any, num_samples: int, seq_len: int, **settings: Any
+) -> tuple[torch.nn.Module, QuantizationReport, float]:
+    """A fresh model from ``load()`` quantized with ``BCQuantizationConfig(**settings)`` on ``num_samples`` windows of
+    ``seq_len`` wiki-vital tokens (batches of 4); returns it, the report and the seconds ``quantize_model`` took."""
+    config = BCQuantizationConfig(
+        dataset="wiki-vital", tokenizer=tokenizer, num_samples=num_samples, seq_len=seq_len, batch_size=4, **settings
+    )
+    model = load()
+    start = time.perf_counter()
+    report = quantize_model(model, config)
+    return model, report, time.perf_counter() - start

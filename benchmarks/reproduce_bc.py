@@ -10,13 +10,12 @@ BC parameters, all measured in this one run; writes the table as JSON and option
 import argparse
 import json
 import re
-import time
 from dataclasses import asdict, dataclass
 
 import torch
-from packaged_eval import packaged_model
+from packaged_eval import packaged_model, quantize_packaged
 
-from optimum_bc import BCQuantizationConfig, MXLinear, QuantLinear, quantize_model
+from optimum_bc import MXLinear, QuantLinear
 
 
 GRIDS = {"4-bit g128": (4, 128), "3-bit g128": (3, 128), "3-bit per-channel": (3, -1)}
@@ -93,8 +92,11 @@ def main() -> None:
         bits, group_size = GRIDS[grid]
         for name in args.settings.split(","):
             method, bc, target, granularity, sink = SETTINGS[name]
-            model = load()
-            config = BCQuantizationConfig(
+            model, report, seconds = quantize_packaged(
+                load,
+                tokenizer,
+                args.num_samples,
+                args.seq_len,
                 bits=bits,
                 group_size=group_size,
                 method=method,
@@ -102,15 +104,7 @@ def main() -> None:
                 bc_target=target,
                 bc_granularity=granularity,
                 bc_sink_tokens=sink,
-                dataset="wiki-vital",
-                tokenizer=tokenizer,
-                num_samples=args.num_samples,
-                seq_len=args.seq_len,
-                batch_size=4,
             )
-            start = time.perf_counter()
-            report = quantize_model(model, config)
-            seconds = time.perf_counter() - start
             extra = bc_parameters(model) if bc else 0
             rows.append(Row(grid, name, perplexity(model), seconds, model_bytes(model), extra))
             print(
