@@ -10,6 +10,7 @@ offloaded blocks stay in the offload store, never all resident at once.
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 from collections.abc import Iterator, Mapping
@@ -241,17 +242,16 @@ class OffloadedCalibration:
         )
         for module in self.model.modules():
             hook = getattr(module, "_hf_hook", None)
-            if isinstance(hook, AlignDevicesHook) and hook.offload and _has_caches(module):
+            if hasattr(module, "reset_cache") and isinstance(hook, AlignDevicesHook) and hook.offload:
                 add_hook_to_module(module, OffloadedCacheHook.like(hook))
 
 
 class OffloadedCacheHook(AlignDevicesHook):
-    """Accelerate's offloading hook that also drops the derived dense caches of the module and its submodules after
-    each forward.
+    """Accelerate's offloading hook that also drops the module's derived dense cache after each forward.
 
-    A ``QuantLinear`` caches its dequantized weight; inside an offloaded module (Accelerate hooks whole decoder blocks,
-    not each Linear) that cache would keep the weight resident after the hook has put the packed buffers back on
-    ``meta``: after one forward pass every block's dense weights would be in memory.
+    A packed layer caches its dequantized weight; on an offloaded module that cache would keep the weight resident
+    after the hook has put the packed buffers back on ``meta``. (Accelerate hooks each module that holds tensors
+    itself, so every offloaded packed layer gets its own hook.)
     """
 
     @classmethod
@@ -270,7 +270,7 @@ class OffloadedCacheHook(AlignDevicesHook):
 
     def post_forward(self, module: nn.Module, output: object) -> object:
         output = super().post_forward(module, output)
-        _drop_caches(module)
+        module.reset_cache()
         return output
 
 
@@ -280,6 +280,7 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 20
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name) if name else None
@@ -309,10 +310,6 @@ def _return_freed_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-def _has_caches(module: nn.Module) -> bool:
-    return any(hasattr(sub, "reset_cache") for sub in module.modules())
 
 
 def _drop_caches(module: nn.Module) -> None:
