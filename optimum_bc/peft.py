@@ -18,11 +18,13 @@ errors for LoRA variants that need the dense base weight (DoRA, PiSSA/OLoRA/CorD
 layers first because an adapter cannot be merged into bit-packed weights without re-quantizing them.
 """
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
 from .packed_base import PackedLinearBase
+from .positions import current_positions, token_positions
 
 
 try:
@@ -102,6 +104,22 @@ def merge_and_unload(peft_model: PeftModel, dtype: torch.dtype | None = None) ->
     if getattr(base, "hf_quantizer", None) is not None:
         base.dequantize(dtype=dtype)
     return peft_model.merge_and_unload()
+
+
+def checkpoint_positions() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+    """``context_fn`` for non-reentrant activation checkpointing of models with ``sink_bias`` / ``position_bias``.
+
+    Transformers checkpoints a decoder block's ``forward`` inside its ``__call__``, so the backward replay of the
+    block runs without the forward pre-hook that publishes the block's token positions, and the position-dependent
+    biases fail. This returns, for each checkpointed call, a no-op context for the forward and one that publishes
+    the positions the forward saw for the replay::
+
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_positions}
+        )
+    """
+    positions = current_positions()
+    return nullcontext(), (nullcontext() if positions is None else token_positions(positions))
 
 
 def trainable_summary(model: torch.nn.Module) -> dict[str, int]:

@@ -141,7 +141,9 @@ class BCHfQuantizer(HfQuantizer):
         dense = {name: dense_linear(layer, target) for name, layer in packed}  # all checked before any swap
         for name, layer in dense.items():
             set_module(model, name, layer)
-        model.to(target)
+        tensors = list(model.parameters()) + list(model.buffers())
+        if any(t.is_floating_point() and t.dtype != target for t in tensors):
+            model.to(target)
         names = [name.removesuffix(".base_layer") for name in dense]
         for flag, value in bias_flags(get_spec(model.config.model_type), names).items():
             setattr(model.config, flag, value)

@@ -15,11 +15,17 @@ from optimum_bc.packed_base import PackedLinearBase
 
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel  # noqa: E402
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training  # noqa: E402
 from peft import get_peft_model as peft_get_peft_model  # noqa: E402
 from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
 
-from optimum_bc.peft import TRAIN_BIAS_MIN_PEFT, get_peft_model, merge_and_unload, trainable_summary  # noqa: E402
+from optimum_bc.peft import (  # noqa: E402
+    TRAIN_BIAS_MIN_PEFT,
+    checkpoint_positions,
+    get_peft_model,
+    merge_and_unload,
+    trainable_summary,
+)
 
 from .conftest import VOCAB, tiny_llama, tiny_opt  # noqa: E402
 
@@ -178,6 +184,46 @@ def test_lora_on_the_float_lm_head_next_to_packed_layers(bc_dir: Path) -> None:
     losses = _steps(peft_model, n=4)
     assert losses[-1] < losses[0] - 0.05
     assert not torch.equal(head.lora_B["default"].weight, head_b)
+
+
+def test_bf16_kbit_preparation_and_gradient_checkpointing_train(bc_dir: Path) -> None:
+    """The usual QLoRA recipe: bf16 load (packed int4 kernel forward), kbit preparation, gradient checkpointing."""
+    model = AutoModelForCausalLM.from_pretrained(bc_dir, dtype=torch.bfloat16)
+    packed = _packed_state(model)
+    model = prepare_model_for_kbit_training(model)  # freezes and upcasts; its checkpointing keys on bnb/GPTQ flags
+    replay = {"use_reentrant": False, "context_fn": checkpoint_positions}  # the sink biases need positions in replay
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=replay)
+    peft_model = peft_get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert peft_model.get_base_model().is_activation_checkpointing
+    losses = _steps(peft_model, n=4)
+    assert losses[-1] < losses[0] - 0.05
+    after = _packed_state(peft_model)  # the kbit preparation upcasts the bf16 biases to float32, losslessly
+    assert after.keys() == packed.keys() and all(torch.equal(after[k].to(packed[k].dtype), packed[k]) for k in packed)
+
+
+def test_gradient_checkpointing_replays_blocks_with_their_positions(bc_dir: Path) -> None:
+    """The sink biases read token positions; a checkpointed block's backward replay needs checkpoint_positions."""
+    model = AutoModelForCausalLM.from_pretrained(bc_dir)
+    peft_model = peft_get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
+
+    def grads() -> dict[str, torch.Tensor]:
+        peft_model.train()
+        peft_model.zero_grad()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    expected = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(RuntimeError, match="no token positions were published"):
+        grads()
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_positions}
+    )
+    replayed = grads()
+    assert replayed.keys() == expected.keys() and len(expected) == 28
+    for name, grad in expected.items():
+        torch.testing.assert_close(replayed[name], grad, rtol=0, atol=1e-6)
 
 
 def test_trainer_lowers_the_loss_base_frozen_adapter_reloads(tmp_path: Path) -> None:
