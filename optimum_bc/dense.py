@@ -47,15 +47,20 @@ class BCDenseLinear(PositionBiases, nn.Linear):
         return self._add_position_terms(super().forward(x), x)
 
 
-def dense_linear(layer: PackedLinearBase, dtype: torch.dtype) -> nn.Linear:
-    """The dense layer computing what ``layer`` computes (reference path): ``nn.Linear``, or
-    :class:`BCDenseLinear` when ``layer`` has a ``sink_bias`` or ``position_bias``."""
+def check_in_memory(layer: PackedLinearBase) -> None:
+    """Refuse a packed layer whose tensors are on the meta device (offloaded): there is nothing to dequantize."""
     tensors = list(layer.buffers()) + list(layer.parameters())
     if any(t.is_meta for t in tensors):
         raise ValueError(
             f"{layer} has tensors on the meta device (offloaded with a device_map?); dequantize needs the packed "
             "layers in memory. Fix: load the model without disk/CPU offload before calling model.dequantize()"
         )
+
+
+def dense_linear(layer: PackedLinearBase, dtype: torch.dtype) -> nn.Linear:
+    """The dense layer computing what ``layer`` computes (reference path): ``nn.Linear``, or
+    :class:`BCDenseLinear` when ``layer`` has a ``sink_bias`` or ``position_bias``."""
+    check_in_memory(layer)
     device = layer.bias.device
     sink, table = layer.sink_bias, layer.position_bias
     if sink is None and table is None:

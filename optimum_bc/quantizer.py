@@ -115,7 +115,7 @@ class BCHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        """PEFT adapters (LoRA, see ``optimum_bc.peft``) train on top of the frozen packed weights."""
+        """PEFT adapters (stock ``peft``, see ``optimum_bc.peft``) train on top of the frozen packed weights."""
         return True
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
@@ -129,7 +129,7 @@ class BCHfQuantizer(HfQuantizer):
         (default: the model's) is applied to the whole model. Transformers then drops ``quantization_config``.
         """
         from .architectures import bias_flags, get_spec
-        from .dense import dense_linear
+        from .dense import check_in_memory, dense_linear
         from .packed_base import PackedLinearBase
 
         packed = [(name, m) for name, m in model.named_modules() if isinstance(m, PackedLinearBase)]
@@ -138,13 +138,14 @@ class BCHfQuantizer(HfQuantizer):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dequantize(dtype=...) needs a floating torch.dtype, got {dtype!r}")
         target = dtype if dtype is not None else model.dtype
-        dense = {name: dense_linear(layer, target) for name, layer in packed}  # all checked before any swap
-        for name, layer in dense.items():
-            set_module(model, name, layer)
+        for _, layer in packed:  # refuse before replacing anything
+            check_in_memory(layer)
+        for name, layer in packed:  # one at a time, so the peak is one dense layer above the packed model
+            set_module(model, name, dense_linear(layer, target))
         tensors = list(model.parameters()) + list(model.buffers())
         if any(t.is_floating_point() and t.dtype != target for t in tensors):
             model.to(target)
-        names = [name.removesuffix(".base_layer") for name in dense]
+        names = [name.removesuffix(".base_layer") for name, _ in packed]
         for flag, value in bias_flags(get_spec(model.config.model_type), names).items():
             setattr(model.config, flag, value)
         model.config.dtype = target

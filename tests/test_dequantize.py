@@ -143,3 +143,12 @@ def test_sink_biases_need_optimum_bc_to_reload(calib_ids: torch.Tensor, tmp_path
     torch.testing.assert_close(_logits(stock, x), expected, rtol=0, atol=ATOL_FP32)
     with pytest.raises(ValueError, match="no .safetensors"):
         restore_position_biases(stock, tmp_path / "missing")
+
+
+def test_offloaded_layers_are_refused_before_anything_changes(calib_ids: torch.Tensor) -> None:
+    model = _quantized("llama", calib_ids)
+    model.model.layers[1].mlp.down_proj.to("meta")  # what disk offload leaves on the module
+    with pytest.raises(ValueError, match="meta device.*without disk/CPU offload"):
+        model.dequantize()
+    assert sum(isinstance(m, PackedLinearBase) for m in model.modules()) == 14
+    assert model.hf_quantizer is not None
