@@ -12,10 +12,13 @@ PEFT handles them: ``target_modules="all-linear"`` selects them and PEFT's defau
     peft_model.save_pretrained("adapter")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("bc-folder"), "adapter")
 
-``model.load_adapter`` / ``model.add_adapter`` (transformers' PEFT integration) work the same way. What this module
-adds: :func:`get_peft_model` with ``train_bias=True`` (also tune the BC biases, saved with the adapter) and early
-errors for LoRA variants that need the dense base weight (DoRA, PiSSA/OLoRA/CorDA/LoftQ initializations), and :func:`merge_and_unload`, which dequantizes the base
-layers first because an adapter cannot be merged into bit-packed weights without re-quantizing them.
+``model.load_adapter`` / ``model.add_adapter`` (transformers' PEFT integration) take the same route. This module adds:
+
+* :func:`get_peft_model`: ``train_bias=True`` (also tune the BC biases, saved with the adapter) and early errors for
+  LoRA variants that need the dense base weight (DoRA, PiSSA/OLoRA/CorDA/LoftQ initializations);
+* :func:`merge_and_unload`: dequantizes the base layers first, since an adapter cannot be merged into bit-packed
+  weights (PEFT's own ``merge_and_unload`` fails on ``base_layer.weight`` being ``None``);
+* :func:`checkpoint_positions`: the ``context_fn`` that activation checkpointing needs for ``sink_bias`` layers.
 """
 
 from contextlib import AbstractContextManager, nullcontext
