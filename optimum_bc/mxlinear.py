@@ -22,7 +22,10 @@ from .packing import pack_int32, packed_width, unpack_int32
 
 
 class MXLinear(PackedLinearBase):
-    """Linear layer with MX weights: packed element codes, one E8M0 scale per 32 input columns, and a bias."""
+    """Linear layer with MX weights: packed element codes, one E8M0 scale per 32 input columns, and a bias.
+
+    An ``nn.Linear`` subclass whose ``weight`` is ``None`` (see :mod:`optimum_bc.packed_base`): stock PEFT adapts it.
+    """
 
     def __init__(
         self,
@@ -121,4 +124,5 @@ class MXLinear(PackedLinearBase):
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
 
     def extra_repr(self) -> str:
+        """Shape and format, shown by ``repr``."""
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"

@@ -1,4 +1,12 @@
-"""Base class of the packed layers (``QuantLinear``, ``MXLinear``): dense-weight cache and position-dependent biases."""
+"""Base classes of the packed layers (``QuantLinear``, ``MXLinear``): position-dependent biases, dense-weight cache.
+
+Packed layers subclass ``nn.Linear`` so that code dispatching on ``isinstance(m, nn.Linear)`` treats them as the
+Linears they replace: PEFT's ``target_modules="all-linear"`` selects them and its default dispatcher wraps them in
+``peft.tuners.lora.Linear``. They own no dense ``weight`` parameter: ``weight`` is ``None`` (as ``bias`` is on a
+bias-less ``nn.Linear``), ``dequantize_weight()`` gives the dense weight. Code that reads ``layer.weight`` to change
+it (e.g. merging a LoRA adapter) therefore cannot silently act on a copy; dequantize the model first
+(``model.dequantize()``), after which the layers are plain dense Linears.
+"""
 
 import torch
 from torch import nn
@@ -6,14 +14,17 @@ from torch import nn
 from .positions import position_term, sink_term
 
 
-class PackedLinearBase(nn.Module):
-    """What every packed layer shares: the dense-weight cache and the optional position-dependent BC buffers.
-
-    Subclasses define ``dequantize_weight(dtype)`` and a ``bias``.
+class PositionBiases:
+    """Mixin for Linears carrying the optional position-dependent BC buffers next to ``bias``.
 
     ``position_bias`` ``[positions, out]``: the reference code's per-position table (``bc_granularity="position"``).
     ``sink_bias`` ``[sink_tokens, out]``: the extra bias of the first positions (``bc_sink_tokens``).
+    Both read the token positions that the decoder blocks publish (:mod:`optimum_bc.positions`).
     """
+
+    position_bias: torch.Tensor | None
+    sink_bias: torch.Tensor | None
+    bias: torch.Tensor
 
     def _register_position_buffers(
         self, out_features: int, positions: int | None, sink_tokens: int, dtype: torch.dtype, device: object
@@ -42,6 +53,25 @@ class PackedLinearBase(nn.Module):
     def set_sink_bias(self, sink_bias: torch.Tensor) -> None:
         """Attach the ``[sink_tokens, out]`` extra bias of the first token positions (see ``bc_sink_tokens``)."""
         self.sink_bias = self._checked(sink_bias, "sink_bias")
+
+
+class PackedLinearBase(PositionBiases, nn.Linear):
+    """What every packed layer shares: ``nn.Linear`` identity without a dense weight, the dense-weight cache and the
+    optional position-dependent BC buffers.
+
+    Subclasses define ``in_features``, ``out_features``, ``dequantize_weight(dtype)`` and a ``bias``.
+    """
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__, which would allocate a dense float weight
+        self.register_parameter("weight", None)
+
+    def reset_parameters(self) -> None:
+        """Refused: the weights are quantized codes, set by ``from_quantized`` or loaded from a checkpoint."""
+        raise ValueError(
+            f"{type(self).__name__} holds quantized weights; they cannot be re-initialized. Fix: build it with "
+            "from_quantized(...) or load a checkpoint"
+        )
 
     def reset_cache(self) -> None:
         """Drop the cached dense weight."""

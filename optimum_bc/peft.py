@@ -1,35 +1,39 @@
-"""PEFT LoRA on BC-quantized models: adapters train on top of the frozen packed weights.
+"""PEFT on BC-quantized models: thin conveniences around stock PEFT, which needs nothing from us.
 
-PEFT only wraps layer types it knows (``nn.Linear``, bitsandbytes, GPTQModel, ...). :class:`BCLoraLinear` is the LoRA
-layer for our :class:`~optimum_bc.qlinear.QuantLinear`, registered through PEFT's custom-module mechanism
-(``LoraConfig._register_custom_module``), which lives on the LoRA config, so use the helpers here::
+The packed layers (``QuantLinear``, ``MXLinear``) are ``nn.Linear`` subclasses without a dense ``weight``, so plain
+PEFT handles them: ``target_modules="all-linear"`` selects them and PEFT's default dispatcher wraps each in
+``peft.tuners.lora.Linear``, whose forward is ``base(x) + B(A(x)) * scaling``. The packed buffers (``qweight``,
+``qzeros``, ``scales``, ``g_idx``) never receive gradients; the BC biases are frozen unless ``bias="lora_only"``::
 
-    from peft import LoraConfig
-    from optimum_bc.peft import get_peft_model, load_adapter
+    from peft import LoraConfig, PeftModel, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     ...  # transformers.Trainer(model=peft_model, ...).train()
     peft_model.save_pretrained("adapter")
-    reloaded = load_adapter(AutoModelForCausalLM.from_pretrained("bc-folder"), "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("bc-folder"), "adapter")
 
-The packed weights (``qweight``, ``qzeros``, ``scales``, ``g_idx``) are buffers and never change. With
-``train_bias=True`` the bias-compensation biases of the adapted layers train too and are saved with the adapter
-(PEFT's ``bias="lora_only"``); loading such an adapter writes them into the base model. Merging an adapter into the
-packed weights is not supported (it would need re-quantization).
+``model.load_adapter`` / ``model.add_adapter`` (transformers' PEFT integration) take the same route. This module adds:
+
+* :func:`get_peft_model`: ``train_bias=True`` (also tune the BC biases, saved with the adapter) and early errors for
+  LoRA variants that need the dense base weight (DoRA, PiSSA/OLoRA/CorDA/LoftQ initializations);
+* :func:`merge_and_unload`: dequantizes the base layers first, since an adapter cannot be merged into bit-packed
+  weights (PEFT's own ``merge_and_unload`` fails on ``base_layer.weight`` being ``None``);
+* :func:`checkpoint_positions`: the ``context_fn`` that activation checkpointing needs for ``sink_bias`` layers.
 """
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
-from .qlinear import QuantLinear
+from .packed_base import PackedLinearBase
+from .positions import current_positions, token_positions
 
 
 try:
     import peft as _peft
-    from peft import LoraConfig, PeftConfig, PeftModel
+    from peft import LoraConfig, PeftModel
     from peft import get_peft_model as _peft_get_peft_model
-    from peft.tuners.lora import Linear as _LoraLinear
 except ImportError as err:  # pragma: no cover - exercised only without the optional dependency
     raise ImportError("optimum_bc.peft needs PEFT: pip install 'optimum-bc[train]'") from err
 
@@ -37,74 +41,41 @@ except ImportError as err:  # pragma: no cover - exercised only without the opti
 #: PEFT saves the biases of ``bias="lora_only"`` (``<layer>.base_layer.bias``) with the adapter from this version on.
 TRAIN_BIAS_MIN_PEFT = "0.21.0"
 
-
-class BCLoraLinear(_LoraLinear):
-    """LoRA adapter around a :class:`QuantLinear`: ``y = QuantLinear(x) + B(A(dropout(x))) * scaling``.
-
-    It reuses PEFT's ``lora.Linear`` (forward, adapter bookkeeping, mixed-adapter batches) and only changes what
-    touches the base weight: the feature sizes come from the QuantLinear, and merging is refused.
-    """
-
-    def __init__(self, base_layer: torch.nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        config = kwargs.get("config")
-        if kwargs.get("use_dora") or getattr(config, "use_dora", False):
-            raise ValueError("BCLoraLinear: DoRA needs the dense base weight; set use_dora=False")
-        if kwargs.get("fan_in_fan_out") or getattr(config, "fan_in_fan_out", False):
-            raise ValueError("BCLoraLinear: fan_in_fan_out=True is for Conv1D layers; set fan_in_fan_out=False")
-        super().__init__(base_layer, adapter_name, **kwargs)
-
-    def _get_in_out_features(self, module: torch.nn.Module) -> tuple[int, int]:
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        return base.in_features, base.out_features
-
-    def merge(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "BCLoraLinear: merging a LoRA adapter into bit-packed BC weights would need re-quantization; keep the "
-            "adapter separate (PeftModel), or merge into the float base model and quantize that again"
-        )
-
-    def unmerge(self) -> None:
-        """Nothing is ever merged."""
-
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """``B @ A * scaling`` (the dense update a merge would add)."""
-        weight_a = self.lora_A[adapter].weight
-        weight_b = self.lora_B[adapter].weight
-        return (weight_b @ weight_a) * self.scaling[adapter]
+#: ``init_lora_weights`` schemes that decompose the dense base weight, which packed layers do not store.
+_DENSE_WEIGHT_INITS = ("pissa", "olora", "corda", "loftq")
 
 
-def register_lora(config: LoraConfig) -> LoraConfig:
-    """Make ``config`` wrap every :class:`QuantLinear` it targets with :class:`BCLoraLinear`; returns ``config``."""
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"register_lora expects a peft.LoraConfig, got {type(config).__name__}")
-    config._register_custom_module({QuantLinear: BCLoraLinear})
-    return config
-
-
-def _all_linear_targets(model: torch.nn.Module) -> list[str]:
-    """Leaf names of every QuantLinear / nn.Linear except the output embedding (PEFT's "all-linear" misses ours)."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, QuantLinear | torch.nn.Linear) and module is not output
-    }
-    return sorted(names)
+def _has_packed_layers(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, PackedLinearBase) for m in model.modules())
 
 
 def get_peft_model(
     model: torch.nn.Module, peft_config: LoraConfig, *, train_bias: bool = False, **kwargs: Any
 ) -> PeftModel:
-    """``peft.get_peft_model`` for a BC-quantized model (LoRA only).
+    """``peft.get_peft_model`` with BC checks first (LoRA only).
 
     Args:
         model: a model quantized by optimum-bc (fresh or reloaded with ``from_pretrained``).
-        peft_config: a ``LoraConfig``; ``target_modules="all-linear"`` covers every quantized Linear.
+        peft_config: a ``LoraConfig``; ``target_modules="all-linear"`` covers every packed Linear.
         train_bias: also train the bias-compensation biases of the adapted layers (saved with the adapter).
         kwargs: passed to ``peft.get_peft_model`` (e.g. ``adapter_name``).
     """
-    if not any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("optimum_bc.peft.get_peft_model: the model has no QuantLinear; quantize it with optimum-bc")
+    if not isinstance(peft_config, LoraConfig):
+        raise ValueError(f"optimum_bc.peft.get_peft_model supports LoraConfig, got {type(peft_config).__name__}")
+    if not _has_packed_layers(model):
+        raise ValueError(
+            "optimum_bc.peft.get_peft_model: the model has no QuantLinear/MXLinear; quantize it with optimum-bc "
+            "(or use peft.get_peft_model for a float model)"
+        )
+    init = peft_config.init_lora_weights
+    option = "use_dora=True" if peft_config.use_dora else None
+    if isinstance(init, str) and init.startswith(_DENSE_WEIGHT_INITS):
+        option = f"init_lora_weights={init!r}"
+    if option is not None:
+        raise ValueError(
+            f"LoraConfig({option}) needs the dense base weight, which packed BC layers do not store. Fix: drop "
+            "that option, or call model.dequantize() first and use peft.get_peft_model on the float model"
+        )
     if train_bias:
         from packaging.version import Version
 
@@ -116,31 +87,42 @@ def get_peft_model(
         if peft_config.bias not in ("none", "lora_only"):
             raise ValueError(f"train_bias=True trains the adapted layers' biases; got bias={peft_config.bias!r}")
         peft_config.bias = "lora_only"
-    if peft_config.target_modules == "all-linear":
-        peft_config.target_modules = set(_all_linear_targets(model))
-    return _peft_get_peft_model(model, register_lora(peft_config), **kwargs)
+    return _peft_get_peft_model(model, peft_config, **kwargs)
 
 
-def load_adapter(
-    model: torch.nn.Module,
-    adapter_path: str,
-    *,
-    adapter_name: str = "default",
-    is_trainable: bool = False,
-    **kwargs: Any,
-) -> PeftModel:
-    """``PeftModel.from_pretrained`` for a BC-quantized base (the saved LoRA config does not carry our layer)."""
-    config = PeftConfig.from_pretrained(adapter_path, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
-    if not isinstance(config, LoraConfig):
-        raise ValueError(f"{adapter_path!r} holds a {type(config).__name__}; optimum_bc.peft supports LoRA only")
-    return PeftModel.from_pretrained(
-        model,
-        adapter_path,
-        adapter_name=adapter_name,
-        is_trainable=is_trainable,
-        config=register_lora(config),
-        **kwargs,
-    )
+def load_adapter(model: torch.nn.Module, adapter_path: str, **kwargs: Any) -> PeftModel:
+    """``PeftModel.from_pretrained(model, adapter_path, **kwargs)``; kept for scripts written before it worked as is."""
+    return PeftModel.from_pretrained(model, adapter_path, **kwargs)
+
+
+def merge_and_unload(peft_model: PeftModel, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Merge the LoRA adapters exactly into a dequantized copy of the base weights and return the float model.
+
+    PEFT's own ``merge_and_unload`` adds ``B @ A`` to ``base_layer.weight``, which packed layers do not have (it
+    fails with "'NoneType' object has no attribute 'data'"). This first replaces every packed base layer by its
+    dense equivalent (``model.dequantize(dtype)``, see :meth:`optimum_bc.quantizer.BCHfQuantizer._dequantize`), so
+    the merged model computes what the adapted quantized model computed, in float. Works in place on ``peft_model``.
+    """
+    base = peft_model.get_base_model()
+    if getattr(base, "hf_quantizer", None) is not None:
+        base.dequantize(dtype=dtype)
+    return peft_model.merge_and_unload()
+
+
+def checkpoint_positions() -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+    """``context_fn`` for non-reentrant activation checkpointing of models with ``sink_bias`` / ``position_bias``.
+
+    Transformers checkpoints a decoder block's ``forward`` inside its ``__call__``, so the backward replay of the
+    block runs without the forward pre-hook that publishes the block's token positions, and the position-dependent
+    biases fail. This returns, for each checkpointed call, a no-op context for the forward and one that publishes
+    the positions the forward saw for the replay::
+
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_positions}
+        )
+    """
+    positions = current_positions()
+    return nullcontext(), (nullcontext() if positions is None else token_positions(positions))
 
 
 def trainable_summary(model: torch.nn.Module) -> dict[str, int]:

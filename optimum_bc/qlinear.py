@@ -54,6 +54,7 @@ class QuantLinear(PackedLinearBase):
       the reference dense cache, 4 bytes/weight in float32 (2 in bf16/fp16) on top of the packed buffers.
 
     Kernel forms and the dense cache are derived data: never in the ``state_dict``, dropped by :meth:`reset_cache`.
+    An ``nn.Linear`` subclass whose ``weight`` is ``None`` (see :mod:`optimum_bc.packed_base`): stock PEFT adapts it.
     """
 
     def __init__(

@@ -115,8 +115,43 @@ class BCHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        """PEFT adapters (LoRA, see ``optimum_bc.peft``) train on top of the frozen packed weights."""
+        """PEFT adapters (stock ``peft``, see ``optimum_bc.peft``) train on top of the frozen packed weights."""
         return True
+
+    def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
+        """``model.dequantize(dtype)``: every packed layer becomes a dense Linear with its bias, in place.
+
+        The dense weight is the packed layer's reference dequantization, so logits equal the packed model's (reference
+        path). Layers with a ``sink_bias`` / ``position_bias`` become :class:`~optimum_bc.dense.BCDenseLinear`, which
+        keeps them; a saved model holding such layers needs optimum-bc to reload
+        (:func:`optimum_bc.dense.restore_position_biases`), one without them is a plain float checkpoint. The config's
+        bias flags (LLaMA ``attention_bias`` / ``mlp_bias``) are set so stock loaders build the biases. ``dtype``
+        (default: the model's) is applied to the whole model. Transformers then drops ``quantization_config``.
+        """
+        from .architectures import bias_flags, get_spec
+        from .dense import check_in_memory, dense_linear
+        from .packed_base import PackedLinearBase
+
+        packed = [(name, m) for name, m in model.named_modules() if isinstance(m, PackedLinearBase)]
+        if isinstance(dtype, str):  # transformers passes config.dtype, which a loaded config may hold as a string
+            dtype = getattr(torch, dtype, dtype)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dequantize(dtype=...) needs a floating torch.dtype, got {dtype!r}")
+        target = dtype if dtype is not None else model.dtype
+        for _, layer in packed:  # refuse before replacing anything
+            check_in_memory(layer)
+        for name, layer in packed:  # one at a time, so the peak is one dense layer above the packed model
+            set_module(model, name, dense_linear(layer, target))
+        tensors = list(model.parameters()) + list(model.buffers())
+        if any(t.is_floating_point() and t.dtype != target for t in tensors):
+            model.to(target)
+        names = [name.removesuffix(".base_layer") for name, _ in packed]
+        for flag, value in bias_flags(get_spec(model.config.model_type), names).items():
+            setattr(model.config, flag, value)
+        model.config.dtype = target
+        for bound in ("save_pretrained", "push_to_hub"):  # the BC card writers bound by hub.attach
+            model.__dict__.pop(bound, None)
+        return model
 
 
 def _prepare_for_hub(model: Any, checkpoint_files: list[str] | None = None) -> None:
