@@ -210,25 +210,27 @@ def test_unexportable_layers_are_refused() -> None:
         gptq_layer_tensors(MXLinear(64, 64, "mxfp4"))
 
 
-# Loads every layer of a safetensors file with GPTQModel's torch kernel, as GPTQModel loads a checkpoint (v1 zero
-# points converted to v2 first), and prints which layers dequantize to the stored expected weight.
+# Reads, per layer, our ``quantization_config`` entry with GPTQModel's own parser and the layer's tensors with its torch
+# kernel built from that parsed config, as GPTQModel loads a checkpoint (v1 zero points converted to v2 first), and
+# prints which layers dequantize to the stored expected weight.
 _GPTQMODEL_READER = """
 import json, sys
 import torch
 from safetensors.torch import load_file
 from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+from gptqmodel.quantization.config import FORMAT, QuantizeConfig
 from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
 
 tensors = load_file(sys.argv[1])
 equal = []
-for n, meta in enumerate(json.loads(sys.argv[2])):
+for n, entry in enumerate(json.loads(sys.argv[2])):
+    cfg = QuantizeConfig.from_quant_config(entry)
     expected = tensors[f"{n}.expected"]
-    module = TorchLinear(bits=meta["bits"], group_size=meta["group_size"], sym=meta["sym"],
-                         desc_act=meta["desc_act"], in_features=expected.shape[1],
-                         out_features=expected.shape[0], bias=True)
+    module = TorchLinear(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.desc_act,
+                         in_features=expected.shape[1], out_features=expected.shape[0], bias=True)
     module.load_state_dict({k: tensors[f"{n}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx", "bias")})
-    if meta["checkpoint_format"] == "gptq":
-        convert_gptq_v1_to_v2_format_module(module, bits=meta["bits"], pack_dtype=torch.int32)
+    if cfg.format == FORMAT.GPTQ:
+        convert_gptq_v1_to_v2_format_module(module, bits=cfg.bits, pack_dtype=torch.int32)
     module.post_init()
     equal.append(bool(torch.equal(module.dequantize_weight().T, expected)))
 print(json.dumps(equal))
@@ -236,24 +238,27 @@ print(json.dumps(equal))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel")
-def test_gptqmodel_torch_kernel_reads_the_export(tmp_path) -> None:
+def test_gptqmodel_reads_the_config_entry_and_the_tensors(tmp_path) -> None:
     """GPTQModel (in a subprocess that never imports optimum_bc) dequantizes every export to our float16 weight."""
-    tensors, metas = {}, []
+    tensors, entries = {}, []
     for bits in (2, 3, 4, 8):
         for group_size in (32, -1):
             for sym in (True, False):
                 for act_order in (False, True):
                     layer = _layer(bits, group_size, sym, act_order)
-                    fmt = "gptq" if sym else "gptq_v2"
-                    n = len(metas)
-                    exported = gptq_layer_tensors(layer, checkpoint_format=fmt)
+                    entry = gptq_quantization_config(
+                        BCQuantizationConfig(
+                            bits=bits, group_size=group_size, sym=sym, desc_act=act_order, bc_sink_tokens=0
+                        )
+                    )
+                    n = len(entries)
+                    exported = gptq_layer_tensors(layer, checkpoint_format=entry["checkpoint_format"])
                     tensors |= {f"{n}.{k}": v for k, v in exported.items()}
                     tensors[f"{n}.expected"] = layer.dequantize_weight(torch.float16)
-                    meta = {"bits": bits, "group_size": group_size, "sym": sym, "desc_act": act_order}
-                    metas.append(meta | {"checkpoint_format": fmt})
+                    entries.append(entry)
     save_file(tensors, tmp_path / "layers.safetensors")
     run = subprocess.run(
-        [sys.executable, "-c", _GPTQMODEL_READER, str(tmp_path / "layers.safetensors"), json.dumps(metas)],
+        [sys.executable, "-c", _GPTQMODEL_READER, str(tmp_path / "layers.safetensors"), json.dumps(entries)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -261,4 +266,4 @@ def test_gptqmodel_torch_kernel_reads_the_export(tmp_path) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     equal = json.loads(run.stdout.strip().splitlines()[-1])
-    assert [m for m, ok in zip(metas, equal, strict=True) if not ok] == []
+    assert len(equal) == 32 and all(equal), [e for e, ok in zip(entries, equal, strict=True) if not ok]
