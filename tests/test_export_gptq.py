@@ -206,6 +206,10 @@ def test_unexportable_layers_are_refused() -> None:
         gptq_layer_tensors(sink)
     with pytest.raises(ValueError, match="checkpoint_format='gptq_v3'"):
         gptq_layer_tensors(_layer(4, 32, sym=True, act_order=False), checkpoint_format="gptq_v3")
+    huge = _layer(4, 32, sym=True, act_order=False)
+    huge.bias.data[3] = 1e6
+    with pytest.raises(ValueError, match="float16"):
+        gptq_layer_tensors(huge)
     with pytest.raises(ValueError, match="QuantLinear"):
         gptq_layer_tensors(MXLinear(64, 64, "mxfp4"))
 

@@ -29,10 +29,10 @@ the GPU readers were not run):
 * ExLlama v1/v2 kernels (GPTQModel's, TGI's): 4-bit only, group sizes -1/32/64/128, sym and asym, in/out % 32.
 * Marlin (vLLM ``gptq_marlin``, GPTQModel, TGI): 4/8-bit ``sym=True`` only (it ignores ``qzeros`` and assumes
   ``zero = 2**(bits-1)``), group sizes -1/32/64/128, act-order supported, v1 and v2 (the same for its grid); vLLM
-  also wants ``out % 64 == 0`` and ``in % 128 == 0`` per shard. GPTQModel's Machete: 4/8 bits, -1/64/128, v1.
+  also wants ``out % 64 == 0`` and ``in % 128 == 0`` per shard. GPTQModel's Machete: 4/8 bits, -1/64/128, v1-labelled only.
 * vLLM ``gptq`` (exllama-derived ``gptq_gemm``): 2/3/4/8 bits, sym and asym, ``in % group_size == 0``; reads
   ``gptq_v2`` zero points only since vllm-project/vllm PR #26092 (older vLLM misreads v2 checkpoints).
-* TGI: ``gptq`` through its exllama (4-bit), Marlin or Triton kernels; v1 only.
+* TGI: ``gptq`` through its exllama (4-bit), Marlin or Triton kernels; v1 (no ``gptq_v2`` handling found).
 
 So the most portable export is ``sym=True``, 4 bits, group size 128 (or -1), in/out multiples of 128/64: v1, read
 by all of the above. What the layout cannot hold is refused by :func:`check_gptq_exportable` (config) and
@@ -200,7 +200,12 @@ def gptq_layer_tensors(layer: QuantLinear, checkpoint_format: str | None = None)
         zeros = zeros - 1
     bias = layer.bias.detach().to(torch.float16)
     if not torch.isfinite(bias).all():
-        _refuse("bias", "out of float16 range", "GPTQ stores the bias in float16", "keep this layer in float")
+        _refuse(
+            "bias",
+            f"max |bias| {float(layer.bias.abs().max()):.4g}",
+            "GPTQ stores the bias in float16 (largest 65504)",
+            "keep this layer in float (modules_to_not_convert)",
+        )
     return {
         "qweight": pack_int32(codes, bits).t().contiguous(),
         "qzeros": pack_int32(zeros.t(), bits),
