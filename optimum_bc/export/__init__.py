@@ -1,0 +1,1 @@
+"""Writers of quantized layers in other ecosystems' checkpoint layouts (GPTQ, ...)."""
