@@ -596,6 +596,9 @@ def _read_bc_config(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{os.fspath(folder)!r} has no config.json; pass a folder written by save_pretrained")
     config = json.loads(path.read_text(encoding="utf-8"))
     qc = config.get("quantization_config") or {}
+    exported = qc.get("optimum_bc") if isinstance(qc.get("optimum_bc"), dict) else None
+    if exported is not None and isinstance(exported.get("bc_config"), dict):  # an optimum_bc.export folder
+        return {**config, "quantization_config": exported["bc_config"]}
     if qc.get("quant_method") != "bc":
         raise ValueError(
             f"{os.fspath(folder)!r} is not an optimum-bc checkpoint (config.json quantization_config.quant_method is "
@@ -801,10 +804,19 @@ _PUSH_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", 
 
 
 def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
-    """``save_pretrained`` that also writes README.md + layer_errors.png; ``push_to_hub=True`` uploads our card."""
+    """``save_pretrained`` that also writes README.md + layer_errors.png; ``push_to_hub=True`` uploads our card.
+
+    ``save_format="compressed-tensors"`` / ``"gptq"`` writes that layout instead (:mod:`optimum_bc.export`).
+    """
     push = kwargs.pop("push_to_hub", False)
+    save_format = kwargs.pop("save_format", "native")
     hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if save_format == "native":
+        result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    else:  # a layout stock loaders read (optimum_bc.export); replaces the folder like save_pretrained overwrites
+        from .export import export_model
+
+        result = export_model(self, save_directory, save_format, overwrite=True)
     is_main = kwargs.get("is_main_process", args[0] if args else True)
     if is_main and not getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
         write_model_card(save_directory, tags=getattr(self, "model_tags", None) or ())

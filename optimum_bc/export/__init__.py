@@ -119,10 +119,9 @@ def _gptq_format() -> _Format:
     )
 
 
-def check_exportable(model: nn.Module, save_format: str) -> tuple[BCQuantizationConfig, _Format]:
-    """Every check of an export that needs no writing: raises ValueError naming the problem and the fix."""
+def check_config_exportable(config: BCQuantizationConfig, save_format: str) -> _Format:
+    """The checks that need only the settings (run before loading or quantizing anything); returns the format."""
     fmt = _get_format(save_format)
-    config = _bc_config(model)
     if config.bc_granularity == "position":
         raise ValueError(
             f"bc_granularity='position' cannot be exported as {save_format}: its per-position bias table has no "
@@ -130,6 +129,13 @@ def check_exportable(model: nn.Module, save_format: str) -> tuple[BCQuantization
             "of the compensation)."
         )
     fmt.check(config)
+    return fmt
+
+
+def check_exportable(model: nn.Module, save_format: str) -> tuple[BCQuantizationConfig, _Format]:
+    """Every check of an export that needs no writing: raises ValueError naming the problem and the fix."""
+    config = _bc_config(model)
+    fmt = check_config_exportable(config, save_format)
     layers = packed_layers(model)
     if not layers:
         raise ValueError("the model holds no packed layer; nothing to export")
