@@ -114,7 +114,9 @@ def _gptq_format() -> _Format:
     return _Format(
         gptq.check_gptq_exportable,
         check_layer,
-        lambda layer, config: gptq.gptq_layer_tensors(layer),
+        lambda layer, config: gptq.gptq_layer_tensors(
+            layer, gptq.gptq_quantization_config(config).get("checkpoint_format")
+        ),
         lambda config, ignore: gptq.gptq_quantization_config(config),
     )
 

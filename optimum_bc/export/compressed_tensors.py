@@ -9,6 +9,7 @@ What the format cannot hold, and is therefore refused before anything is written
 
 * act-order groups (a permuted ``g_idx``): compressed-tensors 0.20 removed ``actorder="group"`` and has no
   ``g_idx`` tensor, so only per-channel act-order (every column in group 0) is exportable;
+* a group size that does not divide a layer's input width (compressed-tensors dequantizes whole groups only);
 * MX formats: compressed-tensors' MX compressors (mxfp4/6/8) are not wired here yet.
 
 Asymmetric grids: compressed-tensors 0.20 packs the zero point along the output dimension
@@ -23,6 +24,7 @@ Scales are written in float32 for a float32 model (so the loaders' dequantizatio
 (the exact stored values; the loader casts them).
 """
 
+import math
 from typing import Any
 
 import torch
@@ -66,6 +68,14 @@ def check_ct_layer(name: str, layer: Any, config: BCQuantizationConfig) -> None:
         raise ValueError(
             f"{name} is a {type(layer).__name__}; compressed-tensors export holds integer QuantLinear layers only. "
             "Fix: quantize with format='int', or keep save_format='native'."
+        )
+    if layer.group_size != -1 and layer.in_features % layer.group_size:
+        fit = math.gcd(layer.in_features, layer.group_size)
+        fit &= -fit  # largest power of two dividing both
+        raise ValueError(
+            f"{name}: group_size={layer.group_size} does not divide its in_features={layer.in_features}, and "
+            "compressed-tensors dequantizes whole groups only. Fix: quantize with "
+            f"group_size={fit if fit >= 8 else -1} (divides it), or keep save_format='native'."
         )
     if layer.group_size != -1 and not torch.equal(layer.g_idx.cpu(), _contiguous_g_idx(layer)):
         raise ValueError(

@@ -1,0 +1,333 @@
+"""compressed-tensors export: stock transformers (no optimum_bc) loads it and computes our model's logits.
+
+The module fixture quantizes a handful of tiny models (LLaMA, Mistral, Qwen2, OPT; fp32 and bf16; 2/3/4/8 bits;
+per group and per channel; sym and asym; per-channel act-order; with BC), exports each, records our logits with the
+exact reference path, then ONE subprocess that never imports optimum_bc loads every folder with
+``AutoModelForCausalLM.from_pretrained``, runs them and greedy-generates; its results are compared per case.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from optimum_bc import BCQuantizationConfig, kernels, quantize_model
+from optimum_bc.cli import main
+from optimum_bc.export import ExportWarning, export_model
+
+from .conftest import VOCAB, tiny_llama, tiny_opt
+
+
+#: Allowed max |logit difference| relative to max |logit|: fp32 is exact up to summation order; in bf16 the stock
+#: loader holds the scales in bf16 (ours are fp16) and dequantizes in bf16, so bf16 rounding shows (measured: fp32
+#: 0.0 for every case, bf16 0.003-0.008).
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+PROBE = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+NEW_TOKENS = 4
+
+
+def tiny_mistral(sliding_window: int | None = None) -> MistralForCausalLM:
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=sliding_window,
+    )
+    return MistralForCausalLM(config).eval()
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2, "opt": tiny_opt}
+# name -> (family, dtype, config settings)
+CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama-fp32-w4g32-asym": ("llama", "float32", {"bits": 4, "group_size": 32}),
+    "llama-bf16-w4g32-sym": ("llama", "bfloat16", {"bits": 4, "group_size": 32, "sym": True}),
+    "llama-fp32-w8-channel-asym": ("llama", "float32", {"bits": 8, "group_size": -1}),
+    "llama-fp32-w4-channel-actorder": (
+        "llama",
+        "float32",
+        {"bits": 4, "group_size": -1, "method": "gptq", "desc_act": True, "sym": True},
+    ),
+    "mistral-fp32-w4g32-sym": ("mistral", "float32", {"bits": 4, "group_size": 32, "sym": True}),
+    "mistral-bf16-w3g32-asym": ("mistral", "bfloat16", {"bits": 3, "group_size": 32}),
+    "qwen2-fp32-w4g64-asym": ("qwen2", "float32", {"bits": 4, "group_size": 64}),
+    "qwen2-bf16-w8g32-sym": ("qwen2", "bfloat16", {"bits": 8, "group_size": 32, "sym": True}),
+    "opt-fp32-w2g32-asym": ("opt", "float32", {"bits": 2, "group_size": 32}),
+    "opt-bf16-w4g32-sym": ("opt", "bfloat16", {"bits": 4, "group_size": 32, "sym": True}),
+}
+CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _quantized(family: str, settings: dict[str, Any], model: Any = None) -> Any:
+    settings = {"method": "rtn", "bc_sink_tokens": 0, **settings}
+    model = BUILDERS[family]() if model is None else model
+    config = BCQuantizationConfig(**settings, dataset=CALIB, num_samples=8, seq_len=32)
+    quantize_model(model, config)
+    return model
+
+
+def _reference(model: Any) -> dict[str, torch.Tensor]:
+    with torch.no_grad(), kernels.use_backend("reference"):
+        logits = model(PROBE).logits.float()
+        generated = model.generate(PROBE[:1], max_new_tokens=NEW_TOKENS, do_sample=False)
+    return {"logits": logits, "generated": generated}
+
+
+LOADER = textwrap.dedent(
+    """
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    jobs = json.loads(sys.argv[1])
+    probe = torch.load(sys.argv[2])
+    new_tokens = int(sys.argv[3])
+    for job in jobs:
+        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=getattr(torch, job["dtype"]))
+        with torch.no_grad():
+            logits = model(probe).logits.float()
+            generated = model.generate(probe[:1], max_new_tokens=new_tokens, do_sample=False)
+        torch.save({"logits": logits, "generated": generated, "class": type(model).__name__}, job["out"])
+    assert "optimum_bc" not in sys.modules, "the stock loader must not import optimum_bc"
+    print("loaded", len(jobs))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every case exported, the reference logits, and the stock loader's results (one subprocess for all)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ct")
+    results: dict[str, Any] = {"root": root, "warnings": {}}
+    jobs = []
+    for name, (family, dtype, settings) in CASES.items():
+        model = _quantized(family, settings).to(getattr(torch, dtype))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_model(model, root / name, "compressed-tensors")
+        results["warnings"][name] = [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
+        results[name] = _reference(model)
+        jobs.append({"name": name, "path": str(root / name), "dtype": dtype})
+
+    # Sink tokens: dropped with a warning; the export equals our model with sink_bias zeroed.
+    model = _quantized("llama", {"bits": 4, "group_size": 32, "bc_sink_tokens": 1})
+    with pytest.warns(ExportWarning, match=r"sink_bias .* of 14 layers .* bc_sink_tokens=0") as caught:
+        export_model(model, root / "llama-sink", "compressed-tensors")
+    results["sink-warning"] = [str(w.message) for w in caught]
+    for module in model.modules():
+        if getattr(module, "sink_bias", None) is not None:
+            module.sink_bias.zero_()
+    results["llama-sink"] = _reference(model)
+    jobs.append({"name": "llama-sink", "path": str(root / "llama-sink"), "dtype": "float32"})
+
+    # Mistral with a sliding window has no LLaMA equivalent: its compensation biases are dropped, with their cost.
+    model = _quantized("mistral", {"bits": 4, "group_size": 32}, tiny_mistral(sliding_window=8))
+    with pytest.warns(ExportWarning, match=r"14 compensation biases have no place in the stock mistral class"):
+        export_model(model, root / "mistral-window", "compressed-tensors")
+    for module in model.modules():
+        if hasattr(module, "qweight"):
+            module.bias.data.zero_()
+    results["mistral-window"] = _reference(model)
+    jobs.append({"name": "mistral-window", "path": str(root / "mistral-window"), "dtype": "float32"})
+
+    # The CLI: a native checkpoint exported by `optimum-bc export`.
+    native = root / "native"
+    _quantized("qwen2", {"bits": 4, "group_size": 32}).save_pretrained(native)
+    assert main(["export", str(native), str(root / "cli"), "--format", "compressed-tensors", "--quiet"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    results["cli"] = _reference(AutoModelForCausalLM.from_pretrained(native))
+    jobs.append({"name": "cli", "path": str(root / "cli"), "dtype": "float32"})
+
+    for job in jobs:
+        job["out"] = str(root / f"{job['name']}.stock.pt")
+    torch.save(PROBE, root / "probe.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADER, json.dumps(jobs), str(root / "probe.pt"), str(NEW_TOKENS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for job in jobs:
+        results[job["name"]]["stock"] = torch.load(job["out"])
+    return results
+
+
+def _assert_same(result: dict[str, Any], dtype: str) -> None:
+    ours, stock = result["logits"], result["stock"]["logits"]
+    error = float((stock - ours).abs().max() / ours.abs().max())
+    assert error <= TOLERANCE[dtype], f"relative logit error {error:.3g} > {TOLERANCE[dtype]}"
+    if dtype == "float32":
+        assert torch.equal(result["generated"], result["stock"]["generated"])
+    else:
+        assert result["stock"]["generated"].shape == (1, PROBE.shape[1] + NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stock_transformers_computes_our_logits(exported: dict[str, Any], name: str) -> None:
+    family, dtype, settings = CASES[name]
+    _assert_same(exported[name], dtype)
+    config = json.loads((exported["root"] / name / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert weights["num_bits"] == settings["bits"] and weights["symmetric"] == settings.get("sym", False)
+    assert weights["strategy"] == ("channel" if settings["group_size"] == -1 else "group")
+    assert qc["optimum_bc"]["source_model_type"] == family
+    # Qwen2 and Mistral have no bias flag for every compensated Linear: they are written as the equivalent LLaMA.
+    expected_class = {"mistral": "LlamaForCausalLM", "qwen2": "LlamaForCausalLM"}.get(family)
+    if expected_class:
+        assert exported[name]["stock"]["class"] == expected_class
+    assert exported["warnings"][name] == []  # every compensation bias carried
+    assert "lm_head" in qc["ignore"] or config["tie_word_embeddings"]
+
+
+def test_compensation_biases_are_in_the_checkpoint(exported: dict[str, Any]) -> None:
+    """The export carries BC: a Mistral q_proj (no bias in the float model) gets its compensation bias."""
+    path = exported["root"] / "mistral-fp32-w4g32-sym" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        bias = f.get_tensor("model.layers.0.self_attn.q_proj.bias")
+    assert {"model.layers.0.mlp.down_proj.weight_packed", "model.layers.0.mlp.down_proj.weight_scale"} <= keys
+    assert "model.layers.0.mlp.down_proj.weight_zero_point" not in keys  # symmetric: no zero point
+    assert bias.abs().max() > 0
+
+
+def test_sink_bias_is_dropped_with_a_warning_and_the_rest_is_exact(exported: dict[str, Any]) -> None:
+    _assert_same(exported["llama-sink"], "float32")
+    config = json.loads((exported["root"] / "llama-sink" / "config.json").read_text())
+    assert config["quantization_config"]["optimum_bc"]["dropped_sink_bias_layers"] == 14
+
+
+def test_biases_without_a_stock_slot_are_dropped_with_their_cost(exported: dict[str, Any]) -> None:
+    _assert_same(exported["mistral-window"], "float32")
+    assert exported["mistral-window"]["stock"]["class"] == "MistralForCausalLM"
+    config = json.loads((exported["root"] / "mistral-window" / "config.json").read_text())
+    assert len(config["quantization_config"]["optimum_bc"]["dropped_biases"]) == 14
+
+
+def test_cli_export_of_a_native_checkpoint(exported: dict[str, Any]) -> None:
+    _assert_same(exported["cli"], "float32")
+    folder = exported["root"] / "cli"
+    assert (folder / "README.md").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".cli.")]  # no temporary folder left
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def small() -> Any:
+    torch.set_num_threads(1)
+    return _quantized("llama", {"bits": 4, "group_size": 32})
+
+
+def test_existing_target_is_refused_unless_overwrite(small: Any, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("saved before")
+    with pytest.raises(ValueError, match="already exists.*overwrite=True"):
+        export_model(small, target, "compressed-tensors")
+    assert (target / "keep.txt").read_text() == "saved before"
+    export_model(small, target, "compressed-tensors", overwrite=True)
+    assert (target / "model.safetensors").is_file() and not (target / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_write_leaves_nothing_half_written(small: Any, tmp_path: Path, monkeypatch) -> None:
+    import safetensors.torch
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("saved before")
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(small, target, "compressed-tensors", overwrite=True)
+    assert (target / "keep.txt").read_text() == "saved before"
+    with pytest.raises(OSError, match="disk full"):
+        export_model(small, tmp_path / "new", "compressed-tensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"bits": 4, "group_size": 32, "method": "gptq", "desc_act": True}, r"desc_act=True with group_size=32.*Fix"),
+        ({"bits": 4, "group_size": 32, "bc_granularity": "position"}, r"bc_granularity='position'.*Fix"),
+        ({"format": "mxfp4"}, r"format='mxfp4'.*Fix: quantize with format='int'"),
+        (
+            {"bits": 4, "group_size": 64},
+            r"down_proj: group_size=64 does not divide its in_features=160.*group_size=32",
+        ),
+    ],
+)
+def test_unexpressible_settings_are_refused_before_writing(settings: dict, message: str, tmp_path: Path) -> None:
+    model = _quantized("llama", settings)
+    with pytest.raises(ValueError, match=message):
+        export_model(model, tmp_path / "out", "compressed-tensors")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_float_model_and_an_unknown_format_are_refused(small: Any, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not BC-quantized"):
+        export_model(tiny_llama(), tmp_path / "out", "compressed-tensors")
+    with pytest.raises(ValueError, match=r"save_format='onnx' is not supported.*compressed-tensors"):
+        export_model(small, tmp_path / "out", "onnx")
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_pretrained_save_format_writes_the_layout_and_the_card(small: Any, tmp_path: Path) -> None:
+    small.save_pretrained(tmp_path / "ct", save_format="compressed-tensors")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert "bits" in (tmp_path / "ct" / "README.md").read_text()
+
+
+def test_cli_bad_input_exits_2_with_one_line(small: Any, tmp_path: Path, capsys) -> None:
+    native = tmp_path / "native"
+    small.save_pretrained(native)
+    (tmp_path / "taken").mkdir()
+    assert main(["export", str(native), str(tmp_path / "taken"), "--format", "compressed-tensors"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    float_dir = tmp_path / "float"
+    tiny_llama().save_pretrained(float_dir)
+    assert main(["export", str(float_dir), str(tmp_path / "x"), "--format", "compressed-tensors"]) == 2
+    assert "not an optimum-bc checkpoint" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "x"), "--format", "compressed-tensors"]) == 2
+    assert not (tmp_path / "x").exists()
