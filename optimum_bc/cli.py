@@ -50,6 +50,11 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-bc", action="store_true", help="disable bias compensation")
     group.add_argument("--bc-target", default="sequential", help="sequential (default) or float")
     group.add_argument("--bc-layer", action="store_true", help="also compensate each whole decoder block")
+    group.add_argument(
+        "--bc-sink-tokens",
+        type=int,
+        help="first tokens with their own extra bias (default 1; 0 for a --save-format export that carries all of BC)",
+    )
     data = parser.add_argument_group("calibration data")
     data.add_argument(
         "--dataset", default="wiki-vital", help="wikitext2 | c4 | ptb | wiki-vital (offline) | a .txt file or folder"
@@ -189,6 +194,7 @@ def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
         bias_compensation=not args.no_bc,
         bc_target=args.bc_target,
         bc_layer=args.bc_layer and not args.no_bc,
+        bc_sink_tokens=args.bc_sink_tokens,
         dataset=args.dataset,
         num_samples=args.num_samples,
         seq_len=args.seq_len,

@@ -331,3 +331,47 @@ def test_cli_bad_input_exits_2_with_one_line(small: Any, tmp_path: Path, capsys)
     assert "not an optimum-bc checkpoint" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "x"), "--format", "compressed-tensors"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------------- CLI and GPTQ
+
+
+def test_cli_quantize_save_format_and_its_early_refusal(tmp_path: Path, word_tokenizer, capsys) -> None:
+    from .conftest import TEXTS
+
+    source = tmp_path / "float"
+    tiny_llama().save_pretrained(source)
+    word_tokenizer.save_pretrained(source)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(TEXTS * 3))
+    out = tmp_path / "q"
+    argv = ["quantize", str(source), "--output", str(out), "--bits", "4", "--group-size", "32", "--method", "rtn"]
+    argv += ["--dataset", str(text), "--num-samples", "4", "--seq-len", "16", "--quiet", "--bc-sink-tokens", "0"]
+    assert main([*argv, "--save-format", "compressed-tensors"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
+    capsys.readouterr()
+    bad = [*argv[:-2], "--save-format", "compressed-tensors", "--method", "gptq", "--desc-act"]
+    bad[3] = str(tmp_path / "q2")
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "desc_act=True with group_size=32" in err and err.count("\n") == 1
+    assert not (tmp_path / "q2").exists()
+
+
+def test_save_format_gptq_writes_gptq_tensors_and_config(tmp_path: Path) -> None:
+    model = _quantized("opt", {"bits": 4, "group_size": 32, "sym": True})
+    model.save_pretrained(tmp_path / "gptq", save_format="gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    assert config["quantization_config"]["bits"] == 4
+    with safe_open(str(tmp_path / "gptq" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        bias = f.get_tensor("model.decoder.layers.0.fc1.bias")
+    prefix = "model.decoder.layers.0.fc1."
+    assert {prefix + k for k in ("qweight", "qzeros", "scales", "g_idx", "bias")} <= keys
+    assert bias.abs().max() > 0  # the compensation bias travels
+    with pytest.raises(ValueError, match="bc_sink_tokens"):
+        export_model(_quantized("opt", {"bits": 4, "group_size": 32, "bc_sink_tokens": 1}), tmp_path / "x", "gptq")
+    assert not (tmp_path / "x").exists()
