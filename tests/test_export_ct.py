@@ -1,7 +1,7 @@
 """compressed-tensors export: stock transformers (no optimum_bc) loads it and computes our model's logits.
 
 The module fixture quantizes a handful of tiny models (LLaMA, Mistral, Qwen2, OPT; fp32 and bf16; 2/3/4/8 bits;
-per group and per channel; sym and asym; per-channel act-order; with BC), exports each, records our logits with the
+per group and per channel; sym and asym; per-channel act-order; MXFP4/6/8; with BC), exports each, records our logits with the
 exact reference path, then ONE subprocess that never imports optimum_bc loads every folder with
 ``AutoModelForCausalLM.from_pretrained``, runs them and greedy-generates; its results are compared per case.
 """
@@ -83,7 +83,11 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2-bf16-w8g32-sym": ("qwen2", "bfloat16", {"bits": 8, "group_size": 32, "sym": True}),
     "opt-fp32-w2g32-asym": ("opt", "float32", {"bits": 2, "group_size": 32}),
     "opt-bf16-w4g32-sym": ("opt", "bfloat16", {"bits": 4, "group_size": 32, "sym": True}),
+    "llama-fp32-mxfp4": ("llama", "float32", {"format": "mxfp4"}),
+    "qwen2-bf16-mxfp6": ("qwen2", "bfloat16", {"format": "mxfp6_e2m3"}),
+    "opt-fp32-mxfp8": ("opt", "float32", {"format": "mxfp8_e4m3"}),
 }
+MX_CT = {"mxfp4": "mxfp4-pack-quantized", "mxfp6_e2m3": "mxfp6-pack-quantized", "mxfp8_e4m3": "mxfp8-quantized"}
 CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
 
 
@@ -201,10 +205,15 @@ def test_stock_transformers_computes_our_logits(exported: dict[str, Any], name: 
     _assert_same(exported[name], dtype)
     config = json.loads((exported["root"] / name / "config.json").read_text())
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     weights = qc["config_groups"]["group_0"]["weights"]
-    assert weights["num_bits"] == settings["bits"] and weights["symmetric"] == settings.get("sym", False)
-    assert weights["strategy"] == ("channel" if settings["group_size"] == -1 else "group")
+    assert qc["quant_method"] == "compressed-tensors"
+    if "format" in settings:  # MX: E8M0 scales per 32 columns
+        assert qc["format"] == MX_CT[settings["format"]] and weights["type"] == "float"
+        assert weights["group_size"] == 32
+    else:
+        assert qc["format"] == "pack-quantized"
+        assert weights["num_bits"] == settings["bits"] and weights["symmetric"] == settings.get("sym", False)
+        assert weights["strategy"] == ("channel" if settings["group_size"] == -1 else "group")
     assert qc["optimum_bc"]["source_model_type"] == family
     # Qwen2 and Mistral have no bias flag for every compensated Linear: they are written as the equivalent LLaMA.
     expected_class = {"mistral": "LlamaForCausalLM", "qwen2": "LlamaForCausalLM"}.get(family)
@@ -290,7 +299,7 @@ def test_a_failed_write_leaves_nothing_half_written(small: Any, tmp_path: Path, 
     [
         ({"bits": 4, "group_size": 32, "method": "gptq", "desc_act": True}, r"desc_act=True with group_size=32.*Fix"),
         ({"bits": 4, "group_size": 32, "bc_granularity": "position"}, r"bc_granularity='position'.*Fix"),
-        ({"format": "mxfp4"}, r"format='mxfp4'.*Fix: quantize with format='int'"),
+        ({"format": "mxint4"}, r"format='mxint4'.*Fix: quantize with format='mxfp4'"),
         (
             {"bits": 4, "group_size": 64},
             r"down_proj: group_size=64 does not divide its in_features=160.*group_size=32",

@@ -89,7 +89,7 @@ def _get_format(save_format: str) -> _Format:
         return _Format(
             ct.check_ct_exportable,
             ct.check_ct_layer,
-            lambda layer, config: ct.ct_layer_tensors(layer, config.sym),
+            ct.ct_layer_tensors,
             ct.ct_quantization_config,
         )
     if save_format == GPTQ:

@@ -1,16 +1,20 @@
-"""compressed-tensors layout of BC layers: the ``pack-quantized`` format that stock transformers and vLLM load.
+"""compressed-tensors layout of BC layers: the formats that stock transformers and vLLM load.
 
-Per quantized Linear the checkpoint holds ``weight_packed`` (int32, codes offset to signed and packed along the input
-dimension), ``weight_scale`` ``[out, G]``, ``weight_shape`` and, for asymmetric grids, ``weight_zero_point`` (signed,
-packed along the output dimension), plus the Linear's ``bias``. The packing and the config classes are
-compressed-tensors' own (``pack_to_int32``, ``QuantizationArgs``, ``QuantizationScheme``, ``QuantizationConfig``).
+Integer grids use ``pack-quantized``: per quantized Linear ``weight_packed`` (int32, codes offset to signed and packed
+along the input dimension), ``weight_scale`` ``[out, G]``, ``weight_shape`` and, for asymmetric grids,
+``weight_zero_point`` (signed, packed along the output dimension), plus the Linear's ``bias``. MX formats use
+compressed-tensors' MX formats (``mxfp4-pack-quantized``, ``mxfp6-pack-quantized`` = E2M3, ``mxfp8-quantized`` =
+E4M3; E8M0 uint8 scales per 32 columns), written by its own compressors from our exact dequantized weight and
+power-of-two scales (checked to decompress back bit for bit). The packing, compressors and config classes are all
+compressed-tensors' own (``pack_to_int32``, ``BaseCompressor`` registry, ``QuantizationArgs``, preset schemes,
+``QuantizationScheme``, ``QuantizationConfig``).
 
 What the format cannot hold, and is therefore refused before anything is written:
 
 * act-order groups (a permuted ``g_idx``): compressed-tensors 0.20 removed ``actorder="group"`` and has no
   ``g_idx`` tensor, so only per-channel act-order (every column in group 0) is exportable;
 * a group size that does not divide a layer's input width (compressed-tensors dequantizes whole groups only);
-* MX formats: compressed-tensors' MX compressors (mxfp4/6/8) are not wired here yet.
+* MX formats compressed-tensors has no format for (mxfp6_e3m2, mxfp8_e5m2, mxint8, mxint4).
 
 Asymmetric grids: compressed-tensors 0.20 packs the zero point along the output dimension
 (``[ceil(out * bits / 32), G]`` int32), but when transformers builds the compressed skeleton on the meta device
@@ -18,7 +22,9 @@ Asymmetric grids: compressed-tensors 0.20 packs the zero point along the output 
 unpacked (``[out, G]``), so the default load fails with a size mismatch. That is why an asymmetric export sets
 ``dequantize: true`` in its quantization_config: transformers' ``CompressedTensorsConfig`` reads it and decompresses
 each layer from the checkpoint tensors while loading (``CompressedTensorsDequantize``), which unpacks the zero point
-correctly. vLLM reads the packed zero point natively and ignores the flag.
+correctly. vLLM reads the packed zero point natively and ignores the flag. MX exports set it too: without it the
+default path decompresses MX weights in bfloat16 (``decompress_mx_scale``) and a float32 model fails on the dtype
+mismatch; with it the weight is cast to the model dtype (MX values times powers of two are exact in bfloat16).
 
 Scales are written in float32 for a float32 model (so the loaders' dequantization is exact) and float16 otherwise
 (the exact stored values; the loader casts them).
@@ -30,12 +36,21 @@ from typing import Any
 import torch
 
 from ..config import BCQuantizationConfig
-from ..formats import is_mx
+from ..formats import e8m0_to_scale, is_mx
+from ..mxlinear import MXLinear
 from ..qlinear import QuantLinear
 
 
 FORMAT_NAME = "compressed-tensors"
 CT_FORMAT = "pack-quantized"
+#: our MX format -> (compressed-tensors format, its preset scheme for weight-only MX).
+MX_CT_FORMATS = {
+    "mxfp4": ("mxfp4-pack-quantized", "MXFP4A16"),
+    "mxfp6_e2m3": ("mxfp6-pack-quantized", "MXFP6A16"),
+    "mxfp8_e4m3": ("mxfp8-quantized", "MXFP8A16"),
+}
+#: our MX formats compressed-tensors has no format for -> the closest one it has (same width where possible).
+_MX_CLOSEST = {"mxfp6_e3m2": "mxfp6_e2m3", "mxfp8_e5m2": "mxfp8_e4m3", "mxint8": "mxfp8_e4m3", "mxint4": "mxfp4"}
 _MIN_CT_BITS = 1
 _MAX_CT_BITS = 8
 
@@ -43,11 +58,13 @@ _MAX_CT_BITS = 8
 def check_ct_exportable(config: BCQuantizationConfig) -> None:
     """Raise ValueError naming the setting compressed-tensors cannot express and the closest one it can."""
     if is_mx(config.format):
-        raise ValueError(
-            f"format={config.format!r} cannot be exported as compressed-tensors by optimum-bc (only integer grids "
-            "are wired to its pack-quantized layout). Fix: quantize with format='int' (e.g. bits=4, group_size=32), "
-            "or keep save_format='native'."
-        )
+        if config.format not in MX_CT_FORMATS:
+            raise ValueError(
+                f"format={config.format!r} cannot be exported as compressed-tensors (its MX formats are "
+                f"{sorted(MX_CT_FORMATS)}). Fix: quantize with format={_MX_CLOSEST[config.format]!r}, or keep "
+                "save_format='native'."
+            )
+        return
     if not _MIN_CT_BITS <= config.bits <= _MAX_CT_BITS:
         raise ValueError(
             f"bits={config.bits} cannot be exported as compressed-tensors (pack-quantized holds 1..8 bits). "
@@ -64,10 +81,17 @@ def check_ct_exportable(config: BCQuantizationConfig) -> None:
 
 def check_ct_layer(name: str, layer: Any, config: BCQuantizationConfig) -> None:
     """Raise ValueError when one packed layer cannot be written in the pack-quantized layout."""
+    if is_mx(config.format):
+        if not isinstance(layer, MXLinear) or layer.format != config.format:
+            raise ValueError(
+                f"{name} is a {type(layer).__name__} ({getattr(layer, 'format', 'int')}) in a model whose config "
+                f"says format={config.format!r}. Fix: re-quantize the model with one format."
+            )
+        return
     if not isinstance(layer, QuantLinear):
         raise ValueError(
-            f"{name} is a {type(layer).__name__}; compressed-tensors export holds integer QuantLinear layers only. "
-            "Fix: quantize with format='int', or keep save_format='native'."
+            f"{name} is a {type(layer).__name__} in a model whose config says format='int'. Fix: re-quantize the "
+            "model with one format."
         )
     if layer.group_size != -1 and layer.in_features % layer.group_size:
         fit = math.gcd(layer.in_features, layer.group_size)
@@ -106,18 +130,31 @@ def _weight_args(config: BCQuantizationConfig) -> Any:
     )
 
 
+def ct_scheme(config: BCQuantizationConfig) -> Any:
+    """The compressed-tensors ``QuantizationScheme`` (weight-only, every Linear not ignored)."""
+    from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
+
+    if is_mx(config.format):
+        return preset_name_to_scheme(MX_CT_FORMATS[config.format][1], ["Linear"])
+    return QuantizationScheme(targets=["Linear"], weights=_weight_args(config))
+
+
+def ct_format(config: BCQuantizationConfig) -> str:
+    """compressed-tensors' name of the storage format."""
+    return MX_CT_FORMATS[config.format][0] if is_mx(config.format) else CT_FORMAT
+
+
 def ct_quantization_config(config: BCQuantizationConfig, ignore: list[str]) -> dict[str, Any]:
     """The ``quantization_config`` dict of config.json (``quant_method: compressed-tensors``, compressed status).
 
     ``ignore``: full names of the Linears kept dense (modules_to_not_convert).
     """
     import compressed_tensors
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-    scheme = QuantizationScheme(targets=["Linear"], weights=_weight_args(config))
     qconfig = QuantizationConfig(
-        config_groups={"group_0": scheme},
-        format=CT_FORMAT,
+        config_groups={"group_0": ct_scheme(config)},
+        format=ct_format(config),
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=sorted(ignore),
     )
@@ -126,12 +163,37 @@ def ct_quantization_config(config: BCQuantizationConfig, ignore: list[str]) -> d
         "quant_method": "compressed-tensors",
         **qconfig.model_dump(exclude={"quant_method"}, mode="json"),
     }
-    if not config.sym:
-        out["dequantize"] = True  # see the module docstring: the packed zero point loads only this way
+    if is_mx(config.format) or not config.sym:
+        out["dequantize"] = True  # see the module docstring: these load exactly only this way in transformers
     return out
 
 
-def ct_layer_tensors(layer: QuantLinear, symmetric: bool) -> dict[str, torch.Tensor]:
+def ct_layer_tensors(layer: Any, config: BCQuantizationConfig) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one layer (names relative to the layer), bias included."""
+    if isinstance(layer, MXLinear):
+        return _mx_tensors(layer, config)
+    return _int_tensors(layer, config.sym)
+
+
+def _mx_tensors(layer: MXLinear, config: BCQuantizationConfig) -> dict[str, torch.Tensor]:
+    """compressed-tensors' MX compressor applied to our exact weight and scales, checked by decompressing it."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    ct_name, _ = MX_CT_FORMATS[config.format]
+    compressor = BaseCompressor.get_value_from_registry(ct_name)
+    scheme = ct_scheme(config)
+    weight = layer.dequantize_weight(torch.float32).cpu()
+    out = compressor.compress({"weight": weight, "weight_scale": e8m0_to_scale(layer.scales).cpu()}, scheme)
+    back = compressor.decompress(dict(out), scheme)["weight"].float()
+    if not torch.equal(back, weight):
+        raise RuntimeError(
+            f"{layer!r}: compressed-tensors' {ct_name} compressor does not reproduce the weight (max error "
+            f"{float((back - weight).abs().max()):.3g}); keep save_format='native'"
+        )
+    return {**out, "bias": layer.bias.detach().clone()}
+
+
+def _int_tensors(layer: QuantLinear, symmetric: bool) -> dict[str, torch.Tensor]:
     """The pack-quantized tensors of one layer (names relative to the layer), bias included.
 
     ``symmetric`` (the config's ``sym``) drops the zero points, which then all sit at ``2^(bits-1)`` (signed 0).
