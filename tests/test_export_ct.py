@@ -114,11 +114,12 @@ LOADER = textwrap.dedent(
     probe = torch.load(sys.argv[2])
     new_tokens = int(sys.argv[3])
     for job in jobs:
-        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype=getattr(torch, job["dtype"]))
+        model = AutoModelForCausalLM.from_pretrained(job["path"], dtype="auto")  # config.json's dtype
         with torch.no_grad():
             logits = model(probe).logits.float()
             generated = model.generate(probe[:1], max_new_tokens=new_tokens, do_sample=False)
-        torch.save({"logits": logits, "generated": generated, "class": type(model).__name__}, job["out"])
+        dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        torch.save({"logits": logits, "generated": generated, "class": type(model).__name__, "dtype": dtype}, job["out"])
     assert "optimum_bc" not in sys.modules, "the stock loader must not import optimum_bc"
     print("loaded", len(jobs))
     """
@@ -190,6 +191,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _assert_same(result: dict[str, Any], dtype: str) -> None:
+    assert result["stock"]["dtype"] == dtype
     ours, stock = result["logits"], result["stock"]["logits"]
     error = float((stock - ours).abs().max() / ours.abs().max())
     assert error <= TOLERANCE[dtype], f"relative logit error {error:.3g} > {TOLERANCE[dtype]}"
@@ -325,7 +327,9 @@ def test_save_pretrained_save_format_writes_the_layout_and_the_card(small: Any, 
     small.save_pretrained(tmp_path / "ct", save_format="compressed-tensors")
     config = json.loads((tmp_path / "ct" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert "bits" in (tmp_path / "ct" / "README.md").read_text()
+    card = (tmp_path / "ct" / "README.md").read_text()
+    assert "`compressed-tensors` layout" in card and "without optimum-bc" in card
+    assert "import optimum_bc" not in card
 
 
 def test_cli_bad_input_exits_2_with_one_line(small: Any, tmp_path: Path, capsys) -> None:

@@ -207,6 +207,12 @@ def _state_dict(
     output, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if output is not None and output.weight is embed.weight:  # tied: the loader ties them back
         out.pop(next(f"{n}.weight" for n, m in modules.items() if m is output), None)
+    offloaded = [k for k, v in out.items() if v.is_meta]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} tensors (e.g. {offloaded[0]}) are offloaded to the meta device, so they cannot be "
+            "written. Fix: load the model without disk offload (device_map=None or a map without 'disk') to export."
+        )
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
@@ -254,7 +260,8 @@ def export_model(
         "dropped_biases": sorted(plan.dropped),
         "dropped_sink_bias_layers": sinks,
     }
-    exported = {**plan.config, "quantization_config": quantization}
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")  # what dtype="auto" loads
+    exported = {**plan.config, "dtype": dtype, "quantization_config": quantization}
     _write_atomically(target, tensors, exported, _metadata(model), model, extra_files)
     return target
 
