@@ -388,3 +388,29 @@ def test_save_format_gptq_writes_gptq_tensors_and_config(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="bc_sink_tokens"):
         export_model(_quantized("opt", {"bits": 4, "group_size": 32, "bc_sink_tokens": 1}), tmp_path / "x", "gptq")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7, 8])
+@pytest.mark.parametrize(("group_size", "sym"), [(32, False), (-1, True)])
+def test_every_packed_width_decompresses_to_our_weight(bits: int, group_size: int, sym: bool) -> None:
+    """compressed-tensors' own decompressor turns our exported tensors back into ``dequantize_weight`` exactly."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    from optimum_bc import QuantLinear
+    from optimum_bc.export.compressed_tensors import ct_layer_tensors, ct_scheme
+
+    g = torch.Generator().manual_seed(bits)
+    out_features, in_features = 48, 96
+    groups = 1 if group_size == -1 else in_features // group_size
+    codes = torch.randint(0, 2**bits, (out_features, in_features), generator=g)
+    zeros = torch.full((out_features, groups), 2 ** (bits - 1)) if sym else torch.randint(0, 2**bits, (48, groups))
+    scales = torch.rand(out_features, groups, generator=g) * 0.01 + 0.001
+    layer = QuantLinear.from_quantized(codes, scales, zeros, None, bits, group_size, bias=torch.randn(out_features))
+    config = BCQuantizationConfig(bits=4, group_size=group_size, sym=sym)
+    config.bits = bits  # our quantizer offers 2/3/4/8; the layer and compressed-tensors hold 2..8
+    tensors = ct_layer_tensors(layer, config)
+    assert tensors["weight_packed"].shape == (out_features, -(-in_features * bits // 32))
+    assert ("weight_zero_point" in tensors) is not sym
+    state = {k: v for k, v in tensors.items() if k != "bias"}
+    weight = BaseCompressor.get_value_from_registry("pack-quantized").decompress(state, ct_scheme(config))["weight"]
+    assert torch.equal(weight.float(), layer.dequantize_weight(torch.float32))
