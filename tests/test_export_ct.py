@@ -330,6 +330,11 @@ def test_save_pretrained_save_format_writes_the_layout_and_the_card(small: Any, 
     card = (tmp_path / "ct" / "README.md").read_text()
     assert "`compressed-tensors` layout" in card and "without optimum-bc" in card
     assert "import optimum_bc" not in card
+    with pytest.raises(ValueError, match=r"takes no \['max_shard_size'\]"):
+        small.save_pretrained(tmp_path / "ct2", save_format="compressed-tensors", max_shard_size="1GB")
+    with pytest.raises(ValueError, match="save_format='onnx' is not supported"):
+        small.save_pretrained(tmp_path / "ct2", save_format="onnx")
+    assert not (tmp_path / "ct2").exists()
 
 
 def test_cli_bad_input_exits_2_with_one_line(small: Any, tmp_path: Path, capsys) -> None:
@@ -414,3 +419,16 @@ def test_every_packed_width_decompresses_to_our_weight(bits: int, group_size: in
     state = {k: v for k, v in tensors.items() if k != "bias"}
     weight = BaseCompressor.get_value_from_registry("pack-quantized").decompress(state, ct_scheme(config))["weight"]
     assert torch.equal(weight.float(), layer.dequantize_weight(torch.float32))
+
+
+def test_a_model_with_peft_adapters_is_refused(tmp_path: Path) -> None:
+    from peft import LoraConfig
+
+    from optimum_bc.peft import get_peft_model
+
+    model = get_peft_model(
+        _quantized("llama", {"bits": 4, "group_size": 32}), LoraConfig(r=4, target_modules=["q_proj"])
+    )
+    with pytest.raises(ValueError, match="PEFT adapters.*Fix"):
+        export_model(model.base_model.model, tmp_path / "out", "compressed-tensors")
+    assert not any(tmp_path.iterdir())

@@ -138,6 +138,11 @@ def check_exportable(model: nn.Module, save_format: str) -> tuple[BCQuantization
     """Every check of an export that needs no writing: raises ValueError naming the problem and the fix."""
     config = _bc_config(model)
     fmt = check_config_exportable(config, save_format)
+    if any(hasattr(m, "base_layer") for m in model.modules()):
+        raise ValueError(
+            "the model carries PEFT adapters, which stock loaders would not apply from this checkpoint. Fix: export "
+            "the model without adapters (save the adapter separately with peft's save_pretrained)."
+        )
     layers = packed_layers(model)
     if not layers:
         raise ValueError("the model holds no packed layer; nothing to export")

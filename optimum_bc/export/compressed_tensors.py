@@ -26,6 +26,9 @@ correctly. vLLM reads the packed zero point natively and ignores the flag. MX ex
 default path decompresses MX weights in bfloat16 (``decompress_mx_scale``) and a float32 model fails on the dtype
 mismatch; with it the weight is cast to the model dtype (MX values times powers of two are exact in bfloat16).
 
+vLLM's compressed-tensors WNA16 kernels take 4- and 8-bit integer weights; 2/3-bit exports load in transformers
+only.
+
 Scales are written in float32 for a float32 model (so the loaders' dequantization is exact) and float16 otherwise
 (the exact stored values; the loader casts them).
 """
