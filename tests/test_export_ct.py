@@ -83,6 +83,16 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2-bf16-w8g32-sym": ("qwen2", "bfloat16", {"bits": 8, "group_size": 32, "sym": True}),
     "opt-fp32-w2g32-asym": ("opt", "float32", {"bits": 2, "group_size": 32}),
     "opt-bf16-w4g32-sym": ("opt", "bfloat16", {"bits": 4, "group_size": 32, "sym": True}),
+    "llama-fp32-w4g32-dense-down1": (
+        "llama",
+        "float32",
+        {
+            "bits": 4,
+            "group_size": 32,
+            "sym": True,
+            "modules_to_not_convert": ["lm_head", "model.layers.1.mlp.down_proj"],
+        },
+    ),
     "llama-fp32-mxfp4": ("llama", "float32", {"format": "mxfp4"}),
     "qwen2-bf16-mxfp6": ("qwen2", "bfloat16", {"format": "mxfp6_e2m3"}),
     "opt-fp32-mxfp8": ("opt", "float32", {"format": "mxfp8_e4m3"}),
@@ -222,7 +232,9 @@ def test_stock_transformers_computes_our_logits(exported: dict[str, Any], name: 
     if expected_class:
         assert exported[name]["stock"]["class"] == expected_class
     assert exported["warnings"][name] == []  # every compensation bias carried
-    assert "lm_head" in qc["ignore"] or config["tie_word_embeddings"]
+    assert "lm_head" in qc["ignore"]
+    for name in settings.get("modules_to_not_convert", []):  # kept dense: compressed-tensors' ignore list
+        assert name in qc["ignore"]
 
 
 def test_compensation_biases_are_in_the_checkpoint(exported: dict[str, Any]) -> None:
