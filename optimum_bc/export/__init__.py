@@ -11,6 +11,7 @@ bias of the first tokens; ``bc_sink_tokens=0`` is the export-friendly setting). 
 Layers in ``modules_to_not_convert`` stay dense (compressed-tensors ``ignore``).
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -67,20 +68,14 @@ def packed_layers(model: nn.Module) -> dict[str, PackedLinearBase]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinearBase)}
 
 
+@dataclasses.dataclass(frozen=True)
 class _Format:
-    """The three calls a format provides: a config check, a per-layer check and tensors, a quantization_config."""
+    """The calls a format provides: a config check, a per-layer check, per-layer tensors, a quantization_config."""
 
-    def __init__(
-        self,
-        check: Callable[[BCQuantizationConfig], None],
-        check_layer: Callable[[str, Any, BCQuantizationConfig], None],
-        tensors: Callable[[Any, BCQuantizationConfig], dict[str, torch.Tensor]],
-        quantization_config: Callable[[BCQuantizationConfig, list[str]], dict[str, Any]],
-    ) -> None:
-        self.check = check
-        self.check_layer = check_layer
-        self.tensors = tensors
-        self.quantization_config = quantization_config
+    check: Callable[[BCQuantizationConfig], None]
+    check_layer: Callable[[str, Any, BCQuantizationConfig], None]
+    tensors: Callable[[Any, BCQuantizationConfig], dict[str, torch.Tensor]]
+    quantization_config: Callable[[BCQuantizationConfig, list[str]], dict[str, Any]]
 
 
 def _get_format(save_format: str) -> _Format:
@@ -172,7 +167,8 @@ def _warn_losses(layers: dict[str, PackedLinearBase], plan: FamilyPlan, save_for
         warnings.warn(
             f"{len(plan.dropped)} compensation biases have no place in the stock {plan.model_type} class and are "
             f"dropped from the {save_format} export; cost (bias norm / output norm on a unit-Gaussian probe): "
-            f"{listing}; worst {worst[0]} ({worst[1]:.3g})",
+            f"{listing}; worst {worst[0]} ({worst[1]:.3g}). Why: {plan.reason}. Fix: keep save_format='native' "
+            "to keep them, or quantize with bias_compensation=False for an export that matches the model exactly.",
             ExportWarning,
             stacklevel=3,
         )

@@ -56,6 +56,7 @@ class FamilyPlan:
     config: dict[str, Any]
     biased: set[str]
     dropped: dict[str, float]
+    reason: str = ""  # why the dropped biases have no stock place
 
     @property
     def model_type(self) -> str:
@@ -140,11 +141,13 @@ def plan_family(config: dict[str, Any], layers: dict[str, nn.Module], blocks: st
             best = FamilyPlan(candidate, slots, dict.fromkeys(missing, 0.0))
     assert best is not None
     best.dropped = {n: bias_cost(layers[n]) for n in best.dropped}
+    if best.dropped:
+        best.reason = why_not_llama(config)
     return best
 
 
 def why_not_llama(config: dict[str, Any]) -> str:
     """Why a Mistral / Qwen2 config has no exactly equivalent LLaMA config ("" when it has one)."""
     if config.get("model_type") not in _LLAMA_LIKE:
-        return f"model_type {config.get('model_type')!r} has no bias-carrying stock equivalent"
-    return _llama_equivalent(config)[1]
+        return f"model_type {config.get('model_type')!r} has no bias flag for these Linears"
+    return "no exactly equivalent LlamaForCausalLM config: " + _llama_equivalent(config)[1]
