@@ -847,14 +847,16 @@ def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str]
     else:  # a layout stock loaders read (optimum_bc.export); replaces the folder like save_pretrained overwrites
         from .export import export_model
 
-        unsupported = sorted(k for k in kwargs if k not in ("is_main_process", "token")) + (["args"] if args else [])
+        known = ("is_main_process", "token", "max_shard_size")
+        unsupported = sorted(k for k in kwargs if k not in known) + (["args"] if args else [])
         if unsupported:
             raise ValueError(
-                f"save_pretrained(save_format={save_format!r}) writes one safetensors file and takes no "
-                f"{unsupported}. Fix: drop them, or use save_format='native'."
+                f"save_pretrained(save_format={save_format!r}) takes only {list(known)}, not {unsupported}. Fix: "
+                "drop them, or use save_format='native'."
             )
+        shard = {"max_shard_size": kwargs["max_shard_size"]} if "max_shard_size" in kwargs else {}
         is_main = kwargs.get("is_main_process", True)
-        result = export_model(self, save_directory, save_format, overwrite=True) if is_main else None
+        result = export_model(self, save_directory, save_format, overwrite=True, **shard) if is_main else None
     is_main = kwargs.get("is_main_process", args[0] if args else True)
     if is_main and not getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
         write_model_card(save_directory, tags=getattr(self, "model_tags", None) or ())

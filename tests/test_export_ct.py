@@ -185,6 +185,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     results["cli"] = _reference(AutoModelForCausalLM.from_pretrained(native))
     jobs.append({"name": "cli", "path": str(root / "cli"), "dtype": "float32"})
 
+    # Sharded: several safetensors files and an index, as transformers writes them.
+    model = _quantized("opt", {"bits": 4, "group_size": 32, "bc_sink_tokens": 0})
+    model.save_pretrained(root / "sharded", save_format="compressed-tensors", max_shard_size="40KB")
+    results["sharded"] = _reference(model)
+    jobs.append({"name": "sharded", "path": str(root / "sharded"), "dtype": "float32"})
+
     for job in jobs:
         job["out"] = str(root / f"{job['name']}.stock.pt")
     torch.save(PROBE, root / "probe.pt")
@@ -262,6 +268,14 @@ def test_biases_without_a_stock_slot_are_dropped_with_their_cost(exported: dict[
     assert exported["mistral-window"]["stock"]["class"] == "MistralForCausalLM"
     config = json.loads((exported["root"] / "mistral-window" / "config.json").read_text())
     assert len(config["quantization_config"]["optimum_bc"]["dropped_biases"]) == 14
+
+
+def test_sharded_export_loads(exported: dict[str, Any]) -> None:
+    _assert_same(exported["sharded"], "float32")
+    folder = exported["root"] / "sharded"
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    assert "optimum_bc.provenance" in dict(safe_open(str(shards[-1]), "pt").metadata())
 
 
 def test_cli_export_of_a_native_checkpoint(exported: dict[str, Any]) -> None:
@@ -345,8 +359,8 @@ def test_save_pretrained_save_format_writes_the_layout_and_the_card(small: Any, 
     card = (tmp_path / "ct" / "README.md").read_text()
     assert "`compressed-tensors` layout" in card and "without optimum-bc" in card
     assert "import optimum_bc" not in card
-    with pytest.raises(ValueError, match=r"takes no \['max_shard_size'\]"):
-        small.save_pretrained(tmp_path / "ct2", save_format="compressed-tensors", max_shard_size="1GB")
+    with pytest.raises(ValueError, match=r"not \['state_dict'\]"):
+        small.save_pretrained(tmp_path / "ct2", save_format="compressed-tensors", state_dict={})
     with pytest.raises(ValueError, match="save_format='onnx' is not supported"):
         small.save_pretrained(tmp_path / "ct2", save_format="onnx")
     assert not (tmp_path / "ct2").exists()

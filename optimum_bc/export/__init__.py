@@ -38,7 +38,9 @@ GPTQ = "gptq"
 SAVE_FORMATS = (NATIVE, COMPRESSED_TENSORS, GPTQ)
 #: config.json ``quantization_config`` key that records the BC settings and the original model_type.
 PROVENANCE_KEY = "optimum_bc"
-WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+#: shard size of exports (as transformers' default); a larger tensor gets a shard of its own.
+DEFAULT_MAX_SHARD_SIZE = "50GB"
 
 
 class ExportWarning(UserWarning):
@@ -231,6 +233,7 @@ def export_model(
     format: str,
     overwrite: bool = False,
     extra_files: Sequence[str | os.PathLike[str]] = (),
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write ``model`` (BC-quantized) to ``directory`` in ``format`` ("compressed-tensors" or "gptq").
 
@@ -240,6 +243,7 @@ def export_model(
         format: one of :data:`SAVE_FORMATS` other than "native" (that one is ``save_pretrained``).
         overwrite: replace an existing folder (only once the new one is complete).
         extra_files: files copied in as they are (tokenizer files of the source folder, for instance).
+        max_shard_size: largest safetensors file (bytes or e.g. "5GB"); more shards get an index, as transformers'.
 
     Returns:
         The folder written. Warns (:class:`ExportWarning`) about every bias the format cannot hold.
@@ -263,7 +267,7 @@ def export_model(
     }
     dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")  # what dtype="auto" loads
     exported = {**plan.config, "dtype": dtype, "quantization_config": quantization}
-    _write_atomically(target, tensors, exported, _metadata(model), model, extra_files)
+    _write_atomically(target, tensors, exported, _metadata(model), model, extra_files, max_shard_size)
     return target
 
 
@@ -274,13 +278,20 @@ def _write_atomically(
     metadata: dict[str, str],
     model: nn.Module,
     extra_files: Sequence[str | os.PathLike[str]],
+    max_shard_size: int | str,
 ) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata=metadata)
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+        for filename, names in split.filename_to_tensors.items():  # every shard keeps the report / provenance
+            save_file({n: tensors[n] for n in names}, tmp / filename, metadata=metadata)
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         generation = getattr(model, "generation_config", None)
         if generation is not None:
