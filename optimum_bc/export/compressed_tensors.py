@@ -96,6 +96,12 @@ def check_ct_layer(name: str, layer: Any, config: BCQuantizationConfig) -> None:
             f"{name} is a {type(layer).__name__} in a model whose config says format='int'. Fix: re-quantize the "
             "model with one format."
         )
+    if (layer.bits, layer.group_size) != (config.bits, config.group_size):
+        raise ValueError(
+            f"{name} has bits={layer.bits}, group_size={layer.group_size} but the config says bits={config.bits}, "
+            f"group_size={config.group_size}; one compressed-tensors scheme covers every layer. Fix: re-quantize "
+            "the model with one setting."
+        )
     if layer.group_size != -1 and layer.in_features % layer.group_size:
         fit = math.gcd(layer.in_features, layer.group_size)
         fit &= -fit  # largest power of two dividing both
