@@ -233,6 +233,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         check_config_exportable(settings, args.save_format)
     model, tokenizer = _load_float(args.model, args.gguf_file)
+    if args.save_format != "native":  # layer widths the format cannot group: refuse before calibrating
+        from .export import check_float_model_exportable
+
+        check_float_model_exportable(model, settings, args.save_format)
     config = _config_from_args(args, tokenizer)
     report = quantize_model(model, config)
     if not args.quiet:

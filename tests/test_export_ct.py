@@ -383,7 +383,7 @@ def test_cli_bad_input_exits_2_with_one_line(small: Any, tmp_path: Path, capsys)
 # --------------------------------------------------------------------------------------------------- CLI and GPTQ
 
 
-def test_cli_quantize_save_format_and_its_early_refusal(tmp_path: Path, word_tokenizer, capsys) -> None:
+def test_cli_quantize_save_format_and_its_early_refusal(tmp_path: Path, word_tokenizer, capsys, monkeypatch) -> None:
     from .conftest import TEXTS
 
     source = tmp_path / "float"
@@ -404,6 +404,17 @@ def test_cli_quantize_save_format_and_its_early_refusal(tmp_path: Path, word_tok
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "desc_act=True with group_size=32" in err and err.count("\n") == 1
+    import optimum_bc.quantizer
+
+    def no_calibration(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the refusal must come before quantization")
+
+    monkeypatch.setattr(optimum_bc.quantizer, "quantize_model", no_calibration)
+    bad = [*argv, "--save-format", "compressed-tensors"]
+    bad[3], bad[7] = str(tmp_path / "q2"), "64"  # the MLP input width 160 is no multiple of 64
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "down_proj: group_size=64 does not divide its in_features=160" in err
     assert not (tmp_path / "q2").exists()
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..architectures import get_spec
 from ..config import BCQuantizationConfig
+from ..formats import is_mx
 from ..packed_base import PackedLinearBase
 from . import compressed_tensors as ct
 from .families import FamilyPlan, plan_family
@@ -129,6 +130,26 @@ def check_config_exportable(config: BCQuantizationConfig, save_format: str) -> _
         )
     fmt.check(config)
     return fmt
+
+
+def check_float_model_exportable(model: nn.Module, config: BCQuantizationConfig, save_format: str) -> None:
+    """Before quantizing ``model`` for ``save_format``: refuse Linears whose width the format cannot group.
+
+    compressed-tensors dequantizes whole groups only, so a group size must divide every quantized input width
+    (SmolLM2's 576 is not a multiple of 128, for instance). Raises ValueError naming the first such layer.
+    """
+    from ..api import resolve_modules_to_not_convert
+    from ..architectures import target_linears
+
+    check_config_exportable(config, save_format)
+    if save_format != COMPRESSED_TENSORS or config.group_size == -1 or is_mx(config.format):
+        return
+    skip = config.modules_to_not_convert or resolve_modules_to_not_convert(model, config)
+    spec = get_spec(model.config.model_type)
+    for name in target_linears(model, spec, list(skip)):
+        in_features = model.get_submodule(name).in_features
+        if in_features % config.group_size:
+            raise ValueError(ct.group_size_problem(name, in_features, config.group_size))
 
 
 def check_exportable(model: nn.Module, save_format: str) -> tuple[BCQuantizationConfig, _Format]:

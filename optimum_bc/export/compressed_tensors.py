@@ -103,13 +103,7 @@ def check_ct_layer(name: str, layer: Any, config: BCQuantizationConfig) -> None:
             "the model with one setting."
         )
     if layer.group_size != -1 and layer.in_features % layer.group_size:
-        fit = math.gcd(layer.in_features, layer.group_size)
-        fit &= -fit  # largest power of two dividing both
-        raise ValueError(
-            f"{name}: group_size={layer.group_size} does not divide its in_features={layer.in_features}, and "
-            "compressed-tensors dequantizes whole groups only. Fix: quantize with "
-            f"group_size={fit if fit >= 8 else -1} (divides it), or keep save_format='native'."
-        )
+        raise ValueError(group_size_problem(name, layer.in_features, layer.group_size))
     if layer.group_size != -1 and not torch.equal(layer.g_idx.cpu(), _contiguous_g_idx(layer)):
         raise ValueError(
             f"{name} has permuted act-order groups (g_idx), which compressed-tensors 0.20 cannot hold. "
@@ -120,6 +114,17 @@ def check_ct_layer(name: str, layer: Any, config: BCQuantizationConfig) -> None:
             f"{name} has zero points off the middle of the grid although the config says sym=True, so the symmetric "
             "scheme (which stores no zero point) would change its weights. Fix: re-quantize with sym=False."
         )
+
+
+def group_size_problem(name: str, in_features: int, group_size: int) -> str:
+    """The message for a group size that does not divide a layer's input width, with the closest one that does."""
+    fit = math.gcd(in_features, group_size)
+    fit &= -fit  # largest power of two dividing both
+    return (
+        f"{name}: group_size={group_size} does not divide its in_features={in_features}, and compressed-tensors "
+        f"dequantizes whole groups only. Fix: quantize with group_size={fit if fit >= 8 else -1} (divides it), or "
+        "keep save_format='native'."
+    )
 
 
 def _contiguous_g_idx(layer: QuantLinear) -> torch.Tensor:
