@@ -8,10 +8,14 @@ codes 11-20 at word 1 bits 1..30, code 21 split over word 1 bit 31 and word 2 bi
 ``optimum_bc`` but the layer under test.
 """
 
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import GPTQConfig
 
 from optimum_bc import BCQuantizationConfig, MXLinear, QuantLinear, quantize_model
@@ -166,7 +170,7 @@ def test_quantization_config_is_what_gptqconfig_reads_back() -> None:
     [
         ({"format": "mxfp4", "method": "rtn"}, "format='mxfp4'", "format='int', bits=4, group_size=32, sym=True"),
         ({"format": "mxfp6_e3m2", "method": "rtn"}, "format='mxfp6_e3m2'", "bits=8"),
-        ({"group_size": 256}, "group_size=256", "group_size=128"),
+        ({"group_size": 2048}, "group_size=2048", "group_size=1024"),
         ({"group_size": 48}, "group_size=48", "group_size=64"),
         ({"bc_granularity": "position"}, "bc_granularity='position'", 'bc_granularity="channel"'),
         ({"bc_sink_tokens": 1}, "bc_sink_tokens=1", "bc_sink_tokens=0"),
@@ -202,5 +206,68 @@ def test_unexportable_layers_are_refused() -> None:
         gptq_layer_tensors(sink)
     with pytest.raises(ValueError, match="checkpoint_format='gptq_v3'"):
         gptq_layer_tensors(_layer(4, 32, sym=True, act_order=False), checkpoint_format="gptq_v3")
+    huge = _layer(4, 32, sym=True, act_order=False)
+    huge.bias.data[3] = 1e6
+    with pytest.raises(ValueError, match="float16"):
+        gptq_layer_tensors(huge)
     with pytest.raises(ValueError, match="QuantLinear"):
         gptq_layer_tensors(MXLinear(64, 64, "mxfp4"))
+
+
+# Reads, per layer, our ``quantization_config`` entry with GPTQModel's own parser and the layer's tensors with its torch
+# kernel built from that parsed config, as GPTQModel loads a checkpoint (v1 zero points converted to v2 first), and
+# prints which layers dequantize to the stored expected weight.
+_GPTQMODEL_READER = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+from gptqmodel.quantization.config import FORMAT, QuantizeConfig
+from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+tensors = load_file(sys.argv[1])
+equal = []
+for n, entry in enumerate(json.loads(sys.argv[2])):
+    cfg = QuantizeConfig.from_quant_config(entry)
+    expected = tensors[f"{n}.expected"]
+    module = TorchLinear(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.desc_act,
+                         in_features=expected.shape[1], out_features=expected.shape[0], bias=True)
+    module.load_state_dict({k: tensors[f"{n}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx", "bias")})
+    if cfg.format == FORMAT.GPTQ:
+        convert_gptq_v1_to_v2_format_module(module, bits=cfg.bits, pack_dtype=torch.int32)
+    module.post_init()
+    equal.append(bool(torch.equal(module.dequantize_weight().T, expected)))
+print(json.dumps(equal))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel")
+def test_gptqmodel_reads_the_config_entry_and_the_tensors(tmp_path) -> None:
+    """GPTQModel (in a subprocess that never imports optimum_bc) dequantizes every export to our float16 weight."""
+    tensors, entries = {}, []
+    for bits in (2, 3, 4, 8):
+        for group_size in (32, -1):
+            for sym in (True, False):
+                for act_order in (False, True):
+                    layer = _layer(bits, group_size, sym, act_order)
+                    entry = gptq_quantization_config(
+                        BCQuantizationConfig(
+                            bits=bits, group_size=group_size, sym=sym, desc_act=act_order, bc_sink_tokens=0
+                        )
+                    )
+                    n = len(entries)
+                    exported = gptq_layer_tensors(layer, checkpoint_format=entry["checkpoint_format"])
+                    tensors |= {f"{n}.{k}": v for k, v in exported.items()}
+                    tensors[f"{n}.expected"] = layer.dequantize_weight(torch.float16)
+                    entries.append(entry)
+    save_file(tensors, tmp_path / "layers.safetensors")
+    run = subprocess.run(
+        [sys.executable, "-c", _GPTQMODEL_READER, str(tmp_path / "layers.safetensors"), json.dumps(entries)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    equal = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(equal) == 32 and all(equal), [e for e, ok in zip(entries, equal, strict=True) if not ok]

@@ -18,20 +18,21 @@ GPTQModel itself saves ``sym=True`` models as v1 and ``sym=False`` ones as v2, a
 ``scale = 2 * max|w| / maxq``) is GPTQ's symmetric grid, so v1 holds it exactly; an asymmetric grid has zero points
 of 0 whenever a group's minimum rounds to 0, so it goes to v2.
 
-Readers, and their limits as read in their code (GPU readers were not run here):
+Readers, and their limits as read in their code (GPTQModel 7.7.0's torch kernel is run by the tests when installed;
+the GPU readers were not run):
 
 * GPTQModel (what ``transformers`` 5.x loads GPTQ checkpoints with, via ``optimum``): v1 and v2 (converts v1 to v2
-  on load); its torch kernel, the fallback on every device, takes 2/3/4/8 bits, sym and asym, desc_act, group sizes
-  -1/16/32/64/128 (:data:`GPTQ_GROUP_SIZES`). Its buffers are ``in // 32 * bits`` rows and ``out // 32 * bits``
-  zero columns, hence in/out features multiples of 32.
+  on load for the kernels that need it). Its torch kernel, the fallback on every device, takes 2/3/4/8 bits, sym and
+  asym, desc_act, group sizes -1/16/32/64/128/256/512/1024 (:data:`GPTQ_GROUP_SIZES`; before 7.x only up to 128).
+  Its buffers are ``in // 32 * bits`` rows and ``out // 32 * bits`` zero columns: in/out features multiples of 32.
 * AutoGPTQ (unmaintained): v1; ``gptq_v2`` came with its PR #640 ("Fix Sym=False").
-* ExLlama v1 / ExLlamaV2 kernels (GPTQModel's, TGI's): 4-bit only, v1.
+* ExLlama v1/v2 kernels (GPTQModel's, TGI's): 4-bit only, group sizes -1/32/64/128, sym and asym, in/out % 32.
 * Marlin (vLLM ``gptq_marlin``, GPTQModel, TGI): 4/8-bit ``sym=True`` only (it ignores ``qzeros`` and assumes
-  ``zero = 2**(bits-1)``), group sizes -1/32/64/128, ``out % 64 == 0`` and ``in % 128 == 0``, act-order supported;
-  reads v1 and v2 (both are the same for its symmetric grid once the +1 is applied).
-* vLLM ``gptq`` (exllama-derived ``gptq_gemm``): 2/3/4/8 bits, sym and asym, ``in % group_size == 0``; v1 only
-  before vllm-project/vllm PR #26092 (``gptq_v2`` zero handling), so older vLLM misreads v2 checkpoints.
-* TGI: ``gptq`` through its exllama (4-bit), Marlin or Triton kernels; v1 only.
+  ``zero = 2**(bits-1)``), group sizes -1/32/64/128, act-order supported, v1 and v2 (the same for its grid); vLLM
+  also wants ``out % 64 == 0`` and ``in % 128 == 0`` per shard. GPTQModel's Machete: 4/8 bits, -1/64/128, v1-labelled only.
+* vLLM ``gptq`` (exllama-derived ``gptq_gemm``): 2/3/4/8 bits, sym and asym, ``in % group_size == 0``; reads
+  ``gptq_v2`` zero points only since vllm-project/vllm PR #26092 (older vLLM misreads v2 checkpoints).
+* TGI: ``gptq`` through its exllama (4-bit), Marlin or Triton kernels; v1 (no ``gptq_v2`` handling found).
 
 So the most portable export is ``sym=True``, 4 bits, group size 128 (or -1), in/out multiples of 128/64: v1, read
 by all of the above. What the layout cannot hold is refused by :func:`check_gptq_exportable` (config) and
@@ -53,8 +54,8 @@ GPTQ_V1 = "gptq"
 GPTQ_V2 = "gptq_v2"
 GPTQ_FORMATS = (GPTQ_V1, GPTQ_V2)
 GPTQ_BITS = (2, 3, 4, 8)
-# Group sizes of GPTQModel's torch kernel, the reader that runs everywhere (Marlin takes -1/32/64/128 of these).
-GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128)
+# Group sizes of GPTQModel's torch kernel, the reader that runs everywhere (Marlin and ExLlama: -1/32/64/128).
+GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
 # qweight / qzeros pack whole 32-value runs (3 words per 32 values at 3 bits).
 _FEATURE_MULTIPLE = 32
 
@@ -88,7 +89,7 @@ def check_gptq_exportable(config: BCQuantizationConfig) -> None:
         _refuse(
             "group_size",
             config.group_size,
-            f"GPTQModel's kernels take {list(GPTQ_GROUP_SIZES)}, Marlin -1/32/64/128",
+            f"GPTQModel's torch kernel takes {list(GPTQ_GROUP_SIZES)}; Marlin and ExLlama -1/32/64/128",
             f"group_size={_closest(config.group_size, GPTQ_GROUP_SIZES[1:])}",
         )
     if config.bias_compensation and config.bc_granularity != "channel":
@@ -199,7 +200,12 @@ def gptq_layer_tensors(layer: QuantLinear, checkpoint_format: str | None = None)
         zeros = zeros - 1
     bias = layer.bias.detach().to(torch.float16)
     if not torch.isfinite(bias).all():
-        _refuse("bias", "out of float16 range", "GPTQ stores the bias in float16", "keep this layer in float")
+        _refuse(
+            "bias",
+            f"max |bias| {float(layer.bias.abs().max()):.4g}",
+            "GPTQ stores the bias in float16 (largest 65504)",
+            "keep this layer in float (modules_to_not_convert)",
+        )
     return {
         "qweight": pack_int32(codes, bits).t().contiguous(),
         "qzeros": pack_int32(zeros.t(), bits),
