@@ -1,4 +1,4 @@
-"""The ``optimum-bc`` command line: quantize, eval, lm-eval, report, push, demo.
+"""The ``optimum-bc`` command line: quantize, export, eval, lm-eval, report, push, demo.
 
 Exit codes: 0 success, 2 bad arguments or invalid settings, 1 any other failure (one line on stderr; the traceback
 only with ``--debug``).
@@ -50,6 +50,11 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-bc", action="store_true", help="disable bias compensation")
     group.add_argument("--bc-target", default="sequential", help="sequential (default) or float")
     group.add_argument("--bc-layer", action="store_true", help="also compensate each whole decoder block")
+    group.add_argument(
+        "--bc-sink-tokens",
+        type=int,
+        help="first tokens with their own extra bias (default 1; 0 for a --save-format export that carries all of BC)",
+    )
     data = parser.add_argument_group("calibration data")
     data.add_argument(
         "--dataset", default="wiki-vital", help="wikitext2 | c4 | ptb | wiki-vital (offline) | a .txt file or folder"
@@ -81,6 +86,23 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gguf-file", help="GGUF file inside MODEL: dequantized by transformers, then quantized")
     q.add_argument("--eval-dataset", help="also print perplexity on this evaluation text")
     q.add_argument("--eval-max-samples", type=int, help="evaluate only the first N windows of --eval-dataset")
+    q.add_argument(
+        "--save-format",
+        default="native",
+        choices=["native", "compressed-tensors", "gptq"],
+        help="checkpoint layout: native (optimum-bc, default) or one stock transformers / vLLM load",
+    )
+    x = sub.add_parser(
+        "export",
+        parents=[common],
+        help="rewrite a BC checkpoint in a layout stock loaders read",
+        description="Reload SRC_DIR (a folder written by `optimum-bc quantize` or save_pretrained) and write it to "
+        "DST_DIR as compressed-tensors or GPTQ, which stock transformers and vLLM load without optimum-bc.",
+    )
+    x.add_argument("src_dir", help="folder of a BC-quantized model (native layout)")
+    x.add_argument("dst_dir", help="folder to write (must not exist unless --overwrite)")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"], help="target layout")
+    x.add_argument("--overwrite", action="store_true", help="replace DST_DIR once the new folder is complete")
     _add_quant_options(q)
 
     e = sub.add_parser(
@@ -172,6 +194,7 @@ def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
         bias_compensation=not args.no_bc,
         bc_target=args.bc_target,
         bc_layer=args.bc_layer and not args.no_bc,
+        bc_sink_tokens=args.bc_sink_tokens,
         dataset=args.dataset,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
@@ -204,8 +227,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--output {args.output!r} exists and is not empty; choose a new folder (nothing is overwritten)"
         )
-    _config_from_args(args, tokenizer=None)  # validate the settings before loading anything
+    settings = _config_from_args(args, tokenizer=None)  # validate the settings before loading anything
+    if args.save_format != "native":
+        from .export import check_config_exportable
+
+        check_config_exportable(settings, args.save_format)
     model, tokenizer = _load_float(args.model, args.gguf_file)
+    if args.save_format != "native":  # layer widths the format cannot group: refuse before calibrating
+        from .export import check_float_model_exportable
+
+        check_float_model_exportable(model, settings, args.save_format)
     config = _config_from_args(args, tokenizer)
     report = quantize_model(model, config)
     if not args.quiet:
@@ -230,7 +261,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # Write next to the target, then rename: an interrupted save never leaves a half-written --output.
     tmp = args.output.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, save_format=args.save_format)
     tokenizer.save_pretrained(tmp)
     if os.path.isdir(args.output):
         os.rmdir(args.output)  # empty, checked above
@@ -241,6 +272,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise eval_error
     if ppl is not None:
         print(f"perplexity on {args.eval_dataset}: {ppl:.3f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from .config import BCQuantizationConfig
+    from .export import check_config_exportable, export_model
+    from .hub import _TOKENIZER_FILES, _read_bc_config, write_model_card
+
+    src = Path(args.src_dir)
+    if not src.is_dir():
+        raise UsageError(f"SRC_DIR {args.src_dir!r} is not a folder; pass a folder written by `optimum-bc quantize`")
+    settings = BCQuantizationConfig.from_dict(_read_bc_config(src)["quantization_config"])
+    check_config_exportable(settings, args.format)
+    if os.path.exists(args.dst_dir) and not args.overwrite:
+        raise UsageError(f"DST_DIR {args.dst_dir!r} already exists; pick a new folder or pass --overwrite")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    extra = [src / name for name in (*_TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja")]
+    out = export_model(
+        model, args.dst_dir, args.format, overwrite=args.overwrite, extra_files=[f for f in extra if f.is_file()]
+    )
+    write_model_card(out, render_plot=False)
+    print(f"exported {args.src_dir} to {args.dst_dir} as {args.format}")
     return 0
 
 
@@ -380,6 +437,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "quantize": cmd_quantize,
+    "export": cmd_export,
     "eval": cmd_eval,
     "lm-eval": cmd_lm_eval,
     "report": cmd_report,

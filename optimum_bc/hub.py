@@ -412,6 +412,7 @@ def build_model_card(
     architectures: Sequence[str] | None = None,
     has_plot: bool = False,
     kept_cards: Sequence[str] = (),
+    exported: dict[str, Any] | None = None,
 ) -> Any:
     """The ``huggingface_hub.ModelCard`` of a BC-quantized model.
 
@@ -426,6 +427,8 @@ def build_model_card(
         architectures: ``config.architectures`` (picks the ``pipeline_tag``).
         has_plot: link ``layer_errors.png``.
         kept_cards: other Markdown cards to keep as sections (e.g. an earlier README.md of the folder).
+        exported: for a folder written by :mod:`optimum_bc.export`: ``{"format": ..., "dropped_biases": [...],
+            "dropped_sink_bias_layers": n}``; the card then says stock loaders read it.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -473,22 +476,44 @@ def build_model_card(
         else "without bias compensation"
     )
     versions = provenance.versions or {}
-    sections = [
-        f"# {name}",
-        f"{origin} quantized with optimum-bc: {scheme}, {bc}. Weights are bit-packed (`qweight`, `qzeros`, "
-        f"`scales`, `g_idx`) with float biases; the forward pass dequantizes once and runs dense matmuls.",
-        "## How to load",
-        "transformers has no plugin discovery: **`import optimum_bc` must run before `from_pretrained`**, otherwise "
-        'transformers logs "Unknown quantization type, got bc" and builds a float model with random weights.',
+    load = (
         "```python\n"
-        'import optimum_bc  # registers quant_method="bc" with transformers\n'
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        + ("" if exported else 'import optimum_bc  # registers quant_method="bc" with transformers\n')
+        + "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{ref}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_ref or ref}")\n'
-        "```",
-        f"Needs the `optimum-bc` package (this checkpoint was written by optimum-bc "
-        f"{versions.get('optimum-bc', 'unknown version')}). Fine-tune it with PEFT LoRA adapters through "
-        "`optimum_bc.peft.get_peft_model`.",
+        "```"
+    )
+    written_by = f"optimum-bc {versions.get('optimum-bc', 'unknown version')}"
+    if exported:
+        losses = [
+            f"{len(exported.get('dropped_biases') or [])} compensation biases without a slot in the stock class",
+            f"the first-token `sink_bias` of {exported.get('dropped_sink_bias_layers', 0)} layers",
+        ]
+        how = [
+            f"{origin} quantized with optimum-bc: {scheme}, {bc}. Exported by {written_by} in the "
+            f"`{exported['format']}` layout, with the compensation biases as ordinary Linear biases.",
+            "## How to load",
+            f"Stock transformers (with the `{exported['format']}` package where it needs one) and vLLM load it "
+            "without optimum-bc:",
+            load,
+            "Dropped at export (see the export warning for their cost): " + "; ".join(losses) + ".",
+        ]
+    else:
+        how = [
+            f"{origin} quantized with optimum-bc: {scheme}, {bc}. Weights are bit-packed (`qweight`, `qzeros`, "
+            f"`scales`, `g_idx`) with float biases; the forward pass dequantizes once and runs dense matmuls.",
+            "## How to load",
+            "transformers has no plugin discovery: **`import optimum_bc` must run before `from_pretrained`**, "
+            'otherwise transformers logs "Unknown quantization type, got bc" and builds a float model with random '
+            "weights.",
+            load,
+            f"Needs the `optimum-bc` package (this checkpoint was written by {written_by}). Fine-tune it with PEFT "
+            "LoRA adapters through `optimum_bc.peft.get_peft_model`.",
+        ]
+    sections = [
+        f"# {name}",
+        *how,
         "## Quantization settings",
         _table(
             ("setting", "value"),
@@ -572,6 +597,7 @@ def card_for_folder(
         architectures=config.get("architectures"),
         has_plot=_has_mse(report) if has_plot is None else has_plot,
         kept_cards=kept_cards,
+        exported=config.get(_EXPORTED_KEY),
     )
 
 
@@ -590,12 +616,20 @@ def _has_mse(report: QuantizationReport | None) -> bool:
     return report is not None and any(r.mse_before is not None for r in report.layers)
 
 
+#: key _read_bc_config adds for a folder written by optimum_bc.export (its quantization_config "optimum_bc" entry).
+_EXPORTED_KEY = "_optimum_bc_export"
+
+
 def _read_bc_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise ValueError(f"{os.fspath(folder)!r} has no config.json; pass a folder written by save_pretrained")
     config = json.loads(path.read_text(encoding="utf-8"))
     qc = config.get("quantization_config") or {}
+    exported = qc.get("optimum_bc") if isinstance(qc.get("optimum_bc"), dict) else None
+    if exported is not None and isinstance(exported.get("bc_config"), dict):  # an optimum_bc.export folder
+        info = {**exported, "format": qc.get("quant_method")}
+        return {**config, "quantization_config": exported["bc_config"], _EXPORTED_KEY: info}
     if qc.get("quant_method") != "bc":
         raise ValueError(
             f"{os.fspath(folder)!r} is not an optimum-bc checkpoint (config.json quantization_config.quant_method is "
@@ -801,10 +835,28 @@ _PUSH_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", 
 
 
 def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
-    """``save_pretrained`` that also writes README.md + layer_errors.png; ``push_to_hub=True`` uploads our card."""
+    """``save_pretrained`` that also writes README.md + layer_errors.png; ``push_to_hub=True`` uploads our card.
+
+    ``save_format="compressed-tensors"`` / ``"gptq"`` writes that layout instead (:mod:`optimum_bc.export`).
+    """
     push = kwargs.pop("push_to_hub", False)
+    save_format = kwargs.pop("save_format", "native")
     hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if save_format == "native":
+        result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    else:  # a layout stock loaders read (optimum_bc.export); replaces the folder like save_pretrained overwrites
+        from .export import export_model
+
+        known = ("is_main_process", "token", "max_shard_size")
+        unsupported = sorted(k for k in kwargs if k not in known) + (["args"] if args else [])
+        if unsupported:
+            raise ValueError(
+                f"save_pretrained(save_format={save_format!r}) takes only {list(known)}, not {unsupported}. Fix: "
+                "drop them, or use save_format='native'."
+            )
+        shard = {"max_shard_size": kwargs["max_shard_size"]} if "max_shard_size" in kwargs else {}
+        is_main = kwargs.get("is_main_process", True)
+        result = export_model(self, save_directory, save_format, overwrite=True, **shard) if is_main else None
     is_main = kwargs.get("is_main_process", args[0] if args else True)
     if is_main and not getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
         write_model_card(save_directory, tags=getattr(self, "model_tags", None) or ())
