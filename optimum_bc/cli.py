@@ -7,7 +7,6 @@ only with ``--debug``).
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -197,6 +196,7 @@ def _load_float(model_id: str, gguf_file: str | None) -> tuple[Any, Any]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .atomic import atomic_folder
     from .hub import write_model_card
     from .quantizer import quantize_model
 
@@ -227,15 +227,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             record_evaluation(model, args.eval_dataset, ppl, seq_len=args.seq_len, max_samples=args.eval_max_samples)
         except Exception as err:  # noqa: BLE001 - save the quantized model anyway, then report the failure
             eval_error = err
-    # Write next to the target, then rename: an interrupted save never leaves a half-written --output.
-    tmp = args.output.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if os.path.isdir(args.output):
-        os.rmdir(args.output)  # empty, checked above
-    os.replace(tmp, args.output)
-    write_model_card(args.output, render_plot=False)  # again, now with the tokenizer and the final folder name
+    # A private folder beside --output, swapped in whole: an interrupted save never leaves a half-written --output,
+    # and a concurrent run with the same --output fails here instead of claiming the other run's folder.
+    try:
+        with atomic_folder(args.output, overwrite=False) as tmp:
+            type(model).save_pretrained(model, tmp)
+            tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, model_ref=os.path.basename(os.path.abspath(args.output)))
+    except ValueError as err:
+        raise UsageError(f"--output: {err}") from err
     print(f"saved {len(report.layers)} quantized layers to {args.output} ({report.total_seconds:.1f} s)")
     if eval_error is not None:
         raise eval_error

@@ -18,18 +18,21 @@ import math
 import os
 import platform
 import re
+import shutil
 import tempfile
 import types
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .report import QuantizationReport
 
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: safetensors metadata key holding the JSON :class:`Provenance`.
 PROVENANCE_METADATA_KEY = "optimum_bc.provenance"
@@ -173,8 +176,8 @@ def _folder_metadata(directory: str | os.PathLike[str]) -> dict[str, str]:
 
 def load_provenance(directory: str | os.PathLike[str]) -> Provenance | None:
     """The Provenance stored in a saved BC folder, or None (folders written before it existed)."""
-    raw = _folder_metadata(directory).get(PROVENANCE_METADATA_KEY)
-    return Provenance.from_dict(json.loads(raw)) if raw else None
+    metadata = _folder_metadata(directory)
+    return parse_metadata(metadata, PROVENANCE_METADATA_KEY, Provenance.from_dict, os.fspath(directory))
 
 
 def record_evaluation(
@@ -552,10 +555,12 @@ def card_for_folder(
     tags: Iterable[str] = (),
     kept_cards: Sequence[str] = (),
     has_plot: bool | None = None,
+    model_ref: str | None = None,
 ) -> Any:
     """Build the card of a folder written by ``save_pretrained`` from its config.json and safetensors metadata.
 
-    ``has_plot`` None: link the plot when the report has per-layer MSEs.
+    ``has_plot`` None: link the plot when the report has per-layer MSEs. ``model_ref``: the folder name the loading
+    snippet shows (default: the folder's own name; a folder written before being swapped in passes its final name).
     """
     folder = Path(directory)
     config = _read_bc_config(folder)
@@ -566,7 +571,7 @@ def card_for_folder(
         report,
         provenance,
         repo_id=repo_id,
-        model_ref=folder.resolve().name,
+        model_ref=model_ref or folder.resolve().name,
         tokenizer_ref=None if has_tokenizer or provenance is None else provenance.base_model,
         tags=tags,
         architectures=config.get("architectures"),
@@ -579,11 +584,33 @@ def _folder_report_and_provenance(folder: Path) -> tuple[QuantizationReport | No
     from .quantizer import REPORT_METADATA_KEY
 
     metadata = _folder_metadata(folder)
-    raw_report, raw_provenance = metadata.get(REPORT_METADATA_KEY), metadata.get(PROVENANCE_METADATA_KEY)
     return (
-        QuantizationReport.from_dict(json.loads(raw_report)) if raw_report else None,
-        Provenance.from_dict(json.loads(raw_provenance)) if raw_provenance else None,
+        parse_metadata(metadata, REPORT_METADATA_KEY, QuantizationReport.from_dict, os.fspath(folder)),
+        parse_metadata(metadata, PROVENANCE_METADATA_KEY, Provenance.from_dict, os.fspath(folder)),
     )
+
+
+def parse_metadata(metadata: dict[str, str], key: str, parse: Callable[[dict[str, Any]], T], where: str) -> T | None:
+    """``parse(json.loads(metadata[key]))``, or None with a warning when it is missing or damaged.
+
+    The report and provenance are cosmetic (card, ``report`` command): a damaged one must never make the weights
+    unloadable.
+    """
+    raw = metadata.get(key)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        return parse(data)
+    except Exception as err:  # noqa: BLE001 - any damage is reported the same way
+        warnings.warn(
+            f"optimum-bc: the {key!r} metadata of {where} cannot be parsed ({type(err).__name__}: {err}); it is "
+            "ignored (the weights are unaffected). Save the model again to rewrite it.",
+            stacklevel=2,
+        )
+        return None
 
 
 def _has_mse(report: QuantizationReport | None) -> bool:
@@ -644,6 +671,7 @@ def write_model_card(
     repo_id: str | None = None,
     tags: Iterable[str] = (),
     render_plot: bool = True,
+    model_ref: str | None = None,
 ) -> Path:
     """Write README.md (and layer_errors.png) into a saved BC folder; returns the README path.
 
@@ -658,7 +686,9 @@ def write_model_card(
         has_plot = _plot(report, folder / PLOT_FILENAME)
     else:
         has_plot = (folder / PLOT_FILENAME).is_file()
-    card = card_for_folder(folder, repo_id=repo_id, tags=tags, kept_cards=_previous_cards(old), has_plot=has_plot)
+    card = card_for_folder(
+        folder, repo_id=repo_id, tags=tags, kept_cards=_previous_cards(old), has_plot=has_plot, model_ref=model_ref
+    )
     path.write_text(card.content, encoding="utf-8")
     return path
 
@@ -786,10 +816,13 @@ def attach(model: Any, checkpoint_files: Sequence[str | os.PathLike[str]] | None
         from .quantizer import REPORT_METADATA_KEY
 
         metadata = read_checkpoint_metadata(checkpoint_files)
-        if REPORT_METADATA_KEY in metadata and getattr(model, "quantization_report", None) is None:
-            model.quantization_report = QuantizationReport.from_dict(json.loads(metadata[REPORT_METADATA_KEY]))
-        raw = metadata.get(PROVENANCE_METADATA_KEY)
-        model.quantization_provenance = Provenance.from_dict(json.loads(raw)) if raw else Provenance()
+        where = os.fspath(checkpoint_files[0])
+        if getattr(model, "quantization_report", None) is None:
+            model.quantization_report = parse_metadata(
+                metadata, REPORT_METADATA_KEY, QuantizationReport.from_dict, where
+            )
+        provenance = parse_metadata(metadata, PROVENANCE_METADATA_KEY, Provenance.from_dict, where)
+        model.quantization_provenance = provenance or Provenance()
     elif getattr(model, "quantization_provenance", None) is None:
         model.quantization_provenance = collect_provenance(getattr(model, "name_or_path", None))
     # Bound to the instance (MethodType, so deepcopy rebinds them to the copy).
@@ -800,18 +833,53 @@ def attach(model: Any, checkpoint_files: Sequence[str | os.PathLike[str]] | None
 _PUSH_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "revision", "tags")
 
 
+#: files of a previous save that belong to the old weights: never carried into a new save (a stale
+#: model.safetensors beside new shards would be what from_pretrained loads).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".index.json")
+_REWRITTEN = ("config.json", "generation_config.json", PLOT_FILENAME)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy the files a save does not rewrite (tokenizer, README.md, ...) from the folder being replaced.
+
+    ``model.save_pretrained(d); tokenizer.save_pretrained(d)`` in either order must keep both, as transformers' own
+    in-place save does; the old weights, index and config are left behind.
+    """
+    if not old.is_dir():
+        return
+    for path in sorted(old.rglob("*")):
+        rel = path.relative_to(old)
+        if rel.parts[0].startswith(".") or path.name.endswith(_WEIGHT_SUFFIXES) or rel.as_posix() in _REWRITTEN:
+            continue
+        if path.is_dir():
+            (new / rel).mkdir(parents=True, exist_ok=True)
+        elif path.is_file():
+            (new / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, new / rel)
+
+
 def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
-    """``save_pretrained`` that also writes README.md + layer_errors.png; ``push_to_hub=True`` uploads our card."""
+    """``save_pretrained`` that also writes README.md + layer_errors.png; ``push_to_hub=True`` uploads our card.
+
+    The folder is written beside ``save_directory`` and swapped in (:func:`optimum_bc.atomic.atomic_folder`): a crash
+    at any moment leaves the previous checkpoint or the new one, and no stale weights of another layout.
+    """
+    from .atomic import atomic_folder
+
     push = kwargs.pop("push_to_hub", False)
     hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     is_main = kwargs.get("is_main_process", args[0] if args else True)
-    if is_main and not getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
-        write_model_card(save_directory, tags=getattr(self, "model_tags", None) or ())
-        if push:
-            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
-            tags = [*(getattr(self, "model_tags", None) or ()), *(hub_kwargs.pop("tags", None) or ())]
-            push_folder(save_directory, repo_id, token=kwargs.get("token"), tags=tags, **hub_kwargs)
+    if not is_main or getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    with atomic_folder(save_directory, overwrite=True) as tmp:
+        _carry_over(Path(save_directory), tmp)
+        result = type(self).save_pretrained(self, tmp, *args, **kwargs)
+        name = Path(save_directory).absolute().name
+        write_model_card(tmp, tags=getattr(self, "model_tags", None) or (), model_ref=name)
+    if push:
+        repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+        tags = [*(getattr(self, "model_tags", None) or ()), *(hub_kwargs.pop("tags", None) or ())]
+        push_folder(save_directory, repo_id, token=kwargs.get("token"), tags=tags, **hub_kwargs)
     return result
 
 

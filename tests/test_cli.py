@@ -113,3 +113,39 @@ def test_quantize_gguf_file_end_to_end(tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     assert "saved 210 quantized layers" in text
     assert float(text.strip().splitlines()[-1].split()[-1]) < 100
+
+
+def _quantize_argv(model: str, out: str, text: str, bits: int) -> list[str]:
+    argv = ["quantize", model, "--output", out, "--method", "rtn", "--bits", str(bits), "--group-size", "32"]
+    return argv + ["--dataset", text, "--num-samples", "2", "--seq-len", "16", "--quiet"]
+
+
+def test_two_runs_with_one_output_never_claim_each_others_folder(
+    model_with_tokenizer, text_file, tmp_path, capsys, monkeypatch
+) -> None:
+    """A second run finishing while the first is saving: the first fails (exit 2) instead of reporting a save."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path / "q"
+    partial = tmp_path / "q.partial"  # a folder of that name belongs to somebody else: never deleted
+    partial.mkdir()
+    (partial / "keep.txt").write_text("mine")
+    real_save = PreTrainedTokenizerFast.save_pretrained
+    inner: list[int] = []
+
+    def save_and_race(self, *args, **kwargs):
+        if not inner:  # the 8-bit run starts and finishes while the 4-bit run is saving
+            inner.append(-1)
+            inner[0] = main(_quantize_argv(model_with_tokenizer, str(out), text_file, 8))
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", save_and_race)
+    assert main(_quantize_argv(model_with_tokenizer, str(out), text_file, 4)) == 2
+    captured = capsys.readouterr()
+    assert inner == [0] and captured.out.count("saved ") == 1
+    assert "exists and is not empty" in captured.err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 8
+    assert (partial / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["float", "text.txt", "q", "q.partial"])
