@@ -64,6 +64,8 @@ def child(path: str, mode: str, num_samples: int, seq_len: int) -> None:
 
     from optimum_bc import data
 
+    assert hasattr(data, "STREAM_THRESHOLD"), f"{data.__file__} is an optimum_bc without streamed calibration"
+
     torch.set_num_threads(1)
     tokenizer, name = load_tokenizer(path)
     tokenizer("warm up", add_special_tokens=False)
@@ -80,7 +82,11 @@ def child(path: str, mode: str, num_samples: int, seq_len: int) -> None:
 
 def run(path: str, mode: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--child", path, mode, str(args.num_samples), str(args.seq_len)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    # The child must import this checkout's optimum_bc, not an installed copy (a script's sys.path starts at
+    # benchmarks/, not at the repository root).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
     size = os.path.getsize(path)
     print(

@@ -76,6 +76,7 @@ class BCHfQuantizer(HfQuantizer):
                 self._calibration = build_calibration(
                     config, name_or_path=getattr(model.config, "_name_or_path", None)
                 )
+            validation.check_calibration(model, self._calibration, config)
         return model
 
     def _swap_in_skeletons(self, model: Any) -> None:

@@ -13,6 +13,7 @@ Every error names the tensor and the likely cause (config.json edited, file trun
 """
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -190,3 +191,80 @@ def check_loaded_values(model: nn.Module, config: Any) -> None:
                 bad = _bad_count(~torch.isfinite(tensor))
                 if bad:
                     raise CheckpointError(f"{layer}.{short} holds {bad} NaN or infinite values: {damaged}")
+
+
+# --------------------------------------------------------------------------------------------------- before quantizing
+
+#: largest finite float16: a scale above it (weights of a huge range) would be stored as inf.
+_FP16_MAX = 65504.0
+
+
+def check_quantizable(model: nn.Module, names: Sequence[str], config: Any) -> None:
+    """Before calibration: something to quantize, nothing packed yet, and weights the int grid can store.
+
+    Weights still on the meta device (before loading) are not inspected.
+    """
+    packed = packed_layers(model)
+    if packed:
+        name, module = next(iter(packed.items()))
+        raise ValueError(
+            f"the model is already quantized ({name!r} is a {type(module).__name__}); quantizing it again would "
+            "only fail after the work. Fix: load the float model."
+        )
+    if not names:
+        raise ValueError(
+            f"modules_to_not_convert={config.modules_to_not_convert!r} leaves no Linear layer to quantize (a name "
+            "there excludes every module under it). Fix: list only the modules to keep in float, e.g. ['lm_head']."
+        )
+    if config.format != "int":
+        return
+    levels = 2**config.bits - 1
+    for name in names:
+        weight = model.get_submodule(name).weight
+        if weight.is_meta:
+            continue
+        w = weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                f"layer {name!r} has {_bad_count(~torch.isfinite(w))} NaN or infinite weights; they cannot be "
+                "quantized. Fix: repair the checkpoint, or add the layer to modules_to_not_convert."
+            )
+        widest = float((w.amax(dim=1) - w.amin(dim=1)).max())
+        if widest / levels > _FP16_MAX:
+            raise ValueError(
+                f"layer {name!r} has weights spanning {widest:.3g} in one row: its {config.bits}-bit scale would "
+                f"exceed float16's {_FP16_MAX:g} and be stored as inf. Fix: repair the checkpoint, or add the "
+                "layer to modules_to_not_convert."
+            )
+
+
+def check_calibration(model: nn.Module, samples: Sequence[dict[str, torch.Tensor]], config: Any) -> None:
+    """Before calibration: token ids inside the model's vocabulary and windows inside its context length."""
+    if not samples:
+        return
+    vocab = getattr(model.config, "vocab_size", None)
+    longest = max(int(s["input_ids"].shape[-1]) for s in samples)
+    highest = max(int(s["input_ids"].max()) for s in samples)
+    if vocab is not None and highest >= vocab:
+        raise ValueError(
+            f"dataset: calibration token id {highest} is outside the model's vocabulary of {vocab} ids: the "
+            "tokenizer does not belong to this model, or the pre-tokenized ids are wrong. Fix: tokenize with the "
+            "model's own tokenizer (tokenizer=AutoTokenizer.from_pretrained(model_id))."
+        )
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None or longest <= limit:
+        return
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in (None, "default"):
+        warnings.warn(
+            f"seq_len={config.seq_len}: calibration windows of {longest} tokens exceed max_position_embeddings="
+            f"{limit}; the model extrapolates with rope_type={rope_type!r}",
+            stacklevel=2,
+        )
+        return
+    raise ValueError(
+        f"BCQuantizationConfig: seq_len={config.seq_len} gives calibration windows of {longest} tokens, beyond the "
+        f"model's max_position_embeddings={limit}: positions past it are not trained (OPT fails, LLaMA calibrates "
+        f"on garbage). Fix: seq_len={limit} or less."
+    )

@@ -157,3 +157,76 @@ def test_intact_checkpoint_loads_with_the_same_logits(good: Path) -> None:
     b = AutoModelForCausalLM.from_pretrained(good)(ids).logits
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------- bad inputs
+
+
+def _quantize(model: Any, **settings: Any) -> Any:
+    from optimum_bc.api import quantize_model
+
+    ids = settings.pop("dataset", torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1)))
+    settings = {"method": "rtn", "group_size": 32, "num_samples": 2, "seq_len": 16, **settings}
+    return quantize_model(model, BCQuantizationConfig(dataset=ids, **settings))
+
+
+def _no_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any calibration work after the checks would fail the test."""
+    from optimum_bc import api
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(api, "capture_block_inputs", fail)
+
+
+def test_modules_to_not_convert_excluding_everything_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_calibration(monkeypatch)
+    with pytest.raises(ValueError, match=r"modules_to_not_convert=\['model'\] leaves no Linear layer to quantize"):
+        _quantize(tiny_llama(), modules_to_not_convert=["model"])
+
+
+def test_an_already_packed_model_is_refused_before_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llama()
+    _quantize(model)
+    _no_calibration(monkeypatch)
+    with pytest.raises(ValueError, match=r"already quantized \('model.layers.0.self_attn.q_proj' is a QuantLinear"):
+        _quantize(model)
+
+
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        (float("nan"), "has 1 NaN or infinite weights"),
+        (1e6, "has weights spanning 1e\\+06 in one row: its 4-bit scale would exceed"),
+    ],
+)
+def test_weights_the_int_grid_cannot_store_name_the_layer(value: float, match: str, monkeypatch) -> None:
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = value
+    _no_calibration(monkeypatch)
+    with pytest.raises(ValueError, match=rf"layer 'model.layers.1.mlp.down_proj' {match}"):
+        _quantize(model)
+
+
+def test_token_ids_outside_the_vocabulary_fail_before_the_weights_load(tmp_path: Path) -> None:
+    tiny_llama().save_pretrained(tmp_path)
+    ids = torch.full((2, 16), VOCAB + 5)
+    cfg = BCQuantizationConfig(method="rtn", dataset=ids, num_samples=2, seq_len=16)
+    with pytest.raises(ValueError, match=rf"token id {VOCAB + 5} is outside the model's vocabulary of {VOCAB}"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg)
+
+
+def test_seq_len_beyond_the_context_is_refused_or_warned_under_rope_scaling(monkeypatch) -> None:
+    from .conftest import tiny_opt
+
+    ids = torch.randint(0, VOCAB, (2, 200), generator=torch.Generator().manual_seed(1))
+    _no_calibration(monkeypatch)
+    for model in (tiny_opt(), tiny_llama()):
+        with pytest.raises(ValueError, match=r"seq_len=200 .* beyond the model's max_position_embeddings=128"):
+            _quantize(model, dataset=ids, seq_len=200)
+    model = tiny_llama()
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.warns(UserWarning, match="extrapolates with rope_type='linear'"), pytest.raises(AssertionError):
+        _quantize(model, dataset=ids, seq_len=200)
