@@ -197,6 +197,8 @@ def check_loaded_values(model: nn.Module, config: Any) -> None:
 
 #: largest finite float16: a scale above it (weights of a huge range) would be stored as inf.
 _FP16_MAX = 65504.0
+#: below this scale a float16 subnormal's absolute step (2^-24) is over 1/16 of it.
+_COARSE_SCALE = 2.0**-20
 
 
 def check_quantizable(model: nn.Module, names: Sequence[str], config: Any) -> None:
@@ -229,7 +231,16 @@ def check_quantizable(model: nn.Module, names: Sequence[str], config: Any) -> No
                 f"layer {name!r} has {_bad_count(~torch.isfinite(w))} NaN or infinite weights; they cannot be "
                 "quantized. Fix: repair the checkpoint, or add the layer to modules_to_not_convert."
             )
-        widest = float((w.amax(dim=1) - w.amin(dim=1)).max())
+        ranges = w.amax(dim=1).clamp(min=0) - w.amin(dim=1).clamp(max=0)
+        widest = float(ranges.max())
+        narrow = ranges[ranges > 0]
+        if narrow.numel() and float(narrow.min()) / levels < _COARSE_SCALE:
+            warnings.warn(
+                f"layer {name!r} has rows of weights spanning only {float(narrow.min()):.3g}: their {config.bits}-bit "
+                f"scale is below 2^-20, where float16 scales (subnormal there) round by more than 6 %, so their "
+                "quantization error grows. Consider adding the layer to modules_to_not_convert.",
+                stacklevel=2,
+            )
         if widest / levels > _FP16_MAX:
             raise ValueError(
                 f"layer {name!r} has weights spanning {widest:.3g} in one row: its {config.bits}-bit scale would "
