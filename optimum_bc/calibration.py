@@ -381,11 +381,12 @@ class BlockCalibrator:
                 start += W.shape[0]
                 bias = linear.bias.data.clone() if linear.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
                 row = LayerReport(name=prefix + rel, block=index, seconds=0.0, loss=qw.loss, damp=qw.damp)
-                comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype) if self.bc else None
+                base = bias if self.positions is None else None  # folded in float32, rounded once
+                comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype, base) if self.bc else None
                 if comp is not None:
                     row.mse_before, row.mse_after = comp.mse_before, comp.mse_after
                     if self.positions is None:
-                        bias = bias.to(comp.bias.device) + comp.bias
+                        bias = comp.bias
                         self.compensated.append(prefix + rel)
                 qlinear = packed_layer(qw, self.config, bias, W.dtype).to(W.device)
                 if comp is not None and self.positions is not None:
