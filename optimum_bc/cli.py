@@ -180,6 +180,46 @@ def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
     )
 
 
+def _check_model_arg(model_id: str, gguf_file: str | None = None) -> None:
+    """A MODEL that names a local folder must be one transformers can load; checked before any work."""
+    from .hub import hub_id_of
+
+    path = os.path.expanduser(model_id)
+    if not os.path.exists(path):
+        if hub_id_of(model_id) is None:  # not a Hub id either: a mistyped path
+            raise UsageError(f"MODEL {model_id!r}: no such folder (and not a Hub id like org/name); check the path")
+        return
+    if not os.path.isdir(path):
+        raise UsageError(f"MODEL {model_id!r} is a file; pass the folder that holds it (and --gguf-file for GGUF)")
+    if gguf_file:
+        if not os.path.isfile(os.path.join(path, gguf_file)):
+            raise UsageError(f"--gguf-file {gguf_file!r} is not in {model_id!r}; pass a file name inside MODEL")
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"MODEL {model_id!r} holds no config.json; pass a folder written by save_pretrained")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in tokenizer_files):
+        raise UsageError(
+            f"MODEL {model_id!r} holds no tokenizer (tokenizer.json / tokenizer_config.json); save the tokenizer "
+            "beside the model: tokenizer.save_pretrained(folder)"
+        )
+
+
+def _check_dataset_arg(option: str, value: str) -> None:
+    """A dataset name or path given on the command line resolves, before any model is loaded."""
+    from pathlib import Path
+
+    from .data import DOC_SEPARATOR, _resolve_str, _text_files
+    from .text_stream import TextSource
+
+    try:
+        kind, resolved = _resolve_str(value)
+        if kind == "path":
+            TextSource(_text_files(Path(resolved)), DOC_SEPARATOR)  # opens each file: non-UTF-8 text fails here
+    except ValueError as err:
+        raise UsageError(f"{option} {value!r}: {err}") from None
+
+
 def _load_float(model_id: str, gguf_file: str | None) -> tuple[Any, Any]:
     """Float model + tokenizer; a GGUF file is dequantized by transformers and its quantizer detached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -205,6 +245,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"--output {args.output!r} exists and is not empty; choose a new folder (nothing is overwritten)"
         )
     _config_from_args(args, tokenizer=None)  # validate the settings before loading anything
+    _check_model_arg(args.model, args.gguf_file)
+    _check_dataset_arg("--dataset", args.dataset)
+    if args.eval_dataset:
+        _check_dataset_arg("--eval-dataset", args.eval_dataset)
     model, tokenizer = _load_float(args.model, args.gguf_file)
     config = _config_from_args(args, tokenizer)
     report = quantize_model(model, config)
@@ -249,6 +293,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .evaluation import evaluate_perplexity
 
+    _check_model_arg(args.model, args.gguf_file)
+    _check_dataset_arg("--dataset", args.dataset)
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
@@ -297,8 +343,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .quantizer import load_report
 
     report = load_report(args.directory)
-    print(report.format_table())
     path = args.plot or os.path.join(args.directory, "layer_errors.png")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"--plot {path!r}: the folder {folder!r} does not exist or is not writable; create it first")
+    print(report.format_table())
     plot_layer_errors(report, path)
     print(f"per-layer error plot written to {path}")
     return 0
@@ -414,7 +463,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError) as err:
         if args.debug:
             traceback.print_exc()
-        print(f"optimum-bc {args.command}: error: {err}", file=sys.stderr)
+        message = str(err)
+        if message.startswith("dataset=") and hasattr(args, "dataset"):  # the library names its argument
+            message = "--dataset " + message.removeprefix("dataset=")
+        print(f"optimum-bc {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the CLI turns every failure into one line + exit code 1
         if args.debug:
