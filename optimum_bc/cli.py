@@ -79,6 +79,11 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, help="folder to write the quantized model into (must not exist)")
     q.add_argument("--gguf-file", help="GGUF file inside MODEL: dequantized by transformers, then quantized")
     q.add_argument("--eval-dataset", help="also print perplexity on this evaluation text")
+    q.add_argument(
+        "--reproducible",
+        action="store_true",
+        help="leave timings out of the saved report: same seed and thread count -> byte-identical files",
+    )
     q.add_argument("--eval-max-samples", type=int, help="evaluate only the first N windows of --eval-dataset")
     _add_quant_options(q)
 
@@ -237,7 +242,7 @@ def _load_float(model_id: str, gguf_file: str | None) -> tuple[Any, Any]:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .atomic import atomic_folder
-    from .hub import write_model_card
+    from .hub import _without_timings, canonical_safetensors_headers, write_model_card
     from .quantizer import quantize_model
 
     if os.path.exists(args.output) and os.listdir(args.output):
@@ -274,8 +279,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # A private folder beside --output, swapped in whole: an interrupted save never leaves a half-written --output,
     # and a concurrent run with the same --output fails here instead of claiming the other run's folder.
     try:
-        with atomic_folder(args.output, overwrite=False) as tmp:
+        with atomic_folder(args.output, overwrite=False) as tmp, _without_timings(model, args.reproducible):
             type(model).save_pretrained(model, tmp)
+            if args.reproducible:
+                canonical_safetensors_headers(tmp)
             tokenizer.save_pretrained(tmp)
             write_model_card(tmp, model_ref=os.path.basename(os.path.abspath(args.output)))
     except ValueError as err:

@@ -10,6 +10,7 @@ uploads. A BC model's ``push_to_hub`` (installed on the instance by :func:`attac
 folder and uploads it with :func:`push_folder`: one ``create_commit`` holding every file and our card.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,7 +24,7 @@ import tempfile
 import types
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -858,22 +859,69 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copy2(path, new / rel)
 
 
+def canonical_safetensors_headers(folder: str | os.PathLike[str]) -> None:
+    """Rewrite the JSON header of every ``.safetensors`` file in ``folder`` with sorted keys, in place.
+
+    safetensors writes its header from a hash map, so the key order (the metadata's above all) changes from one
+    process to the next; sorted, two saves of the same tensors and metadata are byte-identical. The header keeps
+    its length (padded with spaces, as safetensors pads it), so the tensor data does not move.
+    """
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "r+b") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            if len(text) > size:
+                raise ValueError(f"cannot canonicalize the header of {path}: it would grow from {size} bytes")
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
+
+
+@contextlib.contextmanager
+def _without_timings(model: Any, enabled: bool) -> Iterator[None]:
+    """While saving with ``reproducible=True``: the report's timings and the quantization time are left out, so the
+    saved files depend only on the weights and settings (byte-identical across runs with the same seed and threads).
+    """
+    report = getattr(model, "quantization_report", None)
+    provenance = getattr(model, "quantization_provenance", None)
+    if not enabled:
+        yield
+        return
+    if report is not None:
+        quiet = QuantizationReport.from_dict(report.to_dict())
+        for row in [*quiet.layers, *quiet.blocks]:
+            row.seconds = 0.0
+        quiet.total_seconds = 0.0
+        model.quantization_report = quiet
+    if provenance is not None:
+        model.quantization_provenance = dataclasses.replace(provenance, quantized_at=None)
+    try:
+        yield
+    finally:
+        model.quantization_report, model.quantization_provenance = report, provenance
+
+
 def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
     """``save_pretrained`` that also writes README.md + layer_errors.png; ``push_to_hub=True`` uploads our card.
 
     The folder is written beside ``save_directory`` and swapped in (:func:`optimum_bc.atomic.atomic_folder`): a crash
     at any moment leaves the previous checkpoint or the new one, and no stale weights of another layout.
+    ``reproducible=True`` leaves the recorded timings out, so two runs with the same seed and thread count save
+    byte-identical files.
     """
     from .atomic import atomic_folder
 
     push = kwargs.pop("push_to_hub", False)
+    reproducible = kwargs.pop("reproducible", False)
     hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
     is_main = kwargs.get("is_main_process", args[0] if args else True)
     if not is_main or getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
         return type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    with atomic_folder(save_directory, overwrite=True) as tmp:
+    with atomic_folder(save_directory, overwrite=True) as tmp, _without_timings(self, reproducible):
         _carry_over(Path(save_directory), tmp)
         result = type(self).save_pretrained(self, tmp, *args, **kwargs)
+        if reproducible:
+            canonical_safetensors_headers(tmp)
         name = Path(save_directory).absolute().name
         write_model_card(tmp, tags=getattr(self, "model_tags", None) or (), model_ref=name)
     if push:

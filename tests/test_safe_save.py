@@ -164,3 +164,36 @@ def test_damaged_report_metadata_warns_and_still_loads(good: Path, tmp_path: Pat
         logits = _logits(folder)
     torch.testing.assert_close(logits, _logits(good), rtol=0, atol=0)
     assert any(REPORT_METADATA_KEY in str(w.message) and "cannot be parsed" in str(w.message) for w in caught)
+
+
+def _file_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+
+
+def test_same_seed_gives_identical_tensors_and_reproducible_saves_identical_files(tmp_path: Path) -> None:
+    src = tmp_path / "float"
+    tiny_llama().save_pretrained(src)
+    for run in range(2):
+        cfg = BCQuantizationConfig(
+            bits=4,
+            group_size=32,
+            method="gptq",
+            dataset=torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1)),
+            num_samples=4,
+            seq_len=16,
+            seed=3,
+        )
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg)
+        model.save_pretrained(tmp_path / f"run{run}" / "plain")
+        model.save_pretrained(tmp_path / f"run{run}" / "repro", reproducible=True)  # the card names the folder
+    a, b = _tensors(tmp_path / "run0" / "plain"), _tensors(tmp_path / "run1" / "plain")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _file_bytes(tmp_path / "run0" / "repro") == _file_bytes(tmp_path / "run1" / "repro")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run0" / "repro")
+    assert reloaded.quantization_report.total_seconds == 0.0
+    assert reloaded.quantization_report.layers and all(r.seconds == 0.0 for r in reloaded.quantization_report.layers)
