@@ -131,6 +131,8 @@ def _sibling(target: Path, kind: str) -> Iterator[Path]:
         path.mkdir()
         yield path
     finally:
+        if path.is_symlink():  # a swapped-out target that was a link: remove the link, never what it points to
+            path.unlink()
         shutil.rmtree(path, ignore_errors=True)
         lock.unlink(missing_ok=True)
         pending.unlink(missing_ok=True)

@@ -837,7 +837,7 @@ _PUSH_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", 
 #: files of a previous save that belong to the old weights: never carried into a new save (a stale
 #: model.safetensors beside new shards would be what from_pretrained loads).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".index.json")
-_REWRITTEN = ("config.json", "generation_config.json", PLOT_FILENAME)
+_REWRITTEN = ("config.json", "generation_config.json", "adapter_config.json", PLOT_FILENAME)
 
 
 def _carry_over(old: Path, new: Path) -> None:
@@ -856,7 +856,7 @@ def _carry_over(old: Path, new: Path) -> None:
             (new / rel).mkdir(parents=True, exist_ok=True)
         elif path.is_file():
             (new / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, new / rel)
+            shutil.copy2(path, new / rel)  # a copy, not a hard link: files rewritten here must not change the old
 
 
 def canonical_safetensors_headers(folder: str | os.PathLike[str]) -> None:

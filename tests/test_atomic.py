@@ -157,3 +157,16 @@ def test_writes_into_a_missing_parent(tmp_path: Path) -> None:
     with atomic_folder(os.fspath(target), overwrite=False) as tmp:
         _write(tmp, **{"x": "1"})
     assert _contents(target) == {"x": "1"}
+
+
+def test_a_target_that_is_a_link_is_replaced_and_what_it_points_to_kept(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    _write(real, **{"x": "old"})
+    target = tmp_path / "out"
+    target.symlink_to(real)
+    with atomic_folder(target, overwrite=True) as tmp:
+        _write(tmp, **{"x": "new"})
+    assert not target.is_symlink() and _contents(target) == {"x": "new"}
+    assert _contents(real) == {"x": "old"}
+    assert _siblings(target) == ["real"]
