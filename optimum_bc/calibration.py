@@ -423,10 +423,14 @@ class BlockCalibrator:
         target_name = layer_bias_target(self.model.config, self.spec)
         target = block.get_submodule(target_name)
         dtype = target.weight.dtype if getattr(target, "weight", None) is not None else torch.float32
-        comp = residual.compensate(dtype)
-        _add_bias_(target, comp.bias)
+        base = getattr(target, "bias", None)
+        comp = residual.compensate(dtype, base)  # folded into an existing bias in float32, rounded once
+        if base is None:
+            _add_bias_(target, comp.bias)
+        else:
+            base.data = comp.bias.to(base.device)
         if not is_skipped(f"{self.spec.blocks}.{index}.{target_name}", self.skip):
             self.compensated.append(f"{self.spec.blocks}.{index}.{target_name}")
         for batch in next_q:
-            batch.hidden = batch.hidden + comp.bias.to(batch.hidden.dtype).to(batch.hidden.device)
+            batch.hidden = batch.hidden + comp.added.to(batch.hidden.dtype).to(batch.hidden.device)
         report.mse_before, report.mse_after = comp.mse_before, comp.mse_after

@@ -35,12 +35,17 @@ BC_GRANULARITIES = ("channel", "position")
 
 @dataclass(frozen=True)
 class Compensation:
-    """Bias of one layer and its per-element output MSE on the calibration tokens before and after adding it."""
+    """Bias of one layer and its per-element output MSE on the calibration tokens before and after adding it.
+
+    With a ``base`` bias given to ``compensate``, ``bias`` is the new stored bias (base + compensation, rounded once)
+    and ``added`` what it adds to the base, in float32.
+    """
 
     bias: torch.Tensor  # (out,), or (positions, out) for the position granularity
     mse_before: float
     mse_after: float
     sink: torch.Tensor | None = None  # (sink_tokens, out): extra bias of the first positions, on top of ``bias``
+    added: torch.Tensor | None = None
 
 
 class InputMoments:
@@ -129,12 +134,14 @@ class InputMoments:
         if self.target == "sequential":
             mean_r = mean_r + Q @ (self.sum_delta / n)
             sq_r = sq_r + (2 * (d @ self.x_delta) * Q).sum(1) / n + ((Q @ self.delta_delta) * Q).sum(1) / n
-        base = None if base is None else base.float().to(mean_r.device)
+        base = None if base is None else base.detach().float().to(mean_r.device)
         if self.classes is not None:
             return self._compensate_positions(d, Q, sq_r, bias_dtype, base)
         bias, b = _fold(mean_r, base, bias_dtype)
         after = sq_r - 2 * b * mean_r + b * b
-        return Compensation(bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()))
+        return Compensation(
+            bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()), added=b
+        )
 
     def _compensate_positions(
         self,
@@ -192,13 +199,15 @@ class ResidualMean:
         self.sum_r += r.sum(0)
         self.sum_r2 += (r * r).sum(0)
 
-    def compensate(self, bias_dtype: torch.dtype) -> Compensation:
-        """The bias ``mean(r)`` and the MSE before/after adding it."""
+    def compensate(self, bias_dtype: torch.dtype, base: torch.Tensor | None = None) -> Compensation:
+        """The bias ``mean(r)`` (folded into ``base`` in float32 and rounded once) and the MSE before/after it."""
         if self.num_tokens == 0:
             raise ValueError("bias compensation saw no calibration token (all padding?)")
         mean_r = self.sum_r / self.num_tokens
         sq_r = self.sum_r2 / self.num_tokens
-        bias = mean_r.to(bias_dtype)
-        b = bias.float()
+        base = None if base is None else base.detach().float().to(mean_r.device)
+        bias, b = _fold(mean_r, base, bias_dtype)
         after = sq_r - 2 * b * mean_r + b * b
-        return Compensation(bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()))
+        return Compensation(
+            bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()), added=b
+        )

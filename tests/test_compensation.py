@@ -136,3 +136,18 @@ def test_folding_into_an_existing_bias_rounds_once(dtype: torch.dtype) -> None:
     # mse_after measured with the bias that is stored
     r = x @ (W - Q).T - (comp.bias.float() - base.float())
     assert comp.mse_after == pytest.approx(float((r**2).mean()), rel=1e-3)
+
+
+def test_layer_level_fold_rounds_once_and_reports_what_it_adds() -> None:
+    g = torch.Generator().manual_seed(4)
+    acc = ResidualMean(512)
+    target = torch.randn(300, 512, generator=g)
+    output = target - 0.01 * torch.randn(512, generator=g) - 0.003 * torch.randn(300, 512, generator=g)
+    acc.add_batch(target, output)
+    base = (torch.randn(512, generator=g) * 4).to(torch.bfloat16)
+    comp = acc.compensate(torch.bfloat16, base)
+    mean_r = (target - output).mean(0)
+    torch.testing.assert_close(comp.bias, (base.float() + mean_r).to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(comp.added, comp.bias.float() - base.float(), rtol=0, atol=0)
+    r = (target - output) - comp.added
+    assert comp.mse_after == pytest.approx(float((r**2).mean()), rel=1e-3)
