@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import validation
 from .architectures import ArchitectureSpec, check_supported, first_param_device, get_blocks, target_linears
 from .calibration import BlockCalibrator, activation_bytes, activation_store, capture_block_inputs, collate
 from .config import BCQuantizationConfig
@@ -36,6 +37,7 @@ def check_layers(model: nn.Module, spec: ArchitectureSpec, config: BCQuantizatio
     MX formats need ``in_features`` divisible by the block size 32, and finite weights (a NaN/Inf would make its
     whole block NaN, MX spec §6.3). Weights still on the meta device (before loading) are not inspected.
     """
+    validation.check_quantizable(model, target_linears(model, spec, skip), config)
     if not is_mx(config.format):
         return
     names = target_linears(model, spec, skip)
@@ -133,6 +135,7 @@ def quantize_model(
     check_layers(model, spec, config, skip)
     if calibration is None:
         calibration = build_calibration(config, tokenizer, getattr(model, "name_or_path", None))
+    validation.check_calibration(model, calibration, config)
     was_training = model.training
     model.eval()
     batches = collate(calibration, config.batch_size)

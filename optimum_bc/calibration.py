@@ -381,11 +381,12 @@ class BlockCalibrator:
                 start += W.shape[0]
                 bias = linear.bias.data.clone() if linear.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
                 row = LayerReport(name=prefix + rel, block=index, seconds=0.0, loss=qw.loss, damp=qw.damp)
-                comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype) if self.bc else None
+                base = bias if self.positions is None else None  # folded in float32, rounded once
+                comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype, base) if self.bc else None
                 if comp is not None:
                     row.mse_before, row.mse_after = comp.mse_before, comp.mse_after
                     if self.positions is None:
-                        bias = bias.to(comp.bias.device) + comp.bias
+                        bias = comp.bias
                         self.compensated.append(prefix + rel)
                 qlinear = packed_layer(qw, self.config, bias, W.dtype).to(W.device)
                 if comp is not None and self.positions is not None:
@@ -422,10 +423,14 @@ class BlockCalibrator:
         target_name = layer_bias_target(self.model.config, self.spec)
         target = block.get_submodule(target_name)
         dtype = target.weight.dtype if getattr(target, "weight", None) is not None else torch.float32
-        comp = residual.compensate(dtype)
-        _add_bias_(target, comp.bias)
+        base = getattr(target, "bias", None)
+        comp = residual.compensate(dtype, base)  # folded into an existing bias in float32, rounded once
+        if base is None:
+            _add_bias_(target, comp.bias)
+        else:
+            base.data = comp.bias.to(base.device)
         if not is_skipped(f"{self.spec.blocks}.{index}.{target_name}", self.skip):
             self.compensated.append(f"{self.spec.blocks}.{index}.{target_name}")
         for batch in next_q:
-            batch.hidden = batch.hidden + comp.bias.to(batch.hidden.dtype).to(batch.hidden.device)
+            batch.hidden = batch.hidden + comp.added.to(batch.hidden.dtype).to(batch.hidden.device)
         report.mse_before, report.mse_after = comp.mse_before, comp.mse_after

@@ -7,7 +7,6 @@ only with ``--debug``).
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -53,7 +52,8 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--bc-sink-tokens",
         type=int,
-        help="first tokens with their own extra bias (default 1; 0 for a --save-format export that carries all of BC)",
+        help="first tokens with their own extra bias (default 1; 0 when --save-format is not native: stock classes "
+        "hold no first-token bias)",
     )
     data = parser.add_argument_group("calibration data")
     data.add_argument(
@@ -85,6 +85,11 @@ def _build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, help="folder to write the quantized model into (must not exist)")
     q.add_argument("--gguf-file", help="GGUF file inside MODEL: dequantized by transformers, then quantized")
     q.add_argument("--eval-dataset", help="also print perplexity on this evaluation text")
+    q.add_argument(
+        "--reproducible",
+        action="store_true",
+        help="leave timings out of the saved report: same seed and thread count -> byte-identical files",
+    )
     q.add_argument("--eval-max-samples", type=int, help="evaluate only the first N windows of --eval-dataset")
     q.add_argument(
         "--save-format",
@@ -103,6 +108,13 @@ def _build_parser() -> argparse.ArgumentParser:
     x.add_argument("dst_dir", help="folder to write (must not exist unless --overwrite)")
     x.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"], help="target layout")
     x.add_argument("--overwrite", action="store_true", help="replace DST_DIR once the new folder is complete")
+    for p in (q, x):
+        p.add_argument(
+            "--drop-sink-bias",
+            action="store_true",
+            help="export a model quantized with --bc-sink-tokens > 0 without its first-token biases (refused "
+            "otherwise: it measured worse than no compensation)",
+        )
     _add_quant_options(q)
 
     e = sub.add_parser(
@@ -204,6 +216,46 @@ def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
     )
 
 
+def _check_model_arg(model_id: str, gguf_file: str | None = None) -> None:
+    """A MODEL that names a local folder must be one transformers can load; checked before any work."""
+    from .hub import hub_id_of
+
+    path = os.path.expanduser(model_id)
+    if not os.path.exists(path):
+        if hub_id_of(model_id) is None:  # not a Hub id either: a mistyped path
+            raise UsageError(f"MODEL {model_id!r}: no such folder (and not a Hub id like org/name); check the path")
+        return
+    if not os.path.isdir(path):
+        raise UsageError(f"MODEL {model_id!r} is a file; pass the folder that holds it (and --gguf-file for GGUF)")
+    if gguf_file:
+        if not os.path.isfile(os.path.join(path, gguf_file)):
+            raise UsageError(f"--gguf-file {gguf_file!r} is not in {model_id!r}; pass a file name inside MODEL")
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"MODEL {model_id!r} holds no config.json; pass a folder written by save_pretrained")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in tokenizer_files):
+        raise UsageError(
+            f"MODEL {model_id!r} holds no tokenizer (tokenizer.json / tokenizer_config.json); save the tokenizer "
+            "beside the model: tokenizer.save_pretrained(folder)"
+        )
+
+
+def _check_dataset_arg(option: str, value: str) -> None:
+    """A dataset name or path given on the command line resolves, before any model is loaded."""
+    from pathlib import Path
+
+    from .data import DOC_SEPARATOR, _resolve_str, _text_files
+    from .text_stream import TextSource
+
+    try:
+        kind, resolved = _resolve_str(value)
+        if kind == "path":
+            TextSource(_text_files(Path(resolved)), DOC_SEPARATOR)  # opens each file: non-UTF-8 text fails here
+    except ValueError as err:
+        raise UsageError(f"{option} {value!r}: {err}") from None
+
+
 def _load_float(model_id: str, gguf_file: str | None) -> tuple[Any, Any]:
     """Float model + tokenizer; a GGUF file is dequantized by transformers and its quantizer detached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -220,23 +272,33 @@ def _load_float(model_id: str, gguf_file: str | None) -> tuple[Any, Any]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .hub import write_model_card
+    from .atomic import atomic_folder
+    from .hub import _without_timings, canonical_safetensors_headers, write_model_card
     from .quantizer import quantize_model
 
     if os.path.exists(args.output) and os.listdir(args.output):
         raise UsageError(
             f"--output {args.output!r} exists and is not empty; choose a new folder (nothing is overwritten)"
         )
+    if args.save_format != "native" and args.bc_sink_tokens is None:
+        args.bc_sink_tokens = 0  # the export-friendly BC: stock classes hold no first-token bias
+        logger.info(
+            "--save-format %s: using --bc-sink-tokens 0 (stock classes hold no first-token bias)", args.save_format
+        )
     settings = _config_from_args(args, tokenizer=None)  # validate the settings before loading anything
     if args.save_format != "native":
         from .export import check_config_exportable
 
-        check_config_exportable(settings, args.save_format)
+        check_config_exportable(settings, args.save_format, args.drop_sink_bias)
+    _check_model_arg(args.model, args.gguf_file)
+    _check_dataset_arg("--dataset", args.dataset)
+    if args.eval_dataset:
+        _check_dataset_arg("--eval-dataset", args.eval_dataset)
     model, tokenizer = _load_float(args.model, args.gguf_file)
     if args.save_format != "native":  # layer widths the format cannot group: refuse before calibrating
         from .export import check_float_model_exportable
 
-        check_float_model_exportable(model, settings, args.save_format)
+        check_float_model_exportable(model, settings, args.save_format, args.drop_sink_bias)
     config = _config_from_args(args, tokenizer)
     report = quantize_model(model, config)
     if not args.quiet:
@@ -258,15 +320,26 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             record_evaluation(model, args.eval_dataset, ppl, seq_len=args.seq_len, max_samples=args.eval_max_samples)
         except Exception as err:  # noqa: BLE001 - save the quantized model anyway, then report the failure
             eval_error = err
-    # Write next to the target, then rename: an interrupted save never leaves a half-written --output.
-    tmp = args.output.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, save_format=args.save_format)
-    tokenizer.save_pretrained(tmp)
-    if os.path.isdir(args.output):
-        os.rmdir(args.output)  # empty, checked above
-    os.replace(tmp, args.output)
-    write_model_card(args.output, render_plot=False)  # again, now with the tokenizer and the final folder name
+    if args.save_format != "native":  # layer checks of the export, before anything is written
+        from .export import check_exportable
+
+        check_exportable(model, args.save_format, args.drop_sink_bias)
+    # A private folder beside --output, swapped in whole: an interrupted save never leaves a half-written --output,
+    # and a concurrent run with the same --output fails here instead of claiming the other run's folder.
+    try:
+        with atomic_folder(args.output, overwrite=False) as tmp, _without_timings(model, args.reproducible):
+            if args.save_format == "native":
+                type(model).save_pretrained(model, tmp)
+            else:
+                from .export import write_export
+
+                write_export(model, tmp, args.save_format, drop_sink_bias=args.drop_sink_bias)
+            if args.reproducible:
+                canonical_safetensors_headers(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_model_card(tmp, model_ref=os.path.basename(os.path.abspath(args.output)))
+    except ValueError as err:  # the export was checked above: what is left is the target folder
+        raise UsageError(f"--output: {err}") from err
     print(f"saved {len(report.layers)} quantized layers to {args.output} ({report.total_seconds:.1f} s)")
     if eval_error is not None:
         raise eval_error
@@ -288,13 +361,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UsageError(f"SRC_DIR {args.src_dir!r} is not a folder; pass a folder written by `optimum-bc quantize`")
     settings = BCQuantizationConfig.from_dict(_read_bc_config(src)["quantization_config"])
-    check_config_exportable(settings, args.format)
+    check_config_exportable(settings, args.format, args.drop_sink_bias)
     if os.path.exists(args.dst_dir) and not args.overwrite:
         raise UsageError(f"DST_DIR {args.dst_dir!r} already exists; pick a new folder or pass --overwrite")
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     extra = [src / name for name in (*_TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja")]
     out = export_model(
-        model, args.dst_dir, args.format, overwrite=args.overwrite, extra_files=[f for f in extra if f.is_file()]
+        model,
+        args.dst_dir,
+        args.format,
+        overwrite=args.overwrite,
+        extra_files=[f for f in extra if f.is_file()],
+        drop_sink_bias=args.drop_sink_bias,
     )
     write_model_card(out, render_plot=False)
     print(f"exported {args.src_dir} to {args.dst_dir} as {args.format}")
@@ -306,6 +384,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .evaluation import evaluate_perplexity
 
+    _check_model_arg(args.model, args.gguf_file)
+    _check_dataset_arg("--dataset", args.dataset)
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
@@ -354,8 +434,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .quantizer import load_report
 
     report = load_report(args.directory)
-    print(report.format_table())
     path = args.plot or os.path.join(args.directory, "layer_errors.png")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"--plot {path!r}: the folder {folder!r} does not exist or is not writable; create it first")
+    print(report.format_table())
     plot_layer_errors(report, path)
     print(f"per-layer error plot written to {path}")
     return 0
@@ -472,7 +555,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError) as err:
         if args.debug:
             traceback.print_exc()
-        print(f"optimum-bc {args.command}: error: {err}", file=sys.stderr)
+        message = str(err)
+        if message.startswith("dataset=") and hasattr(args, "dataset"):  # the library names its argument
+            message = "--dataset " + message.removeprefix("dataset=")
+        print(f"optimum-bc {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the CLI turns every failure into one line + exit code 1
         if args.debug:

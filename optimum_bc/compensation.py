@@ -35,12 +35,17 @@ BC_GRANULARITIES = ("channel", "position")
 
 @dataclass(frozen=True)
 class Compensation:
-    """Bias of one layer and its per-element output MSE on the calibration tokens before and after adding it."""
+    """Bias of one layer and its per-element output MSE on the calibration tokens before and after adding it.
+
+    With a ``base`` bias given to ``compensate``, ``bias`` is the new stored bias (base + compensation, rounded once)
+    and ``added`` what it adds to the base, in float32.
+    """
 
     bias: torch.Tensor  # (out,), or (positions, out) for the position granularity
     mse_before: float
     mse_after: float
     sink: torch.Tensor | None = None  # (sink_tokens, out): extra bias of the first positions, on top of ``bias``
+    added: torch.Tensor | None = None
 
 
 class InputMoments:
@@ -109,8 +114,15 @@ class InputMoments:
             if delta is not None:
                 self.sum_delta_pos.index_add_(0, positions, delta)
 
-    def compensate(self, W: torch.Tensor, Q: torch.Tensor, bias_dtype: torch.dtype) -> Compensation:
-        """Closed-form bias for a layer with float weight ``W`` and quantized weight ``Q`` (both ``[out, in]``)."""
+    def compensate(
+        self, W: torch.Tensor, Q: torch.Tensor, bias_dtype: torch.dtype, base: torch.Tensor | None = None
+    ) -> Compensation:
+        """Closed-form bias for a layer with float weight ``W`` and quantized weight ``Q`` (both ``[out, in]``).
+
+        ``base``: the layer's existing bias. The returned ``bias`` is then ``base + compensation``, summed in float32
+        and rounded to ``bias_dtype`` once (adding a rounded compensation to a bf16 bias rounds twice: a median 10 %
+        of the compensation lost, some channels all of it), and ``mse_after`` is that of the stored bias.
+        """
         if self.num_tokens == 0:
             raise ValueError("bias compensation saw no calibration token (all padding?)")
         n = self.num_tokens
@@ -122,35 +134,54 @@ class InputMoments:
         if self.target == "sequential":
             mean_r = mean_r + Q @ (self.sum_delta / n)
             sq_r = sq_r + (2 * (d @ self.x_delta) * Q).sum(1) / n + ((Q @ self.delta_delta) * Q).sum(1) / n
+        base = None if base is None else base.detach().float().to(mean_r.device)
         if self.classes is not None:
-            return self._compensate_positions(d, Q, sq_r, bias_dtype)
-        bias = mean_r.to(bias_dtype)
-        b = bias.float()
+            return self._compensate_positions(d, Q, sq_r, bias_dtype, base)
+        bias, b = _fold(mean_r, base, bias_dtype)
         after = sq_r - 2 * b * mean_r + b * b
-        return Compensation(bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()))
+        return Compensation(
+            bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()), added=b
+        )
 
     def _compensate_positions(
-        self, d: torch.Tensor, Q: torch.Tensor, sq_r: torch.Tensor, bias_dtype: torch.dtype
+        self,
+        d: torch.Tensor,
+        Q: torch.Tensor,
+        sq_r: torch.Tensor,
+        bias_dtype: torch.dtype,
+        base: torch.Tensor | None,
     ) -> Compensation:
-        """Per-class means ``b[t]`` (classes never seen get no bias); for sink tokens split into bias + sink part."""
+        """Per-class means ``b[t]`` (classes never seen get no bias); for sink tokens split into bias + sink part.
+
+        The position table is a separate buffer (``base`` is not folded into it); the sink split folds like
+        :meth:`compensate`: the per-channel part into ``base``, the sink rows relative to that stored bias.
+        """
         count = self.count_pos.clamp(min=1).unsqueeze(1)
         mean_pos = (self.sum_x_pos / count) @ d.T  # (classes, out)
         if self.target == "sequential":
             mean_pos = mean_pos + (self.sum_delta_pos / count) @ Q.T
-        table = mean_pos.to(bias_dtype)
         sink = None
         if self.sink_tokens:
-            bias = table[-1]
-            sink = (mean_pos[:-1] - bias.float()).to(bias_dtype)
-            table = torch.cat([bias.float() + sink.float(), bias.float()[None]])
+            bias, added = _fold(mean_pos[-1], base, bias_dtype)
+            sink = (mean_pos[:-1] - added).to(bias_dtype)
+            b = torch.cat([added + sink.float(), added[None]])
         else:
-            bias = table
-        b = table.float()
+            bias = mean_pos.to(bias_dtype)
+            b = bias.float()
         weight = (self.count_pos / self.num_tokens).unsqueeze(1)
         after = sq_r - (weight * (2 * b * mean_pos - b * b)).sum(0)
         return Compensation(
             bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()), sink=sink
         )
+
+
+def _fold(mean_r: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored bias ``round(base + mean_r)`` in ``dtype``, the float32 compensation it really adds to ``base``)."""
+    if base is None:
+        stored = mean_r.to(dtype)
+        return stored, stored.float()
+    stored = (base + mean_r).to(dtype)
+    return stored, stored.float() - base
 
 
 class ResidualMean:
@@ -168,13 +199,15 @@ class ResidualMean:
         self.sum_r += r.sum(0)
         self.sum_r2 += (r * r).sum(0)
 
-    def compensate(self, bias_dtype: torch.dtype) -> Compensation:
-        """The bias ``mean(r)`` and the MSE before/after adding it."""
+    def compensate(self, bias_dtype: torch.dtype, base: torch.Tensor | None = None) -> Compensation:
+        """The bias ``mean(r)`` (folded into ``base`` in float32 and rounded once) and the MSE before/after it."""
         if self.num_tokens == 0:
             raise ValueError("bias compensation saw no calibration token (all padding?)")
         mean_r = self.sum_r / self.num_tokens
         sq_r = self.sum_r2 / self.num_tokens
-        bias = mean_r.to(bias_dtype)
-        b = bias.float()
+        base = None if base is None else base.detach().float().to(mean_r.device)
+        bias, b = _fold(mean_r, base, bias_dtype)
         after = sq_r - 2 * b * mean_r + b * b
-        return Compensation(bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()))
+        return Compensation(
+            bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()), added=b
+        )

@@ -5,7 +5,9 @@ the value, what is allowed and how to fix it. ``to_dict()`` is what lands in ``c
 the tokenizer nor raw calibration text (the dataset is stored as a short description).
 """
 
-import logging
+import difflib
+import inspect
+import math
 import os
 from typing import Any
 
@@ -15,8 +17,6 @@ from .algorithms import available_algorithms
 from .compensation import BC_GRANULARITIES, BC_TARGETS
 from .formats import FORMATS, INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, is_mx
 
-
-logger = logging.getLogger(__name__)
 
 CONFIG_VERSION = 2
 # Sequence-start tokens that get their own compensation bias (config_version 1 checkpoints predate it: 0).
@@ -30,6 +30,25 @@ QUANT_METHOD = "bc"
 def _check(ok: bool, field: str, value: object, allowed: str, fix: str) -> None:
     if not ok:
         raise ValueError(f"BCQuantizationConfig: {field}={value!r} is invalid; allowed: {allowed}. Fix: {fix}")
+
+
+def _is_real(value: object) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _refuse_unknown(keys: list[str]) -> None:
+    """Unknown keys are typos: this version wrote every key of configs up to its CONFIG_VERSION (a newer version's
+    configs carry a higher config_version, refused above with "upgrade optimum-bc")."""
+    known = sorted(set(inspect.signature(BCQuantizationConfig.__init__).parameters) - {"self", "kwargs"})
+    key = keys[0]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(known)}"
+    raise ValueError(
+        f"BCQuantizationConfig: unknown key {key!r}"
+        + (f" (and {', '.join(map(repr, keys[1:]))})" if keys[1:] else "")
+        + f"; {hint} Fix: correct the name (keys written by a newer optimum-bc come with a higher config_version)."
+    )
 
 
 class BCQuantizationConfig(QuantizationConfigMixin):
@@ -117,9 +136,18 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
+        _check(
+            type(config_version) is int and 1 <= config_version <= CONFIG_VERSION,
+            "config_version",
+            config_version,
+            f"an int in 1..{CONFIG_VERSION}",
+            "upgrade optimum-bc to read a checkpoint written by a newer version, else leave it unset",
+        )
+        if kwargs:
+            _refuse_unknown(sorted(kwargs))
         self.quant_method = QUANT_METHOD
         self.format = canonical_format(format)
-        mx = self.format in MX_ELEMENTS
+        mx = isinstance(self.format, str) and self.format in MX_ELEMENTS
         # Unset values take the format's own: an MX format fixes the bits, the block size and symmetry.
         self.bits = bits if bits is not None else (MX_ELEMENTS[self.format].bits if mx else DEFAULT_BITS)
         self.group_size = group_size if group_size is not None else (MX_BLOCK_SIZE if mx else DEFAULT_GROUP_SIZE)
@@ -148,10 +176,6 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.tokenizer = tokenizer
         self.modules_to_not_convert = modules_to_not_convert
         self.config_version = config_version
-        if kwargs:
-            logger.warning(
-                "BCQuantizationConfig: ignoring unknown keys %s (written by a newer version?)", sorted(kwargs)
-            )
         self.post_init()
 
     def post_init(self) -> None:
@@ -235,7 +259,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             self.method in available_algorithms(), "method", self.method, str(available_algorithms()), 'method="gptq"'
         )
         _check(
-            isinstance(self.damp_percent, float | int) and 0 < self.damp_percent < 1,
+            _is_real(self.damp_percent) and 0 < self.damp_percent < 1,
             "damp_percent",
             self.damp_percent,
             "a float in (0, 1)",
@@ -249,16 +273,14 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             "comq_sweeps=1",
         )
         _check(
-            isinstance(self.erq_lambda, float | int) and not isinstance(self.erq_lambda, bool) and self.erq_lambda > 0,
+            _is_real(self.erq_lambda) and self.erq_lambda > 0,
             "erq_lambda",
             self.erq_lambda,
-            "a float > 0 (relative to the mean input Gram diagonal)",
+            "a finite float > 0 (relative to the mean input Gram diagonal)",
             "erq_lambda=0.01",
         )
         _check(
-            isinstance(self.erq_chunk, float | int)
-            and not isinstance(self.erq_chunk, bool)
-            and 0 < self.erq_chunk <= 1,
+            _is_real(self.erq_chunk) and 0 < self.erq_chunk <= 1,
             "erq_chunk",
             self.erq_chunk,
             "a float in (0, 1]",
@@ -286,6 +308,9 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             '"position" only together with bias_compensation=True',
             "set bias_compensation=True",
         )
+        for field, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1)):
+            value = getattr(self, field)
+            _check(type(value) is int and value >= low, field, value, f"an int >= {low}", f"{field}={max(low, 8)}")
         _check(
             type(self.bc_sink_tokens) is int and 0 <= self.bc_sink_tokens <= 64,
             "bc_sink_tokens",
@@ -300,10 +325,14 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             f"fewer than seq_len={self.seq_len} calibration tokens per window",
             "lower bc_sink_tokens or raise seq_len",
         )
-        for field, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1)):
-            value = getattr(self, field)
-            _check(type(value) is int and value >= low, field, value, f"an int >= {low}", f"{field}={max(low, 8)}")
-        _check(type(self.seed) is int, "seed", self.seed, "an int", "seed=0")
+        _check(type(self.seed) is int and 0 <= self.seed < 2**63, "seed", self.seed, "an int in [0, 2**63)", "seed=0")
+        _check(
+            not isinstance(self.tokenizer, str | bytes | os.PathLike),
+            "tokenizer",
+            self.tokenizer,
+            "None (the model's own) or a loaded tokenizer",
+            f"tokenizer=AutoTokenizer.from_pretrained({self.tokenizer!r})",
+        )
         _check(
             self.offload_activations is None or isinstance(self.offload_activations, bool),
             "offload_activations",
@@ -322,21 +351,30 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             "None or a list of module names",
             'modules_to_not_convert=["lm_head"]',
         )
-        _check(
-            type(self.config_version) is int and 1 <= self.config_version <= CONFIG_VERSION,
-            "config_version",
-            self.config_version,
-            f"1..{CONFIG_VERSION}",
-            "upgrade optimum-bc to read this checkpoint",
-        )
-        if self.dataset is not None and not isinstance(self.dataset, str | list | tuple):
+        self._check_dataset()
+
+    def _check_dataset(self) -> None:
+        """The dataset's type and shape (a name or path is resolved when calibration data is built)."""
+        if self.dataset is None:
+            return
+        if isinstance(self.dataset, str | os.PathLike):
             _check(
-                hasattr(self.dataset, "column_names") or hasattr(self.dataset, "shape"),
+                bool(os.fspath(self.dataset).strip()),
                 "dataset",
-                type(self.dataset).__name__,
+                self.dataset,
                 "a name, a path, a list of strings, pre-tokenized ids or a datasets.Dataset",
-                'dataset="wikitext2"',
+                'dataset="wiki-vital"',
             )
+            return
+        from .data import describe_dataset
+
+        try:
+            describe_dataset(self.dataset)
+        except ValueError as err:
+            raise ValueError(
+                f"BCQuantizationConfig: dataset={type(self.dataset).__name__!r} is invalid: {err}. Fix: pass one of "
+                "those"
+            ) from None
 
     @property
     def layer_sink_tokens(self) -> int:

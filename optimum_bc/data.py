@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import torch
 
+from .text_stream import TextSource, sample_streamed
+
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ KNOWN_DATASETS: tuple[str, ...] = ("wikitext2", "c4", "ptb", "wiki-vital")
 WIKI_VITAL_CALIBRATION_FRACTION = 0.8
 # A HEAD request to the Hub gets this long before the Hub is treated as unreachable.
 HUB_PROBE_TIMEOUT_S = 5.0
+# Texts longer than this (characters, or bytes of files) are sampled span by span (optimum_bc.text_stream) instead of
+# being tokenized whole, which costs about 110 bytes of RAM per character.
+STREAM_THRESHOLD = 4_000_000
 # C4 sampler: give up after this many draws of documents shorter than seq_len for one sample.
 MAX_DOC_DRAWS = 10_000
 
@@ -116,18 +121,35 @@ def build_calibration_set(
     _check_positive_int("num_samples", num_samples, minimum=1)
     _check_positive_int("seq_len", seq_len, minimum=2)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
-    if _is_pretokenized(dataset):
-        return _pretokenized_samples(dataset, num_samples, seq_len)
-    if tokenizer is None:
-        raise ValueError(
-            f"a tokenizer is needed to tokenize {describe_dataset(dataset)}: pass tokenizer=... "
-            "(or pass pre-tokenized input_ids)"
-        )
-    if isinstance(dataset, str) and dataset.lower() == "c4":
-        return _sample_c4(tokenizer, num_samples, seq_len, seed)
-    ids = tokenize_text(tokenizer, _calibration_text(dataset))
-    return _sample_windows(ids, num_samples, seq_len, seed)
+        raise ValueError(f"seed={seed!r} is invalid: seed must be an int, got {type(seed).__name__}")
+    try:
+        if _is_pretokenized(dataset):
+            return _pretokenized_samples(dataset, num_samples, seq_len)
+        if tokenizer is None:
+            raise ValueError(
+                f"a tokenizer is needed to tokenize {describe_dataset(dataset)}: pass tokenizer=... "
+                "(or pass pre-tokenized input_ids)"
+            )
+        if isinstance(dataset, str) and dataset.lower() == "c4":
+            return _sample_c4(tokenizer, num_samples, seq_len, seed)
+        source = _calibration_source(dataset)
+        if source.size > STREAM_THRESHOLD:
+            return sample_streamed(source, lambda text: tokenize_text(tokenizer, text), num_samples, seq_len, seed)
+        text = source.read(0, source.size)
+        if not text.strip():
+            raise ValueError(f"the calibration text of {describe_dataset(dataset)} is empty; pass a non-empty text")
+        return _sample_windows(tokenize_text(tokenizer, text), num_samples, seq_len, seed)
+    except ValueError as err:
+        raise ValueError(f"dataset={_label(dataset)}: {err}") from None
+
+
+def _label(dataset: Any) -> str:
+    """How an error names the calibration source: the value for a name or path, else its type and size."""
+    if isinstance(dataset, str | os.PathLike):
+        text = os.fspath(dataset)
+        return repr(text if len(text) <= 80 else text[:77] + "...")
+    size = f" of {len(dataset)}" if hasattr(dataset, "__len__") else ""
+    return f"<{type(dataset).__name__}{size}>"
 
 
 def load_evaluation_text(name_or_path: str | os.PathLike[str]) -> str:
@@ -193,7 +215,7 @@ def tokenize_text(tokenizer: TokenizerLike, text: str, *, add_special_tokens: bo
 def _check_positive_int(name: str, value: Any, *, minimum: int) -> None:
     """Raise a ValueError unless ``value`` is an int >= ``minimum``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{name}={value!r} is invalid: {name} must be an int >= {minimum}")
 
 
 def _resolve_str(value: str | os.PathLike[str]) -> tuple[Literal["name", "path"], str]:
@@ -212,40 +234,41 @@ def _resolve_str(value: str | os.PathLike[str]) -> tuple[Literal["name", "path"]
     )
 
 
-def _calibration_text(dataset: Any) -> str:
-    """Return the calibration text of a text source (everything but C4 and pre-tokenized ids)."""
+def _calibration_source(dataset: Any) -> TextSource:
+    """The calibration text of a text source (everything but C4 and pre-tokenized ids); files are not read yet."""
     if isinstance(dataset, (str, os.PathLike)):
         kind, value = _resolve_str(dataset)
         if kind == "path":
-            text = _read_local_text(Path(value))
-        elif value == "wiki-vital":
-            text = DOC_SEPARATOR.join(wiki_vital_articles("calibration").values())
-        else:
-            text = _load_hub_text(_HUB_SOURCES[(value, "calibration")])
-    elif _is_hf_dataset(dataset):
+            return TextSource(_text_files(Path(value)), DOC_SEPARATOR)
+        if value == "wiki-vital":
+            return TextSource([DOC_SEPARATOR.join(wiki_vital_articles("calibration").values())], DOC_SEPARATOR)
+        return TextSource([_load_hub_text(_HUB_SOURCES[(value, "calibration")])], DOC_SEPARATOR)
+    if _is_hf_dataset(dataset):
         if "text" not in dataset.column_names:
             raise ValueError(
                 f"the datasets.Dataset has no 'text' column (columns: {dataset.column_names}); "
                 "rename yours with dataset.rename_column(old, 'text')"
             )
-        text = DOC_SEPARATOR.join(dataset["text"])
-    elif _is_list_of_str(dataset):
-        text = DOC_SEPARATOR.join(dataset)
-    else:
-        raise ValueError(_type_error_message(dataset))
-    if not text.strip():
-        raise ValueError(f"the calibration text of {describe_dataset(dataset)} is empty; pass a non-empty text")
-    return text
+        return TextSource([DOC_SEPARATOR.join(dataset["text"])], DOC_SEPARATOR)
+    if _is_list_of_str(dataset):
+        return TextSource([DOC_SEPARATOR.join(dataset)], DOC_SEPARATOR)
+    raise ValueError(_type_error_message(dataset))
+
+
+def _text_files(path: Path) -> list[Path]:
+    """The file itself, or the .txt files under a folder (sorted)."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise ValueError(f"the folder {str(path)!r} holds no .txt files; put the text in .txt files there")
+    return files
 
 
 def _read_local_text(path: Path) -> str:
     """Read a UTF-8 text file, or all .txt files under a folder (sorted, joined with blank lines)."""
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-    if not files:
-        raise ValueError(f"the folder {str(path)!r} holds no .txt files; put the text in .txt files there")
-    return DOC_SEPARATOR.join(p.read_text(encoding="utf-8") for p in files)
+    source = TextSource(_text_files(path), DOC_SEPARATOR)
+    return source.read(0, source.size)
 
 
 def _wiki_vital_path() -> Path:
@@ -270,6 +293,15 @@ def _sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int
         raise ValueError(
             f"the text has only {num_tokens} tokens, fewer than seq_len={seq_len}; pass a longer text or a "
             "smaller seq_len"
+        )
+    if num_samples * seq_len > num_tokens:
+        logger.warning(
+            "optimum-bc: num_samples=%d windows of seq_len=%d tokens need %d tokens but the text holds %d: windows "
+            "overlap or repeat; pass more text or fewer samples",
+            num_samples,
+            seq_len,
+            num_samples * seq_len,
+            num_tokens,
         )
     rng = random.Random(seed)
     samples = []
@@ -351,6 +383,8 @@ def _pretokenized_samples(data: Any, num_samples: int, seq_len: int) -> list[Sam
         items: list[Any] = [{"input_ids": row} for row in data]
     else:
         items = [item if isinstance(item, Mapping) else {"input_ids": item} for item in data]
+    if not items:
+        raise ValueError("the pre-tokenized ids hold no sample (shape [0, T]); pass at least one token sequence")
     if len(items) < num_samples:
         logger.warning(
             "Only %d pre-tokenized samples given (num_samples=%d): using all of them", len(items), num_samples
@@ -393,6 +427,8 @@ def _as_token_row(value: Any, what: str) -> torch.Tensor:
         tensor = tensor[0]
     if tensor.dim() != 1 or tensor.numel() == 0:
         raise ValueError(f"{what} must be one non-empty sequence ([T] or [1, T]), got shape {list(tensor.shape)}")
+    if int(tensor.min()) < 0:
+        raise ValueError(f"{what} holds negative token ids (min {int(tensor.min())}); token ids are >= 0")
     return tensor
 
 

@@ -10,6 +10,7 @@ uploads. A BC model's ``push_to_hub`` (installed on the instance by :func:`attac
 folder and uploads it with :func:`push_folder`: one ``create_commit`` holding every file and our card.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,18 +19,21 @@ import math
 import os
 import platform
 import re
+import shutil
 import tempfile
 import types
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .report import QuantizationReport
 
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: safetensors metadata key holding the JSON :class:`Provenance`.
 PROVENANCE_METADATA_KEY = "optimum_bc.provenance"
@@ -173,8 +177,8 @@ def _folder_metadata(directory: str | os.PathLike[str]) -> dict[str, str]:
 
 def load_provenance(directory: str | os.PathLike[str]) -> Provenance | None:
     """The Provenance stored in a saved BC folder, or None (folders written before it existed)."""
-    raw = _folder_metadata(directory).get(PROVENANCE_METADATA_KEY)
-    return Provenance.from_dict(json.loads(raw)) if raw else None
+    metadata = _folder_metadata(directory)
+    return parse_metadata(metadata, PROVENANCE_METADATA_KEY, Provenance.from_dict, os.fspath(directory))
 
 
 def record_evaluation(
@@ -577,10 +581,12 @@ def card_for_folder(
     tags: Iterable[str] = (),
     kept_cards: Sequence[str] = (),
     has_plot: bool | None = None,
+    model_ref: str | None = None,
 ) -> Any:
     """Build the card of a folder written by ``save_pretrained`` from its config.json and safetensors metadata.
 
-    ``has_plot`` None: link the plot when the report has per-layer MSEs.
+    ``has_plot`` None: link the plot when the report has per-layer MSEs. ``model_ref``: the folder name the loading
+    snippet shows (default: the folder's own name; a folder written before being swapped in passes its final name).
     """
     folder = Path(directory)
     config = _read_bc_config(folder)
@@ -591,7 +597,7 @@ def card_for_folder(
         report,
         provenance,
         repo_id=repo_id,
-        model_ref=folder.resolve().name,
+        model_ref=model_ref or folder.resolve().name,
         tokenizer_ref=None if has_tokenizer or provenance is None else provenance.base_model,
         tags=tags,
         architectures=config.get("architectures"),
@@ -605,11 +611,33 @@ def _folder_report_and_provenance(folder: Path) -> tuple[QuantizationReport | No
     from .quantizer import REPORT_METADATA_KEY
 
     metadata = _folder_metadata(folder)
-    raw_report, raw_provenance = metadata.get(REPORT_METADATA_KEY), metadata.get(PROVENANCE_METADATA_KEY)
     return (
-        QuantizationReport.from_dict(json.loads(raw_report)) if raw_report else None,
-        Provenance.from_dict(json.loads(raw_provenance)) if raw_provenance else None,
+        parse_metadata(metadata, REPORT_METADATA_KEY, QuantizationReport.from_dict, os.fspath(folder)),
+        parse_metadata(metadata, PROVENANCE_METADATA_KEY, Provenance.from_dict, os.fspath(folder)),
     )
+
+
+def parse_metadata(metadata: dict[str, str], key: str, parse: Callable[[dict[str, Any]], T], where: str) -> T | None:
+    """``parse(json.loads(metadata[key]))``, or None with a warning when it is missing or damaged.
+
+    The report and provenance are cosmetic (card, ``report`` command): a damaged one must never make the weights
+    unloadable.
+    """
+    raw = metadata.get(key)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        return parse(data)
+    except Exception as err:  # noqa: BLE001 - any damage is reported the same way
+        warnings.warn(
+            f"optimum-bc: the {key!r} metadata of {where} cannot be parsed ({type(err).__name__}: {err}); it is "
+            "ignored (the weights are unaffected). Save the model again to rewrite it.",
+            stacklevel=2,
+        )
+        return None
 
 
 def _has_mse(report: QuantizationReport | None) -> bool:
@@ -678,6 +706,7 @@ def write_model_card(
     repo_id: str | None = None,
     tags: Iterable[str] = (),
     render_plot: bool = True,
+    model_ref: str | None = None,
 ) -> Path:
     """Write README.md (and layer_errors.png) into a saved BC folder; returns the README path.
 
@@ -692,7 +721,9 @@ def write_model_card(
         has_plot = _plot(report, folder / PLOT_FILENAME)
     else:
         has_plot = (folder / PLOT_FILENAME).is_file()
-    card = card_for_folder(folder, repo_id=repo_id, tags=tags, kept_cards=_previous_cards(old), has_plot=has_plot)
+    card = card_for_folder(
+        folder, repo_id=repo_id, tags=tags, kept_cards=_previous_cards(old), has_plot=has_plot, model_ref=model_ref
+    )
     path.write_text(card.content, encoding="utf-8")
     return path
 
@@ -820,10 +851,13 @@ def attach(model: Any, checkpoint_files: Sequence[str | os.PathLike[str]] | None
         from .quantizer import REPORT_METADATA_KEY
 
         metadata = read_checkpoint_metadata(checkpoint_files)
-        if REPORT_METADATA_KEY in metadata and getattr(model, "quantization_report", None) is None:
-            model.quantization_report = QuantizationReport.from_dict(json.loads(metadata[REPORT_METADATA_KEY]))
-        raw = metadata.get(PROVENANCE_METADATA_KEY)
-        model.quantization_provenance = Provenance.from_dict(json.loads(raw)) if raw else Provenance()
+        where = os.fspath(checkpoint_files[0])
+        if getattr(model, "quantization_report", None) is None:
+            model.quantization_report = parse_metadata(
+                metadata, REPORT_METADATA_KEY, QuantizationReport.from_dict, where
+            )
+        provenance = parse_metadata(metadata, PROVENANCE_METADATA_KEY, Provenance.from_dict, where)
+        model.quantization_provenance = provenance or Provenance()
     elif getattr(model, "quantization_provenance", None) is None:
         model.quantization_provenance = collect_provenance(getattr(model, "name_or_path", None))
     # Bound to the instance (MethodType, so deepcopy rebinds them to the copy).
@@ -834,36 +868,133 @@ def attach(model: Any, checkpoint_files: Sequence[str | os.PathLike[str]] | None
 _PUSH_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "revision", "tags")
 
 
+#: files of a previous save that belong to the old weights: never carried into a new save (a stale
+#: model.safetensors beside new shards would be what from_pretrained loads).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".index.json")
+_REWRITTEN = ("config.json", "generation_config.json", "adapter_config.json", PLOT_FILENAME)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy the files a save does not rewrite (tokenizer, README.md, ...) from the folder being replaced.
+
+    ``model.save_pretrained(d); tokenizer.save_pretrained(d)`` in either order must keep both, as transformers' own
+    in-place save does; the old weights, index and config are left behind.
+    """
+    if not old.is_dir():
+        return
+    for path in sorted(old.rglob("*")):
+        rel = path.relative_to(old)
+        if rel.parts[0].startswith(".") or path.name.endswith(_WEIGHT_SUFFIXES) or rel.as_posix() in _REWRITTEN:
+            continue
+        if path.is_dir():
+            (new / rel).mkdir(parents=True, exist_ok=True)
+        elif path.is_file():
+            (new / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, new / rel)  # a copy, not a hard link: files rewritten here must not change the old
+
+
+def canonical_safetensors_headers(folder: str | os.PathLike[str]) -> None:
+    """Rewrite the JSON header of every ``.safetensors`` file in ``folder`` with sorted keys, in place.
+
+    safetensors writes its header from a hash map, so the key order (the metadata's above all) changes from one
+    process to the next; sorted, two saves of the same tensors and metadata are byte-identical. The header keeps
+    its length (padded with spaces, as safetensors pads it), so the tensor data does not move.
+    """
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "r+b") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            if len(text) > size:
+                raise ValueError(f"cannot canonicalize the header of {path}: it would grow from {size} bytes")
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
+
+
+@contextlib.contextmanager
+def _without_timings(model: Any, enabled: bool) -> Iterator[None]:
+    """While saving with ``reproducible=True``: the report's timings and the quantization time are left out, so the
+    saved files depend only on the weights and settings (byte-identical across runs with the same seed and threads).
+    """
+    report = getattr(model, "quantization_report", None)
+    provenance = getattr(model, "quantization_provenance", None)
+    if not enabled:
+        yield
+        return
+    if report is not None:
+        quiet = QuantizationReport.from_dict(report.to_dict())
+        for row in [*quiet.layers, *quiet.blocks]:
+            row.seconds = 0.0
+        quiet.total_seconds = 0.0
+        model.quantization_report = quiet
+    if provenance is not None:
+        model.quantization_provenance = dataclasses.replace(provenance, quantized_at=None)
+    try:
+        yield
+    finally:
+        model.quantization_report, model.quantization_provenance = report, provenance
+
+
+def _export_kwargs(
+    model: Any, save_format: str, drop_sink_bias: bool, args: tuple, kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """``write_export`` keywords for a stock-layout ``save_format`` (None: the native layout), checked before writing."""
+    if save_format == "native":
+        return None
+    from .export import check_exportable
+
+    known = ("is_main_process", "token", "max_shard_size")
+    unsupported = sorted(k for k in kwargs if k not in known) + (["args"] if args else [])
+    if unsupported:
+        raise ValueError(
+            f"save_pretrained(save_format={save_format!r}) takes only {list(known)}, not {unsupported}. Fix: "
+            "drop them, or use save_format='native'."
+        )
+    check_exportable(model, save_format, drop_sink_bias=drop_sink_bias)
+    shard = {"max_shard_size": kwargs["max_shard_size"]} if "max_shard_size" in kwargs else {}
+    return {"drop_sink_bias": drop_sink_bias, **shard}
+
+
 def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
     """``save_pretrained`` that also writes README.md + layer_errors.png; ``push_to_hub=True`` uploads our card.
 
-    ``save_format="compressed-tensors"`` / ``"gptq"`` writes that layout instead (:mod:`optimum_bc.export`).
-    """
-    push = kwargs.pop("push_to_hub", False)
-    save_format = kwargs.pop("save_format", "native")
-    hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
-    if save_format == "native":
-        result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    else:  # a layout stock loaders read (optimum_bc.export); replaces the folder like save_pretrained overwrites
-        from .export import export_model
+    ``save_format="compressed-tensors"`` / ``"gptq"`` writes that layout instead (:mod:`optimum_bc.export`; then only
+    ``max_shard_size``, ``is_main_process``, ``token`` and ``drop_sink_bias`` are accepted).
 
-        known = ("is_main_process", "token", "max_shard_size")
-        unsupported = sorted(k for k in kwargs if k not in known) + (["args"] if args else [])
-        if unsupported:
-            raise ValueError(
-                f"save_pretrained(save_format={save_format!r}) takes only {list(known)}, not {unsupported}. Fix: "
-                "drop them, or use save_format='native'."
-            )
-        shard = {"max_shard_size": kwargs["max_shard_size"]} if "max_shard_size" in kwargs else {}
-        is_main = kwargs.get("is_main_process", True)
-        result = export_model(self, save_directory, save_format, overwrite=True, **shard) if is_main else None
+    The folder is written beside ``save_directory`` and swapped in (:func:`optimum_bc.atomic.atomic_folder`): a crash
+    at any moment leaves the previous checkpoint or the new one, and no stale weights of another layout.
+    ``reproducible=True`` leaves the recorded timings out, so two runs with the same seed and thread count save
+    byte-identical files.
+    """
+    from .atomic import atomic_folder
+
+    push = kwargs.pop("push_to_hub", False)
+    reproducible = kwargs.pop("reproducible", False)
+    save_format = kwargs.pop("save_format", "native")
+    drop_sink_bias = kwargs.pop("drop_sink_bias", False)
+    hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
+    export_kwargs = _export_kwargs(self, save_format, drop_sink_bias, args, kwargs)
     is_main = kwargs.get("is_main_process", args[0] if args else True)
-    if is_main and not getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
-        write_model_card(save_directory, tags=getattr(self, "model_tags", None) or ())
-        if push:
-            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
-            tags = [*(getattr(self, "model_tags", None) or ()), *(hub_kwargs.pop("tags", None) or ())]
-            push_folder(save_directory, repo_id, token=kwargs.get("token"), tags=tags, **hub_kwargs)
+    if not is_main and export_kwargs is not None:  # an export is written by the main process alone
+        return None
+    if not is_main or getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    with atomic_folder(save_directory, overwrite=True) as tmp, _without_timings(self, reproducible):
+        _carry_over(Path(save_directory), tmp)
+        if export_kwargs is None:
+            result = type(self).save_pretrained(self, tmp, *args, **kwargs)
+        else:
+            from .export import write_export
+
+            result = write_export(self, tmp, save_format, **export_kwargs)
+        if reproducible:
+            canonical_safetensors_headers(tmp)
+        name = Path(save_directory).absolute().name
+        write_model_card(tmp, tags=getattr(self, "model_tags", None) or (), model_ref=name)
+    if push:
+        repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+        tags = [*(getattr(self, "model_tags", None) or ()), *(hub_kwargs.pop("tags", None) or ())]
+        push_folder(save_directory, repo_id, token=kwargs.get("token"), tags=tags, **hub_kwargs)
     return result
 
 

@@ -13,7 +13,7 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from . import api
+from . import api, validation
 from .api import build_calibration, check_layers, resolve_modules_to_not_convert
 from .architectures import check_supported, get_blocks, set_module, target_linears
 from .config import QUANT_METHOD, BCQuantizationConfig
@@ -64,6 +64,7 @@ class BCHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             self._checkpoint_files = [str(f) for f in kwargs.get("checkpoint_files") or []]
             self._swap_in_skeletons(model)
+            validation.check_checkpoint_files(model, self._checkpoint_files, config)
         else:
             spec = check_supported(model.config.model_type, config.bc_granularity)
             groups = [list(g) for g in spec.groups]
@@ -75,6 +76,7 @@ class BCHfQuantizer(HfQuantizer):
                 self._calibration = build_calibration(
                     config, name_or_path=getattr(model.config, "_name_or_path", None)
                 )
+            validation.check_calibration(model, self._calibration, config)
         return model
 
     def _swap_in_skeletons(self, model: Any) -> None:
@@ -93,6 +95,7 @@ class BCHfQuantizer(HfQuantizer):
             self._calibration = None
         else:
             spec = check_supported(model.config.model_type, self.quantization_config.bc_granularity)
+            validation.check_loaded_values(model, self.quantization_config)
             attach_position_hooks(get_blocks(model, spec))
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
         return model

@@ -1,6 +1,7 @@
 """The optimum-bc CLI, called in-process through main(argv)."""
 
 import os
+import re
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -55,7 +56,9 @@ def test_bad_arguments_exit_2_with_one_line(argv, match, capsys, tmp_path, monke
 
 
 def test_failure_exits_1_without_traceback_unless_debug(capsys, tmp_path) -> None:
-    argv = ["eval", str(tmp_path / "missing-model")]
+    (tmp_path / "config.json").write_text("{not json")  # a damaged model folder: a failure, not a usage error
+    (tmp_path / "tokenizer.json").write_text("{}")
+    argv = ["eval", str(tmp_path)]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("optimum-bc eval: failed:") and "Traceback" not in err
@@ -113,3 +116,89 @@ def test_quantize_gguf_file_end_to_end(tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     assert "saved 210 quantized layers" in text
     assert float(text.strip().splitlines()[-1].split()[-1]) < 100
+
+
+def _quantize_argv(model: str, out: str, text: str, bits: int) -> list[str]:
+    argv = ["quantize", model, "--output", out, "--method", "rtn", "--bits", str(bits), "--group-size", "32"]
+    return argv + ["--dataset", text, "--num-samples", "2", "--seq-len", "16", "--quiet"]
+
+
+def test_two_runs_with_one_output_never_claim_each_others_folder(
+    model_with_tokenizer, text_file, tmp_path, capsys, monkeypatch
+) -> None:
+    """A second run finishing while the first is saving: the first fails (exit 2) instead of reporting a save."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path / "q"
+    partial = tmp_path / "q.partial"  # a folder of that name belongs to somebody else: never deleted
+    partial.mkdir()
+    (partial / "keep.txt").write_text("mine")
+    real_save = PreTrainedTokenizerFast.save_pretrained
+    inner: list[int] = []
+
+    def save_and_race(self, *args, **kwargs):
+        if not inner:  # the 8-bit run starts and finishes while the 4-bit run is saving
+            inner.append(-1)
+            inner[0] = main(_quantize_argv(model_with_tokenizer, str(out), text_file, 8))
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", save_and_race)
+    assert main(_quantize_argv(model_with_tokenizer, str(out), text_file, 4)) == 2
+    captured = capsys.readouterr()
+    assert inner == [0] and captured.out.count("saved ") == 1
+    assert "exists and is not empty" in captured.err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 8
+    assert (partial / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["float", "text.txt", "q", "q.partial"])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing-model", "empty-folder", "no-tokenizer", "bad-dataset", "bad-eval-dataset", "non-utf8-dataset"],
+)
+def test_bad_inputs_exit_2_before_any_work_naming_the_option(
+    case, model_with_tokenizer, text_file, tmp_path, capsys, monkeypatch
+) -> None:
+    from optimum_bc import cli
+
+    monkeypatch.setattr(cli, "_load_float", lambda *a: pytest.fail("the model was loaded"))
+    model, out = model_with_tokenizer, str(tmp_path / "q")
+    extra: list[str] = []
+    match = {
+        "missing-model": r"MODEL '.*no-such-model': no such folder",
+        "empty-folder": r"MODEL '.*empty' holds no config.json",
+        "no-tokenizer": r"MODEL '.*bare' holds no tokenizer",
+        "bad-dataset": r"--dataset 'wikitext103': unknown dataset name",
+        "bad-eval-dataset": r"--eval-dataset '.*missing.txt': no such file or folder",
+        "non-utf8-dataset": r"--dataset '.*latin1.txt': '.*latin1.txt' is not UTF-8 text",
+    }[case]
+    if case == "missing-model":
+        model = str(tmp_path / "no-such-model")
+    elif case == "empty-folder":
+        model = str(tmp_path / "empty")
+        os.mkdir(model)
+    elif case == "no-tokenizer":
+        model = str(tmp_path / "bare")
+        tiny_llama().save_pretrained(model)
+    elif case == "bad-dataset":
+        text_file = "wikitext103"
+    elif case == "bad-eval-dataset":
+        extra = ["--eval-dataset", str(tmp_path / "missing.txt")]
+    else:
+        text_file = str(tmp_path / "latin1.txt")
+        (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    assert main([*_quantize_argv(model, out, text_file, 4), *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert not os.path.exists(out)
+
+
+def test_report_plot_into_a_missing_folder_exits_2_before_printing(model_with_tokenizer, text_file, tmp_path, capsys):
+    out = str(tmp_path / "q")
+    assert main(_quantize_argv(model_with_tokenizer, out, text_file, 4)) == 0
+    capsys.readouterr()
+    assert main(["report", out, "--plot", str(tmp_path / "missing" / "x.png")]) == 2
+    captured = capsys.readouterr()
+    assert "does not exist or is not writable" in captured.err and captured.out == ""

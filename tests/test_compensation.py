@@ -112,3 +112,42 @@ def test_position_granularity_matches_per_position_means(target: str) -> None:
     channel = InputMoments(d_in, target)
     channel.add_batch(x_fp.reshape(-1, d_in), x_q.reshape(-1, d_in))
     assert comp.mse_after <= channel.compensate(W, Q, torch.float32).mse_after + 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_folding_into_an_existing_bias_rounds_once(dtype: torch.dtype) -> None:
+    """bias + compensation is summed in float32 and rounded once; mse_after is that of the stored bias."""
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(960, 64, generator=g) * 0.05
+    Q = rtn_quantize(W, bits=3, group_size=-1, sym=False).dequantize()
+    x = torch.randn(400, 64, generator=g) + 0.5
+    moments = InputMoments(64, "float")
+    moments.add_batch(x)
+    base = (torch.randn(960, generator=g) * 3).to(dtype)
+    ideal = (x @ (W - Q).T).mean(0)  # the compensation, float32
+    comp = moments.compensate(W, Q, dtype, base)
+    assert comp.bias.dtype == dtype
+    torch.testing.assert_close(comp.bias, (base.float() + ideal).to(dtype), rtol=0, atol=0)
+    twice = base + ideal.to(dtype)  # the old fold: the compensation rounded, then the sum rounded again
+    error_once = ((comp.bias.float() - base.float()) - ideal).abs() / ideal.abs()
+    error_twice = ((twice.float() - base.float()) - ideal).abs() / ideal.abs()
+    assert bool((error_once <= error_twice + 1e-6).all())  # never worse
+    assert int((error_once < error_twice - 1e-6).sum()) > 0 and float(error_once.mean()) < float(error_twice.mean())
+    # mse_after measured with the bias that is stored
+    r = x @ (W - Q).T - (comp.bias.float() - base.float())
+    assert comp.mse_after == pytest.approx(float((r**2).mean()), rel=1e-3)
+
+
+def test_layer_level_fold_rounds_once_and_reports_what_it_adds() -> None:
+    g = torch.Generator().manual_seed(4)
+    acc = ResidualMean(512)
+    target = torch.randn(300, 512, generator=g)
+    output = target - 0.01 * torch.randn(512, generator=g) - 0.003 * torch.randn(300, 512, generator=g)
+    acc.add_batch(target, output)
+    base = (torch.randn(512, generator=g) * 4).to(torch.bfloat16)
+    comp = acc.compensate(torch.bfloat16, base)
+    mean_r = (target - output).mean(0)
+    torch.testing.assert_close(comp.bias, (base.float() + mean_r).to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(comp.added, comp.bias.float() - base.float(), rtol=0, atol=0)
+    r = (target - output) - comp.added
+    assert comp.mse_after == pytest.approx(float((r**2).mean()), rel=1e-3)

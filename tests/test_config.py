@@ -33,9 +33,32 @@ def test_pretokenized_dataset_is_described() -> None:
     assert json.loads(json.dumps(cfg.to_dict()))["dataset"].startswith("pretokenized")
 
 
-def test_unknown_keys_are_tolerated() -> None:
-    cfg = BCQuantizationConfig.from_dict({"quant_method": "bc", "bits": 4, "future_option": 1})
-    assert cfg.bits == 4
+def test_unknown_keys_are_refused_naming_the_closest_valid_one() -> None:
+    with pytest.raises(ValueError, match="unknown key 'group_szie'; did you mean 'group_size'"):
+        BCQuantizationConfig(group_szie=64)
+    with pytest.raises(ValueError, match="unknown key 'future_option'"):
+        BCQuantizationConfig.from_dict({"quant_method": "bc", "bits": 4, "future_option": 1})
+    # keys a newer version wrote come with its higher config_version: the error says to upgrade
+    with pytest.raises(ValueError, match="config_version=3 is invalid.*upgrade optimum-bc"):
+        BCQuantizationConfig.from_dict({"quant_method": "bc", "future_option": 1, "config_version": 3})
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"config_version": "2"}, "config_version='2' is invalid"),
+        ({"tokenizer": "gpt2"}, r"tokenizer='gpt2' is invalid.*AutoTokenizer.from_pretrained\('gpt2'\)"),
+        ({"erq_lambda": float("inf")}, "erq_lambda=inf is invalid"),
+        ({"erq_lambda": float("nan")}, "erq_lambda=nan is invalid"),
+        ({"seed": -1}, "seed=-1 is invalid"),
+        ({"seed": 2**64}, "seed=18446744073709551616 is invalid"),
+        ({"dataset": ""}, "dataset='' is invalid"),
+        ({"dataset": [1.5, 2.5]}, "dataset='list' is invalid"),
+    ],
+)
+def test_values_that_crashed_later_are_refused_naming_the_field(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        BCQuantizationConfig(**kwargs)
 
 
 @pytest.mark.parametrize(

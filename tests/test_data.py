@@ -63,7 +63,8 @@ def test_wiki_vital_split_is_disjoint_and_deterministic() -> None:
     titles = list(calibration) + list(evaluation)
     assert titles == sorted(titles)
     assert load_evaluation_text("wiki-vital") == "\n\n".join(evaluation.values())
-    calibration_text = data._calibration_text("wiki-vital")
+    source = data._calibration_source("wiki-vital")
+    calibration_text = source.read(0, source.size)
     assert not any(extract in calibration_text for extract in list(evaluation.values())[::20])
 
 
@@ -249,3 +250,56 @@ def test_wiki_vital_with_smollm2_tokenizer() -> None:
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(samples, again, strict=True))
     text = smol.decode(samples[0]["input_ids"][0])
     assert len(text.split()) > 200  # real English prose, not unknown tokens
+
+
+class _CountingTokenizer:
+    """Wraps a tokenizer and counts the characters it was asked to tokenize."""
+
+    def __init__(self, inner: PreTrainedTokenizerFast) -> None:
+        self.inner, self.chars, self.calls = inner, 0, 0
+
+    def __call__(self, text: str, **kwargs: object) -> object:
+        self.chars, self.calls = self.chars + len(text), self.calls + 1
+        return self.inner(text, **kwargs)
+
+
+def test_large_text_is_read_and_tokenized_only_around_the_windows(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "big.txt"
+    path.write_text("\n\n".join(DOCS * 200), encoding="utf-8")  # ~500 KB
+    monkeypatch.setattr(data, "STREAM_THRESHOLD", 10_000)
+    counting = _CountingTokenizer(tokenizer)
+    samples = build_calibration_set(str(path), counting, num_samples=6, seq_len=24, seed=4)
+    assert_samples(samples, 6, 24)
+    assert counting.chars < path.stat().st_size / 50  # a few spans, not the corpus
+    stream = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
+    text_of = {tuple(stream[i : i + 24]) for i in range(len(stream) - 23)}
+    assert all(tuple(s["input_ids"][0].tolist()) in text_of for s in samples)  # real windows of the text
+    again = build_calibration_set(str(path), tokenizer, num_samples=6, seq_len=24, seed=4)
+    other = build_calibration_set(str(path), tokenizer, num_samples=6, seq_len=24, seed=5)
+    assert [s["input_ids"].tolist() for s in samples] == [s["input_ids"].tolist() for s in again]
+    assert [s["input_ids"].tolist() for s in samples] != [s["input_ids"].tolist() for s in other]
+    assert len({tuple(s["input_ids"][0].tolist()) for s in samples}) == 6  # no duplicates
+
+
+def test_more_windows_than_the_text_holds_warns(
+    tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="optimum_bc.data"):
+        build_calibration_set(DOCS[:2], tokenizer, num_samples=8, seq_len=10)
+    assert "num_samples=8 windows of seq_len=10 tokens need 80 tokens but the text holds 30" in caplog.text
+
+
+def test_non_utf8_file_is_named(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\xe9 au lait ".encode("latin-1") * 10)
+    with pytest.raises(ValueError, match=r"dataset='.*latin1.txt': '.*latin1.txt' is not UTF-8 text"):
+        build_calibration_set(str(path), tokenizer, num_samples=1, seq_len=4)
+
+
+def test_dataset_errors_name_the_argument(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match=r"^dataset='wikitext103': unknown dataset name"):
+        build_calibration_set("wikitext103", tokenizer, num_samples=1, seq_len=4)
+    with pytest.raises(ValueError, match=r"^dataset=<list of 0>: the calibration dataset is an empty list"):
+        build_calibration_set([], tokenizer, num_samples=1, seq_len=4)

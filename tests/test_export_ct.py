@@ -152,10 +152,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         results[name] = _reference(model)
         jobs.append({"name": name, "path": str(root / name), "dtype": dtype})
 
-    # Sink tokens: dropped with a warning; the export equals our model with sink_bias zeroed.
+    # Sink tokens: refused by default; dropped with a warning when asked; the export equals our model without them.
     model = _quantized("llama", {"bits": 4, "group_size": 32, "bc_sink_tokens": 1})
-    with pytest.warns(ExportWarning, match=r"sink_bias .* of 14 layers .* bc_sink_tokens=0") as caught:
+    with pytest.raises(ValueError, match=r"bc_sink_tokens=1: .* drop_sink_bias=True"):
         export_model(model, root / "llama-sink", "compressed-tensors")
+    assert not (root / "llama-sink").exists()
+    with pytest.warns(ExportWarning, match=r"sink_bias .* of 14 layers .* bc_sink_tokens=0") as caught:
+        export_model(model, root / "llama-sink", "compressed-tensors", drop_sink_bias=True)
     results["sink-warning"] = [str(w.message) for w in caught]
     for module in model.modules():
         if getattr(module, "sink_bias", None) is not None:
@@ -394,11 +397,17 @@ def test_cli_quantize_save_format_and_its_early_refusal(tmp_path: Path, word_tok
     out = tmp_path / "q"
     argv = ["quantize", str(source), "--output", str(out), "--bits", "4", "--group-size", "32", "--method", "rtn"]
     argv += ["--dataset", str(text), "--num-samples", "4", "--seq-len", "16", "--quiet", "--bc-sink-tokens", "0"]
-    assert main([*argv, "--save-format", "compressed-tensors"]) == 0
+    # Without --bc-sink-tokens a stock-layout export takes the export-friendly 0; an explicit 1 is refused early.
+    assert main([*argv[:-2], "--save-format", "compressed-tensors"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["quantization_config"]["optimum_bc"]["bc_config"]["bc_sink_tokens"] == 0
     assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
     capsys.readouterr()
+    sink = [*argv[:-1], "1", "--save-format", "gptq"]
+    sink[3] = str(tmp_path / "q-sink")
+    assert main(sink) == 2
+    assert "--drop-sink-bias" in capsys.readouterr().err and not (tmp_path / "q-sink").exists()
     bad = [*argv[:-2], "--save-format", "compressed-tensors", "--method", "gptq", "--desc-act"]
     bad[3] = str(tmp_path / "q2")
     assert main(bad) == 2

@@ -173,7 +173,6 @@ def test_quantization_config_is_what_gptqconfig_reads_back() -> None:
         ({"group_size": 2048}, "group_size=2048", "group_size=1024"),
         ({"group_size": 48}, "group_size=48", "group_size=64"),
         ({"bc_granularity": "position"}, "bc_granularity='position'", 'bc_granularity="channel"'),
-        ({"bc_sink_tokens": 1}, "bc_sink_tokens=1", "bc_sink_tokens=0"),
     ],
 )
 def test_unexportable_configs_are_refused_with_the_closest_setting(options, named, fix) -> None:
@@ -204,6 +203,7 @@ def test_unexportable_layers_are_refused() -> None:
     sink.set_sink_bias(torch.zeros(1, 64))
     with pytest.raises(ValueError, match="sink_bias"):
         gptq_layer_tensors(sink)
+    assert set(gptq_layer_tensors(sink, drop_sink_bias=True)) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
     with pytest.raises(ValueError, match="checkpoint_format='gptq_v3'"):
         gptq_layer_tensors(_layer(4, 32, sym=True, act_order=False), checkpoint_format="gptq_v3")
     huge = _layer(4, 32, sym=True, act_order=False)

@@ -6,8 +6,10 @@ leaves a half-written folder and never loses what was saved before.
 
 Bias compensation is carried along: the checkpoint names the stock class whose bias flags give every compensated
 Linear a bias (:mod:`optimum_bc.export.families`). What no stock class can hold is dropped with a warning
-(:class:`ExportWarning`) that names the layers and the cost: biases without a slot, and ``sink_bias`` (the extra
-bias of the first tokens; ``bc_sink_tokens=0`` is the export-friendly setting). ``position_bias`` is refused.
+(:class:`ExportWarning`) that names the layers and the cost (biases without a slot). ``sink_bias`` (the extra bias
+of the first tokens, ``bc_sink_tokens > 0``) is refused unless ``drop_sink_bias=True``: a model calibrated with it is
+worse without it than without compensation, and ``bc_sink_tokens=0`` is the export-friendly setting.
+``position_bias`` is refused.
 Layers in ``modules_to_not_convert`` stay dense (compressed-tensors ``ignore``).
 """
 
@@ -15,7 +17,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -112,16 +113,33 @@ def _gptq_format() -> _Format:
     return _Format(
         gptq.check_gptq_exportable,
         check_layer,
+        # check_exportable has already refused sink biases unless the caller asked to drop them.
         lambda layer, config: gptq.gptq_layer_tensors(
-            layer, gptq.gptq_quantization_config(config).get("checkpoint_format")
+            layer, gptq.gptq_quantization_config(config).get("checkpoint_format"), drop_sink_bias=True
         ),
         lambda config, ignore: gptq.gptq_quantization_config(config),
     )
 
 
-def check_config_exportable(config: BCQuantizationConfig, save_format: str) -> _Format:
-    """The checks that need only the settings (run before loading or quantizing anything); returns the format."""
+def _sink_problem(config: BCQuantizationConfig, save_format: str) -> str:
+    return (
+        f"bc_sink_tokens={config.bc_sink_tokens}: the extra bias of the first token(s) (sink_bias) has no place in "
+        f"any stock class, so a {save_format} export would drop it, and a model calibrated with it is worse without "
+        "it than with no bias compensation at all (measured: README, 'Deploy'). Fix: quantize with "
+        "bc_sink_tokens=0, which exports losslessly, or pass drop_sink_bias=True (CLI: --drop-sink-bias) to export "
+        "without it anyway."
+    )
+
+
+def check_config_exportable(config: BCQuantizationConfig, save_format: str, drop_sink_bias: bool = False) -> _Format:
+    """The checks that need only the settings (run before loading or quantizing anything); returns the format.
+
+    A config with first-token biases (``bc_sink_tokens > 0`` with compensation) is refused unless
+    ``drop_sink_bias``: dropping them changes the model, see :func:`_sink_problem`.
+    """
     fmt = _get_format(save_format)
+    if config.bias_compensation and config.layer_sink_tokens and not drop_sink_bias:
+        raise ValueError(_sink_problem(config, save_format))
     if config.bc_granularity == "position":
         raise ValueError(
             f"bc_granularity='position' cannot be exported as {save_format}: its per-position bias table has no "
@@ -132,7 +150,9 @@ def check_config_exportable(config: BCQuantizationConfig, save_format: str) -> _
     return fmt
 
 
-def check_float_model_exportable(model: nn.Module, config: BCQuantizationConfig, save_format: str) -> None:
+def check_float_model_exportable(
+    model: nn.Module, config: BCQuantizationConfig, save_format: str, drop_sink_bias: bool = False
+) -> None:
     """Before quantizing ``model`` for ``save_format``: refuse Linears whose width the format cannot group.
 
     compressed-tensors dequantizes whole groups only, so a group size must divide every quantized input width
@@ -141,7 +161,7 @@ def check_float_model_exportable(model: nn.Module, config: BCQuantizationConfig,
     from ..api import resolve_modules_to_not_convert
     from ..architectures import target_linears
 
-    check_config_exportable(config, save_format)
+    check_config_exportable(config, save_format, drop_sink_bias)
     if save_format != COMPRESSED_TENSORS or config.group_size == -1 or is_mx(config.format):
         return
     skip = config.modules_to_not_convert or resolve_modules_to_not_convert(model, config)
@@ -152,10 +172,12 @@ def check_float_model_exportable(model: nn.Module, config: BCQuantizationConfig,
             raise ValueError(ct.group_size_problem(name, in_features, config.group_size))
 
 
-def check_exportable(model: nn.Module, save_format: str) -> tuple[BCQuantizationConfig, _Format]:
+def check_exportable(
+    model: nn.Module, save_format: str, drop_sink_bias: bool = False
+) -> tuple[BCQuantizationConfig, _Format]:
     """Every check of an export that needs no writing: raises ValueError naming the problem and the fix."""
     config = _bc_config(model)
-    fmt = check_config_exportable(config, save_format)
+    fmt = check_config_exportable(config, save_format, drop_sink_bias)
     if any(hasattr(m, "base_layer") for m in model.modules()):
         raise ValueError(
             "the model carries PEFT adapters, which stock loaders would not apply from this checkpoint. Fix: export "
@@ -165,6 +187,8 @@ def check_exportable(model: nn.Module, save_format: str) -> tuple[BCQuantization
     if not layers:
         raise ValueError("the model holds no packed layer; nothing to export")
     for name, layer in layers.items():
+        if layer.sink_bias is not None and not drop_sink_bias:
+            raise ValueError(f"{name}: " + _sink_problem(config, save_format))
         if layer.position_bias is not None:
             raise ValueError(
                 f"{name} holds a position_bias, which {save_format} cannot hold. Fix: bc_granularity='channel'."
@@ -200,8 +224,9 @@ def _warn_losses(layers: dict[str, PackedLinearBase], plan: FamilyPlan, save_for
         tokens = layers[sinks[0]].sink_bias.shape[0]
         warnings.warn(
             f"sink_bias (extra bias of the first {tokens} token(s)) of {len(sinks)} layers cannot be expressed in "
-            f"any stock class and is dropped from the {save_format} export; the first tokens get the per-channel "
-            "bias only. Fix: quantize with bc_sink_tokens=0 for an export that carries all of the compensation.",
+            f"any stock class and is dropped from the {save_format} export as asked (drop_sink_bias=True); the "
+            "first tokens get the per-channel bias only, which measured worse than no compensation (README, "
+            "'Deploy'). Fix: quantize with bc_sink_tokens=0 for an export that carries all of the compensation.",
             ExportWarning,
             stacklevel=3,
         )
@@ -255,8 +280,12 @@ def export_model(
     overwrite: bool = False,
     extra_files: Sequence[str | os.PathLike[str]] = (),
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    drop_sink_bias: bool = False,
 ) -> Path:
     """Write ``model`` (BC-quantized) to ``directory`` in ``format`` ("compressed-tensors" or "gptq").
+
+    Everything is checked first; the files are written into a folder beside the target that is swapped in whole
+    (:func:`optimum_bc.atomic.atomic_folder`), so a failure never leaves a half-written folder.
 
     Args:
         model: a model quantized by optimum-bc (in memory or reloaded).
@@ -265,13 +294,33 @@ def export_model(
         overwrite: replace an existing folder (only once the new one is complete).
         extra_files: files copied in as they are (tokenizer files of the source folder, for instance).
         max_shard_size: largest safetensors file (bytes or e.g. "5GB"); more shards get an index, as transformers'.
+        drop_sink_bias: export a model with first-token biases (``bc_sink_tokens > 0``) without them (refused
+            otherwise); warns with the number of layers.
 
     Returns:
         The folder written. Warns (:class:`ExportWarning`) about every bias the format cannot hold.
     """
+    from ..atomic import atomic_folder
+
     target = Path(directory)
-    config, fmt = check_exportable(model, format)
+    check_exportable(model, format, drop_sink_bias)
     _check_target(target, overwrite)
+    with atomic_folder(target, overwrite=overwrite) as tmp:
+        write_export(model, tmp, format, extra_files, max_shard_size, drop_sink_bias)
+    return target
+
+
+def write_export(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    format: str,
+    extra_files: Sequence[str | os.PathLike[str]] = (),
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    drop_sink_bias: bool = False,
+) -> Path:
+    """Write the export of ``model`` into the existing, empty ``folder`` (see :func:`export_model`)."""
+    folder = Path(folder)
+    config, fmt = check_exportable(model, format, drop_sink_bias)
     layers = packed_layers(model)
     model_config = model.config.to_dict()
     model_config.pop("quantization_config", None)
@@ -288,12 +337,12 @@ def export_model(
     }
     dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")  # what dtype="auto" loads
     exported = {**plan.config, "dtype": dtype, "quantization_config": quantization}
-    _write_atomically(target, tensors, exported, _metadata(model), model, extra_files, max_shard_size)
-    return target
+    _write_files(folder, tensors, exported, _metadata(model), model, extra_files, max_shard_size)
+    return folder
 
 
-def _write_atomically(
-    target: Path,
+def _write_files(
+    folder: Path,
     tensors: dict[str, torch.Tensor],
     config: dict[str, Any],
     metadata: dict[str, str],
@@ -304,28 +353,15 @@ def _write_atomically(
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
-        for filename, names in split.filename_to_tensors.items():  # every shard keeps the report / provenance
-            save_file({n: tensors[n] for n in names}, tmp / filename, metadata=metadata)
-        if split.is_sharded:
-            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-            (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        for file in extra_files:
-            shutil.copy2(file, tmp / Path(file).name)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():  # every shard keeps the report / provenance
+        save_file({n: tensors[n] for n in names}, folder / filename, metadata=metadata)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    for file in extra_files:
+        shutil.copy2(file, folder / Path(file).name)

@@ -36,7 +36,8 @@ the GPU readers were not run):
 
 So the most portable export is ``sym=True``, 4 bits, group size 128 (or -1), in/out multiples of 128/64: v1, read
 by all of the above. What the layout cannot hold is refused by :func:`check_gptq_exportable` (config) and
-:func:`gptq_layer_tensors` (layer): MX formats, other bit widths and group sizes, the per-position and sink biases.
+:func:`gptq_layer_tensors` (layer): MX formats, other bit widths and group sizes, the per-position bias (and the sink
+bias, unless dropped).
 A loader that rebuilds the model from its float config gives Linears a ``bias`` only where the float model has one
 (LLaMA has none): the exporter must make the architecture config ask for biases, or the BC bias is dropped.
 """
@@ -99,13 +100,6 @@ def check_gptq_exportable(config: BCQuantizationConfig) -> None:
             "a GPTQ Linear has one bias per output channel, no per-position table",
             'bc_granularity="channel"',
         )
-    if config.layer_sink_tokens:
-        _refuse(
-            "bc_sink_tokens",
-            config.bc_sink_tokens,
-            "a GPTQ Linear has no extra bias for the first token positions, so the sink correction would be lost",
-            "re-quantize with bc_sink_tokens=0 (one compensation bias over all tokens)",
-        )
 
 
 def _checkpoint_format(config: BCQuantizationConfig) -> str:
@@ -144,8 +138,12 @@ def _inferred_format(zeros: torch.Tensor, bits: int) -> str:
     return GPTQ_V1 if bool((zeros == 1 << (bits - 1)).all()) else GPTQ_V2
 
 
-def gptq_layer_tensors(layer: QuantLinear, checkpoint_format: str | None = None) -> dict[str, torch.Tensor]:
+def gptq_layer_tensors(
+    layer: QuantLinear, checkpoint_format: str | None = None, drop_sink_bias: bool = False
+) -> dict[str, torch.Tensor]:
     """``qweight``, ``qzeros``, ``scales``, ``g_idx`` and ``bias`` of ``layer`` in the GPTQ layout (module docstring).
+
+    A layer with a ``sink_bias`` is refused unless ``drop_sink_bias`` (the export decides that policy).
 
     ``checkpoint_format`` decides the stored zero points: ``"gptq"`` (v1, ``zero - 1``; refused when a zero point
     is 0) or ``"gptq_v2"`` (as is). For a whole checkpoint pass
@@ -169,7 +167,7 @@ def gptq_layer_tensors(layer: QuantLinear, checkpoint_format: str | None = None)
         _refuse(
             "bits", bits, f"GPTQ readers take {list(GPTQ_BITS)}", f"re-quantize with bits={_closest(bits, GPTQ_BITS)}"
         )
-    for name in ("position_bias", "sink_bias"):
+    for name in ("position_bias",) if drop_sink_bias else ("position_bias", "sink_bias"):
         if getattr(layer, name) is not None:
             _refuse(
                 name,
