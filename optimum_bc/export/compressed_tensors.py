@@ -33,6 +33,7 @@ Scales are written in float32 for a float32 model (so the loaders' dequantizatio
 (the exact stored values; the loader casts them).
 """
 
+import importlib.util
 import math
 from typing import Any
 
@@ -59,7 +60,13 @@ _MAX_CT_BITS = 8
 
 
 def check_ct_exportable(config: BCQuantizationConfig) -> None:
-    """Raise ValueError naming the setting compressed-tensors cannot express and the closest one it can."""
+    """Raise ValueError naming the setting compressed-tensors cannot express and the closest one it can (or that
+    the package is missing)."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise ValueError(
+            "save_format='compressed-tensors' needs the compressed-tensors package. Fix: pip install "
+            '"optimum-bc[export]" (or pip install compressed-tensors).'
+        )
     if is_mx(config.format):
         if config.format not in MX_CT_FORMATS:
             raise ValueError(
