@@ -15,7 +15,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from . import api
 from .api import build_calibration, check_layers, resolve_modules_to_not_convert
-from .architectures import check_supported, get_blocks, set_module, target_linears
+from .architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
+from .calibration import FLOAT_BIASES_ATTR
 from .config import QUANT_METHOD, BCQuantizationConfig
 from .layers import skeleton_layer
 from .offload import block_calibration_bytes, check_device_map, check_max_memory
@@ -57,7 +58,7 @@ class BCHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         config = self.quantization_config
-        spec = check_supported(model.config.model_type, config.bc_granularity)
+        spec = resolve_spec(model)  # from the meta-device skeleton: an unusable architecture fails before loading
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
         check_layers(model, spec, config, list(config.modules_to_not_convert))
@@ -65,10 +66,14 @@ class BCHfQuantizer(HfQuantizer):
             self._checkpoint_files = [str(f) for f in kwargs.get("checkpoint_files") or []]
             self._swap_in_skeletons(model)
         else:
-            spec = check_supported(model.config.model_type, config.bc_granularity)
-            groups = [list(g) for g in spec.groups]
+            skip = list(config.modules_to_not_convert)
             self._block_bytes = max(
-                block_calibration_bytes(block, groups, config.bias_compensation) for block in get_blocks(model, spec)
+                block_calibration_bytes(
+                    block,
+                    [[rel] for rel in block_layers(block, f"{spec.blocks}.{i}.", spec, model.config, skip)],
+                    config.bias_compensation,
+                )
+                for i, block in enumerate(get_blocks(model, spec))
             )
             # This hook runs under transformers' meta-device init context: build the token tensors on the CPU.
             with torch.device("cpu"):
@@ -79,21 +84,28 @@ class BCHfQuantizer(HfQuantizer):
 
     def _swap_in_skeletons(self, model: Any) -> None:
         config = self.quantization_config
-        spec = check_supported(model.config.model_type, config.bc_granularity)
+        spec = resolve_spec(model)
         for name in target_linears(model, spec, list(config.modules_to_not_convert)):
             linear = model.get_submodule(name)
             dtype = self.dtype or linear.weight.dtype
             positions = config.seq_len if config.bc_granularity == "position" else None
             skeleton = skeleton_layer(linear, config, dtype, positions)
             set_module(model, name, skeleton)
+        # Float modules that layer-level BC gave a bias: create the slot so the checkpoint's bias loads into it.
+        for name in getattr(model.config, FLOAT_BIASES_ATTR, None) or []:
+            module = model.get_submodule(name)
+            if getattr(module, "bias", None) is None:
+                weight = module.weight
+                module.bias = torch.nn.Parameter(
+                    torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                )
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if not self.pre_quantized:
             api.quantize_model(model, self.quantization_config, calibration=self._calibration)
             self._calibration = None
         else:
-            spec = check_supported(model.config.model_type, self.quantization_config.bc_granularity)
-            attach_position_hooks(get_blocks(model, spec))
+            attach_position_hooks(get_blocks(model, resolve_spec(model)), model)
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
         return model
 
