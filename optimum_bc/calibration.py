@@ -9,6 +9,7 @@ with the earlier stages already quantized and compensated. Padding tokens never 
 """
 
 import copy
+import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -123,6 +124,20 @@ def collate(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[dic
     return batches
 
 
+def _block_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """A block call's hidden states and every other argument by name (some families pass masks positionally)."""
+    signature = inspect.signature(block.forward)
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    named: dict = {}
+    for name, value in bound.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    first = next(iter(named))
+    return named.pop(first), named
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, batches: list[dict], store: torch.device | None = None
@@ -135,8 +150,7 @@ def capture_block_inputs(
     current: dict = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        hidden, kwargs = _block_arguments(module, args, kwargs)
         valid = current["valid"].to(hidden.device)
         records.append(_Batch(hidden.detach().to(store or hidden.device), kwargs, valid))
         raise _StopForward

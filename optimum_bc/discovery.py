@@ -77,8 +77,9 @@ def find_blocks(model: nn.Module) -> str:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        kinds = {type(child) for child in module}
-        if len(kinds) != 1 or not any(is_quantizable(m) for m in module[0].modules()):
+        kinds = {type(child).__name__ for child in module}
+        # Identical blocks, or (hybrid stacks) blocks whose classes transformers all marks as not to be split.
+        if not (len(kinds) == 1 or kinds <= no_split) or not any(is_quantizable(m) for m in module[0].modules()):
             continue
         in_decoder = any(name == d or name.startswith(d + ".") or d == "" for d in decoder_names)
         score = (type(module[0]).__name__ in no_split, in_decoder, _param_count(module), -name.count("."))

@@ -20,6 +20,7 @@ from .calibration import FLOAT_BIASES_ATTR
 from .config import QUANT_METHOD, BCQuantizationConfig
 from .layers import skeleton_layer
 from .offload import block_calibration_bytes, check_device_map, check_max_memory
+from .packed_base import PackedLinearBase
 from .positions import attach_position_hooks
 from .report import QuantizationReport
 
@@ -90,6 +91,11 @@ class BCHfQuantizer(HfQuantizer):
             dtype = self.dtype or linear.weight.dtype
             positions = config.seq_len if config.bc_granularity == "position" else None
             skeleton = skeleton_layer(linear, config, dtype, positions)
+            # Some families' ``_init_weights`` read ``<parent>.c_proj.weight`` (GPT-2 style); a placeholder marked as
+            # initialized answers them during loading (removed after) without entering the state dict.
+            placeholder = torch.empty(0, device="meta")
+            placeholder._is_hf_initialized = True
+            object.__setattr__(skeleton, "weight", placeholder)
             set_module(model, name, skeleton)
         # Float modules that layer-level BC gave a bias: create the slot so the checkpoint's bias loads into it.
         for name in getattr(model.config, FLOAT_BIASES_ATTR, None) or []:
@@ -105,6 +111,9 @@ class BCHfQuantizer(HfQuantizer):
             api.quantize_model(model, self.quantization_config, calibration=self._calibration)
             self._calibration = None
         else:
+            for module in model.modules():
+                if isinstance(module, PackedLinearBase) and "weight" in module.__dict__:
+                    del module.__dict__["weight"]
             attach_position_hooks(get_blocks(model, resolve_spec(model)), model)
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
         return model

@@ -32,6 +32,13 @@ _SIZES: dict[str, int] = {
     "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32,
     "sliding_window": 8,
+    "rotary_dim": 8,
+    "partial_rotary_factor": 0.5,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 32,
     "first_k_dense_replace": 1,
     "pad_token_id": 0,
     "bos_token_id": 1,
@@ -44,6 +51,14 @@ def causal_lm_families() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def _settable(config: PretrainedConfig, key: str) -> bool:
+    """Whether ``config`` has ``key`` set (directly or through its attribute_map) and it is not a derived property."""
+    if getattr(config, key, None) is None:
+        return False
+    prop = getattr(type(config), config.attribute_map.get(key, key), None)
+    return not (isinstance(prop, property) and prop.fset is None)
+
+
 def tiny_config(model_type: str) -> PretrainedConfig:
     """The family's default config with the small sizes of :data:`_SIZES` wherever the class has the attribute."""
     default = AutoConfig.for_model(model_type)
@@ -51,7 +66,7 @@ def tiny_config(model_type: str) -> PretrainedConfig:
         text = default.get_text_config()
         if text is not default and type(default).__name__ != type(text).__name__:
             default = text
-    kwargs = {k: v for k, v in _SIZES.items() if hasattr(default, k) and getattr(default, k) is not None}
+    kwargs = {k: v for k, v in _SIZES.items() if _settable(default, k)}
     if "layer_types" in default.to_dict():
         kwargs["layer_types"] = None
     config = type(default)(**kwargs)
@@ -79,4 +94,22 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     if count > MAX_PARAMETERS:
         raise TooLarge(f"{count} parameters after generic shrinking (nested sub-configs keep their full size)")
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(3, VOCAB, (1, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))  # the float model itself must run
+    return model
+
+
+#: Families outside the scope of a decoder-only quantizer, by kind (the reason goes into the table).
+ENCODER_DECODER_OR_ENCODER = "encoder or encoder-decoder stack (decoder-only causal LMs are in scope)"
+
+
+def family_kind(model: torch.nn.Module) -> str | None:
+    """Why ``model`` is out of scope (encoder stacks, encoder-decoder decoders), or None for a decoder-only LM."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        return ENCODER_DECODER_OR_ENCODER
+    if any("crossattention" in name.lower().replace("_", "") for name, _ in model.named_modules()):
+        return ENCODER_DECODER_OR_ENCODER
+    return None
