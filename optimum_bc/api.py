@@ -32,6 +32,20 @@ def resolve_modules_to_not_convert(model: nn.Module, config: BCQuantizationConfi
     return sorted(skip)
 
 
+def check_architecture(name_or_path: str, **kwargs: Any) -> ArchitectureSpec:
+    """Discover the decoder blocks of a checkpoint from its config alone (a meta-device skeleton, no weights read).
+
+    An architecture that cannot be handled fails here with the discovery error, before any weight is loaded.
+    ``kwargs`` go to ``AutoConfig.from_pretrained`` (``trust_remote_code``, ``revision`` ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+    return resolve_spec(skeleton)
+
+
 def check_layers(model: nn.Module, spec: ArchitectureSpec, config: BCQuantizationConfig, skip: list[str]) -> None:
     """Refuse, before any calibration, Linears the config's format cannot hold, naming the first such layer.
 

@@ -205,6 +205,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"--output {args.output!r} exists and is not empty; choose a new folder (nothing is overwritten)"
         )
     _config_from_args(args, tokenizer=None)  # validate the settings before loading anything
+    if not args.gguf_file:
+        from .api import check_architecture
+
+        check_architecture(args.model)  # an architecture without discoverable blocks fails before the weights load
     model, tokenizer = _load_float(args.model, args.gguf_file)
     config = _config_from_args(args, tokenizer)
     report = quantize_model(model, config)

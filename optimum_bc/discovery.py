@@ -124,7 +124,7 @@ def _biased(module: nn.Module) -> bool:
 
 def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return out[0] if isinstance(out, tuple | list) else out
 
 
 @torch.no_grad()
@@ -142,7 +142,7 @@ def observe_block(
     handles = []
     wanted = set(names)
     for name, module in block.named_modules():
-        if name in wanted or (name and _biased(module)):
+        if name and (name in wanted or is_quantizable(module) or _biased(module)):
 
             def hook(module: nn.Module, args: tuple, name: str = name) -> None:
                 if name not in calls:
