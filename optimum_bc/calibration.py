@@ -59,6 +59,18 @@ class _Batch:
     hidden: torch.Tensor  # (batch, tokens, hidden)
     kwargs: dict
     valid: torch.Tensor  # (batch, tokens) bool: non-padding tokens
+    # Every block's own keyword arguments (hybrid stacks give sliding / full / linear layers different masks).
+    per_block: list[dict] | None = None
+
+    def for_block(self, index: int) -> "_Batch":
+        """The batch with block ``index``'s own keyword arguments."""
+        if self.per_block is None:
+            return self
+        return _Batch(self.hidden, self.per_block[index], self.valid, self.per_block)
+
+    def with_hidden(self, hidden: torch.Tensor) -> "_Batch":
+        """The same batch (arguments, mask) with other hidden states."""
+        return _Batch(hidden, self.kwargs, self.valid, self.per_block)
 
     def to(self, device: torch.device, store: torch.device | None = None) -> "_Batch":
         """The batch with its kwargs (masks, rotary embeddings) and mask on ``device`` and its hidden states on
@@ -66,7 +78,9 @@ class _Batch:
         store = device if store is None else store
         if self.valid.device == device and self.hidden.device == store:
             return self
-        return _Batch(self.hidden.to(store), send_to_device(self.kwargs, device), self.valid.to(device))
+        return _Batch(
+            self.hidden.to(store), send_to_device(self.kwargs, device), self.valid.to(device), self.per_block
+        )
 
 
 #: Activations are offloaded by default when they would fill more than this share of the GPU's free memory; the rest
@@ -124,9 +138,8 @@ def collate(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[dic
     return batches
 
 
-def _block_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+def _block_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
     """A block call's hidden states and every other argument by name (some families pass masks positionally)."""
-    signature = inspect.signature(block.forward)
     bound = signature.bind_partial(*args, **kwargs).arguments
     named: dict = {}
     for name, value in bound.items():
@@ -144,22 +157,37 @@ def capture_block_inputs(
 ) -> list[_Batch]:
     """Run the model up to its first decoder block and record that block's inputs for every batch.
 
+    Every block's own keyword arguments are recorded too: the blocks are replaced by recording stubs for one cheap
+    pass (embeddings and masks only), stopped at the last block. If the model's code between blocks cannot run on
+    the stubs' outputs, every block gets the first block's arguments.
+
     ``store``: where the hidden states are kept (None: where they were computed).
     """
     records: list[_Batch] = []
     current: dict = {}
+    signatures = [inspect.signature(block.forward) for block in blocks]
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden, kwargs = _block_arguments(module, args, kwargs)
-        valid = current["valid"].to(hidden.device)
-        records.append(_Batch(hidden.detach().to(store or hidden.device), kwargs, valid))
-        raise _StopForward
+    def make_stub(index: int) -> object:
+        def stub(*args: object, **kwargs: object) -> torch.Tensor:
+            hidden, named = _block_arguments(signatures[index], args, kwargs)
+            if index == 0:
+                valid = current["valid"].to(hidden.device)
+                current["record"] = _Batch(hidden.detach().to(store or hidden.device), named, valid, [])
+            current["record"].per_block.append(named)
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return hidden
+
+        return stub
 
     device = model.get_input_embeddings().weight.device
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for i, block in enumerate(blocks):
+        block.forward = make_stub(i)
     try:
         for batch in batches:
             current["valid"] = batch["attention_mask"].bool()
+            current.pop("record", None)
             try:
                 model(
                     input_ids=batch["input_ids"].to(device),
@@ -168,8 +196,20 @@ def capture_block_inputs(
                 )
             except _StopForward:
                 pass
+            except Exception:  # noqa: BLE001 - model code between blocks failed on a stub's output
+                if "record" not in current:
+                    raise
+            record = current["record"]
+            if len(record.per_block) != len(blocks):
+                logger.debug("optimum-bc: per-block arguments not recorded; every block gets the first block's")
+                record.per_block = None
+            records.append(record)
     finally:
-        handle.remove()
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     return records
 
 
@@ -342,8 +382,8 @@ class BlockCalibrator:
         # Blocks of a device map may sit on different devices: the streams follow the block, or stay on the CPU
         # (offloaded activations) and come to the device one batch at a time.
         store = self.store or device
-        h_q = [b.to(device, store) for b in h_q]
-        h_fp = [b.to(device, store) for b in h_fp] if h_fp is not None else None
+        h_q = [b.for_block(index).to(device, store) for b in h_q]
+        h_fp = [b.for_block(index).to(device, store) for b in h_fp] if h_fp is not None else None
         layout = self.observe(index, block, h_q[0] if h_q else None, device)
         fblock = copy.deepcopy(block) if self.float_stream else None
         stages = self.stages(layout)
@@ -388,7 +428,7 @@ class BlockCalibrator:
                         with _capture_inputs(fblock, float_keys, seen_fp, stop=s > 0):
                             out = _run_block(fblock, fp_batch.hidden.to(device), fp_batch.kwargs)
                         if s == 0:
-                            next_fp.append(_Batch(out.to(store), fp_batch.kwargs, fp_batch.valid))
+                            next_fp.append(fp_batch.with_hidden(out.to(store)))
                         for key in float_keys:
                             x_fp = _valid_rows(seen_fp[key], valid)
                             if self.algorithm.needs_float_inputs:
@@ -397,7 +437,7 @@ class BlockCalibrator:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
             self._finish_stage(index, block, stage, quantizers, moments)
-        next_q = [_Batch(_run_block(block, b.hidden.to(device), b.kwargs).to(store), b.kwargs, b.valid) for b in h_q]
+        next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
         block_report = BlockReport(index=index, seconds=0.0)
         if self.config.bc_layer:
             self._compensate_block(index, block, layout.bias_target, h_fp, next_q, next_fp, block_report, device)

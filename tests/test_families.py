@@ -109,6 +109,7 @@ def test_discovery_reproduces_the_former_table(family: str) -> None:
 _RESULTS: dict[str, FamilyResult] = {}
 
 
+@pytest.mark.slow  # about 130 families built, quantized twice, saved and reloaded: over the 5-minute budget on 2 cores
 @pytest.mark.parametrize("family", causal_lm_families())
 def test_family(family: str) -> None:
     result = check_family(family)
@@ -121,6 +122,7 @@ def test_family(family: str) -> None:
     assert result.status == "pass", f"{family}: {result.reason}"
 
 
+@pytest.mark.slow
 def test_family_table() -> None:
     if len(_RESULTS) < len(causal_lm_families()):
         pytest.skip("the family sweep did not run in full in this session")
@@ -247,3 +249,17 @@ def test_layer_bias_target_found_by_perturbation(family: str, target: str | None
     batch = capture_block_inputs(model, blocks, collate([{"input_ids": r[None]} for r in _ids()], 2))[0]
     layout = observe_block(blocks[0], candidate_layers(blocks[0], model.config), batch.hidden, batch.kwargs)
     assert find_output_bias(blocks[0], layout.order, batch.hidden, batch.kwargs) == target
+
+
+def test_sliding_window_blocks_get_their_own_masks() -> None:
+    from .tiny_families import tiny_model
+
+    model = tiny_model("gemma2")  # layers alternate sliding-window (8 tokens) and full attention
+    assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    blocks = get_blocks(model, resolve_spec(model))
+    batch = capture_block_inputs(model, blocks, collate([{"input_ids": r[None]} for r in _ids()], 2))[0]
+    sliding, full = batch.for_block(0).kwargs["attention_mask"], batch.for_block(1).kwargs["attention_mask"]
+    # The full-attention block sees every earlier token; the sliding one only the last 8: calibration replays each.
+    assert not torch.equal(sliding, full)
+    visible = (full == 0).sum(-1) if full.dtype != torch.bool else full.sum(-1)
+    assert int(visible[..., -1].max()) == SEQ_LEN

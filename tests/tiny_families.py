@@ -122,8 +122,32 @@ def family_kind(model: torch.nn.Module) -> str | None:
     return None
 
 
-#: Families known to fail, with the reason (the sweep asserts they still fail, so a fix shows up).
-EXPECTED_FAILURES: dict[str, str] = {}
+#: Families known to fail, with the diagnosis (the sweep asserts they still fail, so a fix shows up).
+EXPECTED_FAILURES: dict[str, str] = {
+    "doge": (
+        "Doge's dynamic-mask attention runs a Linear (dt_proj) over the whole cached value sequence during "
+        "generation, so its rows are not the block's tokens and the sink bias cannot be placed by position. "
+        "Workaround: bc_sink_tokens=0, or modules_to_not_convert=['dt_proj']."
+    ),
+    "xlm": (
+        "XLM's generation re-runs the full prefix without a cache while one layer receives only the last token; "
+        "the rows the layer gets do not match the positions its block published, so the sink bias is refused. "
+        "Workaround: bc_sink_tokens=0."
+    ),
+    "lara_mini": (
+        "transformers applies this family's checkpoint conversion (fusing per-projection tensors) at "
+        "save_pretrained to the packed qweight/scales tensors, whose shapes differ; needs the quantizer to opt "
+        "out of the WeightConverter for packed layers (HfQuantizer.update_weight_conversions)."
+    ),
+    "sarvam_moe": (
+        "Same as lara_mini: the GLM-4-MoE checkpoint conversion concatenates packed tensors of different widths "
+        "at save_pretrained."
+    ),
+    "rwkv": (
+        "RWKV rescales attention.output / feed_forward.value weights in place on the first inference forward "
+        "(_rescale_layers), which needs dense float weights; packed layers have none."
+    ),
+}
 
 
 @dataclass
@@ -208,7 +232,10 @@ def format_table(results: dict[str, FamilyResult]) -> str:
     ]
     for family in sorted(results):
         r = results[family]
-        lines.append(f"| {family} | {r.status} | {r.reason.replace('|', '/')} |")
+        reason = r.reason + (
+            f" -- {EXPECTED_FAILURES[family]}" if r.status == "fail" and family in EXPECTED_FAILURES else ""
+        )
+        lines.append(f"| {family} | {r.status} | {reason.replace('|', '/')} |")
     return "\n".join(lines)
 
 
