@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, first_param_device, get_blocks, resolve_spec, target_linears
-from .calibration import BlockCalibrator, activation_bytes, activation_store, capture_block_inputs, collate
+from .block_inputs import capture_block_inputs, collate
+from .calibration import BlockCalibrator, activation_bytes, activation_store
 from .config import BCQuantizationConfig
 from .discovery import layer_features
 from .formats import check_mx_shapes, is_mx
