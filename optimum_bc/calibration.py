@@ -24,7 +24,14 @@ from .block_bias import fold_block_bias, holds_sink, residual_accumulator
 from .block_inputs import _Batch, _StopForward
 from .compensation import InputMoments
 from .config import BCQuantizationConfig
-from .discovery import BlockLayout, dense_weight, find_output_bias, layer_features, observe_block
+from .discovery import (
+    BlockLayout,
+    dense_weight,
+    find_output_bias,
+    fused_expert_weights,
+    layer_features,
+    observe_block,
+)
 from .layers import packed_layer
 from .offload import OffloadedCalibration
 from .positions import token_positions
@@ -181,6 +188,11 @@ class BlockCalibrator:
                 f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: some "
                 "of its Linears see flattened tokens, so a per-position bias cannot be applied. Fix: "
                 "bc_granularity='channel'."
+            )
+        fused = fused_expert_weights(block)
+        if fused:
+            logger.warning(
+                "optimum-bc: %s%s stay in float: fused 3-D expert weights are not quantized yet", prefix, fused
             )
         for rel, reason in layout.left_out.items():
             logger.warning("optimum-bc: %s%s stays in float: %s", prefix, rel, reason)

@@ -104,6 +104,12 @@ def candidate_layers(block: nn.Module, config: object) -> list[str]:
     ]
 
 
+def fused_expert_weights(block: nn.Module) -> list[str]:
+    """Names of 3-D parameters (``[experts, out, in]`` fused mixture-of-experts weights) in ``block``: not
+    quantized yet, so callers warn that they stay in float."""
+    return [name for name, p in block.named_parameters() if p.dim() == 3]
+
+
 @dataclass
 class BlockLayout:
     """What one observed forward of a block showed about its quantizable layers."""
