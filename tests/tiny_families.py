@@ -64,14 +64,15 @@ def _settable(config: PretrainedConfig, key: str) -> bool:
     return not (isinstance(prop, property) and prop.fset is None)
 
 
-def tiny_config(model_type: str) -> PretrainedConfig:
-    """The family's default config with the small sizes of :data:`_SIZES` wherever the class has the attribute."""
+def tiny_config(model_type: str, layers: int = 2) -> PretrainedConfig:
+    """The family's default config with the small sizes of :data:`_SIZES` (and ``layers`` decoder layers) wherever
+    the class has the attribute."""
     default = AutoConfig.for_model(model_type)
     if hasattr(default, "get_text_config"):
         text = default.get_text_config()
         if text is not default and type(default).__name__ != type(text).__name__:
             default = text
-    kwargs = {k: v for k, v in _SIZES.items() if _settable(default, k)}
+    kwargs = {k: v for k, v in {**_SIZES, "num_hidden_layers": layers}.items() if _settable(default, k)}
     if "layer_types" in default.to_dict():
         kwargs["layer_types"] = None
     config = type(default)(**kwargs)
@@ -89,9 +90,8 @@ class TooLarge(ValueError):
     """The generic shrinking left the model too large for a CPU test."""
 
 
-def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny random causal LM of ``model_type`` in float32, eval mode (sized on the meta device first)."""
-    config = tiny_config(model_type)
+def _build(model_type: str, seed: int, layers: int) -> torch.nn.Module:
+    config = tiny_config(model_type, layers)
     config._attn_implementation = "eager"
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -104,6 +104,19 @@ def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         model(input_ids=ids, attention_mask=torch.ones_like(ids))  # the float model itself must run
     return model
+
+
+def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM of ``model_type`` in float32, eval mode (sized on the meta device first).
+
+    Two decoder layers, or four when two do not build or run (hybrid stacks whose layer pattern then holds no
+    attention layer at all)."""
+    try:
+        return _build(model_type, seed, 2)
+    except TooLarge:
+        raise
+    except Exception:  # noqa: BLE001 - retried once with a longer layer pattern; that error is the one reported
+        return _build(model_type, seed, 4)
 
 
 #: Families outside the scope of a decoder-only quantizer, by kind (the reason goes into the table).
@@ -142,6 +155,11 @@ EXPECTED_FAILURES: dict[str, str] = {
     "sarvam_moe": (
         "Same as lara_mini: the GLM-4-MoE checkpoint conversion concatenates packed tensors of different widths "
         "at save_pretrained."
+    ),
+    "cpmant": (
+        "CPM-Ant prepends prompt-type tokens inside the model, so its blocks see more tokens than the calibration "
+        "batch's input_ids and the padding mask of the batch does not cover them; needs the valid-token mask "
+        "taken from the block's own sequence length."
     ),
     "rwkv": (
         "RWKV rescales attention.output / feed_forward.value weights in place on the first inference forward "
