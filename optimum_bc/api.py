@@ -1,6 +1,7 @@
 """``quantize_model``: the engine behind the transformers quantizer, the CLI and the tests.
 
-It works on any loaded OPT / LLaMA-family ``PreTrainedModel``, without going through ``from_pretrained``.
+It works on any loaded causal-LM ``PreTrainedModel`` (see :mod:`optimum_bc.discovery`), without going through
+``from_pretrained``.
 """
 
 import logging
@@ -10,9 +11,11 @@ import torch
 from torch import nn
 
 from . import validation
-from .architectures import ArchitectureSpec, check_supported, first_param_device, get_blocks, target_linears
-from .calibration import BlockCalibrator, activation_bytes, activation_store, capture_block_inputs, collate
+from .architectures import ArchitectureSpec, first_param_device, get_blocks, resolve_spec, target_linears
+from .block_inputs import capture_block_inputs, collate
+from .calibration import BlockCalibrator, activation_bytes, activation_store
 from .config import BCQuantizationConfig
+from .discovery import layer_features
 from .formats import check_mx_shapes, is_mx
 from .offload import OffloadedCalibration, is_dispatched
 from .positions import attach_position_hooks
@@ -31,6 +34,20 @@ def resolve_modules_to_not_convert(model: nn.Module, config: BCQuantizationConfi
     return sorted(skip)
 
 
+def check_architecture(name_or_path: str, **kwargs: Any) -> ArchitectureSpec:
+    """Discover the decoder blocks of a checkpoint from its config alone (a meta-device skeleton, no weights read).
+
+    An architecture that cannot be handled fails here with the discovery error, before any weight is loaded.
+    ``kwargs`` go to ``AutoConfig.from_pretrained`` (``trust_remote_code``, ``revision`` ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+    return resolve_spec(skeleton)
+
+
 def check_layers(model: nn.Module, spec: ArchitectureSpec, config: BCQuantizationConfig, skip: list[str]) -> None:
     """Refuse, before any calibration, Linears the config's format cannot hold, naming the first such layer.
 
@@ -41,7 +58,7 @@ def check_layers(model: nn.Module, spec: ArchitectureSpec, config: BCQuantizatio
     if not is_mx(config.format):
         return
     names = target_linears(model, spec, skip)
-    check_mx_shapes({n: model.get_submodule(n).in_features for n in names}, config.format)
+    check_mx_shapes({n: layer_features(model.get_submodule(n))[0] for n in names}, config.format)
     for name in names:
         weight = getattr(model.get_submodule(name), "weight", None)
         if weight is not None and not weight.is_meta and not bool(torch.isfinite(weight).all()):
@@ -120,7 +137,7 @@ def quantize_model(
     """Quantize ``model`` in place block by block (with bias compensation if configured) and pack its Linears.
 
     Args:
-        model: an OPT / LLaMA-family causal LM with float weights.
+        model: a transformers causal LM with float weights (its blocks and layers are discovered).
         config: the quantization settings.
         calibration: pre-built samples (``build_calibration_set`` output); built from ``config.dataset`` if None.
         tokenizer: tokenizer for text datasets, if not given in the config.
@@ -128,7 +145,7 @@ def quantize_model(
     Returns:
         The report, also attached as ``model.quantization_report``.
     """
-    spec = check_supported(model.config.model_type, config.bc_granularity)
+    spec = resolve_spec(model)
     if config.modules_to_not_convert is None:
         config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
     skip = list(config.modules_to_not_convert)
@@ -140,7 +157,7 @@ def quantize_model(
     model.eval()
     batches = collate(calibration, config.batch_size)
     blocks = get_blocks(model, spec)
-    attach_position_hooks(blocks)
+    attach_position_hooks(blocks, model)
     placement = OffloadedCalibration(model) if is_dispatched(model) else None
     # Only the modules before the first block run during input capture: the blocks and the LM head stay offloaded.
     outside = (spec.blocks, *_module_names(model, model.get_output_embeddings()))

@@ -1,7 +1,9 @@
-"""Declarative per-``model_type`` description of where the decoder blocks and their Linears are.
+"""Where a model's decoder blocks and quantizable layers are: discovered generically, with optional overrides.
 
-Adding a model family means adding one :class:`ArchitectureSpec` to :data:`ARCHITECTURES`; the calibration loop
-never branches on class names.
+Every causal LM goes through :mod:`optimum_bc.discovery` (blocks from the model structure, layer order from one
+observed forward). A family that needs it can be given an explicit override with :func:`register_architecture`
+(the blocks' path, the module where layer-level compensation folds, layers to keep in float); an unknown family
+works without one.
 """
 
 from dataclasses import dataclass
@@ -9,96 +11,58 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .discovery import candidate_layers, find_blocks
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """Where to find and how to walk the decoder blocks of one model family."""
+    """Where the decoder blocks of one model are, and the overrides that apply to them."""
 
     blocks: str  # dotted path of the ModuleList of decoder blocks
-    # Linears of one block in forward order, grouped: a group is quantized together after its inputs are observed.
-    groups: tuple[tuple[str, ...], ...]
-    # Module (inside a block) whose bias receives the layer-level compensation: the last op before the block output.
-    layer_bias_target: str
-    # Same for post-LayerNorm blocks, chosen when ``getattr(config, post_ln_flag) is False``.
-    post_ln_flag: str | None = None
-    post_ln_bias_target: str | None = None
-    # Config flags that make stock loaders build biased Linears, keyed by the module-name prefix they cover.
-    bias_config_flags: tuple[tuple[str, str], ...] = ()
-    # Whether every Linear sees [batch, seq, features] inputs (needed by bc_granularity="position").
-    keeps_sequence_axis: bool = True
+    # Module (inside a block) whose bias receives the layer-level compensation; None: found by a perturbation test.
+    layer_bias_target: str | None = None
+    # Layers (relative to a block) kept in float even though they are quantizable.
+    exclude: tuple[str, ...] = ()
 
 
-_LLAMA = ArchitectureSpec(
-    blocks="model.layers",
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    layer_bias_target="mlp.down_proj",
-    bias_config_flags=(("self_attn.", "attention_bias"), ("mlp.", "mlp_bias")),
+#: Explicit per-``model_type`` overrides; empty by default (every family is discovered).
+OVERRIDES: dict[str, ArchitectureSpec] = {}
+
+#: Config flags that make stock loaders build biased Linears, keyed by words of the first module-name component.
+_BIAS_FLAGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention_bias", ("attn", "attention")),
+    ("mlp_bias", ("mlp", "ffn", "feed_forward")),
 )
 
-ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "opt": ArchitectureSpec(
-        blocks="model.decoder.layers",
-        groups=(
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("self_attn.out_proj",),
-            ("fc1",),
-            ("fc2",),
-        ),
-        layer_bias_target="fc2",
-        post_ln_flag="do_layer_norm_before",
-        post_ln_bias_target="final_layer_norm",
-        keeps_sequence_axis=False,  # OPT flattens tokens before fc1/fc2
-    ),
-    "llama": _LLAMA,
-    "mistral": ArchitectureSpec(_LLAMA.blocks, _LLAMA.groups, _LLAMA.layer_bias_target),
-    "qwen2": ArchitectureSpec(_LLAMA.blocks, _LLAMA.groups, _LLAMA.layer_bias_target),
-}
+
+def register_architecture(
+    model_type: str, blocks: str, layer_bias_target: str | None = None, exclude: tuple[str, ...] = ()
+) -> None:
+    """Override discovery for ``model_type``: the blocks' dotted path, the layer-BC target, layers kept in float."""
+    OVERRIDES[model_type] = ArchitectureSpec(blocks, layer_bias_target, tuple(exclude))
 
 
-def supported_model_types() -> list[str]:
-    """The ``config.model_type`` values we can quantize."""
-    return sorted(ARCHITECTURES)
-
-
-def get_spec(model_type: str) -> ArchitectureSpec:
-    """The spec for ``model_type``, or a ValueError naming the supported ones."""
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported by optimum-bc; supported: {supported_model_types()}. "
-            "To add a family, describe its blocks in optimum_bc/architectures.py (ARCHITECTURES)."
-        )
-    return ARCHITECTURES[model_type]
-
-
-def check_supported(model_type: str, bc_granularity: str) -> ArchitectureSpec:
-    """The spec for ``model_type`` after checking the config's options fit this architecture."""
-    spec = get_spec(model_type)
-    if bc_granularity == "position" and not spec.keeps_sequence_axis:
-        raise ValueError(
-            f"bc_granularity='position' is not available for model_type {model_type!r}: its MLP Linears see flattened "
-            "tokens, so a per-position bias cannot be applied. Fix: bc_granularity='channel'."
-        )
-    return spec
+def resolve_spec(model: nn.Module) -> ArchitectureSpec:
+    """The override for the model's ``model_type``, else the discovered blocks (works on a meta-device model)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in OVERRIDES:
+        spec = OVERRIDES[model_type]
+        get_blocks(model, spec)
+        return spec
+    return ArchitectureSpec(blocks=find_blocks(model))
 
 
 def get_blocks(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
     """The decoder blocks of ``model``."""
-    blocks = model.get_submodule(spec.blocks)
+    try:
+        blocks = model.get_submodule(spec.blocks)
+    except AttributeError as err:
+        raise ValueError(
+            f"no module {spec.blocks!r} in {type(model).__name__}; fix the blocks path given to register_architecture"
+        ) from err
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"expected a ModuleList at {spec.blocks!r}, found {type(blocks).__name__}")
     return blocks
-
-
-def layer_bias_target(config: object, spec: ArchitectureSpec) -> str:
-    """Module inside a block whose bias adds directly to the block output (see ALGORITHMS.md §3.6)."""
-    if spec.post_ln_flag is not None and getattr(config, spec.post_ln_flag, True) is False:
-        return spec.post_ln_bias_target or spec.layer_bias_target
-    return spec.layer_bias_target
 
 
 def is_skipped(full_name: str, modules_to_not_convert: list[str]) -> bool:
@@ -109,19 +73,21 @@ def is_skipped(full_name: str, modules_to_not_convert: list[str]) -> bool:
     return False
 
 
+def block_layers(block: nn.Module, prefix: str, spec: ArchitectureSpec, config: object, skip: list[str]) -> list[str]:
+    """Quantizable layers of one block (relative names, registration order) that the config converts."""
+    return [
+        rel
+        for rel in candidate_layers(block, config)
+        if rel not in spec.exclude and not is_skipped(prefix + rel, skip)
+    ]
+
+
 def target_linears(model: nn.Module, spec: ArchitectureSpec, modules_to_not_convert: list[str]) -> list[str]:
-    """Full names of the Linears the config quantizes, in block and forward order."""
+    """Full names of the layers the config quantizes, block by block (reproducible from the structure alone)."""
     names = []
     for i, block in enumerate(get_blocks(model, spec)):
-        for group in spec.groups:
-            for rel in group:
-                full = f"{spec.blocks}.{i}.{rel}"
-                if is_skipped(full, modules_to_not_convert):
-                    continue
-                module = block.get_submodule(rel)
-                if not isinstance(module, nn.Linear) and not hasattr(module, "qweight"):
-                    raise ValueError(f"{full} is a {type(module).__name__}, expected a Linear")
-                names.append(full)
+        prefix = f"{spec.blocks}.{i}."
+        names += [prefix + rel for rel in block_layers(block, prefix, spec, model.config, modules_to_not_convert)]
     return names
 
 
@@ -132,12 +98,16 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def bias_flags(spec: ArchitectureSpec, compensated: list[str]) -> dict[str, bool]:
-    """Config flags to set so loaders build biases where compensation added one (LLaMA ``attention_bias`` ...)."""
+def bias_flags(config: object, blocks: str, compensated: list[str]) -> dict[str, bool]:
+    """Config flags to set so stock loaders build biases where compensation added one (``attention_bias`` ...)."""
     flags = {}
-    for prefix, flag in spec.bias_config_flags:
-        if any(f".{prefix}" in name for name in compensated):
-            flags[flag] = True
+    for flag, words in _BIAS_FLAGS:
+        if not hasattr(config, flag):
+            continue
+        for name in compensated:
+            rel = name[len(blocks) + 1 :].partition(".")[2]
+            if any(word in rel.partition(".")[0].lower() for word in words):
+                flags[flag] = True
     return flags
 
 

@@ -13,30 +13,35 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
-from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import WeightQuantizer, get_algorithm
-from .architectures import (
-    ArchitectureSpec,
-    bias_flags,
-    first_param_device,
-    get_blocks,
-    is_skipped,
-    layer_bias_target,
-)
-from .compensation import InputMoments, ResidualMean
+from .architectures import ArchitectureSpec, bias_flags, block_layers, first_param_device, get_blocks, is_skipped
+from .block_bias import fold_block_bias, holds_sink, residual_accumulator
+from .block_inputs import _Batch, _StopForward
+from .compensation import InputMoments
 from .config import BCQuantizationConfig
+from .discovery import (
+    BlockLayout,
+    dense_weight,
+    find_output_bias,
+    fused_expert_weights,
+    layer_features,
+    observe_block,
+)
 from .layers import packed_layer
 from .offload import OffloadedCalibration
+from .positions import token_positions
 from .report import BlockReport, LayerReport, QuantizationReport
 
 
 logger = logging.getLogger(__name__)
+
+#: ``model.config`` attribute listing float modules that layer-level BC gave a new bias (a reload creates it).
+FLOAT_BIASES_ATTR = "optimum_bc_float_biases"
 
 
 _progress_bars = True
@@ -46,27 +51,6 @@ def set_progress_bars(enabled: bool) -> None:
     """Show or hide the "block i/N" progress bar (like ``transformers.utils.logging.disable_progress_bar``)."""
     global _progress_bars
     _progress_bars = enabled
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook to stop the model forward after the first block's inputs are recorded."""
-
-
-@dataclass
-class _Batch:
-    """Inputs of a decoder block for one calibration batch."""
-
-    hidden: torch.Tensor  # (batch, tokens, hidden)
-    kwargs: dict
-    valid: torch.Tensor  # (batch, tokens) bool: non-padding tokens
-
-    def to(self, device: torch.device, store: torch.device | None = None) -> "_Batch":
-        """The batch with its kwargs (masks, rotary embeddings) and mask on ``device`` and its hidden states on
-        ``store`` (default ``device``; the CPU when activations are offloaded)."""
-        store = device if store is None else store
-        if self.valid.device == device and self.hidden.device == store:
-            return self
-        return _Batch(self.hidden.to(store), send_to_device(self.kwargs, device), self.valid.to(device))
 
 
 #: Activations are offloaded by default when they would fill more than this share of the GPU's free memory; the rest
@@ -108,58 +92,6 @@ def activation_store(setting: bool | None, device: torch.device, needed: int) ->
     return torch.device("cpu") if setting else None
 
 
-def collate(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Group calibration samples into batches, right-padding shorter ones (mask 0)."""
-    batches = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        length = max(s["input_ids"].shape[-1] for s in chunk)
-        ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        for i, s in enumerate(chunk):
-            n = s["input_ids"].shape[-1]
-            ids[i, :n] = s["input_ids"].reshape(-1)
-            mask[i, :n] = s.get("attention_mask", torch.ones(1, n, dtype=torch.long)).reshape(-1)
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
-
-
-@torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, batches: list[dict], store: torch.device | None = None
-) -> list[_Batch]:
-    """Run the model up to its first decoder block and record that block's inputs for every batch.
-
-    ``store``: where the hidden states are kept (None: where they were computed).
-    """
-    records: list[_Batch] = []
-    current: dict = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        valid = current["valid"].to(hidden.device)
-        records.append(_Batch(hidden.detach().to(store or hidden.device), kwargs, valid))
-        raise _StopForward
-
-    device = model.get_input_embeddings().weight.device
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            current["valid"] = batch["attention_mask"].bool()
-            try:
-                model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False,
-                )
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return records
-
-
 def _valid_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` (``(batch, tokens, d)`` or already flattened ``(batch*tokens, d)``) at non-padding tokens."""
     return x.reshape(-1, x.shape[-1])[valid.reshape(-1)]
@@ -172,8 +104,12 @@ def _valid_positions(valid: torch.Tensor) -> torch.Tensor:
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    """The block's output hidden states; calibration windows are right-padded, so token ``t`` is at position ``t``
+    (published for families whose blocks receive no ``position_ids``)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], hidden.shape[1])
+    with token_positions(positions):
+        out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple | list) else out
 
 
 @contextmanager
@@ -201,14 +137,6 @@ def _capture_inputs(
     finally:
         for h in handles:
             h.remove()
-
-
-def _add_bias_(module: nn.Module, delta: torch.Tensor) -> None:
-    """Add ``delta`` to ``module.bias``, creating the bias if the module has none."""
-    if getattr(module, "bias", None) is None:
-        weight = module.weight
-        module.bias = nn.Parameter(torch.zeros(delta.shape[0], dtype=weight.dtype, device=weight.device))
-    module.bias.data += delta.to(module.bias.dtype).to(module.bias.device)
 
 
 class BlockCalibrator:
@@ -239,13 +167,54 @@ class BlockCalibrator:
         self.positions = config.seq_len if config.bc_granularity == "position" else None
         self.report = QuantizationReport()
         self.compensated: list[str] = []
+        # Float modules that layer-level BC gave a bias they had no slot for (recorded so a reload creates it).
+        self.float_biases: list[str] = []
 
-    def stages(self, index: int) -> list[list[tuple[str, ...]]]:
-        """Per stage, the groups of Linears (relative names) sharing one input, skipped modules removed."""
-        prefix = f"{self.spec.blocks}.{index}."
-        groups = [tuple(n for n in g if not is_skipped(prefix + n, self.skip)) for g in self.spec.groups]
-        groups = [g for g in groups if g]
+    def stages(self, layout: BlockLayout) -> list[list[tuple[str, ...]]]:
+        """Per stage, the groups of layers (relative names) sharing one input, in forward order."""
+        groups = list(layout.groups)
         return [[g] for g in groups] if self.config.true_sequential else [groups]
+
+    def observe(self, index: int, block: nn.Module, batch: _Batch | None, device: torch.device) -> BlockLayout:
+        """One forward of ``block`` on one batch: its layers' order and shared inputs; refuse what cannot work."""
+        prefix = f"{self.spec.blocks}.{index}."
+        names = block_layers(block, prefix, self.spec, self.model.config, self.skip)
+        if batch is None:  # no calibration data (RTN without BC): no statistics, so no grouping is needed
+            return BlockLayout(groups=[(n,) for n in names], order=names)
+        hidden = batch.hidden.to(device)
+        layout = observe_block(block, names, hidden, batch.kwargs, run=_run_block)
+        if self.positions is not None and not layout.keeps_sequence_axis:
+            raise ValueError(
+                f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: some "
+                "of its Linears see flattened tokens, so a per-position bias cannot be applied. Fix: "
+                "bc_granularity='channel'."
+            )
+        fused = fused_expert_weights(block)
+        if fused:
+            logger.warning(
+                "optimum-bc: %s%s stay in float: fused 3-D expert weights are not quantized yet", prefix, fused
+            )
+        for rel, reason in layout.left_out.items():
+            logger.warning("optimum-bc: %s%s stays in float: %s", prefix, rel, reason)
+            self.skip.append(prefix + rel)
+            if (
+                self.config.modules_to_not_convert is not None
+                and prefix + rel not in self.config.modules_to_not_convert
+            ):
+                self.config.modules_to_not_convert.append(prefix + rel)
+        if self.config.bc_layer:
+            target = self.spec.layer_bias_target or find_output_bias(
+                block, layout.order, hidden, batch.kwargs, run=_run_block
+            )
+            if target is None:
+                raise ValueError(
+                    f"bc_layer=True: no module of block {prefix.rstrip('.')} ({type(block).__name__}) adds its output "
+                    "unchanged to the block output (e.g. a norm follows the residual branch, as Gemma 2's post "
+                    "norms), so the block bias has no exact place. Fix: bc_layer=False, or name a target with "
+                    "optimum_bc.architectures.register_architecture(model_type, blocks, layer_bias_target=...)."
+                )
+            layout.bias_target = target
+        return layout
 
     def _options(self) -> dict:
         c = self.config
@@ -279,9 +248,12 @@ class BlockCalibrator:
             h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
             if self.placement is not None:
                 self.placement.offload(blocks[i], prefix)
-        flags = bias_flags(self.spec, self.compensated)
+        flags = bias_flags(self.model.config, self.spec.blocks, self.compensated)
         for flag, value in flags.items():
             setattr(self.model.config, flag, value)
+        if self.float_biases:
+            recorded = list(getattr(self.model.config, FLOAT_BIASES_ATTR, None) or [])
+            setattr(self.model.config, FLOAT_BIASES_ATTR, sorted(set(recorded + self.float_biases)))
         self.report.total_seconds = time.perf_counter() - start
         return self.report
 
@@ -294,10 +266,11 @@ class BlockCalibrator:
         # Blocks of a device map may sit on different devices: the streams follow the block, or stay on the CPU
         # (offloaded activations) and come to the device one batch at a time.
         store = self.store or device
-        h_q = [b.to(device, store) for b in h_q]
-        h_fp = [b.to(device, store) for b in h_fp] if h_fp is not None else None
+        h_q = [b.for_block(index).to(device, store) for b in h_q]
+        h_fp = [b.for_block(index).to(device, store) for b in h_fp] if h_fp is not None else None
+        layout = self.observe(index, block, h_q[0] if h_q else None, device)
         fblock = copy.deepcopy(block) if self.float_stream else None
-        stages = self.stages(index)
+        stages = self.stages(layout)
         moments: dict[str, InputMoments] = {}
         next_fp: list[_Batch] | None = [] if self.float_stream else None
         for s, stage in enumerate(stages):
@@ -311,9 +284,11 @@ class BlockCalibrator:
             else:
                 float_keys = [g[0] for st in stages for g in st] if (self.bc and s == 0) else []
             run_float = self.float_stream and (s == 0 or bool(float_keys))
-            quantizers = {k: self.algorithm(block.get_submodule(k).in_features, **self._options()) for k in keys}
+            quantizers = {
+                k: self.algorithm(layer_features(block.get_submodule(k))[0], **self._options()) for k in keys
+            }
             for key in float_keys if self.bc else []:
-                in_features = block.get_submodule(key).in_features
+                in_features = layer_features(block.get_submodule(key))[0]
                 moments[key] = InputMoments(
                     in_features,
                     self.config.bc_target,
@@ -337,7 +312,7 @@ class BlockCalibrator:
                         with _capture_inputs(fblock, float_keys, seen_fp, stop=s > 0):
                             out = _run_block(fblock, fp_batch.hidden.to(device), fp_batch.kwargs)
                         if s == 0:
-                            next_fp.append(_Batch(out.to(store), fp_batch.kwargs, fp_batch.valid))
+                            next_fp.append(fp_batch.with_hidden(out.to(store)))
                         for key in float_keys:
                             x_fp = _valid_rows(seen_fp[key], valid)
                             if self.algorithm.needs_float_inputs:
@@ -346,10 +321,10 @@ class BlockCalibrator:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
             self._finish_stage(index, block, stage, quantizers, moments)
-        next_q = [_Batch(_run_block(block, b.hidden.to(device), b.kwargs).to(store), b.kwargs, b.valid) for b in h_q]
+        next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
         block_report = BlockReport(index=index, seconds=0.0)
         if self.config.bc_layer:
-            self._compensate_block(index, block, h_q, h_fp, next_q, next_fp, block_report, device)
+            self._compensate_block(index, block, layout.bias_target, h_fp, next_q, next_fp, block_report, device)
         del fblock
         block_report.seconds = time.perf_counter() - t0
         self.report.blocks.append(block_report)
@@ -370,13 +345,13 @@ class BlockCalibrator:
             linears = [block.get_submodule(rel) for rel in group]
             # Linears sharing an input share the statistics and their rows are independent: quantize them stacked.
             t0 = time.perf_counter()
-            stacked = quantizer.quantize(torch.cat([linear.weight.data for linear in linears]))
+            weights = [dense_weight(linear) for linear in linears]
+            stacked = quantizer.quantize(torch.cat(weights))
             quantizer.free()
             share = (time.perf_counter() - t0) / stacked.codes.shape[0]
             start = 0
-            for rel, linear in zip(group, linears, strict=True):
+            for rel, linear, W in zip(group, linears, weights, strict=True):
                 t0 = time.perf_counter()
-                W = linear.weight.data
                 qw = stacked.rows(start, start + W.shape[0])
                 start += W.shape[0]
                 bias = linear.bias.data.clone() if linear.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
@@ -404,33 +379,41 @@ class BlockCalibrator:
         self,
         index: int,
         block: nn.Module,
-        h_q: list[_Batch],
+        target_name: str,
         h_fp: list[_Batch],
         next_q: list[_Batch],
         next_fp: list[_Batch],
         report: BlockReport,
         device: torch.device,
     ) -> None:
-        """Layer-level BC: the mean of (float block output - quantized block output), folded into the last bias."""
-        channels = next_q[0].hidden.shape[-1]
-        residual = ResidualMean(channels, device=device)
+        """Layer-level BC: the mean of (float block output - quantized block output), folded into ``target_name``'s
+        bias (sink tokens apart, see :mod:`optimum_bc.block_bias`)."""
+        full_name = f"{self.spec.blocks}.{index}.{target_name}"
+        target = block.get_submodule(target_name)
+        sink_tokens = self.config.layer_sink_tokens
+        with_sink = holds_sink(target, full_name, sink_tokens)
+        residual = residual_accumulator(next_q[0].hidden.shape[-1], sink_tokens, device)
         for b, batch in enumerate(next_q):
             if self.sequential_target:
                 out = batch.hidden.to(device)
             else:
                 out = _run_block(block, h_fp[b].hidden.to(device), h_fp[b].kwargs)
-            residual.add_batch(_valid_rows(next_fp[b].hidden.to(device), batch.valid), _valid_rows(out, batch.valid))
-        target_name = layer_bias_target(self.model.config, self.spec)
-        target = block.get_submodule(target_name)
-        dtype = target.weight.dtype if getattr(target, "weight", None) is not None else torch.float32
-        base = getattr(target, "bias", None)
-        comp = residual.compensate(dtype, base)  # folded into an existing bias in float32, rounded once
-        if base is None:
-            _add_bias_(target, comp.bias)
-        else:
-            base.data = comp.bias.to(base.device)
-        if not is_skipped(f"{self.spec.blocks}.{index}.{target_name}", self.skip):
-            self.compensated.append(f"{self.spec.blocks}.{index}.{target_name}")
-        for batch in next_q:
-            batch.hidden = batch.hidden + comp.added.to(batch.hidden.dtype).to(batch.hidden.device)
+            rows = (_valid_rows(next_fp[b].hidden.to(device), batch.valid), _valid_rows(out, batch.valid))
+            if sink_tokens:
+                residual.add_batch(*rows, _valid_positions(batch.valid))
+            else:
+                residual.add_batch(*rows)
+        # Kept in float32 here and rounded once, when folded into the stored bias.
+        comp = residual.compensate(torch.float32, with_sink) if sink_tokens else residual.compensate(torch.float32)
+        created, added, added_sink = fold_block_bias(target, comp)
+        if created:
+            self.float_biases.append(full_name)
+        if not is_skipped(full_name, self.skip):
+            self.compensated.append(full_name)
+        for batch in next_q:  # the quantized stream gets what the stored biases add
+            shift = added.to(batch.hidden.dtype).to(batch.hidden.device).expand_as(batch.hidden).clone()
+            if added_sink is not None:
+                k = min(added_sink.shape[0], shift.shape[1])
+                shift[:, :k] += added_sink[:k].to(shift.dtype).to(shift.device)
+            batch.hidden = batch.hidden + shift
         report.mse_before, report.mse_after = comp.mse_before, comp.mse_after

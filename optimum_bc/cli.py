@@ -294,6 +294,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_dataset_arg("--dataset", args.dataset)
     if args.eval_dataset:
         _check_dataset_arg("--eval-dataset", args.eval_dataset)
+    if not args.gguf_file:
+        from .api import check_architecture
+
+        check_architecture(args.model)  # an architecture without discoverable blocks fails before the weights load
     model, tokenizer = _load_float(args.model, args.gguf_file)
     if args.save_format != "native":  # layer widths the format cannot group: refuse before calibrating
         from .export import check_float_model_exportable

@@ -91,7 +91,7 @@ def restore_position_biases(model: nn.Module, checkpoint_dir: str | os.PathLike[
     """
     from safetensors import safe_open
 
-    from .architectures import check_supported, get_blocks, set_module
+    from .architectures import get_blocks, resolve_spec, set_module
 
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
     if not files:
@@ -113,5 +113,5 @@ def restore_position_biases(model: nn.Module, checkpoint_dir: str | os.PathLike[
             dense.register_buffer(name, tensor.to(dtype=linear.bias.dtype, device=linear.bias.device))
         set_module(model, owner, dense)
     if found:
-        attach_position_hooks(get_blocks(model, check_supported(model.config.model_type, "channel")))
+        attach_position_hooks(get_blocks(model, resolve_spec(model)), model)
     return sorted(found)

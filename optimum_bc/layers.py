@@ -9,6 +9,7 @@ from torch import nn
 
 from .algorithms import QuantizedWeight
 from .config import BCQuantizationConfig
+from .discovery import layer_features
 from .formats import is_mx
 from .mxlinear import MXLinear
 from .qlinear import QuantLinear
@@ -35,11 +36,13 @@ def packed_layer(
 def skeleton_layer(
     linear: nn.Linear, config: BCQuantizationConfig, dtype: torch.dtype, positions: int | None
 ) -> QuantLinear | MXLinear:
-    """An empty packed layer on the meta device, shaped for ``linear`` and ``config``."""
+    """An empty packed layer on the meta device, shaped for ``linear`` (an ``nn.Linear`` or ``Conv1D``) and
+    ``config``."""
+    in_features, out_features = layer_features(linear)
     if is_mx(config.format):
         return MXLinear(
-            linear.in_features,
-            linear.out_features,
+            in_features,
+            out_features,
             config.format,
             dtype=dtype,
             device="meta",
@@ -47,8 +50,8 @@ def skeleton_layer(
             sink_tokens=config.layer_sink_tokens,
         )
     return QuantLinear(
-        linear.in_features,
-        linear.out_features,
+        in_features,
+        out_features,
         config.bits,
         config.group_size,
         dtype=dtype,

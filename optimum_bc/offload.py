@@ -28,6 +28,8 @@ from accelerate.utils import (
 )
 from torch import nn
 
+from .discovery import layer_features
+
 
 Device = int | str | torch.device
 
@@ -137,9 +139,9 @@ def block_calibration_bytes(block: nn.Module, groups: list[list[str]], float_cop
     )
     work = 0
     for group in groups:
-        linears = [block.get_submodule(name) for name in group]
-        in_features = linears[0].in_features
-        stacked = sum(m.out_features for m in linears) * in_features
+        dims = [layer_features(block.get_submodule(name)) for name in group]
+        in_features = dims[0][0]
+        stacked = sum(out for _, out in dims) * in_features
         work = max(work, 4 * (in_features * in_features + stacked))
     return weights * (2 if float_copy else 1) + work
 

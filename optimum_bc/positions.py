@@ -39,28 +39,72 @@ def token_positions(positions: torch.Tensor) -> Iterator[None]:
         _set(previous)
 
 
+def _stack() -> list:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A block publishes its ``position_ids``; blocks that get none keep what the model published."""
+    _stack().append(current_positions())
     hidden = args[0] if args else kwargs.get("hidden_states")
     positions = kwargs.get("position_ids")
-    if positions is None or hidden is None:
-        _set(None)
+    if positions is None or hidden is None or hidden.dim() < 2:
         return
     batch, tokens = hidden.shape[0], hidden.shape[1]
     _set(positions.reshape(-1, positions.shape[-1])[:, -tokens:].expand(batch, tokens))
 
 
 def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-    _set(None)
+    stack = _stack()
+    _set(stack.pop() if stack else None)
 
 
-def attach_position_hooks(blocks: Iterable[nn.Module]) -> None:
-    """Publish each block's ``position_ids`` while it runs (idempotent)."""
+def _model_positions(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Token positions of a top-level causal-LM call, for families whose blocks receive no ``position_ids``.
+
+    From ``position_ids`` if given, else from the 2-D attention mask (left padding: the first real token is 0), else
+    ``cache_position``, else the cache length plus ``arange``.
+    """
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    x = ids if ids is not None else kwargs.get("inputs_embeds")
+    if x is None or x.dim() < 2:
+        return None
+    batch, tokens = x.shape[0], x.shape[1]
+    if kwargs.get("position_ids") is not None:
+        positions = kwargs["position_ids"]
+        return positions.reshape(-1, positions.shape[-1])[:, -tokens:].expand(batch, tokens)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -tokens:]
+    if kwargs.get("cache_position") is not None:
+        return kwargs["cache_position"].reshape(1, -1)[:, -tokens:].expand(batch, tokens)
+    past = kwargs.get("past_key_values")
+    start = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+    return torch.arange(start, start + tokens, device=x.device).expand(batch, tokens)
+
+
+def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    _stack().append(current_positions())
+    _set(_model_positions(args, kwargs))
+
+
+def attach_position_hooks(blocks: Iterable[nn.Module], model: nn.Module | None = None) -> None:
+    """Publish each block's ``position_ids`` while it runs, and with ``model`` the positions of every top-level call
+    (for blocks that receive none, e.g. BLOOM and MPT). Idempotent."""
+    if model is not None and not getattr(model, _HOOK_ATTR, None):
+        handles = (
+            model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True),
+            model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
+        )
+        setattr(model, _HOOK_ATTR, handles)
     for block in blocks:
         if getattr(block, _HOOK_ATTR, None):
             continue
         handles = (
             block.register_forward_pre_hook(_pre_hook, with_kwargs=True),
-            block.register_forward_hook(_post_hook, with_kwargs=True),
+            block.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
         )
         setattr(block, _HOOK_ATTR, handles)
 

@@ -15,10 +15,12 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from . import api, validation
 from .api import build_calibration, check_layers, resolve_modules_to_not_convert
-from .architectures import check_supported, get_blocks, set_module, target_linears
+from .architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
+from .calibration import FLOAT_BIASES_ATTR
 from .config import QUANT_METHOD, BCQuantizationConfig
 from .layers import skeleton_layer
 from .offload import block_calibration_bytes, check_device_map, check_max_memory
+from .packed_base import PackedLinearBase
 from .positions import attach_position_hooks
 from .report import QuantizationReport
 
@@ -57,7 +59,7 @@ class BCHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         config = self.quantization_config
-        spec = check_supported(model.config.model_type, config.bc_granularity)
+        spec = resolve_spec(model)  # from the meta-device skeleton: an unusable architecture fails before loading
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
         check_layers(model, spec, config, list(config.modules_to_not_convert))
@@ -66,10 +68,14 @@ class BCHfQuantizer(HfQuantizer):
             self._swap_in_skeletons(model)
             validation.check_checkpoint_files(model, self._checkpoint_files, config)
         else:
-            spec = check_supported(model.config.model_type, config.bc_granularity)
-            groups = [list(g) for g in spec.groups]
+            skip = list(config.modules_to_not_convert)
             self._block_bytes = max(
-                block_calibration_bytes(block, groups, config.bias_compensation) for block in get_blocks(model, spec)
+                block_calibration_bytes(
+                    block,
+                    [[rel] for rel in block_layers(block, f"{spec.blocks}.{i}.", spec, model.config, skip)],
+                    config.bias_compensation,
+                )
+                for i, block in enumerate(get_blocks(model, spec))
             )
             # This hook runs under transformers' meta-device init context: build the token tensors on the CPU.
             with torch.device("cpu"):
@@ -81,22 +87,37 @@ class BCHfQuantizer(HfQuantizer):
 
     def _swap_in_skeletons(self, model: Any) -> None:
         config = self.quantization_config
-        spec = check_supported(model.config.model_type, config.bc_granularity)
+        spec = resolve_spec(model)
         for name in target_linears(model, spec, list(config.modules_to_not_convert)):
             linear = model.get_submodule(name)
             dtype = self.dtype or linear.weight.dtype
             positions = config.seq_len if config.bc_granularity == "position" else None
             skeleton = skeleton_layer(linear, config, dtype, positions)
+            # Some families' ``_init_weights`` read ``<parent>.c_proj.weight`` (GPT-2 style); a placeholder marked as
+            # initialized answers them during loading (removed after) without entering the state dict.
+            placeholder = torch.empty(0, device="meta")
+            placeholder._is_hf_initialized = True
+            object.__setattr__(skeleton, "weight", placeholder)
             set_module(model, name, skeleton)
+        # Float modules that layer-level BC gave a bias: create the slot so the checkpoint's bias loads into it.
+        for name in getattr(model.config, FLOAT_BIASES_ATTR, None) or []:
+            module = model.get_submodule(name)
+            if getattr(module, "bias", None) is None:
+                weight = module.weight
+                module.bias = torch.nn.Parameter(
+                    torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                )
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if not self.pre_quantized:
             api.quantize_model(model, self.quantization_config, calibration=self._calibration)
             self._calibration = None
         else:
-            spec = check_supported(model.config.model_type, self.quantization_config.bc_granularity)
+            for module in model.modules():
+                if isinstance(module, PackedLinearBase) and "weight" in module.__dict__:
+                    del module.__dict__["weight"]
             validation.check_loaded_values(model, self.quantization_config)
-            attach_position_hooks(get_blocks(model, spec))
+            attach_position_hooks(get_blocks(model, resolve_spec(model)), model)
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
         return model
 
@@ -131,7 +152,7 @@ class BCHfQuantizer(HfQuantizer):
         bias flags (LLaMA ``attention_bias`` / ``mlp_bias``) are set so stock loaders build the biases. ``dtype``
         (default: the model's) is applied to the whole model. Transformers then drops ``quantization_config``.
         """
-        from .architectures import bias_flags, get_spec
+        from .architectures import bias_flags
         from .dense import check_in_memory, dense_linear
         from .packed_base import PackedLinearBase
 
@@ -149,7 +170,7 @@ class BCHfQuantizer(HfQuantizer):
         if any(t.is_floating_point() and t.dtype != target for t in tensors):
             model.to(target)
         names = [name.removesuffix(".base_layer") for name, _ in packed]
-        for flag, value in bias_flags(get_spec(model.config.model_type), names).items():
+        for flag, value in bias_flags(model.config, resolve_spec(model).blocks, names).items():
             setattr(model.config, flag, value)
         model.config.dtype = target
         for bound in ("save_pretrained", "push_to_hub"):  # the BC card writers bound by hub.attach

@@ -122,6 +122,10 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Sequence[str], co
     for layer, module in packed_layers(model).items():
         tensors = dict(module.named_buffers(recurse=False)) | dict(module.named_parameters(recurse=False))
         tensors = {k: v for k, v in tensors.items() if v is not None}
+        if not any(_find(headers, f"{layer}.{short}") for short in tensors):
+            # None of the layer's tensors under its module name: a family whose checkpoint keys transformers renames
+            # on save and load (a conversion mapping); the value checks after loading still run.
+            continue
         _check_no_extra(headers, layer, set(tensors), config)
         for short, tensor in tensors.items():
             name = f"{layer}.{short}"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import get_spec
+from ..architectures import resolve_spec
 from ..config import BCQuantizationConfig
 from ..formats import is_mx
 from ..packed_base import PackedLinearBase
@@ -165,8 +165,7 @@ def check_float_model_exportable(
     if save_format != COMPRESSED_TENSORS or config.group_size == -1 or is_mx(config.format):
         return
     skip = config.modules_to_not_convert or resolve_modules_to_not_convert(model, config)
-    spec = get_spec(model.config.model_type)
-    for name in target_linears(model, spec, list(skip)):
+    for name in target_linears(model, resolve_spec(model), list(skip)):
         in_features = model.get_submodule(name).in_features
         if in_features % config.group_size:
             raise ValueError(ct.group_size_problem(name, in_features, config.group_size))
@@ -324,7 +323,7 @@ def write_export(
     layers = packed_layers(model)
     model_config = model.config.to_dict()
     model_config.pop("quantization_config", None)
-    plan = plan_family(model_config, layers, get_spec(model.config.model_type).blocks)
+    plan = plan_family(model_config, layers, resolve_spec(model).blocks)
     sinks = _warn_losses(layers, plan, format)
     tensors = _state_dict(model, layers, plan, fmt, config)
     dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
