@@ -293,10 +293,30 @@ def _scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dt
     return torch.stack([s, (8.0 - zeros.float()) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
+def _centre(bits: int) -> int:
+    """Shift that puts ``bits``-bit codes (``bits <= 4``) in the middle of the 4-bit slot: ``8 - 2**(bits - 1)``.
+
+    ATen computes ``(q - 8) * scale + zero_term`` with a bf16 zero term ``(8 - z) * scale``. Codes at the bottom of
+    the slot (2-bit codes in 0..3) make both terms ~8x larger than the weight they cancel to, so the bf16 rounding of
+    the zero term dominates; shifting codes and zeros by the same amount leaves ``q - z`` (the weight) unchanged.
+    """
+    return 8 - (1 << (bits - 1))
+
+
 def _int4_parts(
-    codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, block_groups: torch.Tensor, padded_out: int
+    codes: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    block_groups: torch.Tensor,
+    padded_out: int,
+    bits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``[Np, K]`` (int32, padded rows) and scales-and-zeros ``[K/kg, Np, 2]`` (bf16) for one int4 matmul."""
+    """Codes ``[Np, K]`` (int32, padded rows) and scales-and-zeros ``[K/kg, Np, 2]`` (bf16) for one int4 matmul.
+
+    ``bits`` (<= 4) is the width of ``codes``; they are centred in the 4-bit slot (see :func:`_centre`).
+    """
+    shift = _centre(bits)
+    codes, zeros = codes + shift, zeros + shift
     n = codes.shape[0]
     s = scales.float()[:, block_groups]
     z = zeros.float()[:, block_groups]
@@ -329,10 +349,14 @@ def build_form(layer: nn.Module, device: torch.device, layer_plan: Plan) -> Kern
     n = layer.out_features
     form = KernelForm(layer_plan.path, device, n, layer_plan.padded_out, layer_plan.group)
     if layer_plan.path == CPU_INT8:
+        # Per row, subtract the code ``c`` nearest the zero point that keeps ``q - c`` in int8 (``c = z`` whenever
+        # ``bits <= 7``), so the bf16 int8 matmul carries the weight itself; the rest, ``s (c - z) sum(x)``, is
+        # added in float32 (zero for ``bits <= 7``).
         s = scales[:, 0].float()
-        form.tensors["weight"] = (codes - 128).to(torch.int8).contiguous()
+        centre = torch.minimum(torch.maximum(zeros[:, 0], codes.amax(1) - 127), codes.amin(1) + 128)
+        form.tensors["weight"] = (codes - centre[:, None]).to(torch.int8).contiguous()
         form.tensors["scales"] = s.to(torch.bfloat16)
-        form.tensors["zero_term"] = s * (128.0 - zeros[:, 0].float())
+        form.tensors["zero_term"] = s * (centre - zeros[:, 0]).float()
         return form
     kg, perm = _kernel_group(layer.g_idx, layer.in_features)
     g = layer.g_idx.to(device=device, dtype=torch.int64)
@@ -342,16 +366,16 @@ def build_form(layer: nn.Module, device: torch.device, layer_plan: Plan) -> Kern
         form.perm = perm
     block_groups = g[::kg]
     if layer_plan.path == CPU_INT4X2:
-        parts = (
-            (codes >> 4, zeros >> 4, scales.float() * 16, "hi"),
-            (codes & 15, zeros & 15, scales.float(), "lo"),
+        parts = (  # high nibble: bits - 4 wide (centred like a low-bit code); low nibble: the full 4 bits
+            (codes >> 4, zeros >> 4, scales.float() * 16, layer.bits - 4, "hi"),
+            (codes & 15, zeros & 15, scales.float(), 4, "lo"),
         )
-        for part_codes, part_zeros, part_scales, name in parts:
-            c, sz = _int4_parts(part_codes, part_zeros, part_scales, block_groups, form.padded_out)
+        for part_codes, part_zeros, part_scales, part_bits, name in parts:
+            c, sz = _int4_parts(part_codes, part_zeros, part_scales, block_groups, form.padded_out, part_bits)
             form.tensors[f"weight_{name}"] = _pack_cpu(c)
             form.tensors[f"scales_zeros_{name}"] = sz
         return form
-    c, sz = _int4_parts(codes, zeros, scales, block_groups, form.padded_out)
+    c, sz = _int4_parts(codes, zeros, scales, block_groups, form.padded_out, layer.bits)
     form.tensors["weight"] = _pack_cpu(c) if layer_plan.path == CPU_INT4 else _pack_cuda(c)
     form.tensors["scales_zeros"] = sz
     return form
