@@ -1,9 +1,10 @@
 """Fast packed-weight paths of ``QuantLinear`` (``optimum_bc.kernels``) against dequantize-then-matmul.
 
-Kernel paths compute in bfloat16 (activations rounded to bf16, bf16 scales / zero terms, float32 accumulation), so
-they are compared with a float64 matmul of the dequantized weight on the same bf16-rounded input, with the stated
-tolerance ``max |y - ref| <= KERNEL_RTOL * max |ref|`` (observed worst case ~8e-3). The reference path stays
-bit-exact and is what the ``"reference"`` backend forces.
+Kernel paths (and the per-call ``dequant`` prefill path) compute in bfloat16 (activations rounded to bf16, bf16
+scales / zero terms, float32 accumulation), so they are compared with a float64 matmul of the dequantized weight on
+the same bf16-rounded input, with the stated tolerance ``max |y - ref| <= KERNEL_RTOL * max |ref|`` (observed worst
+case ~8e-3: bf16 output rounding of a near-cancelling sum). The reference path stays bit-exact and is what the
+``"reference"`` backend forces.
 """
 
 import math
@@ -99,15 +100,17 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kernel_paths_match_dequantized_matmul(out_f, in_f, bits, group_size, permute, path, dtype) -> None:
     layer = _layer(out_f, in_f, bits, group_size, seed=out_f + bits, permute=permute)
-    kernels.set_backend("fast")
-    for shape in [(1, in_f), (32, in_f), (2, 5, in_f), (4, 1, in_f)]:  # batch 1, batch 32, 3-D prefill / decode
+    kernels.set_backend("fast")  # also pads small odd layers that "auto" leaves on the reference path
+    # batch 1, batch 32, 3-D decode, 3-D prefill (80 tokens >= DENSE_MIN_TOKENS: the per-call dequant path)
+    for shape in [(1, in_f), (32, in_f), (4, 1, in_f), (2, 40, in_f)]:
         x = torch.randn(*shape).to(dtype)
+        expected = kernels.DEQUANT if x.numel() // in_f >= kernels.DENSE_MIN_TOKENS else path
         with torch.no_grad():
-            assert layer.kernel_path(x) == path
+            assert layer.kernel_path(x) == expected
             y = layer(x)
         _assert_kernel_close(y, layer, x)
         assert torch.equal(layer(x), y)  # deterministic
-    assert layer._cached_weight is None  # no dense cache next to the kernel form
+    assert layer._cached_weight is None  # no dense cache next to the kernel form, on either path
 
 
 @cpu_int4
@@ -128,7 +131,7 @@ def test_auto_backend_policy() -> None:
     bf16 = torch.randn(3, 256, dtype=torch.bfloat16)
     assert layer.kernel_path(bf16) == kernels.CPU_INT4
     assert layer.kernel_path(bf16.half()) == kernels.CPU_INT4
-    assert layer.kernel_path(bf16.float()) == kernels.REFERENCE  # float32 stays exact by default
+    assert layer.kernel_path(bf16.float()) == kernels.CPU_INT4  # float32 too (computed in bf16)
     assert layer.kernel_path(bf16.double()) == kernels.REFERENCE
     assert layer.kernel_path(bf16.clone().requires_grad_()) == kernels.REFERENCE  # kernels have no backward
     with torch.no_grad():
@@ -138,7 +141,6 @@ def test_auto_backend_policy() -> None:
     assert tiny.kernel_path(bf16[:, :64]) == kernels.REFERENCE
     kernels.set_backend("fast")
     assert tiny.kernel_path(bf16[:, :64]) == kernels.CPU_INT4
-    assert layer.kernel_path(bf16.float()) == kernels.CPU_INT4
     kernels.set_backend("reference")
     assert layer.kernel_path(bf16) == kernels.REFERENCE
 
@@ -180,7 +182,7 @@ def test_backend_validation_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="kernel backend must be one of"):
         kernels.set_backend("triton")
     with pytest.raises(ValueError, match="dense_min_tokens"):
-        kernels.set_backend("fast", dense_min_tokens=0)
+        kernels.set_backend("fast", dense_min_tokens=True)
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
     assert kernels.set_backend(None) == "auto" and kernels.get_backend() == "reference"
     code = "import optimum_bc.kernels as k; print(k.get_backend())"
@@ -195,12 +197,28 @@ def test_backend_validation_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @cpu_int4
-def test_dense_min_tokens_sends_long_float32_inputs_to_reference() -> None:
-    layer = _layer(64, 256, 4, 64)
-    kernels.set_backend("fast", dense_min_tokens=16)
+def test_dense_min_tokens_switches_prefill_to_per_call_dequant_without_a_cache() -> None:
+    layer = _layer(64, 256, 4, 64, permute=True)
+    assert kernels.DENSE_MIN_TOKENS == 64
+    assert layer.kernel_path(torch.randn(1, 63, 256)) == kernels.CPU_INT4
+    assert layer.kernel_path(torch.randn(2, 32, 256)) == kernels.DEQUANT
+    kernels.set_backend("auto", dense_min_tokens=16)
     assert layer.kernel_path(torch.randn(1, 15, 256)) == kernels.CPU_INT4
-    assert layer.kernel_path(torch.randn(2, 8, 256)) == kernels.REFERENCE
-    assert layer.kernel_path(torch.randn(2, 8, 256, dtype=torch.bfloat16)) == kernels.CPU_INT4
+    x = torch.randn(2, 8, 256)
+    assert layer.kernel_path(x) == kernels.DEQUANT
+    assert layer.kernel_path(x.bfloat16()) == kernels.DEQUANT
+    with torch.no_grad():
+        y = layer(x)
+    assert layer._cached_weight is None and layer.cache_bytes() == layer._kernel_form.nbytes()
+    # The dequant path multiplies the reference path's bf16 weight: equal to a bf16 F.linear up to summation order.
+    exact = F.linear(x.bfloat16().double(), layer.dequantize_weight(torch.bfloat16).double(), layer.bias.double())
+    assert (y.double() - exact).abs().max() <= 1e-2 * exact.abs().max()
+    kernels.set_backend("auto", dense_min_tokens=None)
+    assert layer.kernel_path(torch.randn(4, 512, 256)) == kernels.CPU_INT4
+    with pytest.raises(ValueError, match="dense_min_tokens must be a positive int"):
+        kernels.set_backend("auto", dense_min_tokens=0)
+    with pytest.raises(ValueError, match="cannot run the cpu_int8 path"):
+        kernels.matmul(layer._kernel_form, x, kernels.CPU_INT8)
 
 
 @cpu_int4
@@ -254,8 +272,9 @@ def test_prepare_and_paths_on_a_quantized_model(calib_ids) -> None:
     model = tiny_llama()
     cfg = BCQuantizationConfig(bits=4, group_size=32, method="rtn", dataset=calib_ids, num_samples=4, seq_len=16)
     quantize_model(model, cfg)
-    assert kernels.paths(model, torch.float32) == {kernels.REFERENCE: 14}
+    assert kernels.paths(model, torch.float32) == {kernels.CPU_INT4: 14}
     assert kernels.paths(model, torch.bfloat16) == {kernels.CPU_INT4: 14}
+    assert kernels.paths(model, torch.float64) == {kernels.REFERENCE: 14}
     model.to(torch.bfloat16)
     assert kernels.prepare(model) == {kernels.CPU_INT4: 14}
     assert kernels.runtime_bytes(model) > sum(p.numel() * p.element_size() for p in model.parameters())
@@ -275,7 +294,6 @@ def test_kernel_path_models_reload_with_identical_logits(calib_ids, tmp_path, dt
         model.save_pretrained(tmp_path / "b")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / ("b" if dtype == torch.bfloat16 else "a"), dtype=dtype)
     x = torch.randint(0, VOCAB, (2, 12))
-    kernels.set_backend("auto" if dtype == torch.bfloat16 else "fast")
     with torch.no_grad():
         logits = model(x).logits
         assert model.model.layers[0].mlp.down_proj.kernel_path(torch.zeros(1, 160, dtype=dtype)) == kernels.CPU_INT4
@@ -351,7 +369,7 @@ def test_cuda_int4_path_matches_reference() -> None:
 def _kernel_weight_error(layer: QuantLinear) -> float:
     """Relative Frobenius error of the weight a kernel form applies (read out with an exact bf16 identity input)."""
     form = layer.kernel_form("cpu")
-    applied = kernels.matmul(form, torch.eye(layer.in_features, dtype=torch.bfloat16)).double().T
+    applied = kernels.matmul(form, torch.eye(layer.in_features, dtype=torch.bfloat16), form.path).double().T
     exact = layer.dequantize_weight(torch.float64)
     return float((applied - exact).norm() / exact.norm())
 
