@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packing import unpack_int32
+from .dequant import DequantSource
 
 
 logger = logging.getLogger(__name__)
@@ -89,7 +88,6 @@ DEQUANT = "dequant"
 PATHS = (REFERENCE, CPU_INT4, CPU_INT4X2, CPU_INT8, CUDA_INT4, DEQUANT)
 
 DENSE_MIN_TOKENS = 64  # default: CPU calls with this many tokens or more take ``dequant`` (measured crossover ~64)
-_DEQUANT_CHUNK = 1 << 21  # weights dequantized at a time on the ``dequant`` path (8 + 4 MiB of scratch)
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 _N_ALIGN = 16
@@ -308,13 +306,13 @@ class KernelForm:
     group: int = 0
     perm: torch.Tensor | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    source: dict[str, torch.Tensor] = field(default_factory=dict)  # the layer's own buffers (``dequant`` path)
-    bits: int = 0
+    dequant: DequantSource | None = None  # CPU forms: what the ``dequant`` (prefill) path reads
 
     def nbytes(self) -> int:
-        """Bytes held by this form's tensors (``source`` are the layer's buffers, not extra memory)."""
+        """Bytes held by this form's tensors (the dequant source's references to the layer's buffers excluded)."""
         extra = [] if self.perm is None else [self.perm]
-        return sum(t.numel() * t.element_size() for t in [*self.tensors.values(), *extra])
+        held = sum(t.numel() * t.element_size() for t in [*self.tensors.values(), *extra])
+        return held + (0 if self.dequant is None else self.dequant.nbytes())
 
 
 def _scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -377,9 +375,9 @@ def build_form(layer: nn.Module, device: torch.device, layer_plan: Plan) -> Kern
     zeros = zeros.to(device=device, dtype=torch.int32)
     scales = layer.scales.to(device)
     n = layer.out_features
-    form = KernelForm(layer_plan.path, device, n, layer_plan.padded_out, layer_plan.group, bits=layer.bits)
+    form = KernelForm(layer_plan.path, device, n, layer_plan.padded_out, layer_plan.group)
     if device.type == "cpu":
-        form.source = {name: getattr(layer, name) for name in ("qweight", "qzeros", "scales", "g_idx")}
+        form.dequant = DequantSource.build(layer)
     if layer_plan.path == CPU_INT8:
         # Per row, subtract the code ``c`` nearest the zero point that keeps ``q - c`` in int8 (``c = z`` whenever
         # ``bits <= 7``), so the bf16 int8 matmul carries the weight itself; the rest, ``s (c - z) sum(x)``, is
@@ -413,82 +411,6 @@ def build_form(layer: nn.Module, device: torch.device, layer_plan: Plan) -> Kern
     return form
 
 
-def _planes(bits: int, k: int) -> int:
-    """Code planes :func:`_unpack_planes` splits a row into: plane ``j`` holds columns ``j, j + P, j + 2P, ...``."""
-    if k % 8 or sys.byteorder != "little":
-        return 1
-    return {8: 1, 4: 2, 2: 4}.get(bits, 8)
-
-
-def _unpack_planes(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """Codes of packed rows as uint8 ``[rows, P, k / P]`` (``P = _planes(bits, k)``), read a byte at a time.
-
-    With ``k % 8 == 0`` every 8 codes fill ``bits`` whole bytes, so shifting bytes (or ``bits``-byte words) yields
-    each plane as one contiguous block, without interleaving them back into column order (the caller permutes the
-    input columns instead, which is much cheaper).
-    """
-    planes = _planes(bits, k)
-    rows = qweight.shape[0]
-    if planes == 1 and bits != 8:
-        return unpack_int32(qweight, bits, k).view(rows, 1, k)
-    octets = qweight.contiguous().view(torch.uint8)[:, : k * bits // 8]
-    if bits == 8:
-        return octets.view(rows, 1, k)
-    if bits in (2, 4):
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=qweight.device)
-        return (octets.unsqueeze(1) >> shifts[:, None]) & ((1 << bits) - 1)
-    words = octets.reshape(rows, k // 8, bits).to(torch.int64)
-    word = words[..., 0]
-    for i in range(1, bits):
-        word |= words[..., i] << (8 * i)
-    shifts = torch.arange(0, 8 * bits, bits, device=qweight.device)
-    return ((word.unsqueeze(1) >> shifts[:, None]) & ((1 << bits) - 1)).to(torch.uint8)
-
-
-def _dequant_matmul(form: KernelForm, x2: torch.Tensor) -> torch.Tensor:
-    """``x2 @ W.T`` in bf16, dequantizing ``W`` from the packed buffers a block of rows at a time (no cache kept).
-
-    A block's weights are ``q * s - z * s`` in float32 (both products and their difference are exact: codes have
-    at most 8 bits, float16 scales 11) rounded once to bf16, i.e. exactly the reference path's bf16 weight. The
-    scratch memory is ``_DEQUANT_CHUNK`` weights.
-    """
-    src, bits = form.source, form.bits
-    k, n = x2.shape[1], form.out_features
-    planes = _planes(bits, k)
-    scales = src["scales"].float()
-    groups = scales.shape[1]
-    zs = unpack_int32(src["qzeros"], bits, groups).float().mul_(scales)
-    # Column order of the planes: plane j holds original columns j, j + P, ...
-    order = torch.arange(k, device=x2.device).view(k // planes, planes).T.reshape(k)
-    g_idx = src["g_idx"].long()
-    width = k // groups if k % groups == 0 else 0
-    if width % planes or not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // max(width, 1)):
-        width = 0  # act-order or uneven groups: gather the scale and zero term of every column
-    g_planes = g_idx[order]
-    xb = x2.index_select(1, order).to(torch.bfloat16) if planes > 1 else x2.to(torch.bfloat16)
-    out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16, device=x2.device)
-    step = min(n, max(_N_ALIGN, _DEQUANT_CHUNK // k))
-    # Scratch reused by every block: fresh multi-MiB tensors per block would cost page faults each time.
-    scratch = torch.empty(step * k, dtype=torch.float32, device=x2.device)
-    scratch_bf16 = torch.empty(step * k, dtype=torch.bfloat16, device=x2.device)
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        codes = _unpack_planes(src["qweight"][rows], bits, k)
-        count = codes.shape[0]
-        if width:
-            shape = (count, planes, groups, width // planes)
-            s, z = scales[rows, None, :, None], zs[rows, None, :, None]
-        else:
-            shape = (count, k)
-            s, z = scales[rows][:, g_planes], zs[rows][:, g_planes]
-        weight = scratch[: count * k].view(shape)
-        weight.copy_(codes.view(shape)).mul_(s).sub_(z)
-        weight_bf16 = scratch_bf16[: count * k].view(count, k)
-        weight_bf16.copy_(weight.view(count, k))
-        out[:, rows] = F.linear(xb, weight_bf16)
-    return out
-
-
 def matmul(form: KernelForm, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
     """``x @ W.T`` (no bias) with a kernel form; returns ``x.dtype`` with shape ``[..., out_features]``.
 
@@ -498,13 +420,13 @@ def matmul(form: KernelForm, x: torch.Tensor, path: str | None = None) -> torch.
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if path is None:
-        path = DEQUANT if form.source and _prefill(_settings, x.device.type, x2.shape[0]) else form.path
+        path = DEQUANT if form.dequant is not None and _prefill(_settings, x.device.type, x2.shape[0]) else form.path
     if path == DEQUANT:
-        if not form.source:
+        if form.dequant is None:
             raise ValueError(
                 f"the {form.path} form on {form.device} has no packed source; the dequant path is CPU-only"
             )
-        y = _dequant_matmul(form, x2) if x2.shape[0] else x2.new_zeros(0, form.out_features, dtype=torch.bfloat16)
+        y = form.dequant.matmul(x2) if x2.shape[0] else x2.new_zeros(0, form.out_features, dtype=torch.bfloat16)
         return y.to(x.dtype).reshape(*x.shape[:-1], form.out_features)
     if path != form.path:
         raise ValueError(f"a {form.path} kernel form cannot run the {path} path; use {form.path!r} or {DEQUANT!r}")

@@ -245,16 +245,21 @@ def test_kernel_form_is_derived_not_saved_and_invalidated() -> None:
 def test_memory_of_kernel_forms() -> None:
     out_f, in_f = 256, 1024
     layer4 = _layer(out_f, in_f, 4, 128)
-    layer4(torch.randn(1, in_f, dtype=torch.bfloat16))
+    with torch.no_grad():  # the default path for float32 inputs: decode (kernel) and prefill (dequant)
+        layer4(torch.randn(1, in_f))
+        layer4(torch.randn(2, 64, in_f))
     weights = out_f * in_f
     assert layer4._cached_weight is None
-    # int4 pack (0.5 B/weight) + bf16 (scale, zero) pairs per group of 128
-    assert layer4.cache_bytes() == weights // 2 + (in_f // 128) * out_f * 2 * 2
+    assert kernels.runtime_bytes(layer4) <= 0.3 * 4 * weights  # everything the layer holds, bias included
+    # int4 pack (0.5 B/weight) + bf16 (scale, zero) pairs per group of 128 + the dequant path's uint8 zero points
+    # and int64 plane order of the input columns
+    groups = in_f // 128
+    assert layer4.cache_bytes() == weights // 2 + groups * out_f * 2 * 2 + groups * out_f + 8 * in_f
     total = layer4.weight_bytes() + layer4.cache_bytes()
     assert total <= 0.3 * 4 * weights
     layer8 = _layer(out_f, in_f, 8, -1)
     layer8(torch.randn(1, in_f, dtype=torch.bfloat16))
-    assert layer8.cache_bytes() == weights + out_f * (2 + 4)
+    assert layer8.cache_bytes() == weights + out_f * (2 + 4) + out_f  # int8 + bf16 scale, f32 zero term, zero
     with kernels.use_backend("reference"):
         layer4(torch.randn(1, in_f))
     assert layer4._cached_weight.numel() == weights  # the reference path adds its own cache: 4 B/weight
@@ -395,3 +400,38 @@ def test_low_bit_codes_are_centred_in_the_kernel_slot() -> None:
         assert layer.kernel_plan("cpu").path == path
         err = _kernel_weight_error(layer)
         assert err <= 1.3 * four, f"{bits}-bit g{group_size} ({path}): {err:.4f} vs 4-bit {four:.4f}"
+
+
+@cpu_int4
+def test_default_float32_model_path_is_close_to_reference_and_holds_no_dense_cache(calib_ids) -> None:
+    """A float32 model quantized in memory runs the bf16 paths by default; logits stay within 1e-2 of the exact path
+    (max abs difference over max abs logit; measured 2.1e-3 on the kernel path, 1.3e-3 on the dequant path here)
+    and no layer builds a dense weight cache."""
+    model = tiny_llama()
+    cfg = BCQuantizationConfig(bits=3, group_size=32, method="rtn", dataset=calib_ids, num_samples=4, seq_len=16)
+    quantize_model(model, cfg)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(layer.cache_bytes() == 0 for layer in layers)  # calibration dropped its exact-path caches
+    inputs = {kernels.CPU_INT4: torch.randint(0, VOCAB, (2, 12)), kernels.DEQUANT: torch.randint(0, VOCAB, (1, 80))}
+    with torch.no_grad():
+        fast = {}
+        for path, ids in inputs.items():
+            hidden = torch.zeros(*ids.shape, 64)
+            assert {layer.kernel_path(hidden) for layer in layers if layer.in_features == 64} == {path}
+            fast[path] = model(ids).logits
+        assert all(layer._cached_weight is None for layer in layers)
+        for path, ids in inputs.items():
+            with kernels.use_backend("reference"):
+                exact = model(ids).logits
+            err = float((fast[path] - exact).abs().max() / exact.abs().max())
+            assert 0 < err <= 1e-2, f"{path}: {err:.3g}"
+
+
+@cpu_int4
+def test_reference_backend_is_bit_exact_for_float32() -> None:
+    layer = _layer(64, 256, 3, 64, permute=True)
+    for tokens in (1, 80):
+        x = torch.randn(tokens, 256)
+        with torch.no_grad(), kernels.use_backend("reference"):
+            assert layer.kernel_path(x) == kernels.REFERENCE
+            assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(torch.float32), layer.bias))
