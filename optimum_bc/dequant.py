@@ -3,7 +3,7 @@
 The packed int4/int8 CPU kernels cost time per token; for prefill (many tokens) it is faster to rebuild the weight
 from the packed codes on every call, a block of rows at a time, and run bf16 matmuls (AMX / AVX512-BF16). Nothing
 persists but :class:`DequantSource` (1 byte per quantization group plus two ``[in]`` index vectors); the scratch
-is ``CHUNK`` weights (float32 + bf16), reused by every block of a call.
+is ``CHUNK`` bf16 weights plus ``SERIAL`` float32 ones, reused by every block of a call.
 """
 
 from __future__ import annotations
@@ -12,12 +12,17 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .packing import unpack_int32
 
 
-CHUNK = 1 << 21  # weights dequantized at a time (8 MiB float32 + 4 MiB bf16 of scratch)
+# Weights per bf16 matmul (32 MiB of bf16 scratch): few matmuls, as each parallel region costs on a busy CPU.
+CHUNK = 1 << 24
+# Weights dequantized per elementwise op: below ATen's parallel grain size (32768) the ops run inline on the calling
+# thread. With OpenMP threads on a CPU shared with other jobs, every parallel region waits for descheduled threads;
+# the hundreds of small regions of a parallel dequantization made the path ~10x slower (measured), the few big
+# matmuls are not affected.
+SERIAL = (1 << 15) - 1
 _MIN_ROWS = 16
 
 
@@ -89,36 +94,37 @@ class DequantSource:
         return sum(t.numel() * t.element_size() for t in extra)
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """``x2 @ W.T`` for ``x2`` ``[tokens, in]``: bf16 ``[tokens, out]``.
+        """``x2 @ W.T`` for ``x2`` ``[tokens, in]``: bf16 ``[tokens, out]`` (a transposed view).
 
         A block's weights are ``q * s - z * s`` in float32 (both products and their difference are exact: codes
         have at most 8 bits, float16 scales 11) rounded once to bf16, i.e. exactly the reference path's bf16
-        weight; the matmul is a bf16 ``F.linear`` (float32 accumulation).
+        weight; the matmul is a bf16 ``torch.mm`` (float32 accumulation).
         """
         n, k = self.qweight.shape[0], x2.shape[1]
         count = planes(self.bits, k)
         groups = self.scales.shape[1]
         xb = (x2 if self.order is None else x2.index_select(1, self.order)).to(torch.bfloat16)
-        out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16, device=x2.device)
+        out_t = torch.empty(n, x2.shape[0], dtype=torch.bfloat16, device=x2.device)  # [out, tokens]: no copies
         step = min(n, max(_MIN_ROWS, CHUNK // k))
-        # Scratch reused by every block: fresh multi-MiB tensors per block would cost page faults each time.
-        scratch = torch.empty(step * k, dtype=torch.float32, device=x2.device)
-        scratch_bf16 = torch.empty(step * k, dtype=torch.bfloat16, device=x2.device)
+        sub = max(1, SERIAL // k)
+        weight_bf16 = torch.empty(step, k, dtype=torch.bfloat16, device=x2.device)
+        scratch = torch.empty(sub * k, dtype=torch.float32, device=x2.device)
         for start in range(0, n, step):
-            rows = slice(start, min(n, start + step))
-            codes = unpack_planes(self.qweight[rows], self.bits, k)
-            size = codes.shape[0]
-            s = self.scales[rows].float()
-            zs = self.zeros[rows].float().mul_(s)
-            if self.width:
-                shape = (size, count, groups, self.width // count)
-                s, zs = s[:, None, :, None], zs[:, None, :, None]
-            else:
-                shape = (size, k)
-                s, zs = s[:, self.g_planes], zs[:, self.g_planes]
-            weight = scratch[: size * k].view(shape)
-            weight.copy_(codes.view(shape)).mul_(s).sub_(zs)
-            weight_bf16 = scratch_bf16[: size * k].view(size, k)
-            weight_bf16.copy_(weight.view(size, k))
-            out[:, rows] = F.linear(xb, weight_bf16)
-        return out
+            stop = min(n, start + step)
+            for first in range(start, stop, sub):
+                rows = slice(first, min(stop, first + sub))
+                codes = unpack_planes(self.qweight[rows], self.bits, k)
+                size = codes.shape[0]
+                s = self.scales[rows].float()
+                zs = self.zeros[rows].float().mul_(s)
+                if self.width:
+                    shape = (size, count, groups, self.width // count)
+                    s, zs = s[:, None, :, None], zs[:, None, :, None]
+                else:
+                    shape = (size, k)
+                    s, zs = s[:, self.g_planes], zs[:, self.g_planes]
+                weight = scratch[: size * k].view(shape)
+                weight.copy_(codes.view(shape)).mul_(s).sub_(zs)
+                weight_bf16[first - start : first - start + size].copy_(weight.view(size, k))
+            torch.mm(weight_bf16[: stop - start], xb.T, out=out_t[start:stop])
+        return out_t.T

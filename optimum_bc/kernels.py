@@ -21,8 +21,8 @@ path                      what runs
 ``dequant``               CPU calls of at least ``dense_min_tokens`` tokens (prefill) of a layer with a CPU kernel: the
                           weight is dequantized from the packed buffers a block of rows at a time (float32, rounded
                           once to bf16: the reference path's bf16 weight) into reused scratch and multiplied in bf16;
-                          nothing is cached. The packed kernels cost per token, this path per call: it wins from ~64
-                          tokens (measured, 4096 x 11008 layer).
+                          nothing is cached. The packed kernels cost per token, this path per call: it wins from
+                          64-180 tokens (measured on a 4096 x 11008 layer, 1 and 2 busy threads; default 128).
 ``cuda_int4``             ``aten._weight_int4pack_mm`` (tinygemm, bf16, sm80+) for 2/3/4-bit on CUDA. UNTESTED here (no
                           GPU); every CUDA form is checked against the dequantized weight once when it is built and
                           the layer falls back to ``reference`` (with a warning) if the check fails or the op raises.
@@ -87,7 +87,7 @@ CUDA_INT4 = "cuda_int4"
 DEQUANT = "dequant"
 PATHS = (REFERENCE, CPU_INT4, CPU_INT4X2, CPU_INT8, CUDA_INT4, DEQUANT)
 
-DENSE_MIN_TOKENS = 64  # default: CPU calls with this many tokens or more take ``dequant`` (measured crossover ~64)
+DENSE_MIN_TOKENS = 128  # default: CPU calls with this many tokens or more take ``dequant`` (measured crossover 64-180)
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 _N_ALIGN = 16

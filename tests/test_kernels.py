@@ -101,8 +101,8 @@ CASES = [
 def test_kernel_paths_match_dequantized_matmul(out_f, in_f, bits, group_size, permute, path, dtype) -> None:
     layer = _layer(out_f, in_f, bits, group_size, seed=out_f + bits, permute=permute)
     kernels.set_backend("fast")  # also pads small odd layers that "auto" leaves on the reference path
-    # batch 1, batch 32, 3-D decode, 3-D prefill (80 tokens >= DENSE_MIN_TOKENS: the per-call dequant path)
-    for shape in [(1, in_f), (32, in_f), (4, 1, in_f), (2, 40, in_f)]:
+    # batch 1, batch 32, 3-D decode, 3-D prefill (140 tokens >= DENSE_MIN_TOKENS: the per-call dequant path)
+    for shape in [(1, in_f), (32, in_f), (4, 1, in_f), (2, 70, in_f)]:
         x = torch.randn(*shape).to(dtype)
         expected = kernels.DEQUANT if x.numel() // in_f >= kernels.DENSE_MIN_TOKENS else path
         with torch.no_grad():
@@ -199,9 +199,9 @@ def test_backend_validation_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @cpu_int4
 def test_dense_min_tokens_switches_prefill_to_per_call_dequant_without_a_cache() -> None:
     layer = _layer(64, 256, 4, 64, permute=True)
-    assert kernels.DENSE_MIN_TOKENS == 64
-    assert layer.kernel_path(torch.randn(1, 63, 256)) == kernels.CPU_INT4
-    assert layer.kernel_path(torch.randn(2, 32, 256)) == kernels.DEQUANT
+    assert kernels.DENSE_MIN_TOKENS == 128
+    assert layer.kernel_path(torch.randn(1, 127, 256)) == kernels.CPU_INT4
+    assert layer.kernel_path(torch.randn(2, 64, 256)) == kernels.DEQUANT
     kernels.set_backend("auto", dense_min_tokens=16)
     assert layer.kernel_path(torch.randn(1, 15, 256)) == kernels.CPU_INT4
     x = torch.randn(2, 8, 256)
@@ -412,7 +412,7 @@ def test_default_float32_model_path_is_close_to_reference_and_holds_no_dense_cac
     quantize_model(model, cfg)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert all(layer.cache_bytes() == 0 for layer in layers)  # calibration dropped its exact-path caches
-    inputs = {kernels.CPU_INT4: torch.randint(0, VOCAB, (2, 12)), kernels.DEQUANT: torch.randint(0, VOCAB, (1, 80))}
+    inputs = {kernels.CPU_INT4: torch.randint(0, VOCAB, (2, 12)), kernels.DEQUANT: torch.randint(0, VOCAB, (2, 70))}
     with torch.no_grad():
         fast = {}
         for path, ids in inputs.items():
