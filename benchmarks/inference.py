@@ -19,7 +19,7 @@ prefill, no dense cache); ``reference`` is ``use_backend("reference")`` (exact d
 The CPU is shared with other jobs, so the variants are timed interleaved (one prefill and ``--decode`` steps of
 every variant per round, ``--repeats`` rounds) and each cell is the median over rounds of the per-round median.
 
-    python benchmarks/inference.py                      # block: ~5 min on 2 busy cores
+    python benchmarks/inference.py                      # block: ~10 min on 2 busy cores
     python benchmarks/inference.py --models block,packaged --repeats 3
 """
 
