@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import kernels
 from .algorithms import WeightQuantizer, get_algorithm
 from .architectures import ArchitectureSpec, bias_flags, block_layers, first_param_device, get_blocks, is_skipped
 from .block_bias import fold_block_bias, holds_sink, residual_accumulator
@@ -34,6 +35,7 @@ from .discovery import (
 )
 from .layers import packed_layer
 from .offload import OffloadedCalibration
+from .packed_base import PackedLinearBase
 from .positions import token_positions
 from .report import BlockReport, LayerReport, QuantizationReport
 
@@ -240,14 +242,20 @@ class BlockCalibrator:
         h_fp = batches if self.float_stream else None
         blocks = get_blocks(self.model, self.spec)
         bar = tqdm(range(len(blocks)), desc="optimum-bc", unit="block", disable=not _progress_bars)
-        for i in bar:
-            bar.set_description(f"block {i + 1}/{len(blocks)}")
-            prefix = f"{self.spec.blocks}.{i}."
-            if self.placement is not None:
-                self.placement.onload(blocks[i], prefix)
-            h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
-            if self.placement is not None:
-                self.placement.offload(blocks[i], prefix)
+        # The quantized stream runs the packed layers on the exact path (the fast kernels compute in bf16), and
+        # their dense caches are dropped once a block is done, so the quantized model holds only packed weights.
+        with kernels.use_backend("reference"):
+            for i in bar:
+                bar.set_description(f"block {i + 1}/{len(blocks)}")
+                prefix = f"{self.spec.blocks}.{i}."
+                if self.placement is not None:
+                    self.placement.onload(blocks[i], prefix)
+                h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
+                for module in blocks[i].modules():
+                    if isinstance(module, PackedLinearBase):
+                        module.reset_cache()
+                if self.placement is not None:
+                    self.placement.offload(blocks[i], prefix)
         flags = bias_flags(self.model.config, self.spec.blocks, self.compensated)
         for flag, value in flags.items():
             setattr(self.model.config, flag, value)

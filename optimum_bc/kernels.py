@@ -1,7 +1,7 @@
 """Fast packed-weight matmul paths for :class:`~optimum_bc.qlinear.QuantLinear`, built from stock ATen ops only.
 
 ``QuantLinear.forward`` asks :func:`select_path` which path to run, per call, from the backend switch, the device,
-the activation dtype, autograd, the layer's bits / grouping / shape and (optionally) the number of tokens:
+the activation dtype, autograd, the layer's bits / grouping / shape and the number of tokens in the call:
 
 ========================  ============================================================================================
 path                      what runs
@@ -10,16 +10,28 @@ path                      what runs
                           Bit-exact ``F.linear(x, layer.dequantize_weight(x.dtype), bias)``. Memory: the cache costs
                           4 bytes/weight in float32 (2 in bf16/fp16) on top of the packed buffers.
 ``cpu_int4``              ``aten._weight_int4pack_mm_for_cpu`` on bfloat16 activations. 2, 3 and 4-bit codes all fit a
-                          4-bit slot, so one kernel covers them. Extra memory: 0.5 byte/weight + bf16 scales/zero terms.
+                          4-bit slot (centred in it, see :func:`_centre`), so one kernel covers them. Extra memory:
+                          0.5 byte/weight + bf16 scales/zero terms.
 ``cpu_int4x2``            5..8-bit codes with several groups per row: ``q = 16 * hi + lo``, two ``cpu_int4`` matmuls
                           (``hi`` with scale ``16 s``, ``lo`` with scale ``s``) summed in float32. Exact algebra, one
                           byte/weight. (The int8 ATen op only takes one scale per output channel.)
-``cpu_int8``              5..8-bit codes with one group per row: ``aten._weight_int8pack_mm`` on ``q - 128`` (int8) with
-                          per-channel bf16 scales, plus the zero-point term ``s (128 - z) * sum(x)`` in float32.
+``cpu_int8``              5..8-bit codes with one group per row: ``aten._weight_int8pack_mm`` on ``q - c`` (int8, ``c``
+                          the code nearest the zero point that keeps ``q - c`` in range) with per-channel bf16 scales,
+                          plus ``s (c - z) * sum(x)`` in float32 (zero for 5..7 bits). One byte/weight.
+``dequant``               CPU calls of at least ``dense_min_tokens`` tokens (prefill) of a layer with a CPU kernel: the
+                          weight is dequantized from the packed buffers a block of rows at a time (float32, rounded
+                          once to bf16: the reference path's bf16 weight) into reused scratch and multiplied in bf16;
+                          nothing is cached. The packed kernels cost per token, this path per call: it wins from
+                          64-180 tokens (measured on a 4096 x 11008 layer, 1 and 2 busy threads; default 128).
 ``cuda_int4``             ``aten._weight_int4pack_mm`` (tinygemm, bf16, sm80+) for 2/3/4-bit on CUDA. UNTESTED here (no
                           GPU); every CUDA form is checked against the dequantized weight once when it is built and
                           the layer falls back to ``reference`` (with a warning) if the check fails or the op raises.
 ========================  ============================================================================================
+
+All non-reference paths compute in bfloat16: activations are rounded to bf16 on the way in (float32 and float16
+inputs included) and the result is cast back to the input dtype. Relative output error against a float64 matmul of
+the dequantized weight: ~2.4e-3 for every bit width (the same as a bf16 ``F.linear`` of the bf16-rounded weight);
+on whole tiny models the float32 logits move by <1 % of their range (see ``tests/test_kernels.py``).
 
 Kernel preconditions (checked by :func:`plan`): a kernel group size ``kg`` in {256, 128, 64, 32} must divide
 ``in_features`` such that, once the input columns are sorted by ``g_idx`` (stable), each run of ``kg`` columns
@@ -31,16 +43,14 @@ needs ``in_features % 16 == 0`` (its bf16 path returns garbage or crashes otherw
 
 Backends (module-wide; :func:`set_backend`, :func:`use_backend`, or ``OPTIMUM_BC_KERNEL`` read at import):
 
-* ``"auto"`` (default): kernels for bf16/fp16 activations (fp16 is computed in bf16 on CPU, where fp16 matmuls are
-  very slow; on CUDA fp16 stays on ``reference``), ``reference`` for float32/float64 activations, anything needing
-  gradients, and layers whose ``out_features`` padding would waste more than 1/8 of the kernel's work (tiny layers).
-  float32 stays exact by default because the kernels are only fast with bf16 activations: using them for a float32
-  model rounds every quantized layer's input and output to bf16 (~0.3 % relative error, measured), which would also
-  silently change calibration (packed layers feed later blocks) and perplexity numbers.
-* ``"fast"``: kernels whenever the layer and device allow, float32 activations included (cast to bf16 in, back to
-  float32 out), any padding. ``dense_min_tokens=n`` sends float32 calls with at least ``n`` tokens to ``reference``
-  (faster prefill on CPUs without bf16 hardware, at 4 bytes/weight of cache).
-* ``"reference"``: always the dequantize-once path (bit-exact comparisons, gradients).
+* ``"auto"`` (default): on CPU the packed kernels (decode) and ``dequant`` (prefill) for float32, bf16 and fp16
+  activations; on CUDA the kernel for bf16 only. ``reference`` for float64, anything needing gradients, layouts
+  without a kernel, and layers whose ``out_features`` padding would waste more than 1/8 of the kernel's work (tiny
+  layers). Calibration always runs the packed layers on ``reference`` (exact) and drops their caches afterwards.
+* ``"fast"``: as ``"auto"``, plus CUDA float16/float32 inputs (cast to bf16) and any padding.
+* ``"reference"``: always the dequantize-once path (exact evaluation, bit-exact comparisons, gradients).
+
+``dense_min_tokens`` (default :data:`DENSE_MIN_TOKENS`; ``None``: never) sets where ``dequant`` takes over.
 
 In-memory and reloaded models pick the same path for the same input, so their logits stay bit-identical.
 
@@ -61,6 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dequant import DequantSource
+
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +84,10 @@ CPU_INT4 = "cpu_int4"
 CPU_INT4X2 = "cpu_int4x2"
 CPU_INT8 = "cpu_int8"
 CUDA_INT4 = "cuda_int4"
-PATHS = (REFERENCE, CPU_INT4, CPU_INT4X2, CPU_INT8, CUDA_INT4)
+DEQUANT = "dequant"
+PATHS = (REFERENCE, CPU_INT4, CPU_INT4X2, CPU_INT8, CUDA_INT4, DEQUANT)
+
+DENSE_MIN_TOKENS = 128  # default: CPU calls with this many tokens or more take ``dequant`` (measured crossover 64-180)
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 _N_ALIGN = 16
@@ -98,7 +113,7 @@ HAS_CUDA_INT4 = _aten_op("_weight_int4pack_mm") and _aten_op("_convert_weight_to
 @dataclass
 class _Settings:
     backend: str = "auto"
-    dense_min_tokens: int | None = None
+    dense_min_tokens: int | None = DENSE_MIN_TOKENS
 
 
 def _check_backend(name: str) -> str:
@@ -117,6 +132,15 @@ def _from_env() -> _Settings:
     return _Settings(value or "auto")
 
 
+def _check_min_tokens(value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"dense_min_tokens must be a positive int (calls with that many tokens dequantize per call) or None "
+            f"(always the packed kernels), got {value!r}"
+        )
+    return value
+
+
 _settings = _from_env()
 
 
@@ -125,23 +149,22 @@ def get_backend() -> str:
     return _settings.backend
 
 
-def set_backend(name: str | None = None, *, dense_min_tokens: int | None = None) -> str:
+def set_backend(name: str | None = None, *, dense_min_tokens: int | None = DENSE_MIN_TOKENS) -> str:
     """Select the backend for every ``QuantLinear`` (``None``: back to ``$OPTIMUM_BC_KERNEL`` or ``"auto"``).
 
-    ``dense_min_tokens`` (``"fast"`` only): float32 calls with at least this many tokens use ``reference``.
-    Returns the previous backend name. Layers keep their built kernel forms; only the choice per call changes.
+    ``dense_min_tokens``: CPU calls with at least this many tokens (prefill) take the ``dequant`` path instead of
+    the packed kernel (``None``: never). Returns the previous backend name. Layers keep their built kernel forms;
+    only the choice per call changes.
     """
     global _settings
     previous = _settings.backend
-    if dense_min_tokens is not None and (isinstance(dense_min_tokens, bool) or dense_min_tokens < 1):
-        raise ValueError(f"dense_min_tokens must be a positive int or None, got {dense_min_tokens!r}")
     backend = _from_env().backend if name is None else _check_backend(name)
-    _settings = _Settings(backend, dense_min_tokens)
+    _settings = _Settings(backend, _check_min_tokens(dense_min_tokens))
     return previous
 
 
 @contextmanager
-def use_backend(name: str, *, dense_min_tokens: int | None = None) -> Iterator[None]:
+def use_backend(name: str, *, dense_min_tokens: int | None = DENSE_MIN_TOKENS) -> Iterator[None]:
     """Context manager form of :func:`set_backend`; restores the previous settings on exit."""
     global _settings
     saved = _settings
@@ -243,25 +266,28 @@ def decide(
     settings = _settings
     if settings.backend == "reference" or dtype not in _FLOATS or needs_grad:
         return REFERENCE
-    if settings.backend == "auto":
-        if dtype == torch.float32 or (device_type == "cuda" and dtype == torch.float16):
-            return REFERENCE
-    elif dtype == torch.float32 and settings.dense_min_tokens is not None and tokens is not None:
-        if tokens >= settings.dense_min_tokens:
-            return REFERENCE
+    if settings.backend == "auto" and device_type == "cuda" and dtype != torch.bfloat16:
+        return REFERENCE
     layer_plan = layer.kernel_plan(device_type)
     if layer_plan.path == REFERENCE:
         return REFERENCE
     if settings.backend == "auto" and layer_plan.padded_out > layer.out_features * (1 + _MAX_PAD_WASTE):
         return REFERENCE
+    if _prefill(settings, device_type, tokens):
+        return DEQUANT
     return layer_plan.path
+
+
+def _prefill(settings: _Settings, device_type: str, tokens: int | None) -> bool:
+    """Whether a kernel-eligible CPU call of ``tokens`` rows dequantizes per call instead (see ``dense_min_tokens``)."""
+    limit = settings.dense_min_tokens
+    return device_type == "cpu" and limit is not None and tokens is not None and tokens >= limit
 
 
 def select_path(layer: nn.Module, x: torch.Tensor) -> str:
     """The path ``layer.forward(x)`` takes under the current backend (see the module docstring)."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or layer.bias.requires_grad)
-    tokens = x.numel() // layer.in_features if _settings.dense_min_tokens is not None else None
-    return decide(layer, x.device.type, x.dtype, tokens=tokens, needs_grad=needs_grad)
+    return decide(layer, x.device.type, x.dtype, tokens=x.numel() // layer.in_features, needs_grad=needs_grad)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -280,11 +306,13 @@ class KernelForm:
     group: int = 0
     perm: torch.Tensor | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    dequant: DequantSource | None = None  # CPU forms: what the ``dequant`` (prefill) path reads
 
     def nbytes(self) -> int:
-        """Bytes held by this form's tensors."""
+        """Bytes held by this form's tensors (the dequant source's references to the layer's buffers excluded)."""
         extra = [] if self.perm is None else [self.perm]
-        return sum(t.numel() * t.element_size() for t in [*self.tensors.values(), *extra])
+        held = sum(t.numel() * t.element_size() for t in [*self.tensors.values(), *extra])
+        return held + (0 if self.dequant is None else self.dequant.nbytes())
 
 
 def _scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -293,10 +321,30 @@ def _scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dt
     return torch.stack([s, (8.0 - zeros.float()) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
+def _centre(bits: int) -> int:
+    """Shift that puts ``bits``-bit codes (``bits <= 4``) in the middle of the 4-bit slot: ``8 - 2**(bits - 1)``.
+
+    ATen computes ``(q - 8) * scale + zero_term`` with a bf16 zero term ``(8 - z) * scale``. Codes at the bottom of
+    the slot (2-bit codes in 0..3) make both terms ~8x larger than the weight they cancel to, so the bf16 rounding of
+    the zero term dominates; shifting codes and zeros by the same amount leaves ``q - z`` (the weight) unchanged.
+    """
+    return 8 - (1 << (bits - 1))
+
+
 def _int4_parts(
-    codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, block_groups: torch.Tensor, padded_out: int
+    codes: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    block_groups: torch.Tensor,
+    padded_out: int,
+    bits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``[Np, K]`` (int32, padded rows) and scales-and-zeros ``[K/kg, Np, 2]`` (bf16) for one int4 matmul."""
+    """Codes ``[Np, K]`` (int32, padded rows) and scales-and-zeros ``[K/kg, Np, 2]`` (bf16) for one int4 matmul.
+
+    ``bits`` (<= 4) is the width of ``codes``; they are centred in the 4-bit slot (see :func:`_centre`).
+    """
+    shift = _centre(bits)
+    codes, zeros = codes + shift, zeros + shift
     n = codes.shape[0]
     s = scales.float()[:, block_groups]
     z = zeros.float()[:, block_groups]
@@ -328,11 +376,17 @@ def build_form(layer: nn.Module, device: torch.device, layer_plan: Plan) -> Kern
     scales = layer.scales.to(device)
     n = layer.out_features
     form = KernelForm(layer_plan.path, device, n, layer_plan.padded_out, layer_plan.group)
+    if device.type == "cpu":
+        form.dequant = DequantSource.build(layer)
     if layer_plan.path == CPU_INT8:
+        # Per row, subtract the code ``c`` nearest the zero point that keeps ``q - c`` in int8 (``c = z`` whenever
+        # ``bits <= 7``), so the bf16 int8 matmul carries the weight itself; the rest, ``s (c - z) sum(x)``, is
+        # added in float32 (zero for ``bits <= 7``).
         s = scales[:, 0].float()
-        form.tensors["weight"] = (codes - 128).to(torch.int8).contiguous()
+        centre = torch.minimum(torch.maximum(zeros[:, 0], codes.amax(1) - 127), codes.amin(1) + 128)
+        form.tensors["weight"] = (codes - centre[:, None]).to(torch.int8).contiguous()
         form.tensors["scales"] = s.to(torch.bfloat16)
-        form.tensors["zero_term"] = s * (128.0 - zeros[:, 0].float())
+        form.tensors["zero_term"] = s * (centre - zeros[:, 0]).float()
         return form
     kg, perm = _kernel_group(layer.g_idx, layer.in_features)
     g = layer.g_idx.to(device=device, dtype=torch.int64)
@@ -342,25 +396,40 @@ def build_form(layer: nn.Module, device: torch.device, layer_plan: Plan) -> Kern
         form.perm = perm
     block_groups = g[::kg]
     if layer_plan.path == CPU_INT4X2:
-        parts = (
-            (codes >> 4, zeros >> 4, scales.float() * 16, "hi"),
-            (codes & 15, zeros & 15, scales.float(), "lo"),
+        parts = (  # high nibble: bits - 4 wide (centred like a low-bit code); low nibble: the full 4 bits
+            (codes >> 4, zeros >> 4, scales.float() * 16, layer.bits - 4, "hi"),
+            (codes & 15, zeros & 15, scales.float(), 4, "lo"),
         )
-        for part_codes, part_zeros, part_scales, name in parts:
-            c, sz = _int4_parts(part_codes, part_zeros, part_scales, block_groups, form.padded_out)
+        for part_codes, part_zeros, part_scales, part_bits, name in parts:
+            c, sz = _int4_parts(part_codes, part_zeros, part_scales, block_groups, form.padded_out, part_bits)
             form.tensors[f"weight_{name}"] = _pack_cpu(c)
             form.tensors[f"scales_zeros_{name}"] = sz
         return form
-    c, sz = _int4_parts(codes, zeros, scales, block_groups, form.padded_out)
+    c, sz = _int4_parts(codes, zeros, scales, block_groups, form.padded_out, layer.bits)
     form.tensors["weight"] = _pack_cpu(c) if layer_plan.path == CPU_INT4 else _pack_cuda(c)
     form.tensors["scales_zeros"] = sz
     return form
 
 
-def matmul(form: KernelForm, x: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` (no bias) with a kernel form; returns ``x.dtype`` with shape ``[..., out_features]``."""
+def matmul(form: KernelForm, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """``x @ W.T`` (no bias) with a kernel form; returns ``x.dtype`` with shape ``[..., out_features]``.
+
+    ``path``: ``form.path`` or ``DEQUANT`` (CPU forms); ``None`` picks ``DEQUANT`` for inputs with at least
+    ``dense_min_tokens`` tokens, as :func:`select_path` does.
+    """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
+    if path is None:
+        path = DEQUANT if form.dequant is not None and _prefill(_settings, x.device.type, x2.shape[0]) else form.path
+    if path == DEQUANT:
+        if form.dequant is None:
+            raise ValueError(
+                f"the {form.path} form on {form.device} has no packed source; the dequant path is CPU-only"
+            )
+        y = form.dequant.matmul(x2) if x2.shape[0] else x2.new_zeros(0, form.out_features, dtype=torch.bfloat16)
+        return y.to(x.dtype).reshape(*x.shape[:-1], form.out_features)
+    if path != form.path:
+        raise ValueError(f"a {form.path} kernel form cannot run the {path} path; use {form.path!r} or {DEQUANT!r}")
     if form.perm is not None:
         x2 = x2.index_select(1, form.perm)
     xb = x2.to(torch.bfloat16).contiguous()
@@ -390,7 +459,7 @@ def check_form(layer: nn.Module, form: KernelForm) -> float:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, layer.in_features, generator=gen).to(device=form.device, dtype=torch.bfloat16)
     ref = x.float() @ layer.dequantize_weight(torch.float32).to(form.device).T
-    got = matmul(form, x).float()
+    got = matmul(form, x, form.path).float()
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
