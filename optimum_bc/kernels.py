@@ -286,9 +286,7 @@ def _prefill(settings: _Settings, device_type: str, tokens: int | None) -> bool:
 
 def select_path(layer: nn.Module, x: torch.Tensor) -> str:
     """The path ``layer.forward(x)`` takes under the current backend (see the module docstring)."""
-    # Training (grad mode on a module in train mode) takes the exact, differentiable path on every call, so that an
-    # activation-checkpointing replay computes what the forward computed even where the input needs no gradient.
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or layer.bias.requires_grad or layer.training)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or layer.bias.requires_grad)
     return decide(layer, x.device.type, x.dtype, tokens=x.numel() // layer.in_features, needs_grad=needs_grad)
 
 

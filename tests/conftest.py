@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random-weight OPT and LLaMA models built from configs (no Hub access needed)."""
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -19,6 +21,15 @@ def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
 def gram(A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
     """``2 AᵀB / N`` (``B = A`` by default): the GPTQ Hessian / COMQ Gram matrix, or ERQ's cross term."""
     return 2 * A.T @ (A if B is None else B) / A.shape[0]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls: one torch thread is much faster than two fighting a busy machine (opt in with usefixtures)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_llama(seed: int = 0, intermediate_size: int = 160) -> LlamaForCausalLM:

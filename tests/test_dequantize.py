@@ -26,12 +26,7 @@ from .conftest import VOCAB, tiny_llama, tiny_opt
 ATOL_FP32 = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quantized(family: str, calib_ids: torch.Tensor, **options: Any) -> nn.Module:

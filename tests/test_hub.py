@@ -148,13 +148,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> FakeHub:
 # --------------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny matmuls: one thread is much faster than two fighting a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

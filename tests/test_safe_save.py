@@ -11,7 +11,6 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -29,12 +28,7 @@ from .conftest import VOCAB, tiny_llama
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from .conftest import VOCAB, tiny_llama
 LAYER = "model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quantized_folder(root: Path, **settings: Any) -> Path:
