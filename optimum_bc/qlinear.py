@@ -5,11 +5,12 @@ float16 ``scales`` and a per-column group index (``g_idx``, which also covers ac
 dequantized weight is ``W[o, i] = scales[o, g] * (q[o, i] - z[o, g])`` with ``g = g_idx[i]``. ``bias`` is always
 present because bias compensation gives bias-less layers a bias.
 
-``forward`` picks a path per call (:mod:`optimum_bc.kernels`): packed-weight ATen kernels (CPU int4 / int8, CUDA
-int4) for bf16/fp16 activations by default, or the reference path that dequantizes once (float32 math), caches the
-dense weight in the activation dtype and runs ``F.linear`` (bit-exact, but the cache costs 4 bytes/weight in
-float32, 2 in bf16/fp16). ``optimum_bc.kernels.set_backend("reference")`` (or ``OPTIMUM_BC_KERNEL=reference``) forces
-the reference path; ``"fast"`` also uses the kernels for float32 activations (computed in bf16).
+``forward`` picks a path per call (:mod:`optimum_bc.kernels`): by default packed-weight ATen kernels (CPU int4 /
+int8 for float32, bf16 and fp16 activations, computed in bf16; CUDA int4 for bf16) for short calls, per-call
+dequantization into a bf16 matmul for long CPU calls (prefill), no dense cache; or the reference path that
+dequantizes once (float32 math), caches the dense weight in the activation dtype and runs ``F.linear`` (exact, but
+the cache costs 4 bytes/weight in float32, 2 in bf16/fp16). ``optimum_bc.kernels.use_backend("reference")`` (or
+``OPTIMUM_BC_KERNEL=reference``) forces the reference path, which calibration and anything needing gradients use.
 """
 
 import math
@@ -46,12 +47,14 @@ class QuantLinear(PackedLinearBase):
     Paths (see :mod:`optimum_bc.kernels`; ``kernel_path(x)`` tells which one an input takes):
 
     * CPU, 2/3/4-bit, groups made of runs of 32/64/128/256 columns (per-channel and act-order included):
-      ``aten._weight_int4pack_mm_for_cpu``; +0.5 byte/weight (bf16 activations; fp16/fp32 are cast).
+      ``aten._weight_int4pack_mm_for_cpu``; +0.5 byte/weight (computed in bf16; fp16/fp32 inputs are cast).
     * CPU, 5..8-bit per-channel: ``aten._weight_int8pack_mm`` (+1 byte/weight); 5..8-bit grouped: two int4
       matmuls on the high and low nibbles (+1 byte/weight).
+    * CPU calls of ``dense_min_tokens`` tokens or more (prefill): the packed weight dequantized per call into a
+      bf16 matmul, nothing cached.
     * CUDA, 2/3/4-bit, bf16: ``aten._weight_int4pack_mm`` (untested, self-checked when built).
-    * Everything else, float32 activations under the default ``"auto"`` backend, and anything needing gradients:
-      the reference dense cache, 4 bytes/weight in float32 (2 in bf16/fp16) on top of the packed buffers.
+    * The ``"reference"`` backend, anything needing gradients, float64, layouts without a kernel: the reference dense
+      cache, 4 bytes/weight in float32 (2 in bf16/fp16) on top of the packed buffers.
 
     Kernel forms and the dense cache are derived data: never in the ``state_dict``, dropped by :meth:`reset_cache`.
     An ``nn.Linear`` subclass whose ``weight`` is ``None`` (see :mod:`optimum_bc.packed_base`): stock PEFT adapts it.
