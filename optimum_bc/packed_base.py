@@ -90,3 +90,8 @@ class PackedLinearBase(PositionBiases, nn.Linear):
             cached = self.dequantize_weight(x.dtype).to(x.device)
             self._cached_weight = cached
         return cached
+
+
+def packed_layers(model: nn.Module) -> dict[str, "PackedLinearBase"]:
+    """The packed layers of ``model`` by full module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinearBase)}

@@ -20,7 +20,7 @@ from .calibration import FLOAT_BIASES_ATTR
 from .config import QUANT_METHOD, BCQuantizationConfig
 from .layers import skeleton_layer
 from .offload import block_calibration_bytes, check_device_map, check_max_memory
-from .packed_base import PackedLinearBase
+from .packed_base import PackedLinearBase, packed_layers
 from .positions import attach_position_hooks
 from .report import QuantizationReport
 
@@ -154,9 +154,8 @@ class BCHfQuantizer(HfQuantizer):
         """
         from .architectures import bias_flags
         from .dense import check_in_memory, dense_linear
-        from .packed_base import PackedLinearBase
 
-        packed = [(name, m) for name, m in model.named_modules() if isinstance(m, PackedLinearBase)]
+        packed = list(packed_layers(model).items())
         if isinstance(dtype, str):  # transformers passes config.dtype, which a loaded config may hold as a string
             dtype = getattr(torch, dtype, dtype)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .packed_base import PackedLinearBase
+from .packed_base import packed_layers
 
 
 #: safetensors dtype names of the integer / fp16 buffers; float parameters (bias, ...) may be any float dtype.
@@ -32,11 +32,6 @@ _E8M0_NAN = 0xFF
 
 class CheckpointError(ValueError):
     """A BC checkpoint does not match its config.json or holds invalid values."""
-
-
-def packed_layers(model: nn.Module) -> dict[str, PackedLinearBase]:
-    """The packed layers of ``model`` by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinearBase)}
 
 
 def _settings(config: Any) -> str:

@@ -28,8 +28,9 @@ from torch import nn
 from ..architectures import resolve_spec
 from ..config import BCQuantizationConfig
 from ..formats import is_mx
-from ..packed_base import PackedLinearBase
+from ..packed_base import PackedLinearBase, packed_layers
 from . import compressed_tensors as ct
+from . import gptq
 from .families import FamilyPlan, plan_family
 
 
@@ -67,11 +68,6 @@ def _bc_config(model: nn.Module) -> BCQuantizationConfig:
     return config
 
 
-def packed_layers(model: nn.Module) -> dict[str, PackedLinearBase]:
-    """Full name -> packed layer, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinearBase)}
-
-
 @dataclasses.dataclass(frozen=True)
 class _Format:
     """The calls a format provides: a config check, a per-layer check, per-layer tensors, a quantization_config."""
@@ -97,13 +93,6 @@ def _get_format(save_format: str) -> _Format:
 
 
 def _gptq_format() -> _Format:
-    try:
-        from . import gptq
-    except ImportError as err:
-        raise ValueError(
-            "save_format='gptq' is not available in this build of optimum-bc (optimum_bc.export.gptq is missing). "
-            "Fix: save_format='compressed-tensors'."
-        ) from err
     from ..qlinear import QuantLinear
 
     def check_layer(name: str, layer: Any, config: BCQuantizationConfig) -> None:
