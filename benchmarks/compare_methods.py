@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from optimum_bc.algorithms import get_algorithm
 from optimum_bc.calibration import set_progress_bars
-from optimum_bc.formats import is_mx
+from optimum_bc.formats.formats import is_mx
 
 
 # Setting name -> BCQuantizationConfig keywords.

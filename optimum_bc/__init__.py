@@ -4,14 +4,13 @@
 BC checkpoint (transformers otherwise skips the unknown quantization and loads random weights).
 """
 
-__version__ = "0.1.0.dev0"
-
 from .config import BCQuantizationConfig
 from .hub import Provenance, push_folder, record_evaluation
 from .mxlinear import MXLinear
 from .qlinear import QuantLinear
 from .quantizer import BCHfQuantizer, load_report, quantize_model, register
 from .report import QuantizationReport
+from .version import __version__
 
 
 register()

@@ -16,7 +16,7 @@ from .block_inputs import capture_block_inputs, collate
 from .calibration import BlockCalibrator, activation_bytes, activation_store
 from .config import BCQuantizationConfig
 from .discovery import layer_features
-from .formats import check_mx_shapes, is_mx
+from .formats.formats import check_mx_shapes, is_mx
 from .offload import OffloadedCalibration, is_dispatched
 from .positions import attach_position_hooks
 from .report import QuantizationReport

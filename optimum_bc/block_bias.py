@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from .compensation import Compensation, ResidualMean
+from .algorithms.compensation import Compensation, ResidualMean
 from .packed_base import PackedLinearBase
 
 

@@ -14,8 +14,8 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .algorithms import available_algorithms
-from .compensation import BC_GRANULARITIES, BC_TARGETS
-from .formats import FORMATS, INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, is_mx
+from .algorithms.compensation import BC_GRANULARITIES, BC_TARGETS
+from .formats.formats import FORMATS, INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, is_mx
 
 
 CONFIG_VERSION = 2

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import unpack_int32
+from .formats.packing import unpack_int32
 
 
 # Weights per bf16 matmul (32 MiB of bf16 scratch): few matmuls, as each parallel region costs on a busy CPU.

@@ -99,7 +99,7 @@ def package_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {
         "optimum-bc": __version__,
@@ -807,7 +807,7 @@ def push_folder(
     """
     from huggingface_hub import HfApi
 
-    from . import __version__
+    from .version import __version__
 
     api = api or HfApi(library_name="optimum-bc", library_version=__version__)
     with tempfile.TemporaryDirectory(prefix="optimum-bc-push-") as scratch:

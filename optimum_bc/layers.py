@@ -10,7 +10,7 @@ from torch import nn
 from .algorithms import QuantizedWeight
 from .config import BCQuantizationConfig
 from .discovery import layer_features
-from .formats import is_mx
+from .formats.formats import is_mx
 from .mxlinear import MXLinear
 from .qlinear import QuantLinear
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, e8m0_to_scale, scale_to_e8m0
+from .formats.formats import MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, e8m0_to_scale, scale_to_e8m0
+from .formats.packing import pack_int32, packed_width, unpack_int32
 from .packed_base import PackedLinearBase
-from .packing import pack_int32, packed_width, unpack_int32
 
 
 class MXLinear(PackedLinearBase):

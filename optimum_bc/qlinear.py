@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from optimum_bc import kernels
+from optimum_bc.formats.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
 from optimum_bc.packed_base import PackedLinearBase
-from optimum_bc.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
 
 
 def _num_groups(in_features: int, group_size: int) -> int:

@@ -6,7 +6,7 @@ import torch
 from optimum_bc.algorithms import available_algorithms, get_algorithm
 from optimum_bc.algorithms.gptq import gptq_quantize, inverse_cholesky
 from optimum_bc.algorithms.rtn import rtn_quantize
-from optimum_bc.primitives import compute_qparams, fake_quantize
+from optimum_bc.formats.primitives import compute_qparams, fake_quantize
 
 from .conftest import correlated_inputs, gram
 

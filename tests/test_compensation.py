@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from optimum_bc.algorithms.compensation import InputMoments, ResidualMean
 from optimum_bc.algorithms.gptq import gptq_quantize
 from optimum_bc.algorithms.rtn import rtn_quantize
-from optimum_bc.compensation import InputMoments, ResidualMean
 
 
 def _direct(W: torch.Tensor, Q: torch.Tensor, x_fp: torch.Tensor, x_q: torch.Tensor):

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 from optimum_bc import BCQuantizationConfig, QuantLinear
 from optimum_bc.algorithms.erq import ERQQuantizer, aqer_correction, erq_quantize
 from optimum_bc.algorithms.rtn import rtn_quantize
-from optimum_bc.formats import MX_ELEMENTS, get_format, mx_scale
+from optimum_bc.formats.formats import MX_ELEMENTS, get_format, mx_scale
+from optimum_bc.formats.primitives import compute_qparams
 from optimum_bc.mxlinear import MXLinear
-from optimum_bc.primitives import compute_qparams
 
 from .conftest import VOCAB, correlated_inputs, gram
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optimum_bc.packing import pack_int32, packed_width, unpack_int32
+from optimum_bc.formats.packing import pack_int32, packed_width, unpack_int32
 
 
 ALL_BITS = list(range(2, 9))

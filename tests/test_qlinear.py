@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optimum_bc.packing import packed_width
+from optimum_bc.formats.packing import packed_width
 from optimum_bc.qlinear import QuantLinear
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optimum_bc import QuantLinear
-from optimum_bc.primitives import SCALE_DTYPE, compute_qparams, fake_quantize, quantize_codes
+from optimum_bc.formats.primitives import SCALE_DTYPE, compute_qparams, fake_quantize, quantize_codes
 
 from .conftest import tiny_llama
 from .test_validation import _no_calibration, _quantize

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..formats import INT_FORMAT, get_format
+from ..formats.formats import INT_FORMAT, get_format
 
 
 @dataclass(frozen=True)

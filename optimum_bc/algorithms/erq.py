@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..formats import INT_FORMAT
+from ..formats.formats import INT_FORMAT
 from . import register_algorithm
 from .base import GramQuantizer, QuantizedWeight
 from .grid import GroupGrid, check_group_size

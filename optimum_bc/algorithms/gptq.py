@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..formats import INT_FORMAT, get_format, is_mx
+from ..formats.formats import INT_FORMAT, get_format, is_mx
 from . import register_algorithm
 from .base import GramQuantizer, QuantizedWeight
 from .rtn import rtn_quantize

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import INT_FORMAT, WeightFormat, get_format, is_mx
+from ..formats.formats import INT_FORMAT, WeightFormat, get_format, is_mx
 from .base import QuantizedWeight
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..formats import INT_FORMAT, get_format
+from ..formats.formats import INT_FORMAT, get_format
 from . import register_algorithm
 from .base import QuantizedWeight, WeightQuantizer
 

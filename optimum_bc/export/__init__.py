@@ -27,7 +27,7 @@ from torch import nn
 
 from ..architectures import resolve_spec
 from ..config import BCQuantizationConfig
-from ..formats import is_mx
+from ..formats.formats import is_mx
 from ..packed_base import PackedLinearBase, packed_layers
 from . import compressed_tensors as ct
 from . import gptq

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from ..config import BCQuantizationConfig
-from ..formats import e8m0_to_scale, is_mx
+from ..formats.formats import e8m0_to_scale, is_mx
 from ..mxlinear import MXLinear
 from ..qlinear import QuantLinear
 

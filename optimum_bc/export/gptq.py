@@ -46,8 +46,8 @@ import torch
 from transformers import GPTQConfig
 
 from ..config import BCQuantizationConfig
-from ..formats import INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, is_mx
-from ..packing import pack_int32
+from ..formats.formats import INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, is_mx
+from ..formats.packing import pack_int32
 from ..qlinear import QuantLinear
 
 
@@ -114,7 +114,7 @@ def gptq_quantization_config(config: BCQuantizationConfig) -> dict:
     ``checkpoint_format`` keys, as transformers writes them). ``act_group_aware`` is False because we never reorder
     groups that way; ``meta.quantizer`` names the producer, as GPTQModel does.
     """
-    from .. import __version__
+    from ..version import __version__
 
     check_gptq_exportable(config)
     gptq = GPTQConfig(
