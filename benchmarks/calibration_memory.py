@@ -28,7 +28,7 @@ import time
 
 def write_text(path: str, megabytes: int) -> int:
     """Write about ``megabytes`` MB of wiki-vital prose to ``path``; returns its size in bytes."""
-    from optimum_bc.data import DOC_SEPARATOR, wiki_vital_articles
+    from optimum_bc.data.calibration_data import DOC_SEPARATOR, wiki_vital_articles
 
     articles = list(wiki_vital_articles("calibration").values())
     rng = random.Random(0)
@@ -44,7 +44,7 @@ def load_tokenizer(text_path: str):  # noqa: ANN201 - a transformers tokenizer
     try:
         from transformers import AutoTokenizer
 
-        from optimum_bc.packaged import packaged_model_dir
+        from optimum_bc.data.packaged import packaged_model_dir
 
         return AutoTokenizer.from_pretrained(packaged_model_dir()), "SmolLM2"
     except Exception:  # noqa: BLE001 - fall back to a tokenizer trained here
@@ -75,7 +75,7 @@ def _reset_peak() -> int:
 def child(path: str, mode: str, num_samples: int, seq_len: int) -> None:
     import torch
 
-    from optimum_bc import data
+    from optimum_bc.data import calibration_data as data
 
     assert hasattr(data, "STREAM_THRESHOLD"), f"{data.__file__} is an optimum_bc without streamed calibration"
 

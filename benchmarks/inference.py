@@ -189,7 +189,7 @@ def block(args) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def packaged(args) -> tuple[torch.nn.Module, torch.Tensor]:
-    from optimum_bc.packaged import packaged_model_dir
+    from optimum_bc.data.packaged import packaged_model_dir
 
     path = packaged_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_bc import BCQuantizationConfig, QuantizationReport, quantize_model
-from optimum_bc.evaluation import evaluate_perplexity
-from optimum_bc.packaged import packaged_model_dir
+from optimum_bc.data.evaluation import evaluate_perplexity
+from optimum_bc.data.packaged import packaged_model_dir
 
 
 def packaged_model(

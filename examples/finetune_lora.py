@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import optimum_bc  # noqa: F401  (registers quant_method "bc" before any from_pretrained)
 from optimum_bc import BCQuantizationConfig, QuantLinear
-from optimum_bc.data import build_calibration_set
+from optimum_bc.data.calibration_data import build_calibration_set
 from optimum_bc.peft import get_peft_model, load_adapter, trainable_summary
 
 
@@ -50,7 +50,7 @@ def _real_quantized(args: argparse.Namespace, folder: str) -> tuple[str, Any]:
     """The BC folder to fine-tune and its tokenizer: --quantized as given, else quantize --model now."""
     if args.quantized:
         return args.quantized, AutoTokenizer.from_pretrained(args.quantized)
-    from optimum_bc.packaged import packaged_model_dir
+    from optimum_bc.data.packaged import packaged_model_dir
 
     source = args.model or packaged_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(source)

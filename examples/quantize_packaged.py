@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optimum_bc  # noqa: F401  (registers quant_method "bc")
 from optimum_bc import BCQuantizationConfig
-from optimum_bc.evaluation import evaluate_perplexity
-from optimum_bc.packaged import packaged_model_dir
+from optimum_bc.data.evaluation import evaluate_perplexity
+from optimum_bc.data.packaged import packaged_model_dir
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ def build_calibration(config: BCQuantizationConfig, tokenizer: Any = None, name_
             f"bias_compensation={config.bias_compensation} needs calibration data. Fix: pass dataset="
             '"wikitext2" (Hub), "wiki-vital" (offline), a text file, a list of strings or token ids.'
         )
-    from .data import build_calibration_set
+    from .data.calibration_data import build_calibration_set
 
     tokenizer = tokenizer if tokenizer is not None else config.tokenizer
     if tokenizer is None and _is_text(config.dataset):

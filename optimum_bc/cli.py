@@ -245,8 +245,8 @@ def _check_dataset_arg(option: str, value: str) -> None:
     """A dataset name or path given on the command line resolves, before any model is loaded."""
     from pathlib import Path
 
-    from .data import DOC_SEPARATOR, _resolve_str, _text_files
-    from .text_stream import TextSource
+    from .data.calibration_data import DOC_SEPARATOR, _resolve_str, _text_files
+    from .data.text_stream import TextSource
 
     try:
         kind, resolved = _resolve_str(value)
@@ -309,7 +309,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(report.format_table())
     ppl, eval_error = None, None
     if args.eval_dataset:  # before saving, so the result lands in the card's model-index
-        from .evaluation import evaluate_perplexity
+        from .data.evaluation import evaluate_perplexity
         from .hub import record_evaluation
 
         try:
@@ -386,7 +386,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import evaluate_perplexity
+    from .data.evaluation import evaluate_perplexity
 
     _check_model_arg(args.model, args.gguf_file)
     _check_dataset_arg("--dataset", args.dataset)
@@ -469,8 +469,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import BCQuantizationConfig
-    from .evaluation import evaluate_perplexity
-    from .packaged import packaged_model_dir
+    from .data.evaluation import evaluate_perplexity
+    from .data.packaged import packaged_model_dir
     from .quantizer import quantize_model
 
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]

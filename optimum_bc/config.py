@@ -366,7 +366,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
                 'dataset="wiki-vital"',
             )
             return
-        from .data import describe_dataset
+        from .data.calibration_data import describe_dataset
 
         try:
             describe_dataset(self.dataset)
@@ -399,7 +399,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict for ``config.json`` (dataset described, tokenizer dropped)."""
-        from .data import describe_dataset
+        from .data.calibration_data import describe_dataset
 
         out = {k: v for k, v in self.__dict__.items() if k not in ("tokenizer", "dataset")}
         # A name, or the description of a reloaded checkpoint, is kept as is; a local path is reduced to its basename.

@@ -136,7 +136,7 @@ def _read_base_model_card(name_or_path: str | None, base_model: str | None) -> s
             return None
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        from .data import _hub_offline, _hub_reachable
+        from .data.calibration_data import _hub_offline, _hub_reachable
 
         cached = try_to_load_from_cache(base_model, CARD_FILENAME)
         if not isinstance(cached, str) and not _hub_offline() and _hub_reachable():  # no minutes of retries
@@ -209,7 +209,7 @@ def record_evaluation(
         if name not in _KNOWN_DATASETS and (os.path.exists(name) or os.sep in name):
             name = os.path.basename(name.rstrip(os.sep)) or name
     else:
-        from .data import describe_dataset
+        from .data.calibration_data import describe_dataset
 
         name = describe_dataset(dataset)
     entry = {

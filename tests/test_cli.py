@@ -108,7 +108,7 @@ def test_demo_on_packaged_model(capsys) -> None:
 
 @pytest.mark.slow
 def test_quantize_gguf_file_end_to_end(tmp_path, capsys) -> None:
-    from optimum_bc.packaged import GGUF_FILE, _gguf_dir
+    from optimum_bc.data.packaged import GGUF_FILE, _gguf_dir
 
     out = str(tmp_path / "q")
     argv = ["quantize", str(_gguf_dir()), "--gguf-file", GGUF_FILE, "--output", out, "--method", "rtn", "--no-bc"]

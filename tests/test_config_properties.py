@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from optimum_bc import BCQuantizationConfig
-from optimum_bc.data import build_calibration_set
+from optimum_bc.data.calibration_data import build_calibration_set
 
 
 FIELDS = sorted(set(inspect.signature(BCQuantizationConfig.__init__).parameters) - {"self", "kwargs"})

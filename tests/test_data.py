@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from optimum_bc import data
-from optimum_bc.data import (
+from optimum_bc.data import calibration_data as data
+from optimum_bc.data.calibration_data import (
     KNOWN_DATASETS,
     build_calibration_set,
     describe_dataset,
@@ -241,7 +241,7 @@ def test_unreachable_hub_probe_skips_retries(monkeypatch: pytest.MonkeyPatch) ->
 def test_wiki_vital_with_smollm2_tokenizer() -> None:
     from transformers import AutoTokenizer
 
-    from optimum_bc.packaged import packaged_model_dir
+    from optimum_bc.data.packaged import packaged_model_dir
 
     smol = AutoTokenizer.from_pretrained(packaged_model_dir())
     samples = build_calibration_set("wiki-vital", smol, num_samples=8, seq_len=512, seed=0)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from optimum_bc import packaged
-from optimum_bc.evaluation import evaluate_perplexity
-from optimum_bc.packaged import PACKAGED_MODEL_NAME, packaged_model_dir
+from optimum_bc.data import packaged
+from optimum_bc.data.evaluation import evaluate_perplexity
+from optimum_bc.data.packaged import PACKAGED_MODEL_NAME, packaged_model_dir
 
 
 VOCAB = 128

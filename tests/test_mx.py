@@ -426,8 +426,8 @@ def test_mx_rtn_on_packaged_model() -> None:
     """Real SmolLM2-135M (every Linear has in_features 576 or 1536): MXFP8 stays close to fp32, MXFP4 is coarser."""
     from transformers import AutoTokenizer
 
-    from optimum_bc.evaluation import evaluate_perplexity
-    from optimum_bc.packaged import packaged_model_dir
+    from optimum_bc.data.evaluation import evaluate_perplexity
+    from optimum_bc.data.packaged import packaged_model_dir
 
     path = packaged_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
