@@ -18,7 +18,7 @@ from reproduce_bc import model_bytes
 from transformers.utils import logging as hf_logging
 
 from optimum_bc.algorithms import get_algorithm
-from optimum_bc.calibration import set_progress_bars
+from optimum_bc.calibration.calibrator import set_progress_bars
 from optimum_bc.formats.formats import is_mx
 
 

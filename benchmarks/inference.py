@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from optimum_bc import BCQuantizationConfig, kernels, quantize_model
+from optimum_bc import BCQuantizationConfig, quantize_model
+from optimum_bc.layers import kernels
 
 
 TEXT = (

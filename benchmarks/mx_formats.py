@@ -15,8 +15,8 @@ import torch
 from packaged_eval import packaged_model, quantize_packaged
 
 from optimum_bc import QuantLinear
-from optimum_bc.calibration import set_progress_bars
-from optimum_bc.mxlinear import MXLinear
+from optimum_bc.calibration.calibrator import set_progress_bars
+from optimum_bc.layers.mxlinear import MXLinear
 
 
 # name -> BCQuantizationConfig keyword arguments fixing the grid

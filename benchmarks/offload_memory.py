@@ -58,7 +58,7 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     from transformers import AutoModelForCausalLM
 
     from optimum_bc import BCQuantizationConfig
-    from optimum_bc.calibration import set_progress_bars
+    from optimum_bc.calibration.calibrator import set_progress_bars
 
     set_progress_bars(False)
     torch.set_num_threads(1)

@@ -22,7 +22,7 @@ import torch
 from packaged_eval import packaged_model, quantize_packaged
 from transformers.utils import logging as hf_logging
 
-from optimum_bc.calibration import set_progress_bars
+from optimum_bc.calibration.calibrator import set_progress_bars
 
 
 SETTINGS: dict[str, dict] = {

@@ -4,12 +4,12 @@
 BC checkpoint (transformers otherwise skips the unknown quantization and loads random weights).
 """
 
+from .calibration.report import QuantizationReport
 from .config import BCQuantizationConfig
 from .hub import Provenance, push_folder, record_evaluation
-from .mxlinear import MXLinear
-from .qlinear import QuantLinear
+from .layers.mxlinear import MXLinear
+from .layers.qlinear import QuantLinear
 from .quantizer import BCHfQuantizer, load_report, quantize_model, register
-from .report import QuantizationReport
 from .version import __version__
 
 

@@ -10,16 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import validation
-from .architectures import ArchitectureSpec, first_param_device, get_blocks, resolve_spec, target_linears
-from .block_inputs import capture_block_inputs, collate
-from .calibration import BlockCalibrator, activation_bytes, activation_store
+from .calibration.architectures import ArchitectureSpec, first_param_device, get_blocks, resolve_spec, target_linears
+from .calibration.block_inputs import capture_block_inputs, collate
+from .calibration.calibrator import BlockCalibrator, activation_bytes, activation_store
+from .calibration.discovery import layer_features
+from .calibration.offload import OffloadedCalibration, is_dispatched
+from .calibration.report import QuantizationReport
 from .config import BCQuantizationConfig
-from .discovery import layer_features
 from .formats.formats import check_mx_shapes, is_mx
-from .offload import OffloadedCalibration, is_dispatched
-from .positions import attach_position_hooks
-from .report import QuantizationReport
+from .layers import validation
+from .layers.positions import attach_position_hooks
 
 
 logger = logging.getLogger(__name__)

@@ -434,7 +434,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .plotting import plot_layer_errors
+    from .calibration.plotting import plot_layer_errors
     from .quantizer import load_report
 
     report = load_report(args.directory)
@@ -549,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
-        from .calibration import set_progress_bars
+        from .calibration.calibrator import set_progress_bars
 
         set_progress_bars(False)
         hf_logging.disable_progress_bar()

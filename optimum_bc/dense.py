@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .packed_base import PackedLinearBase, PositionBiases
-from .positions import attach_position_hooks
+from .layers.packed_base import PackedLinearBase, PositionBiases
+from .layers.positions import attach_position_hooks
 
 
 POSITION_BUFFERS = ("sink_bias", "position_bias")
@@ -91,7 +91,7 @@ def restore_position_biases(model: nn.Module, checkpoint_dir: str | os.PathLike[
     """
     from safetensors import safe_open
 
-    from .architectures import get_blocks, resolve_spec, set_module
+    from .calibration.architectures import get_blocks, resolve_spec, set_module
 
     files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
     if not files:

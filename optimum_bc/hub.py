@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .report import QuantizationReport
+from .calibration.report import QuantizationReport
 
 
 logger = logging.getLogger(__name__)
@@ -670,7 +670,7 @@ def _plot(report: QuantizationReport | None, path: Path) -> bool:
     """Render the per-layer plot; False (and a warning) when there is nothing to plot or no matplotlib."""
     if not _has_mse(report):
         return False
-    from .plotting import plot_layer_errors
+    from .calibration.plotting import plot_layer_errors
 
     try:
         import matplotlib

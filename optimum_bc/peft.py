@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .packed_base import PackedLinearBase
-from .positions import current_positions, token_positions
+from .layers.packed_base import PackedLinearBase
+from .layers.positions import current_positions, token_positions
 
 
 try:

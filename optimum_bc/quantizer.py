@@ -13,16 +13,17 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from . import api, validation
+from . import api
 from .api import build_calibration, check_layers, resolve_modules_to_not_convert
-from .architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
-from .calibration import FLOAT_BIASES_ATTR
+from .calibration.architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
+from .calibration.calibrator import FLOAT_BIASES_ATTR
+from .calibration.offload import block_calibration_bytes, check_device_map, check_max_memory
+from .calibration.report import QuantizationReport
+from .calibration.skeleton import skeleton_layer
 from .config import QUANT_METHOD, BCQuantizationConfig
-from .layers import skeleton_layer
-from .offload import block_calibration_bytes, check_device_map, check_max_memory
-from .packed_base import PackedLinearBase, packed_layers
-from .positions import attach_position_hooks
-from .report import QuantizationReport
+from .layers import validation
+from .layers.packed_base import PackedLinearBase, packed_layers
+from .layers.positions import attach_position_hooks
 
 
 #: safetensors metadata key holding the JSON QuantizationReport, so the report travels with the weights.
@@ -152,7 +153,7 @@ class BCHfQuantizer(HfQuantizer):
         bias flags (LLaMA ``attention_bias`` / ``mlp_bias``) are set so stock loaders build the biases. ``dtype``
         (default: the model's) is applied to the whole model. Transformers then drops ``quantization_config``.
         """
-        from .architectures import bias_flags
+        from .calibration.architectures import bias_flags
         from .dense import check_in_memory, dense_linear
 
         packed = list(packed_layers(model).items())

@@ -15,7 +15,7 @@ from optimum_bc.algorithms.rtn import rtn_quantize
 from optimum_bc.cli import main
 from optimum_bc.formats.formats import MX_ELEMENTS, e8m0_to_scale, mx_scale, scale_to_e8m0
 from optimum_bc.formats.primitives import compute_qparams
-from optimum_bc.mxlinear import MXLinear
+from optimum_bc.layers.mxlinear import MXLinear
 
 from .conftest import VOCAB, correlated_inputs, gram
 

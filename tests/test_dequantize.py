@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, quantize_model
 from optimum_bc.dense import BCDenseLinear, restore_position_biases
-from optimum_bc.kernels import use_backend
-from optimum_bc.packed_base import PackedLinearBase
+from optimum_bc.layers.kernels import use_backend
+from optimum_bc.layers.packed_base import PackedLinearBase
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
 

@@ -11,7 +11,7 @@ from optimum_bc.algorithms.erq import ERQQuantizer, aqer_correction, erq_quantiz
 from optimum_bc.algorithms.rtn import rtn_quantize
 from optimum_bc.formats.formats import MX_ELEMENTS, get_format, mx_scale
 from optimum_bc.formats.primitives import compute_qparams
-from optimum_bc.mxlinear import MXLinear
+from optimum_bc.layers.mxlinear import MXLinear
 
 from .conftest import VOCAB, correlated_inputs, gram
 

@@ -20,9 +20,10 @@ import torch
 from safetensors import safe_open
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from optimum_bc import BCQuantizationConfig, kernels, quantize_model
+from optimum_bc import BCQuantizationConfig, quantize_model
 from optimum_bc.cli import main
 from optimum_bc.export import ExportWarning, export_model
+from optimum_bc.layers import kernels
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
 

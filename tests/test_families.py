@@ -24,9 +24,9 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutput
 
 from optimum_bc import BCQuantizationConfig, quantize_model
-from optimum_bc.architectures import get_blocks, resolve_spec
-from optimum_bc.block_inputs import capture_block_inputs, collate
-from optimum_bc.discovery import candidate_layers, find_output_bias, observe_block
+from optimum_bc.calibration.architectures import get_blocks, resolve_spec
+from optimum_bc.calibration.block_inputs import capture_block_inputs, collate
+from optimum_bc.calibration.discovery import candidate_layers, find_output_bias, observe_block
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
 from .tiny_families import (

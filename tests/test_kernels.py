@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from optimum_bc import BCQuantizationConfig, kernels, quantize_model
-from optimum_bc.positions import token_positions
-from optimum_bc.qlinear import QuantLinear
+from optimum_bc import BCQuantizationConfig, quantize_model
+from optimum_bc.layers import kernels
+from optimum_bc.layers.positions import token_positions
+from optimum_bc.layers.qlinear import QuantLinear
 
 from .conftest import VOCAB, tiny_llama
 

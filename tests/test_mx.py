@@ -13,8 +13,8 @@ from optimum_bc import BCQuantizationConfig
 from optimum_bc.algorithms.gptq import gptq_quantize
 from optimum_bc.algorithms.rtn import RTNQuantizer, rtn_quantize
 from optimum_bc.formats.formats import MX_ELEMENTS, e8m0_to_scale, get_format, mx_scale, scale_to_e8m0
-from optimum_bc.mxlinear import MXLinear
-from optimum_bc.qlinear import QuantLinear
+from optimum_bc.layers.mxlinear import MXLinear
+from optimum_bc.layers.qlinear import QuantLinear
 
 from .conftest import gram, tiny_llama, tiny_opt
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear
-from optimum_bc.offload import check_device_map, check_offload_folder, device_for
+from optimum_bc.calibration.offload import check_device_map, check_offload_folder, device_for
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
 
@@ -160,7 +160,7 @@ def test_device_map_naming_missing_device_fails_before_loading(calib_ids, tmp_pa
 def test_disk_map_without_offload_folder_fails_before_calibration(calib_ids, tmp_path, monkeypatch) -> None:
     tiny_llama().save_pretrained(tmp_path / "float")
     calibrated = []
-    monkeypatch.setattr("optimum_bc.calibration.BlockCalibrator.run", lambda *a: calibrated.append(1))
+    monkeypatch.setattr("optimum_bc.calibration.calibrator.BlockCalibrator.run", lambda *a: calibrated.append(1))
     with pytest.raises(ValueError, match=r"no offload_folder was given.*Fix: pass offload_folder"):
         AutoModelForCausalLM.from_pretrained(
             tmp_path / "float", quantization_config=_cfg(calib_ids), device_map=DEVICE_MAPS["llama"]
@@ -178,7 +178,7 @@ def test_unwritable_offload_folder_is_named(tmp_path) -> None:
 
 
 def test_activation_store_decision(monkeypatch: pytest.MonkeyPatch) -> None:
-    from optimum_bc import calibration
+    from optimum_bc.calibration import calibrator as calibration
 
     gpu = torch.device("cuda:0")
     monkeypatch.setattr(calibration, "free_memory", lambda device: 1000)
@@ -194,7 +194,7 @@ def test_activation_store_decision(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_batch_to_keeps_hidden_states_on_the_store() -> None:
-    from optimum_bc.calibration import _Batch
+    from optimum_bc.calibration.calibrator import _Batch
 
     batch = _Batch(torch.randn(2, 3, 4), {"mask": torch.ones(2, 3)}, torch.ones(2, 3, dtype=torch.bool))
     moved = batch.to(torch.device("cpu"), torch.device("meta"))
@@ -211,7 +211,8 @@ def test_offload_activations_config_rejects_bad_values(value: object) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_offloaded_activations_on_gpu_give_the_same_model(calib_ids, monkeypatch: pytest.MonkeyPatch) -> None:
-    from optimum_bc import calibration, quantize_model
+    from optimum_bc import quantize_model
+    from optimum_bc.calibration import calibrator as calibration
 
     stores = []
     original = calibration.BlockCalibrator.quantize_block

@@ -10,8 +10,9 @@ from packaging.version import Version
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from optimum_bc import BCQuantizationConfig, MXLinear, QuantLinear, kernels, quantize_model
-from optimum_bc.packed_base import PackedLinearBase
+from optimum_bc import BCQuantizationConfig, MXLinear, QuantLinear, quantize_model
+from optimum_bc.layers import kernels
+from optimum_bc.layers.packed_base import PackedLinearBase
 
 
 peft = pytest.importorskip("peft")

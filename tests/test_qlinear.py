@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from optimum_bc.formats.packing import packed_width
-from optimum_bc.qlinear import QuantLinear
+from optimum_bc.layers.qlinear import QuantLinear
 
 
 STATE_KEYS = {"qweight", "qzeros", "scales", "g_idx", "bias"}

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
 from optimum_bc.algorithms.compensation import InputMoments
-from optimum_bc.positions import token_positions
+from optimum_bc.layers.positions import token_positions
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import optimum_bc  # noqa: F401 - registers quant_method="bc"
 from optimum_bc import BCQuantizationConfig
-from optimum_bc.validation import CheckpointError
+from optimum_bc.layers.validation import CheckpointError
 
 from .conftest import VOCAB, tiny_llama
 

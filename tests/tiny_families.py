@@ -266,7 +266,7 @@ if __name__ == "__main__":
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.disable(logging.WARNING)
-    from optimum_bc.calibration import set_progress_bars
+    from optimum_bc.calibration.calibrator import set_progress_bars
 
     set_progress_bars(False)
     families = sys.argv[1:] or causal_lm_families()

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import resolve_spec
+from ..calibration.architectures import resolve_spec
 from ..config import BCQuantizationConfig
 from ..formats.formats import is_mx
-from ..packed_base import PackedLinearBase, packed_layers
+from ..layers.packed_base import PackedLinearBase, packed_layers
 from . import compressed_tensors as ct
 from . import gptq
 from .families import FamilyPlan, plan_family
@@ -93,7 +93,7 @@ def _get_format(save_format: str) -> _Format:
 
 
 def _gptq_format() -> _Format:
-    from ..qlinear import QuantLinear
+    from ..layers.qlinear import QuantLinear
 
     def check_layer(name: str, layer: Any, config: BCQuantizationConfig) -> None:
         if not isinstance(layer, QuantLinear):
@@ -148,7 +148,7 @@ def check_float_model_exportable(
     (SmolLM2's 576 is not a multiple of 128, for instance). Raises ValueError naming the first such layer.
     """
     from ..api import resolve_modules_to_not_convert
-    from ..architectures import target_linears
+    from ..calibration.architectures import target_linears
 
     check_config_exportable(config, save_format, drop_sink_bias)
     if save_format != COMPRESSED_TENSORS or config.group_size == -1 or is_mx(config.format):

@@ -41,8 +41,8 @@ import torch
 
 from ..config import BCQuantizationConfig
 from ..formats.formats import e8m0_to_scale, is_mx
-from ..mxlinear import MXLinear
-from ..qlinear import QuantLinear
+from ..layers.mxlinear import MXLinear
+from ..layers.qlinear import QuantLinear
 
 
 FORMAT_NAME = "compressed-tensors"

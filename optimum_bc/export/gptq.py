@@ -48,7 +48,7 @@ from transformers import GPTQConfig
 from ..config import BCQuantizationConfig
 from ..formats.formats import INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, is_mx
 from ..formats.packing import pack_int32
-from ..qlinear import QuantLinear
+from ..layers.qlinear import QuantLinear
 
 
 GPTQ_V1 = "gptq"

@@ -7,12 +7,12 @@ skeleton with the same buffers, so the checkpoint loads by name).
 import torch
 from torch import nn
 
-from .algorithms import QuantizedWeight
-from .config import BCQuantizationConfig
+from ..algorithms import QuantizedWeight
+from ..config import BCQuantizationConfig
+from ..formats.formats import is_mx
+from ..layers.mxlinear import MXLinear
+from ..layers.qlinear import QuantLinear
 from .discovery import layer_features
-from .formats.formats import is_mx
-from .mxlinear import MXLinear
-from .qlinear import QuantLinear
 
 
 def packed_layer(

@@ -18,19 +18,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import kernels
-from .algorithms import WeightQuantizer, get_algorithm
-from .algorithms.compensation import InputMoments
+from ..algorithms import WeightQuantizer, get_algorithm
+from ..algorithms.compensation import InputMoments
+from ..config import BCQuantizationConfig
+from ..layers import kernels
+from ..layers.packed_base import PackedLinearBase
+from ..layers.positions import token_positions
 from .architectures import ArchitectureSpec, bias_flags, block_layers, first_param_device, get_blocks, is_skipped
 from .block_bias import fold_block_bias, holds_sink, residual_accumulator
 from .block_inputs import _Batch, _StopForward
-from .config import BCQuantizationConfig
 from .discovery import BlockLayout, dense_weight, find_output_bias, fused_expert_weights, layer_features, observe_block
-from .layers import packed_layer
 from .offload import OffloadedCalibration
-from .packed_base import PackedLinearBase
-from .positions import token_positions
 from .report import BlockReport, LayerReport, QuantizationReport
+from .skeleton import packed_layer
 
 
 logger = logging.getLogger(__name__)

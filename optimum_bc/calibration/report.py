@@ -1,0 +1,75 @@
+"""``QuantizationReport``: per-layer and per-block numbers of one quantization run, returned as data."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class LayerReport:
+    """One quantized Linear. MSEs are per output element on the calibration tokens, against the BC target."""
+
+    name: str
+    block: int
+    seconds: float
+    loss: float
+    damp: float | None = None
+    mse_before: float | None = None
+    mse_after: float | None = None
+
+
+@dataclass
+class BlockReport:
+    """One decoder block; ``mse_*`` are those of the block output when layer-level compensation ran."""
+
+    index: int
+    seconds: float
+    mse_before: float | None = None
+    mse_after: float | None = None
+
+
+@dataclass
+class QuantizationReport:
+    """Everything measured while quantizing a model (attached as ``model.quantization_report``)."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    blocks: list[BlockReport] = field(default_factory=list)
+    total_seconds: float = 0.0
+    calibration_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantizationReport":
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            layers=[LayerReport(**row) for row in data.get("layers", [])],
+            blocks=[BlockReport(**row) for row in data.get("blocks", [])],
+            total_seconds=data.get("total_seconds", 0.0),
+            calibration_tokens=data.get("calibration_tokens", 0),
+        )
+
+    def format_table(self) -> str:
+        """Plain-text table, one row per layer, then totals."""
+
+        def num(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4g}"
+
+        lines = [f"{'layer':<44} {'mse before BC':>14} {'mse after BC':>14} {'loss':>11} {'seconds':>8}"]
+        for row in self.layers:
+            lines.append(
+                f"{row.name:<44} {num(row.mse_before):>14} {num(row.mse_after):>14} {num(row.loss):>11}"
+                f" {row.seconds:>8.2f}"
+            )
+        for block in self.blocks:
+            if block.mse_before is not None:
+                lines.append(
+                    f"{'block ' + str(block.index) + ' (layer-level BC)':<44} {num(block.mse_before):>14}"
+                    f" {num(block.mse_after):>14} {'':>11} {block.seconds:>8.2f}"
+                )
+        lines.append(
+            f"{len(self.layers)} layers, {len(self.blocks)} blocks, {self.calibration_tokens} calibration tokens,"
+            f" {self.total_seconds:.1f} s"
+        )
+        return "\n".join(lines)

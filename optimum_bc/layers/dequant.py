@@ -1,0 +1,130 @@
+"""The ``dequant`` path of :mod:`optimum_bc.kernels`: per-call dequantization of packed rows into a bf16 matmul.
+
+The packed int4/int8 CPU kernels cost time per token; for prefill (many tokens) it is faster to rebuild the weight
+from the packed codes on every call, a block of rows at a time, and run bf16 matmuls (AMX / AVX512-BF16). Nothing
+persists but :class:`DequantSource` (1 byte per quantization group plus two ``[in]`` index vectors); the scratch
+is ``CHUNK`` bf16 weights plus ``SERIAL`` float32 ones, reused by every block of a call.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.packing import unpack_int32
+
+
+# Weights per bf16 matmul (32 MiB of bf16 scratch): few matmuls, as each parallel region costs on a busy CPU.
+CHUNK = 1 << 24
+# Weights dequantized per elementwise op: below ATen's parallel grain size (32768) the ops run inline on the calling
+# thread. With OpenMP threads on a CPU shared with other jobs, every parallel region waits for descheduled threads;
+# the hundreds of small regions of a parallel dequantization made the path ~10x slower (measured), the few big
+# matmuls are not affected.
+SERIAL = (1 << 15) - 1
+_MIN_ROWS = 16
+
+
+def planes(bits: int, k: int) -> int:
+    """Code planes :func:`unpack_planes` splits a row into: plane ``j`` holds columns ``j, j + P, j + 2P, ...``."""
+    if k % 8 or sys.byteorder != "little":
+        return 1
+    return {8: 1, 4: 2, 2: 4}.get(bits, 8)
+
+
+def unpack_planes(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Codes of packed rows as uint8 ``[rows, P, k / P]`` (``P = planes(bits, k)``), read a byte at a time.
+
+    With ``k % 8 == 0`` every 8 codes fill ``bits`` whole bytes, so shifting bytes (or ``bits``-byte words) yields
+    each plane as one contiguous block, without interleaving them back into column order (the caller permutes the
+    input columns instead, which is much cheaper).
+    """
+    count = planes(bits, k)
+    rows = qweight.shape[0]
+    if count == 1 and bits != 8:
+        return unpack_int32(qweight, bits, k).view(rows, 1, k)
+    octets = qweight.contiguous().view(torch.uint8)[:, : k * bits // 8]
+    if bits == 8:
+        return octets.view(rows, 1, k)
+    mask = (1 << bits) - 1
+    if bits in (2, 4):
+        out = torch.empty(rows, count, k // count, dtype=torch.uint8, device=qweight.device)
+        for j in range(count):
+            torch.bitwise_and(octets >> (bits * j) if j else octets, mask, out=out[:, j])
+        return out
+    words = octets.reshape(rows, k // 8, bits).to(torch.int64)
+    word = words[..., 0]
+    for i in range(1, bits):
+        word |= words[..., i] << (8 * i)
+    shifts = torch.arange(0, 8 * bits, bits, device=qweight.device)
+    return ((word.unsqueeze(1) >> shifts[:, None]) & mask).to(torch.uint8)
+
+
+@dataclass
+class DequantSource:
+    """What the ``dequant`` path reads: the layer's own ``qweight`` / ``scales`` buffers plus small derived data."""
+
+    qweight: torch.Tensor  # the layer's buffer (not a copy)
+    scales: torch.Tensor  # the layer's float16 buffer (not a copy)
+    zeros: torch.Tensor  # uint8 [out, G]
+    bits: int
+    width: int  # columns per group when groups are contiguous and equal (0: gather per column)
+    order: torch.Tensor | None  # input column order of the code planes (None: identity)
+    g_planes: torch.Tensor | None  # group of each column in plane order (only when width == 0)
+
+    @classmethod
+    def build(cls, layer: torch.nn.Module) -> DequantSource:
+        """Derive the source of a ``QuantLinear`` (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
+        k, bits, groups = layer.in_features, layer.bits, layer.scales.shape[1]
+        count = planes(bits, k)
+        device = layer.qweight.device
+        order = torch.arange(k, device=device).view(k // count, count).T.reshape(k) if count > 1 else None
+        g_idx = layer.g_idx.long()
+        width = k // groups if k % groups == 0 else 0
+        if width % count or not torch.equal(g_idx, torch.arange(k, device=device) // max(width, 1)):
+            width = 0  # act-order or uneven groups: gather the scale and zero of every column
+        g_planes = None if width else (g_idx if order is None else g_idx[order])
+        zeros = unpack_int32(layer.qzeros, bits, groups)
+        return cls(layer.qweight, layer.scales, zeros, bits, width, order, g_planes)
+
+    def nbytes(self) -> int:
+        """Bytes this source adds to the layer (its buffers are not counted)."""
+        extra = [t for t in (self.zeros, self.order, self.g_planes) if t is not None]
+        return sum(t.numel() * t.element_size() for t in extra)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ W.T`` for ``x2`` ``[tokens, in]``: bf16 ``[tokens, out]`` (a transposed view).
+
+        A block's weights are ``q * s - z * s`` in float32 (both products and their difference are exact: codes
+        have at most 8 bits, float16 scales 11) rounded once to bf16, i.e. exactly the reference path's bf16
+        weight; the matmul is a bf16 ``torch.mm`` (float32 accumulation).
+        """
+        n, k = self.qweight.shape[0], x2.shape[1]
+        count = planes(self.bits, k)
+        groups = self.scales.shape[1]
+        xb = (x2 if self.order is None else x2.index_select(1, self.order)).to(torch.bfloat16)
+        out_t = torch.empty(n, x2.shape[0], dtype=torch.bfloat16, device=x2.device)  # [out, tokens]: no copies
+        step = min(n, max(_MIN_ROWS, CHUNK // k))
+        sub = max(1, SERIAL // k)
+        weight_bf16 = torch.empty(step, k, dtype=torch.bfloat16, device=x2.device)
+        scratch = torch.empty(sub * k, dtype=torch.float32, device=x2.device)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            for first in range(start, stop, sub):
+                rows = slice(first, min(stop, first + sub))
+                codes = unpack_planes(self.qweight[rows], self.bits, k)
+                size = codes.shape[0]
+                s = self.scales[rows].float()
+                zs = self.zeros[rows].float().mul_(s)
+                if self.width:
+                    shape = (size, count, groups, self.width // count)
+                    s, zs = s[:, None, :, None], zs[:, None, :, None]
+                else:
+                    shape = (size, k)
+                    s, zs = s[:, self.g_planes], zs[:, self.g_planes]
+                weight = scratch[: size * k].view(shape)
+                weight.copy_(codes.view(shape)).mul_(s).sub_(zs)
+                weight_bf16[first - start : first - start + size].copy_(weight.view(size, k))
+            torch.mm(weight_bf16[: stop - start], xb.T, out=out_t[start:stop])
+        return out_t.T
