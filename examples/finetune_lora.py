@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 import optimum_bc  # noqa: F401  (registers quant_method "bc" before any from_pretrained)
 from optimum_bc import BCQuantizationConfig, QuantLinear
 from optimum_bc.data.calibration_data import build_calibration_set
-from optimum_bc.peft import get_peft_model, load_adapter, trainable_summary
+from optimum_bc.integrations.peft import get_peft_model, load_adapter, trainable_summary
 
 
 def _tiny_quantized(folder: str, seq_len: int) -> tuple[str, list[dict[str, torch.Tensor]]]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from optimum_bc import atomic
-from optimum_bc.atomic import atomic_folder, cleanup_leftovers
+from optimum_bc.export import atomic
+from optimum_bc.export.atomic import atomic_folder, cleanup_leftovers
 
 
 def _write(folder: Path, **files: str) -> None:

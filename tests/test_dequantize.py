@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, quantize_model
-from optimum_bc.dense import BCDenseLinear, restore_position_biases
+from optimum_bc.integrations.dense import BCDenseLinear, restore_position_biases
 from optimum_bc.layers.kernels import use_backend
 from optimum_bc.layers.packed_base import PackedLinearBase
 

@@ -414,7 +414,7 @@ def test_cli_quantize_save_format_and_its_early_refusal(tmp_path: Path, word_tok
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "desc_act=True with group_size=32" in err and err.count("\n") == 1
-    import optimum_bc.quantizer
+    import optimum_bc.integrations.quantizer
 
     def no_calibration(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the refusal must come before quantization")
@@ -474,7 +474,7 @@ def test_every_packed_width_decompresses_to_our_weight(bits: int, group_size: in
 def test_a_model_with_peft_adapters_is_refused(tmp_path: Path) -> None:
     from peft import LoraConfig
 
-    from optimum_bc.peft import get_peft_model
+    from optimum_bc.integrations.peft import get_peft_model
 
     model = get_peft_model(
         _quantized("llama", {"bits": 4, "group_size": 32}), LoraConfig(r=4, target_modules=["q_proj"])

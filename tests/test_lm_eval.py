@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from optimum_bc import BCQuantizationConfig, quantize_model
 from optimum_bc.cli import main
-from optimum_bc.lm_eval_adapter import evaluate_tasks, format_results, lm_eval_model
+from optimum_bc.integrations.lm_eval import evaluate_tasks, format_results, lm_eval_model
 
 from .conftest import TEXTS, VOCAB, tiny_llama
 

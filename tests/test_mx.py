@@ -444,7 +444,7 @@ def test_mx_rtn_on_packaged_model() -> None:
 
 
 def test_model_card_names_the_mx_format() -> None:
-    from optimum_bc.hub import build_model_card
+    from optimum_bc.integrations.hub_card import build_model_card
 
     config = BCQuantizationConfig(format="mxfp6_e2m3", method="rtn", bias_compensation=False)
     text = str(build_model_card(config.to_dict()))

@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training  # noqa:
 from peft import get_peft_model as peft_get_peft_model  # noqa: E402
 from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
 
-from optimum_bc.peft import (  # noqa: E402
+from optimum_bc.integrations.peft import (  # noqa: E402
     TRAIN_BIAS_MIN_PEFT,
     checkpoint_positions,
     get_peft_model,

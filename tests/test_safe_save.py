@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import optimum_bc  # noqa: F401 - registers quant_method="bc"
 from optimum_bc import BCQuantizationConfig
-from optimum_bc.quantizer import REPORT_METADATA_KEY
+from optimum_bc.integrations.quantizer import REPORT_METADATA_KEY
 
 from .conftest import VOCAB, tiny_llama
 

@@ -288,7 +288,7 @@ def export_model(
     Returns:
         The folder written. Warns (:class:`ExportWarning`) about every bias the format cannot hold.
     """
-    from ..atomic import atomic_folder
+    from .atomic import atomic_folder
 
     target = Path(directory)
     check_exportable(model, format, drop_sink_bias)

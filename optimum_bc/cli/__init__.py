@@ -189,7 +189,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
-    from .config import BCQuantizationConfig
+    from ..config import BCQuantizationConfig
 
     return BCQuantizationConfig(
         bits=args.bits,
@@ -218,7 +218,7 @@ def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
 
 def _check_model_arg(model_id: str, gguf_file: str | None = None) -> None:
     """A MODEL that names a local folder must be one transformers can load; checked before any work."""
-    from .hub import hub_id_of
+    from ..integrations.hub_card import hub_id_of
 
     path = os.path.expanduser(model_id)
     if not os.path.exists(path):
@@ -245,8 +245,8 @@ def _check_dataset_arg(option: str, value: str) -> None:
     """A dataset name or path given on the command line resolves, before any model is loaded."""
     from pathlib import Path
 
-    from .data.calibration_data import DOC_SEPARATOR, _resolve_str, _text_files
-    from .data.text_stream import TextSource
+    from ..data.calibration_data import DOC_SEPARATOR, _resolve_str, _text_files
+    from ..data.text_stream import TextSource
 
     try:
         kind, resolved = _resolve_str(value)
@@ -272,9 +272,9 @@ def _load_float(model_id: str, gguf_file: str | None) -> tuple[Any, Any]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .atomic import atomic_folder
-    from .hub import _without_timings, canonical_safetensors_headers, write_model_card
-    from .quantizer import quantize_model
+    from ..export.atomic import atomic_folder
+    from ..integrations.hub_card import _without_timings, canonical_safetensors_headers, write_model_card
+    from ..integrations.quantizer import quantize_model
 
     if os.path.exists(args.output) and os.listdir(args.output):
         raise UsageError(
@@ -287,7 +287,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     settings = _config_from_args(args, tokenizer=None)  # validate the settings before loading anything
     if args.save_format != "native":
-        from .export import check_config_exportable
+        from ..export import check_config_exportable
 
         check_config_exportable(settings, args.save_format, args.drop_sink_bias)
     _check_model_arg(args.model, args.gguf_file)
@@ -295,12 +295,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.eval_dataset:
         _check_dataset_arg("--eval-dataset", args.eval_dataset)
     if not args.gguf_file:
-        from .api import check_architecture
+        from ..api import check_architecture
 
         check_architecture(args.model)  # an architecture without discoverable blocks fails before the weights load
     model, tokenizer = _load_float(args.model, args.gguf_file)
     if args.save_format != "native":  # layer widths the format cannot group: refuse before calibrating
-        from .export import check_float_model_exportable
+        from ..export import check_float_model_exportable
 
         check_float_model_exportable(model, settings, args.save_format, args.drop_sink_bias)
     config = _config_from_args(args, tokenizer)
@@ -309,8 +309,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(report.format_table())
     ppl, eval_error = None, None
     if args.eval_dataset:  # before saving, so the result lands in the card's model-index
-        from .data.evaluation import evaluate_perplexity
-        from .hub import record_evaluation
+        from ..data.evaluation import evaluate_perplexity
+        from ..integrations.hub_card import record_evaluation
 
         try:
             ppl = evaluate_perplexity(
@@ -325,7 +325,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         except Exception as err:  # noqa: BLE001 - save the quantized model anyway, then report the failure
             eval_error = err
     if args.save_format != "native":  # layer checks of the export, before anything is written
-        from .export import check_exportable
+        from ..export import check_exportable
 
         check_exportable(model, args.save_format, args.drop_sink_bias)
     # A private folder beside --output, swapped in whole: an interrupted save never leaves a half-written --output,
@@ -335,7 +335,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if args.save_format == "native":
                 type(model).save_pretrained(model, tmp)
             else:
-                from .export import write_export
+                from ..export import write_export
 
                 write_export(model, tmp, args.save_format, drop_sink_bias=args.drop_sink_bias)
             if args.reproducible:
@@ -357,9 +357,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from .config import BCQuantizationConfig
-    from .export import check_config_exportable, export_model
-    from .hub import _TOKENIZER_FILES, _read_bc_config, write_model_card
+    from ..config import BCQuantizationConfig
+    from ..export import check_config_exportable, export_model
+    from ..integrations.hub_card import _TOKENIZER_FILES, _read_bc_config, write_model_card
 
     src = Path(args.src_dir)
     if not src.is_dir():
@@ -386,7 +386,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data.evaluation import evaluate_perplexity
+    from ..data.evaluation import evaluate_perplexity
 
     _check_model_arg(args.model, args.gguf_file)
     _check_dataset_arg("--dataset", args.dataset)
@@ -405,7 +405,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .lm_eval_adapter import evaluate_tasks, format_results
+    from ..integrations.lm_eval import evaluate_tasks, format_results
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -434,8 +434,8 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .calibration.plotting import plot_layer_errors
-    from .quantizer import load_report
+    from ..calibration.plotting import plot_layer_errors
+    from ..integrations.quantizer import load_report
 
     report = load_report(args.directory)
     path = args.plot or os.path.join(args.directory, "layer_errors.png")
@@ -449,7 +449,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_folder
+    from ..integrations.hub_card import push_folder
 
     if not os.path.isdir(args.directory):
         raise UsageError(f"{args.directory!r} is not a folder; pass the --output of `optimum-bc quantize`")
@@ -468,10 +468,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import BCQuantizationConfig
-    from .data.evaluation import evaluate_perplexity
-    from .data.packaged import packaged_model_dir
-    from .quantizer import quantize_model
+    from ..config import BCQuantizationConfig
+    from ..data.evaluation import evaluate_perplexity
+    from ..data.packaged import packaged_model_dir
+    from ..integrations.quantizer import quantize_model
 
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = sorted(set(settings) - set(DEMO_SETTINGS))
@@ -549,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
-        from .calibration.calibrator import set_progress_bars
+        from ..calibration.calibrator import set_progress_bars
 
         set_progress_bars(False)
         hf_logging.disable_progress_bar()
