@@ -1,38 +1,8 @@
-"""Registry of weight quantization algorithms (``method=`` in the config)."""
+"""Weight quantization algorithms (``method=`` in the config) and the closed-form BC bias (``compensation``)."""
 
-from collections.abc import Callable
-
+from . import comq, erq, gptq, rtn  # register the built-in algorithms
 from .base import QuantizedWeight, WeightQuantizer
-
-
-_REGISTRY: dict[str, type[WeightQuantizer]] = {}
-
-
-def register_algorithm(name: str) -> Callable[[type[WeightQuantizer]], type[WeightQuantizer]]:
-    """Class decorator adding a :class:`WeightQuantizer` under ``name``."""
-
-    def wrap(cls: type[WeightQuantizer]) -> type[WeightQuantizer]:
-        if name in _REGISTRY:
-            raise ValueError(f"algorithm {name!r} is already registered by {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_algorithm(name: str) -> type[WeightQuantizer]:
-    """The quantizer class registered as ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown quantization method {name!r}; available: {available_algorithms()}")
-    return _REGISTRY[name]
-
-
-def available_algorithms() -> list[str]:
-    """Names accepted by ``BCQuantizationConfig(method=...)``."""
-    return sorted(_REGISTRY)
-
-
-from . import comq, erq, gptq, rtn  # noqa: E402  (register the built-in algorithms)
+from .registry import available_algorithms, get_algorithm, register_algorithm
 
 
 __all__ = [

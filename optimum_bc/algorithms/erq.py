@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from ..formats.formats import INT_FORMAT
-from . import register_algorithm
 from .base import GramQuantizer, QuantizedWeight
 from .grid import GroupGrid, check_group_size
+from .registry import register_algorithm
 from .rtn import rtn_quantize
 
 

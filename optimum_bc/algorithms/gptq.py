@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from ..formats.formats import INT_FORMAT, get_format, is_mx
-from . import register_algorithm
 from .base import GramQuantizer, QuantizedWeight
+from .registry import register_algorithm
 from .rtn import rtn_quantize
 
 

@@ -3,8 +3,8 @@
 import torch
 
 from ..formats.formats import INT_FORMAT, get_format
-from . import register_algorithm
 from .base import QuantizedWeight, WeightQuantizer
+from .registry import register_algorithm
 
 
 def rtn_quantize(

@@ -1,6 +1,6 @@
 """Where a model's decoder blocks and quantizable layers are: discovered generically, with optional overrides.
 
-Every causal LM goes through :mod:`optimum_bc.discovery` (blocks from the model structure, layer order from one
+Every causal LM goes through :mod:`optimum_bc.calibration.discovery` (blocks from the model structure, layer order from one
 observed forward). A family that needs it can be given an explicit override with :func:`register_architecture`
 (the blocks' path, the module where layer-level compensation folds, layers to keep in float); an unknown family
 works without one.

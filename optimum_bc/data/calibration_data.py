@@ -43,7 +43,7 @@ KNOWN_DATASETS: tuple[str, ...] = ("wikitext2", "c4", "ptb", "wiki-vital")
 WIKI_VITAL_CALIBRATION_FRACTION = 0.8
 # A HEAD request to the Hub gets this long before the Hub is treated as unreachable.
 HUB_PROBE_TIMEOUT_S = 5.0
-# Texts longer than this (characters, or bytes of files) are sampled span by span (optimum_bc.text_stream) instead of
+# Texts longer than this (characters, or bytes of files) are sampled span by span (optimum_bc.data.text_stream) instead of
 # being tokenized whole, which costs about 110 bytes of RAM per character.
 STREAM_THRESHOLD = 4_000_000
 # C4 sampler: give up after this many draws of documents shorter than seq_len for one sample.

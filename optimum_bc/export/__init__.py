@@ -273,7 +273,7 @@ def export_model(
     """Write ``model`` (BC-quantized) to ``directory`` in ``format`` ("compressed-tensors" or "gptq").
 
     Everything is checked first; the files are written into a folder beside the target that is swapped in whole
-    (:func:`optimum_bc.atomic.atomic_folder`), so a failure never leaves a half-written folder.
+    (:func:`optimum_bc.export.atomic.atomic_folder`), so a failure never leaves a half-written folder.
 
     Args:
         model: a model quantized by optimum-bc (in memory or reloaded).

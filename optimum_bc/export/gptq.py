@@ -5,7 +5,7 @@ Layout, per quantized Linear (``in`` input and ``out`` output features, ``G`` gr
 * ``qweight`` int32 ``[in * bits / 32, out]``: the codes of each output column packed along the INPUT dimension,
   least significant bits first. 2/4/8 bits hold ``32 / bits`` codes per word; 3 bits pack 32 input rows into 3 words
   (10 codes, then one code split 2+1 bits across the word boundary, 10 codes, one code split 1+2, 10 codes): in
-  every case one little-endian bit stream per column, the same stream :mod:`optimum_bc.packing` writes along a row.
+  every case one little-endian bit stream per column, the same stream :mod:`optimum_bc.formats.packing` writes along a row.
 * ``qzeros`` int32 ``[G, out * bits / 32]``: the zero points packed the same way along the OUTPUT dimension.
 * ``scales`` float16 ``[G, out]``, ``g_idx`` int32 ``[in]`` (act-order: not monotonic), ``bias`` float16 ``[out]``.
 * Dequantized: ``W[i, o] = scales[g, o] * (q[i, o] - z[g, o])`` with ``g = g_idx[i]`` (``W`` is ``weight.T``).
@@ -14,7 +14,7 @@ Stored zero points. ``checkpoint_format="gptq"`` (v1, AutoGPTQ's original layout
 reader adds 1 back; a zero point of 0 has no v1 encoding (it underflows: -1 sets every bit of the packed word, and
 GPTQModel's whole-word ``+0x11111111`` conversion carries into the neighbour). ``"gptq_v2"`` stores the zero as is.
 GPTQModel itself saves ``sym=True`` models as v1 and ``sym=False`` ones as v2, and so do we
-(:func:`gptq_quantization_config`): our symmetric grid (:mod:`optimum_bc.primitives`: ``zero = 2**(bits-1)``,
+(:func:`gptq_quantization_config`): our symmetric grid (:mod:`optimum_bc.formats.primitives`: ``zero = 2**(bits-1)``,
 ``scale = 2 * max|w| / maxq``) is GPTQ's symmetric grid, so v1 holds it exactly; an asymmetric grid has zero points
 of 0 whenever a group's minimum rounds to 0, so it goes to v2.
 

@@ -4,7 +4,7 @@ A *format* fits a *grid* to a block of weight columns (``fit``); the grid rounds
 representable value (``quantize`` gives codes, ``dequantize`` their values). RTN, GPTQ and any other quantizer only
 talk to this interface, so they work with every format.
 
-* ``"int"``: the min-max integer grid of :mod:`optimum_bc.primitives` (one scale / zero point per row and group).
+* ``"int"``: the min-max integer grid of :mod:`optimum_bc.formats.primitives` (one scale / zero point per row and group).
 * MX formats, after the OCP Microscaling Formats (MX) Specification v1.0 (2023-09, "MX spec" below): a block of
   ``k = 32`` consecutive elements along the input dimension shares one power-of-two scale stored as E8M0 (MX spec
   §5.1, Table 1; §5.4 for E8M0); each element is a narrow float or integer (§5.3). Quantization follows the
@@ -189,7 +189,7 @@ class Grid(Protocol):
 
 @dataclass(frozen=True)
 class IntGrid:
-    """The integer min-max grid (delegates to :mod:`optimum_bc.primitives`, so results are unchanged)."""
+    """The integer min-max grid (delegates to :mod:`optimum_bc.formats.primitives`, so results are unchanged)."""
 
     qp: QParams
 

@@ -15,7 +15,7 @@ SCALE_DTYPE = torch.float16
 # Smallest positive float16 (a subnormal). Clamping at the smallest normal, 2^-14, made weights of small magnitude
 # lose their grid (8-bit, weight std 1e-4: 876x the error of a plain min-max grid; 4-bit std 2e-5: 88 % zeros);
 # subnormal scales keep them within 2 % of it down to scales of about 2^-20, where fp16's absolute step 2^-24
-# starts to show (optimum_bc.validation warns, naming the layer, below that).
+# starts to show (optimum_bc.layers.validation warns, naming the layer, below that).
 MIN_SCALE = 2.0**-24
 
 

@@ -25,7 +25,7 @@ POSITION_BUFFERS = ("sink_bias", "position_bias")
 class BCDenseLinear(PositionBiases, nn.Linear):
     """``nn.Linear`` plus the BC ``sink_bias`` / ``position_bias`` buffers of the packed layer it replaces.
 
-    Like the packed layers it reads the token positions its decoder block publishes (:mod:`optimum_bc.positions`).
+    Like the packed layers it reads the token positions its decoder block publishes (:mod:`optimum_bc.layers.positions`).
     Reloading a saved model that holds these layers needs optimum-bc (:func:`restore_position_biases`).
     """
 

@@ -196,7 +196,7 @@ def record_evaluation(
         model: a BC-quantized model (``model.quantization_provenance`` is created if missing).
         dataset: what was evaluated: a name of ``optimum_bc.data`` ("wikitext2", "c4", "ptb", "wiki-vital"), a
             path (only its file name is kept), or any other description.
-        perplexity: the value, e.g. from ``optimum_bc.evaluation.evaluate_perplexity``.
+        perplexity: the value, e.g. from ``optimum_bc.data.evaluation.evaluate_perplexity``.
         seq_len, max_samples, stride: the evaluation protocol, shown next to the value.
 
     A second result for the same dataset and protocol replaces the first. Returns the stored entry.
@@ -513,7 +513,7 @@ def build_model_card(
             "weights.",
             load,
             f"Needs the `optimum-bc` package (this checkpoint was written by {written_by}). Fine-tune it with PEFT "
-            "LoRA adapters through `optimum_bc.peft.get_peft_model`.",
+            "LoRA adapters through `optimum_bc.integrations.peft.get_peft_model`.",
         ]
     sections = [
         f"# {name}",
@@ -961,7 +961,7 @@ def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str]
     ``save_format="compressed-tensors"`` / ``"gptq"`` writes that layout instead (:mod:`optimum_bc.export`; then only
     ``max_shard_size``, ``is_main_process``, ``token`` and ``drop_sink_bias`` are accepted).
 
-    The folder is written beside ``save_directory`` and swapped in (:func:`optimum_bc.atomic.atomic_folder`): a crash
+    The folder is written beside ``save_directory`` and swapped in (:func:`optimum_bc.export.atomic.atomic_folder`): a crash
     at any moment leaves the previous checkpoint or the new one, and no stale weights of another layout.
     ``reproducible=True`` leaves the recorded timings out, so two runs with the same seed and thread count save
     byte-identical files.

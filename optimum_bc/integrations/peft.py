@@ -35,7 +35,7 @@ try:
     from peft import LoraConfig, PeftModel
     from peft import get_peft_model as _peft_get_peft_model
 except ImportError as err:  # pragma: no cover - exercised only without the optional dependency
-    raise ImportError("optimum_bc.peft needs PEFT: pip install 'optimum-bc[train]'") from err
+    raise ImportError("optimum_bc.integrations.peft needs PEFT: pip install 'optimum-bc[train]'") from err
 
 
 #: PEFT saves the biases of ``bias="lora_only"`` (``<layer>.base_layer.bias``) with the adapter from this version on.
@@ -61,10 +61,12 @@ def get_peft_model(
         kwargs: passed to ``peft.get_peft_model`` (e.g. ``adapter_name``).
     """
     if not isinstance(peft_config, LoraConfig):
-        raise ValueError(f"optimum_bc.peft.get_peft_model supports LoraConfig, got {type(peft_config).__name__}")
+        raise ValueError(
+            f"optimum_bc.integrations.peft.get_peft_model supports LoraConfig, got {type(peft_config).__name__}"
+        )
     if not _has_packed_layers(model):
         raise ValueError(
-            "optimum_bc.peft.get_peft_model: the model has no QuantLinear/MXLinear; quantize it with optimum-bc "
+            "optimum_bc.integrations.peft.get_peft_model: the model has no QuantLinear/MXLinear; quantize it with optimum-bc "
             "(or use peft.get_peft_model for a float model)"
         )
     init = peft_config.init_lora_weights
@@ -100,7 +102,7 @@ def merge_and_unload(peft_model: PeftModel, dtype: torch.dtype | None = None) ->
 
     PEFT's own ``merge_and_unload`` adds ``B @ A`` to ``base_layer.weight``, which packed layers do not have (it
     fails with "'NoneType' object has no attribute 'data'"). This first replaces every packed base layer by its
-    dense equivalent (``model.dequantize(dtype)``, see :meth:`optimum_bc.quantizer.BCHfQuantizer._dequantize`), so
+    dense equivalent (``model.dequantize(dtype)``, see :meth:`optimum_bc.integrations.quantizer.BCHfQuantizer._dequantize`), so
     the merged model computes what the adapted quantized model computed, in float. Works in place on ``peft_model``.
     """
     base = peft_model.get_base_model()

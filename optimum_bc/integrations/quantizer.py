@@ -140,16 +140,16 @@ class BCHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        """PEFT adapters (stock ``peft``, see ``optimum_bc.peft``) train on top of the frozen packed weights."""
+        """PEFT adapters (stock ``peft``, see ``optimum_bc.integrations.peft``) train on top of the frozen packed weights."""
         return True
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
         """``model.dequantize(dtype)``: every packed layer becomes a dense Linear with its bias, in place.
 
         The dense weight is the packed layer's reference dequantization, so logits equal the packed model's (reference
-        path). Layers with a ``sink_bias`` / ``position_bias`` become :class:`~optimum_bc.dense.BCDenseLinear`, which
+        path). Layers with a ``sink_bias`` / ``position_bias`` become :class:`~optimum_bc.integrations.dense.BCDenseLinear`, which
         keeps them; a saved model holding such layers needs optimum-bc to reload
-        (:func:`optimum_bc.dense.restore_position_biases`), one without them is a plain float checkpoint. The config's
+        (:func:`optimum_bc.integrations.dense.restore_position_biases`), one without them is a plain float checkpoint. The config's
         bias flags (LLaMA ``attention_bias`` / ``mlp_bias``) are set so stock loaders build the biases. ``dtype``
         (default: the model's) is applied to the whole model. Transformers then drops ``quantization_config``.
         """

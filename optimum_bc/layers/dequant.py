@@ -1,4 +1,4 @@
-"""The ``dequant`` path of :mod:`optimum_bc.kernels`: per-call dequantization of packed rows into a bf16 matmul.
+"""The ``dequant`` path of :mod:`optimum_bc.layers.kernels`: per-call dequantization of packed rows into a bf16 matmul.
 
 The packed int4/int8 CPU kernels cost time per token; for prefill (many tokens) it is faster to rebuild the weight
 from the packed codes on every call, a block of rows at a time, and run bf16 matmuls (AMX / AVX512-BF16). Nothing

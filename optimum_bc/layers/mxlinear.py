@@ -1,7 +1,7 @@
 """``MXLinear``: a linear layer storing OCP MX block-scaled weights (see :mod:`optimum_bc.formats`).
 
 Storage (real, packed): ``qweight`` holds the element codes of each row as one little-endian bit stream in int32
-words (:func:`optimum_bc.packing.pack_int32`): 4-bit codes two per byte, 6-bit codes four per three bytes, 8-bit
+words (:func:`optimum_bc.formats.packing.pack_int32`): 4-bit codes two per byte, 6-bit codes four per three bytes, 8-bit
 codes one per byte. ``scales`` holds one E8M0 byte per block of 32 input columns (MX spec §5.4: ``2^(code - 127)``,
 ``0xFF`` = NaN). ``bias`` is always present because bias compensation gives bias-less layers a bias.
 
@@ -24,7 +24,7 @@ from .packed_base import PackedLinearBase
 class MXLinear(PackedLinearBase):
     """Linear layer with MX weights: packed element codes, one E8M0 scale per 32 input columns, and a bias.
 
-    An ``nn.Linear`` subclass whose ``weight`` is ``None`` (see :mod:`optimum_bc.packed_base`): stock PEFT adapts it.
+    An ``nn.Linear`` subclass whose ``weight`` is ``None`` (see :mod:`optimum_bc.layers.packed_base`): stock PEFT adapts it.
     """
 
     def __init__(

@@ -19,7 +19,7 @@ class PositionBiases:
 
     ``position_bias`` ``[positions, out]``: the reference code's per-position table (``bc_granularity="position"``).
     ``sink_bias`` ``[sink_tokens, out]``: the extra bias of the first positions (``bc_sink_tokens``).
-    Both read the token positions that the decoder blocks publish (:mod:`optimum_bc.positions`).
+    Both read the token positions that the decoder blocks publish (:mod:`optimum_bc.layers.positions`).
     """
 
     position_bias: torch.Tensor | None

@@ -117,7 +117,7 @@ def positions_for(x: torch.Tensor, layer: str) -> torch.Tensor:
         raise RuntimeError(
             f"{layer} has a position-dependent compensation bias but no token positions were published: run it "
             "inside its decoder block of a model quantized or loaded by optimum-bc (blocks publish their "
-            "position_ids), or call optimum_bc.positions.attach_position_hooks(blocks) on hand-built models"
+            "position_ids), or call optimum_bc.layers.positions.attach_position_hooks(blocks) on hand-built models"
         )
     if positions.numel() != x[..., 0].numel():
         raise RuntimeError(

@@ -5,11 +5,11 @@ float16 ``scales`` and a per-column group index (``g_idx``, which also covers ac
 dequantized weight is ``W[o, i] = scales[o, g] * (q[o, i] - z[o, g])`` with ``g = g_idx[i]``. ``bias`` is always
 present because bias compensation gives bias-less layers a bias.
 
-``forward`` picks a path per call (:mod:`optimum_bc.kernels`): by default packed-weight ATen kernels (CPU int4 /
+``forward`` picks a path per call (:mod:`optimum_bc.layers.kernels`): by default packed-weight ATen kernels (CPU int4 /
 int8 for float32, bf16 and fp16 activations, computed in bf16; CUDA int4 for bf16) for short calls, per-call
 dequantization into a bf16 matmul for long CPU calls (prefill), no dense cache; or the reference path that
 dequantizes once (float32 math), caches the dense weight in the activation dtype and runs ``F.linear`` (exact, but
-the cache costs 4 bytes/weight in float32, 2 in bf16/fp16). ``optimum_bc.kernels.use_backend("reference")`` (or
+the cache costs 4 bytes/weight in float32, 2 in bf16/fp16). ``optimum_bc.layers.kernels.use_backend("reference")`` (or
 ``OPTIMUM_BC_KERNEL=reference``) forces the reference path, which calibration and anything needing gradients use.
 """
 
@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimum_bc.formats.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
-from optimum_bc.layers import kernels
-from optimum_bc.layers.packed_base import PackedLinearBase
+from ..formats.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
+from .kernel_forms import KernelForm, build_form, check_form, matmul
+from .kernel_paths import _CUDA_CHECK_RTOL, REFERENCE, Plan, plan, select_path
+from .kernel_paths import logger as kernel_logger
+from .packed_base import PackedLinearBase
 
 
 def _num_groups(in_features: int, group_size: int) -> int:
@@ -44,7 +46,7 @@ def _as_integer(tensor: torch.Tensor, name: str) -> torch.Tensor:
 class QuantLinear(PackedLinearBase):
     """Linear layer with ``bits``-bit grouped weights: packed-weight kernels or a dequantize-once dense cache.
 
-    Paths (see :mod:`optimum_bc.kernels`; ``kernel_path(x)`` tells which one an input takes):
+    Paths (see :mod:`optimum_bc.layers.kernels`; ``kernel_path(x)`` tells which one an input takes):
 
     * CPU, 2/3/4-bit, groups made of runs of 32/64/128/256 columns (per-channel and act-order included):
       ``aten._weight_int4pack_mm_for_cpu``; +0.5 byte/weight (computed in bf16; fp16/fp32 inputs are cast).
@@ -57,7 +59,7 @@ class QuantLinear(PackedLinearBase):
       cache, 4 bytes/weight in float32 (2 in bf16/fp16) on top of the packed buffers.
 
     Kernel forms and the dense cache are derived data: never in the ``state_dict``, dropped by :meth:`reset_cache`.
-    An ``nn.Linear`` subclass whose ``weight`` is ``None`` (see :mod:`optimum_bc.packed_base`): stock PEFT adapts it.
+    An ``nn.Linear`` subclass whose ``weight`` is ``None`` (see :mod:`optimum_bc.layers.packed_base`): stock PEFT adapts it.
     """
 
     def __init__(
@@ -87,8 +89,8 @@ class QuantLinear(PackedLinearBase):
         self._bits = bits
         self._group_size = group_size
         self._cached_weight: torch.Tensor | None = None
-        self._kernel_form: kernels.KernelForm | None = None
-        self._kernel_plans: dict[str, kernels.Plan] = {}
+        self._kernel_form: KernelForm | None = None
+        self._kernel_plans: dict[str, Plan] = {}
 
         groups = _num_groups(in_features, group_size)
         self.register_buffer(
@@ -221,24 +223,24 @@ class QuantLinear(PackedLinearBase):
         self._kernel_form = None
         self._kernel_plans = {}
 
-    def kernel_plan(self, device_type: str) -> kernels.Plan:
+    def kernel_plan(self, device_type: str) -> Plan:
         """The kernel this layer can use on ``device_type`` (decided once from its shape and ``g_idx``)."""
         layer_plan = self._kernel_plans.get(device_type)
         return self._build_kernel_plan(device_type) if layer_plan is None else layer_plan
 
     @torch.compiler.disable
-    def _build_kernel_plan(self, device_type: str) -> kernels.Plan:
+    def _build_kernel_plan(self, device_type: str) -> Plan:
         """Decide and remember the plan eagerly (it reads ``g_idx`` values, which a compiled graph cannot)."""
-        layer_plan = kernels.plan(self, device_type)
+        layer_plan = plan(self, device_type)
         self._kernel_plans[device_type] = layer_plan
         return layer_plan
 
     def kernel_path(self, x: torch.Tensor) -> str:
         """The path ``forward(x)`` takes under the current backend (``"reference"``, ``"cpu_int4"``, ...)."""
-        return kernels.select_path(self, x)
+        return select_path(self, x)
 
     @torch.compiler.disable
-    def kernel_form(self, device: torch.device | str) -> "kernels.KernelForm | None":
+    def kernel_form(self, device: torch.device | str) -> "KernelForm | None":
         """This layer's kernel form on ``device``, built on first use; ``None`` when the device has no usable kernel.
 
         Runs eagerly under ``torch.compile`` (a graph break on the first call only). A CUDA form is checked against
@@ -249,19 +251,19 @@ class QuantLinear(PackedLinearBase):
         if form is not None and form.device == device:
             return form
         layer_plan = self.kernel_plan(device.type)
-        if layer_plan.path == kernels.REFERENCE:
+        if layer_plan.path == REFERENCE:
             return None
         try:
-            form = kernels.build_form(self, device, layer_plan)
-            error = kernels.check_form(self, form) if device.type == "cuda" else 0.0
-            problem = None if error <= kernels._CUDA_CHECK_RTOL else f"relative error {error:.3g}"
+            form = build_form(self, device, layer_plan)
+            error = check_form(self, form) if device.type == "cuda" else 0.0
+            problem = None if error <= _CUDA_CHECK_RTOL else f"relative error {error:.3g}"
         except RuntimeError as exc:  # an op missing or refusing this shape on this device
             form, problem = None, str(exc).splitlines()[0]
         if problem is not None:
-            kernels.logger.warning(
+            kernel_logger.warning(
                 "%s kernel disabled for %s (%s); using the reference path", layer_plan.path, self, problem
             )
-            self._kernel_plans[device.type] = kernels.Plan(kernels.REFERENCE, f"{layer_plan.path} failed: {problem}")
+            self._kernel_plans[device.type] = Plan(REFERENCE, f"{layer_plan.path} failed: {problem}")
             return None
         self._kernel_form = form
         return form
@@ -273,17 +275,17 @@ class QuantLinear(PackedLinearBase):
         return total + (0 if self._kernel_form is None else self._kernel_form.nbytes())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T + bias`` in ``x.dtype``, on the path :func:`optimum_bc.kernels.select_path` picks."""
-        path = kernels.select_path(self, x)
+        """``x @ W.T + bias`` in ``x.dtype``, on the path :func:`optimum_bc.layers.kernels.select_path` picks."""
+        path = select_path(self, x)
         form = None
-        if path != kernels.REFERENCE:
+        if path != REFERENCE:
             form = self._kernel_form
             if form is None or form.device != x.device:
                 form = self.kernel_form(x.device)  # built eagerly, outside any compiled graph
         if form is None:
             out = F.linear(x, self._weight_for(x), self.bias.to(dtype=x.dtype, device=x.device))
         else:
-            out = kernels.matmul(form, x) + self.bias.to(dtype=x.dtype, device=x.device)
+            out = matmul(form, x) + self.bias.to(dtype=x.dtype, device=x.device)
         return self._add_position_terms(out, x)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
