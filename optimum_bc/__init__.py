@@ -6,7 +6,7 @@ BC checkpoint (transformers otherwise skips the unknown quantization and loads r
 
 from .calibration.report import QuantizationReport
 from .config import BCQuantizationConfig
-from .integrations.hub_card import Provenance, push_folder, record_evaluation
+from .integrations.hub import Provenance, push_folder, record_evaluation
 from .integrations.quantizer import BCHfQuantizer, load_report, quantize_model, register
 from .layers.mxlinear import MXLinear
 from .layers.qlinear import QuantLinear

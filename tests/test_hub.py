@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig
 from optimum_bc.cli import main
-from optimum_bc.integrations.hub_card import (
+from optimum_bc.integrations.hub import (
     PLOT_FILENAME,
     Provenance,
     PushError,
@@ -328,7 +328,7 @@ def test_hub_id_of_existing_folders(tmp_path: Path) -> None:
 def test_base_card_of_a_hub_id_comes_from_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
-    from optimum_bc.integrations.hub_card import collect_provenance
+    from optimum_bc.integrations.provenance import collect_provenance
 
     repo = tmp_path / "models--org--m"
     (repo / "refs").mkdir(parents=True)

@@ -218,7 +218,7 @@ def _config_from_args(args: argparse.Namespace, tokenizer: Any) -> Any:
 
 def _check_model_arg(model_id: str, gguf_file: str | None = None) -> None:
     """A MODEL that names a local folder must be one transformers can load; checked before any work."""
-    from ..integrations.hub_card import hub_id_of
+    from ..integrations.provenance import hub_id_of
 
     path = os.path.expanduser(model_id)
     if not os.path.exists(path):
@@ -273,8 +273,9 @@ def _load_float(model_id: str, gguf_file: str | None) -> tuple[Any, Any]:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..export.atomic import atomic_folder
-    from ..integrations.hub_card import _without_timings, canonical_safetensors_headers, write_model_card
+    from ..integrations.card_folder import write_model_card
     from ..integrations.quantizer import quantize_model
+    from ..integrations.save_hooks import _without_timings, canonical_safetensors_headers
 
     if os.path.exists(args.output) and os.listdir(args.output):
         raise UsageError(
@@ -310,7 +311,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     ppl, eval_error = None, None
     if args.eval_dataset:  # before saving, so the result lands in the card's model-index
         from ..data.evaluation import evaluate_perplexity
-        from ..integrations.hub_card import record_evaluation
+        from ..integrations.provenance import record_evaluation
 
         try:
             ppl = evaluate_perplexity(
@@ -359,7 +360,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from ..config import BCQuantizationConfig
     from ..export import check_config_exportable, export_model
-    from ..integrations.hub_card import _TOKENIZER_FILES, _read_bc_config, write_model_card
+    from ..integrations.card_folder import _TOKENIZER_FILES, _read_bc_config, write_model_card
 
     src = Path(args.src_dir)
     if not src.is_dir():
@@ -449,7 +450,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from ..integrations.hub_card import push_folder
+    from ..integrations.hub_push import push_folder
 
     if not os.path.isdir(args.directory):
         raise UsageError(f"{args.directory!r} is not a folder; pass the --output of `optimum-bc quantize`")

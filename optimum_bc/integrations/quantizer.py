@@ -24,10 +24,11 @@ from ..config import QUANT_METHOD, BCQuantizationConfig
 from ..layers import validation
 from ..layers.packed_base import PackedLinearBase, packed_layers
 from ..layers.positions import attach_position_hooks
+from .metadata import PROVENANCE_METADATA_KEY, REPORT_METADATA_KEY
+from .save_hooks import attach
 
 
 #: safetensors metadata key holding the JSON QuantizationReport, so the report travels with the weights.
-REPORT_METADATA_KEY = "optimum_bc.quantization_report"
 
 
 class BCHfQuantizer(HfQuantizer):
@@ -124,8 +125,6 @@ class BCHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model: Any) -> tuple[None, dict[str, str]]:
         """Keep the default state dict; store the quantization report and provenance in the safetensors metadata."""
-        from .hub_card import PROVENANCE_METADATA_KEY
-
         metadata = {}
         report = getattr(model, "quantization_report", None)
         if report is not None:
@@ -173,7 +172,7 @@ class BCHfQuantizer(HfQuantizer):
         for flag, value in bias_flags(model.config, resolve_spec(model).blocks, names).items():
             setattr(model.config, flag, value)
         model.config.dtype = target
-        for bound in ("save_pretrained", "push_to_hub"):  # the BC card writers bound by hub.attach
+        for bound in ("save_pretrained", "push_to_hub"):  # the BC card writers bound by save_hooks.attach
             model.__dict__.pop(bound, None)
         return model
 
@@ -184,9 +183,7 @@ def _prepare_for_hub(model: Any, checkpoint_files: list[str] | None = None) -> N
     After calibration (``checkpoint_files`` None) the provenance is collected now; after a pre-quantized reload the
     report and provenance are read back from the checkpoint's safetensors metadata.
     """
-    from . import hub_card as hub
-
-    hub.attach(model, checkpoint_files)
+    attach(model, checkpoint_files)
 
 
 def register() -> None:
