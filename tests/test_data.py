@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from optimum_bc.data import calibration_data as data
+from optimum_bc.data import hub_text
 from optimum_bc.data.calibration_data import (
     KNOWN_DATASETS,
     build_calibration_set,
@@ -219,7 +220,7 @@ def test_hub_name_fails_fast_offline(
     name: str, monkeypatch: pytest.MonkeyPatch, tokenizer: PreTrainedTokenizerFast
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(data, "_hub_reachable", lambda: pytest.fail("offline mode must not probe the Hub"))
+    monkeypatch.setattr(hub_text, "hub_reachable", lambda: pytest.fail("offline mode must not probe the Hub"))
     start = time.monotonic()
     with pytest.raises(ValueError, match="wiki-vital"):
         build_calibration_set(name, tokenizer, num_samples=1, seq_len=8)
@@ -232,7 +233,7 @@ def test_unreachable_hub_probe_skips_retries(monkeypatch: pytest.MonkeyPatch) ->
     """Without offline mode, an unreachable Hub is detected by one probe and only the cache is tried."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hub_text, "hub_reachable", lambda: False)
     with pytest.raises(ValueError, match="Hub is unreachable.*wiki-vital"):
         load_evaluation_text("wikitext2")
 

@@ -5,15 +5,11 @@ A bottom floor beside ``formats``: nothing here imports another optimum_bc modul
 """
 
 from .calibration_data import (
-    DOC_SEPARATOR,
-    HUB_PROBE_TIMEOUT_S,
     KNOWN_DATASETS,
     MAX_DOC_DRAWS,
-    OFFLINE_ALTERNATIVES,
     STREAM_THRESHOLD,
     WIKI_VITAL_CALIBRATION_FRACTION,
     Sample,
-    Split,
     TextSource,
     TokenizerLike,
     build_calibration_set,
@@ -23,3 +19,4 @@ from .calibration_data import (
     tokenize_text,
     wiki_vital_articles,
 )
+from .hub_text import DOC_SEPARATOR, HUB_PROBE_TIMEOUT_S, OFFLINE_ALTERNATIVES, Split

