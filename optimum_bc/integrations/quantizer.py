@@ -135,6 +135,13 @@ class BCHfQuantizer(HfQuantizer):
         return None, metadata
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        """Packed buffers, biases and the report save with ``save_pretrained`` and reload pre-quantized."""
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        """``torch.compile`` traces the packed layers' forward (every kernel path is stock ATen ops); transformers
+        reads this before compiling ``generate``'s forward."""
         return True
 
     @property
