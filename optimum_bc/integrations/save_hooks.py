@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration.report import QuantizationReport
-from .card_folder import write_model_card
+from .card_folder import _plot, write_model_card
 from .hub_push import push_folder
 from .metadata import (
     PLOT_FILENAME,
@@ -147,6 +147,8 @@ def _export_kwargs(
 def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
     """``save_pretrained`` that also writes README.md + layer_errors.png; ``push_to_hub=True`` uploads our card.
 
+    ``write_card=False`` / ``write_plot=False`` leave out README.md / layer_errors.png (each on by default).
+
     ``save_format="compressed-tensors"`` / ``"gptq"`` writes that layout instead (:mod:`optimum_bc.export`; then only
     ``max_shard_size``, ``is_main_process``, ``token`` and ``drop_sink_bias`` are accepted).
 
@@ -161,6 +163,8 @@ def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str]
     reproducible = kwargs.pop("reproducible", False)
     save_format = kwargs.pop("save_format", "native")
     drop_sink_bias = kwargs.pop("drop_sink_bias", False)
+    write_card = kwargs.pop("write_card", True)
+    write_plot = kwargs.pop("write_plot", True)
     hub_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
     export_kwargs = _export_kwargs(self, save_format, drop_sink_bias, args, kwargs)
     is_main = kwargs.get("is_main_process", args[0] if args else True)
@@ -178,8 +182,12 @@ def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str]
             result = write_export(self, tmp, save_format, **export_kwargs)
         if reproducible:
             canonical_safetensors_headers(tmp)
-        name = Path(save_directory).absolute().name
-        write_model_card(tmp, tags=getattr(self, "model_tags", None) or (), model_ref=name)
+        if write_card:
+            name = Path(save_directory).absolute().name
+            tags = getattr(self, "model_tags", None) or ()
+            write_model_card(tmp, tags=tags, model_ref=name, render_plot=write_plot)
+        elif write_plot:
+            _plot(getattr(self, "quantization_report", None), tmp / PLOT_FILENAME)
     if push:
         repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
         tags = [*(getattr(self, "model_tags", None) or ()), *(hub_kwargs.pop("tags", None) or ())]
