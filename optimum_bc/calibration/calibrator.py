@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from ..algorithms import WeightQuantizer, get_algorithm
 from ..algorithms.compensation import InputMoments
@@ -43,7 +43,7 @@ _progress_bars = True
 
 
 def set_progress_bars(enabled: bool) -> None:
-    """Show or hide the "block i/N" progress bar (like ``transformers.utils.logging.disable_progress_bar``)."""
+    """Show or hide the calibration bar (transformers' tqdm: ``disable_progress_bar()`` hides it too)."""
     global _progress_bars
     _progress_bars = enabled
 
@@ -77,7 +77,7 @@ def activation_store(setting: bool | None, device: torch.device, needed: int) ->
     if setting is None:
         free = free_memory(device)
         setting = free is not None and needed > ACTIVATION_SHARE * free
-        logger.info(
+        logger.debug(
             "optimum-bc: calibration activations need %.1f MiB, %s MiB free on %s: %s",
             needed / 2**20,
             "?" if free is None else f"{free / 2**20:.0f}",
@@ -234,13 +234,13 @@ class BlockCalibrator:
         h_q = batches
         h_fp = batches if self.float_stream else None
         blocks = get_blocks(self.model, self.spec)
-        bar = tqdm(range(len(blocks)), desc="optimum-bc", unit="block", disable=not _progress_bars)
+        bar = tqdm(total=len(blocks), desc="optimum-bc", unit="block", disable=not _progress_bars)
         # The quantized stream runs the packed layers on the exact path (the fast kernels compute in bf16), and
         # their dense caches are dropped once a block is done, so the quantized model holds only packed weights.
         with kernels.use_backend("reference"):
-            for i in bar:
-                bar.set_description(f"block {i + 1}/{len(blocks)}")
+            for i in range(len(blocks)):
                 prefix = f"{self.spec.blocks}.{i}."
+                bar.set_description(f"optimum-bc {prefix[:-1]}")  # the block being worked on; the count is done ones
                 if self.placement is not None:
                     self.placement.onload(blocks[i], prefix)
                 h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
@@ -249,6 +249,8 @@ class BlockCalibrator:
                         module.reset_cache()
                 if self.placement is not None:
                     self.placement.offload(blocks[i], prefix)
+                bar.update(1)
+        bar.close()
         flags = bias_flags(self.model.config, self.spec.blocks, self.compensated)
         for flag, value in flags.items():
             setattr(self.model.config, flag, value)

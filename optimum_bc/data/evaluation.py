@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from optimum_bc.data.calibration_data import DOC_SEPARATOR, TokenizerLike, load_evaluation_text, tokenize_text
 
