@@ -174,7 +174,7 @@ def _layer_error_section(report: QuantizationReport | None, has_plot: bool) -> s
             ),
         ]
     if has_plot:
-        lines += ["", f"![Per-layer output error before and after bias compensation]({PLOT_FILENAME})"]
+        lines += ["", f"![Bias-compensation gain per layer type: output MSE after / before BC]({PLOT_FILENAME})"]
     full = [
         (f"`{r.name}`", r.block, _num(r.mse_before), _num(r.mse_after), _num(r.loss), f"{r.seconds:.2f}") for r in rows
     ]
