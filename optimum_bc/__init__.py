@@ -4,6 +4,7 @@
 BC checkpoint (transformers otherwise skips the unknown quantization and loads random weights).
 """
 
+from ._compat import install_old_paths
 from .calibration.report import QuantizationReport
 from .config import BCQuantizationConfig
 from .integrations.hub import Provenance, push_folder, record_evaluation
@@ -13,6 +14,7 @@ from .layers.qlinear import QuantLinear
 from .version import __version__
 
 
+install_old_paths()
 register()
 
 __all__ = [

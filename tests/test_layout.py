@@ -188,6 +188,14 @@ def test_modules_are_short():
     assert set(LONG_MODULES) <= set(long), "a module on the exception list is short now: drop it from the list"
 
 
+def test_old_paths_are_answered_without_files():
+    """The finder knows exactly these moves, and no file sits at an old path (git sees every move as a rename)."""
+    from optimum_bc._compat import MOVED
+
+    assert MOVED == {old: new for old, (new, _) in OLD_PATHS.items()}
+    assert [old for old in OLD_PATHS if (PACKAGE.parent / (old.replace(".", "/") + ".py")).exists()] == []
+
+
 @pytest.mark.parametrize("old", sorted(OLD_PATHS))
 def test_old_path_warns_and_is_the_new_module(old):
     new, names = OLD_PATHS[old]

@@ -1,6 +1,0 @@
-"""Deprecated alias of :mod:`optimum_bc.layers.positions`; this path will be removed in 0.3."""
-
-from ._compat import alias_module
-
-
-alias_module(__name__, "optimum_bc.layers.positions")
