@@ -1,6 +1,6 @@
 """``quantize_model``: the engine behind the transformers quantizer, the CLI and the tests.
 
-It works on any loaded causal-LM ``PreTrainedModel`` (see :mod:`optimum_bc.discovery`), without going through
+It works on any loaded causal-LM ``PreTrainedModel`` (see :mod:`optimum_bc.calibration.discovery`), without going through
 ``from_pretrained``.
 """
 

@@ -112,7 +112,7 @@ def test_a_killed_writer_leaves_the_old_folder_and_its_leftovers_are_cleaned(tmp
     _run_killed(
         f"""
         import os, signal
-        from optimum_bc.atomic import atomic_folder
+        from optimum_bc.export.atomic import atomic_folder
         with atomic_folder({str(target)!r}, overwrite=True) as tmp:
             (tmp / "x").write_text("half")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -133,7 +133,7 @@ def test_a_writer_killed_between_the_fallback_renames_gets_its_old_folder_back(t
     _run_killed(
         f"""
         import os, signal
-        from optimum_bc import atomic
+        from optimum_bc.export import atomic
         atomic._renameat2 = lambda src, dst, flags: False
         real_rename = os.rename
         def rename(src, dst):

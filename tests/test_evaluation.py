@@ -1,4 +1,4 @@
-"""Tests for optimum_bc.evaluation (perplexity against a direct computation) and the packaged offline model."""
+"""Tests for optimum_bc.data.evaluation (perplexity against a direct computation) and the packaged offline model."""
 
 import math
 from pathlib import Path

@@ -419,7 +419,7 @@ def test_cli_quantize_save_format_and_its_early_refusal(tmp_path: Path, word_tok
     def no_calibration(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the refusal must come before quantization")
 
-    monkeypatch.setattr(optimum_bc.quantizer, "quantize_model", no_calibration)
+    monkeypatch.setattr(optimum_bc.integrations.quantizer, "quantize_model", no_calibration)
     bad = [*argv, "--save-format", "compressed-tensors"]
     bad[3], bad[7] = str(tmp_path / "q2"), "64"  # the MLP input width 160 is no multiple of 64
     assert main(bad) == 2

@@ -1,4 +1,4 @@
-"""Fast packed-weight paths of ``QuantLinear`` (``optimum_bc.kernels``) against dequantize-then-matmul.
+"""Fast packed-weight paths of ``QuantLinear`` (``optimum_bc.layers.kernels``) against dequantize-then-matmul.
 
 Kernel paths (and the per-call ``dequant`` prefill path) compute in bfloat16 (activations rounded to bf16, bf16
 scales / zero terms, float32 accumulation), so they are compared with a float64 matmul of the dequantized weight on
@@ -186,7 +186,7 @@ def test_backend_validation_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
         kernels.set_backend("fast", dense_min_tokens=True)
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
     assert kernels.set_backend(None) == "auto" and kernels.get_backend() == "reference"
-    code = "import optimum_bc.kernels as k; print(k.get_backend())"
+    code = "import optimum_bc.layers.kernels as k; print(k.get_backend())"
     env_run = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

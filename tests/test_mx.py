@@ -395,7 +395,7 @@ def test_from_pretrained_checks_shapes_before_calibration(
     def no_calibration(*args: object, **kwargs: object) -> None:
         raise AssertionError("calibration started before the layer shapes were checked")
 
-    monkeypatch.setattr(optimum_bc.quantizer, "build_calibration", no_calibration)
+    monkeypatch.setattr(optimum_bc.integrations.quantizer, "build_calibration", no_calibration)
     config = BCQuantizationConfig(format="mxint4", method="rtn", dataset=calib_ids, num_samples=16, seq_len=32)
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj' has in_features=80"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config)

@@ -9,6 +9,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from optimum_bc import BCQuantizationConfig, quantize_model
+from optimum_bc.calibration import calibrator
 
 from .conftest import VOCAB, tiny_llama
 
@@ -24,9 +25,11 @@ def _quantize() -> int:
 
 @pytest.fixture
 def bars_on() -> Iterator[None]:
-    was_on = hf_logging.is_progress_bar_enabled()
+    was_on, ours = hf_logging.is_progress_bar_enabled(), calibrator._progress_bars
     hf_logging.enable_progress_bar()
+    calibrator.set_progress_bars(True)
     yield
+    calibrator.set_progress_bars(ours)
     if not was_on:
         hf_logging.disable_progress_bar()
 

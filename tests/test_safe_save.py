@@ -60,7 +60,8 @@ def _copy(src: Path, dst: Path) -> Path:
 _WRITER = """
 import os, signal, sys, torch
 import optimum_bc, transformers
-from optimum_bc import atomic, hub
+from optimum_bc.export import atomic
+from optimum_bc.integrations import save_hooks
 from transformers import AutoModelForCausalLM
 
 folder, moment = sys.argv[1], sys.argv[2]
@@ -94,7 +95,7 @@ elif moment == "half-weights":
 elif moment == "first-shard":
     transformers.modeling_utils.safe_save_file = after(real, die)
 elif moment == "card":
-    hub.write_model_card = die
+    save_hooks.write_model_card = die
 elif moment == "after-swap":
     atomic._swap_in = after(atomic._swap_in, die)
 model.save_pretrained(folder, max_shard_size="20KB" if moment == "first-shard" else "50GB")
