@@ -9,8 +9,19 @@ problem in ``q_j`` is a 1-D convex quadratic whose minimiser is
 so the best grid value is the grid point nearest to ``t*``. Before the first sweep ``q = w`` (zero residual), so
 coordinates not yet visited still hold their float value. Each row visits its coordinates in its own greedy order,
 decreasing ``|w_j| · ||x_j||`` (the released code's ``--greedy``). ``G = (W - Q) H`` supplies the sums; it is updated
-lazily, as GPTQ does: inside a block of ``b`` steps only the visited entries (``b x b`` per row), then the rest with one
-batched product, so a sweep costs ``O(rows · in²)``, the cost of GPTQ.
+lazily in blocks of ``b`` steps:
+
+- inside a block, only the visited entries: ``b x b`` entries of ``H`` per row, gathered once per block, so
+  ``O(rows · in · b)`` per sweep;
+- after the block, the rest of ``G``: row ``r``'s residual changed at its ``b`` visited columns only, so its row of
+  ``G`` gains ``Σ_t d_t H[j_t, :]``, ``O(b · in)`` per row (a weighted sum of ``b`` rows of ``H``,
+  :func:`torch.nn.functional.embedding_bag`), ``O(rows · in²)`` per sweep.
+
+A sweep therefore costs ``O(rows · in²)`` multiply-adds, the order of GPTQ's, plus one ``rows x in x in`` product per
+extra sweep (``G`` recomputed from the residual) and one for the final losses. The rows visit their columns in
+different orders, so the update cannot be one shared matrix product as in GPTQ: it reads ``rows · in²`` entries of
+``H`` with little reuse and runs at memory speed, not matmul speed (see ``benchmarks/algorithm_speed.py``). Multiplying
+by the dense ``rows x in`` block of changes instead, the earlier implementation, costs ``O(rows · in³ / b)``.
 
 The grid (min-max per row and per group, or an MX format's shared power-of-two scale per block of 32 columns) is
 fitted once on the float weights and kept fixed, as in the reference code; "nearest grid point" is the format's own
@@ -24,6 +35,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..formats import INT_FORMAT
 from . import register_algorithm
@@ -34,8 +46,9 @@ from .rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
 
-# Coordinates per lazy block: G is brought up to date once per block with a batched product (like GPTQ's blocks).
-BLOCK_SIZE = 64
+# Coordinates per lazy block. The within-block gather grows with it (O(rows · in · b) per sweep) while the update of G
+# does not (O(rows · in²) per sweep), so blocks are kept short; below ~16 the per-block Python overhead shows.
+BLOCK_SIZE = 32
 
 
 def comq_quantize(
@@ -67,15 +80,16 @@ def comq_quantize(
     order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
     codes = torch.zeros(rows, n, device=W.device)
     residual = torch.zeros_like(W)  # W - Q; Q starts at W
-    for _ in range(sweeps):
-        G = residual @ H  # recomputed each sweep so rounding drift does not accumulate
+    for sweep in range(sweeps):
+        # Recomputed each sweep so rounding drift does not accumulate; the first sweep starts from a zero residual.
+        G = residual @ H if sweep > 0 else torch.zeros_like(W)
         for t0 in range(0, n, block_size):
             J = order[:, t0 : t0 + block_size]  # (rows, b): the columns each row visits in this block
             codes_b, delta = _sweep_block(W.gather(1, J), residual.gather(1, J), G.gather(1, J), H, J, grid)
             codes.scatter_(1, J, codes_b)
             residual.scatter_add_(1, J, delta)
-            # Lazy update of G = (W - Q) H for the columns visited later: one matrix product per block.
-            G += torch.zeros_like(W).scatter_(1, J, delta) @ H
+            # G[r] += Σ_t delta[r, t] H[J[r, t], :], the rows of H this row's changes select: O(rows · b · in).
+            G += F.embedding_bag(J, H, per_sample_weights=delta, mode="sum")
         if update_scale:
             grid = _update_scales(W, H, grid, codes)
             residual = W - grid.value(codes, grid.all_columns(rows))
@@ -92,21 +106,25 @@ def _sweep_block(
     is kept current inside the block from the ``b x b`` sub-matrices ``H[J_r, J_r]`` of each row.
     """
     rows, b = J.shape
-    Hb = torch.take(H, J.unsqueeze(2) * H.shape[0] + J.unsqueeze(1))  # (rows, b, b) = H[J_r][:, J_r] per row
+    n = H.shape[0]
+    flat = (J.unsqueeze(2) * n + J.unsqueeze(1)).reshape(-1)
+    Hb = H.reshape(-1).index_select(0, flat).view(rows, b, b)  # H[J_r][:, J_r] per row
     h = torch.diagonal(Hb, dim1=1, dim2=2)
-    r, g = r.clone(), g.clone()
+    # Per block, not per step: the grid at the visited columns, and the parts of the target that do not change
+    # inside the block (a column's own residual only changes when it is visited).
+    scales, zeros = grid.params(J)
+    live, hr, hc = h > 0, h * r, h.clamp(min=1e-30)
+    g = g.clone()
     codes = torch.zeros_like(w)
     delta = torch.zeros_like(w)
     for t in range(b):
-        h_t = h[:, t]
         # Dead input (H_jj == 0): the coordinate does not affect the error; round to nearest.
-        target = torch.where(h_t > 0, w[:, t] + (g[:, t] - h_t * r[:, t]) / h_t.clamp(min=1e-30), w[:, t])
-        cols = J[:, t : t + 1]
-        code = grid.nearest(target.unsqueeze(1), cols)
-        d = w[:, t] - grid.value(code, cols)[:, 0] - r[:, t]
+        target = torch.where(live[:, t], w[:, t] + (g[:, t] - hr[:, t]) / hc[:, t], w[:, t])
+        scale, zero = scales[:, t : t + 1], zeros[:, t : t + 1]
+        code = grid.fmt.grid(scale, zero).quantize(target.unsqueeze(1))
+        d = w[:, t] - grid.fmt.decode(code, scale, zero)[:, 0] - r[:, t]
         codes[:, t] = code[:, 0]
         delta[:, t] = d
-        r[:, t] += d
         g += d.unsqueeze(1) * Hb[:, t]
     return codes, delta
 
