@@ -15,7 +15,8 @@ lazily in blocks of ``b`` steps:
   ``O(rows · in · b)`` per sweep;
 - after the block, the rest of ``G``: row ``r``'s residual changed at its ``b`` visited columns only, so its row of
   ``G`` gains ``Σ_t d_t H[j_t, :]``, ``O(b · in)`` per row (a weighted sum of ``b`` rows of ``H``,
-  :func:`torch.nn.functional.embedding_bag`), ``O(rows · in²)`` per sweep.
+  :func:`torch.nn.functional.embedding_bag`, over column tiles of ``H`` that stay in cache), ``O(rows · in²)`` per
+  sweep. The tiles are one copy of ``H``.
 
 A sweep therefore costs ``O(rows · in²)`` multiply-adds, the order of GPTQ's, plus one ``rows x in x in`` product per
 extra sweep (``G`` recomputed from the residual) and one for the final losses. The rows visit their columns in
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 # Coordinates per lazy block. The within-block gather grows with it (O(rows · in · b) per sweep) while the update of G
 # does not (O(rows · in²) per sweep), so blocks are kept short; below ~16 the per-block Python overhead shows.
 BLOCK_SIZE = 32
+# Columns of H per tile in the update of G: a tile of H (in x 128) and of G stay in cache while the rows are summed
+# (twice as fast as summing whole rows of H for in = 4096).
+TILE = 128
 
 
 def comq_quantize(
@@ -80,6 +84,7 @@ def comq_quantize(
     order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
     codes = torch.zeros(rows, n, device=W.device)
     residual = torch.zeros_like(W)  # W - Q; Q starts at W
+    tiles = _column_tiles(H, TILE)
     for sweep in range(sweeps):
         # Recomputed each sweep so rounding drift does not accumulate; the first sweep starts from a zero residual.
         G = residual @ H if sweep > 0 else torch.zeros_like(W)
@@ -88,13 +93,35 @@ def comq_quantize(
             codes_b, delta = _sweep_block(W.gather(1, J), residual.gather(1, J), G.gather(1, J), H, J, grid)
             codes.scatter_(1, J, codes_b)
             residual.scatter_add_(1, J, delta)
-            # G[r] += Σ_t delta[r, t] H[J[r, t], :], the rows of H this row's changes select: O(rows · b · in).
-            G += F.embedding_bag(J, H, per_sample_weights=delta, mode="sum")
+            _add_selected_rows(G, J, delta, tiles)
         if update_scale:
             grid = _update_scales(W, H, grid, codes)
             residual = W - grid.value(codes, grid.all_columns(rows))
     row_losses = ((residual @ H) * residual).sum(dim=1) / 2
     return grid.result(codes, row_losses)
+
+
+def _column_tiles(H: torch.Tensor, width: int) -> torch.Tensor:
+    """``H`` as ``(tiles, in, width)`` contiguous column tiles, the last one zero-padded (a copy of ``H``)."""
+    n = H.shape[1]
+    count = -(-n // width)
+    padded = torch.zeros(H.shape[0], count * width, dtype=H.dtype, device=H.device)
+    padded[:, :n] = H
+    return padded.view(H.shape[0], count, width).transpose(0, 1).contiguous()
+
+
+def _add_selected_rows(G: torch.Tensor, J: torch.Tensor, delta: torch.Tensor, tiles: torch.Tensor) -> None:
+    """``G[r] += Σ_t delta[r, t] H[J[r, t], :]`` in place: the rows of ``H`` that each row's changes select.
+
+    ``O(rows · b · in)``: a weighted sum of ``b`` rows of ``H`` per row (:func:`torch.nn.functional.embedding_bag`),
+    one column tile of ``H`` at a time.
+    """
+    n = G.shape[1]
+    width = tiles.shape[2]
+    for k in range(tiles.shape[0]):
+        stop = min((k + 1) * width, n)
+        part = F.embedding_bag(J, tiles[k], per_sample_weights=delta, mode="sum")
+        G[:, k * width : stop] += part[:, : stop - k * width]
 
 
 def _sweep_block(
