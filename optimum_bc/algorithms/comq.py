@@ -23,6 +23,8 @@ extra sweep (``G`` recomputed from the residual) and one for the final losses. T
 different orders, so the update cannot be one shared matrix product as in GPTQ: it reads ``rows · in²`` entries of
 ``H`` with little reuse and runs at memory speed, not matmul speed (see ``benchmarks/algorithm_speed.py``). Multiplying
 by the dense ``rows x in`` block of changes instead, the earlier implementation, costs ``O(rows · in³ / b)``.
+Both sum the same terms of ``G`` in a different order, so their codes can differ only where a target lies within
+float32 rounding of a decision boundary (a tie); such a flip then changes the rest of that row's sweep.
 
 The grid (min-max per row and per group, or an MX format's shared power-of-two scale per block of 32 columns) is
 fitted once on the float weights and kept fixed, as in the reference code; "nearest grid point" is the format's own
