@@ -24,6 +24,22 @@ Gram matrices are used: ``H = 2 AᵀA / N`` and ``C = 2 AᵀX / N``.
 ``λ`` (the reference's ``0.1 · coe``, an absolute number tied to its unnormalised ViT Gram matrices) is given here
 relative to the mean diagonal of ``H``, like GPTQ's dampening, so it does not depend on the token count or the
 activation scale: ``λ = lam · mean(diag H)``.
+
+Cost per layer (``n = in``, ``chunk = c``, ``iters = refine_iters``; every step is a dense matrix operation):
+
+- Aqer: ``(C - H) Wᵀ`` is ``rows · n²``; the ridge solve one Cholesky factorisation (``n³ / 3``) and two triangular
+  solves with ``rows`` right-hand sides (``2 rows · n²``).
+- Wqer, one chunk of ``k`` columns with ``m`` still float after it: refinement ``rows · k²`` for the start gradient
+  and ``rows · k`` per flip (``≤ iters`` flips); the ridge step ``rows · m · k`` for ``H_RS δ``, a Cholesky of
+  ``H_RR`` (``m³ / 3``) and its solves (``2 rows · m²``). The remainder shrinks geometrically, so the chunks sum to
+  ``O(rows · n²)`` (at ``c = 1/2``: ``rows · n² / 3`` for the refinement gradients, ``rows · n²`` for the ridge
+  steps), ``O(iters · rows · n)`` for the flips and ``n³ (1 - c)³ / (3 (1 - (1 - c)³))`` for the factorisations
+  (``n³ / 21`` at ``c = 1/2``).
+- Losses: one ``rows · n²`` product.
+
+In total ``O(rows · n² + n³)``, the order of GPTQ (whose ``H⁻¹`` factorisation is also ``O(n³)``); nothing is above
+``O(rows · n²)`` once ``rows ≥ n``, and for ``rows < n`` the ``n³`` term is Aqer's one factorisation, which any ridge
+solve with ``H`` needs.
 """
 
 import logging

@@ -44,21 +44,22 @@ class GroupGrid:
             g_idx=torch.arange(n, device=W.device) // size,
         )
 
-    def _params(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def params(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zeros at columns ``cols`` (``(rows, k)``), for callers that round many times at one column."""
         groups = self.g_idx[cols]
         return self.scales.gather(1, groups), self.zeros.gather(1, groups)
 
     def nearest(self, values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Codes of the grid points nearest to ``values`` (``(rows, k)``) at columns ``cols`` (``(rows, k)``)."""
-        return self.fmt.grid(*self._params(cols)).quantize(values)
+        return self.fmt.grid(*self.params(cols)).quantize(values)
 
     def value(self, codes: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Float values of ``codes`` at columns ``cols``."""
-        return self.fmt.decode(codes, *self._params(cols))
+        return self.fmt.decode(codes, *self.params(cols))
 
     def unit_value(self, codes: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``d value / d scale`` of ``codes``: the value with the scale set to 1 (``code - zero`` for integers)."""
-        _, zeros = self._params(cols)
+        _, zeros = self.params(cols)
         return self.fmt.decode(codes, torch.ones_like(zeros), zeros)
 
     def step(self, codes: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
