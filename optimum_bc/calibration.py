@@ -33,6 +33,7 @@ from .discovery import (
     layer_features,
     observe_block,
 )
+from .expert_calibration import ExpertCalibrator
 from .layers import packed_layer
 from .offload import OffloadedCalibration
 from .packed_base import PackedLinearBase
@@ -191,10 +192,11 @@ class BlockCalibrator:
                 "of its Linears see flattened tokens, so a per-position bias cannot be applied. Fix: "
                 "bc_granularity='channel'."
             )
-        fused = fused_expert_weights(block)
-        if fused:
-            logger.warning(
-                "optimum-bc: %s%s stay in float: fused 3-D expert weights are not quantized yet", prefix, fused
+        if self.positions is not None and fused_expert_weights(block):
+            raise ValueError(
+                f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: its "
+                "experts see routed (flattened) tokens, so a per-position bias cannot be applied. Fix: "
+                "bc_granularity='channel'."
             )
         for rel, reason in layout.left_out.items():
             logger.warning("optimum-bc: %s%s stays in float: %s", prefix, rel, reason)
@@ -329,6 +331,10 @@ class BlockCalibrator:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
             self._finish_stage(index, block, stage, quantizers, moments)
+        experts = ExpertCalibrator(
+            self.config, self._options(), self.algorithm, lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs)
+        )
+        self.report.experts.extend(experts.quantize(block, f"{self.spec.blocks}.{index}.", h_q, self.model.config))
         next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
         block_report = BlockReport(index=index, seconds=0.0)
         if self.config.bc_layer:

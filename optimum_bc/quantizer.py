@@ -13,7 +13,7 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from . import api, validation
+from . import api, experts, validation
 from .api import build_calibration, check_layers, resolve_modules_to_not_convert
 from .architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
 from .calibration import FLOAT_BIASES_ATTR
@@ -99,6 +99,8 @@ class BCHfQuantizer(HfQuantizer):
             placeholder._is_hf_initialized = True
             object.__setattr__(skeleton, "weight", placeholder)
             set_module(model, name, skeleton)
+        # Fused mixture-of-experts weights packed per expert (recorded in the config at quantization).
+        experts.swap_in_skeletons(model, config, self.dtype)
         # Float modules that layer-level BC gave a bias: create the slot so the checkpoint's bias loads into it.
         for name in getattr(model.config, FLOAT_BIASES_ATTR, None) or []:
             module = model.get_submodule(name)
