@@ -207,7 +207,7 @@ class ExpertCalibrator:
         results: dict[str, list[QuantizedWeight]] = {}
         rows: list[ExpertReport] = []
         for name in order:
-            quantized, counts = self._quantize_param(block, found, name, transposed[name], batches)
+            quantized, counts = self._quantize_param(block, found, prefix, name, transposed[name], batches)
             results[name] = quantized
             for e, qw in enumerate(quantized):
                 rows.append(ExpertReport(prefix + name, e, counts[e], self._method(counts[e]), qw.loss))
@@ -283,7 +283,7 @@ class ExpertCalibrator:
         return list(found), transposed, {}, []
 
     def _quantize_param(
-        self, block: nn.Module, found: dict, name: str, transposed: bool, batches: list
+        self, block: nn.Module, found: dict, prefix: str, name: str, transposed: bool, batches: list
     ) -> tuple[list[QuantizedWeight], list[int]]:
         """Quantize every expert of ``name`` on its routed rows; the parameter then holds the dequantized weights."""
         param = found[name]
@@ -310,7 +310,9 @@ class ExpertCalibrator:
         for e in range(experts):
             if counts[e] == 0 and self.algorithm.needs_inputs:
                 logger.warning(
-                    "optimum-bc: %s expert %d: 0 calibration tokens routed to it; rounded to nearest (RTN)", name, e
+                    "optimum-bc: %s expert %d: 0 calibration tokens routed to it; rounded to nearest (RTN)",
+                    prefix + name,
+                    e,
                 )
                 quantizer = rtn(in_features, **self.options)
             else:
