@@ -211,11 +211,12 @@ class ExpertCalibrator:
             results[name] = quantized
             for e, qw in enumerate(quantized):
                 rows.append(ExpertReport(prefix + name, e, counts[e], self._method(counts[e]), qw.loss))
-        last = order[-1] if order else None
-        biases = {n: [None] * p.shape[0] for n, p in found.items()}
-        owner_of = {n: n.rpartition(".")[0] for n in found}
-        if self.config.bias_compensation and last is not None:
-            if standard.get(owner_of[last], False) or self._own_bias(block, last) is not None:
+        biases: dict[str, list] = {n: [None] * p.shape[0] for n, p in found.items()}
+        for owner_name in dict.fromkeys(n.rpartition(".")[0] for n in order):
+            last = [n for n in order if n.rpartition(".")[0] == owner_name][-1]  # the expert output
+            if not self.config.bias_compensation or not batches:
+                continue
+            if standard.get(owner_name, False) or self._own_bias(block, last) is not None:
                 self._compensate(block, found, last, batches, first, biases, rows, prefix)
             else:
                 logger.info(
@@ -262,25 +263,36 @@ class ExpertCalibrator:
                 first.append(({k: list(v) for k, v in capture.outputs.items()}, batch.valid))
                 capture.clear()
             order, transposed, standard = list(capture.order), dict(capture.transposed), dict(capture.standard)
-        missing = [n for n in found if n not in transposed]
-        for name in missing:  # never read on these tokens (no expert of this module was routed to)
-            layout = self._layout_without_data(block, {name: found[name]})
-            order.append(name)
-            transposed[name] = layout[1][name]
+        for name in [n for n in found if n not in transposed]:  # no token reached any expert of it
+            flag = self._declared_layout(block, prefix_free=name)
+            if flag is not None:
+                order.append(name)
+                transposed[name] = flag
         return order, transposed, standard, first
 
     def _layout_without_data(self, block: nn.Module, found: dict) -> tuple:
         transposed = {}
         for name in found:
-            owner = block.get_submodule(name.rpartition(".")[0])
-            flag = getattr(owner, "is_transposed", None)
-            if flag is None:
-                raise ValueError(
-                    f"{name}: without calibration tokens reaching it the layout of this fused expert weight "
-                    f"({type(owner).__name__}) is unknown. Fix: give calibration data (dataset=...)"
-                )
-            transposed[name] = bool(flag)
-        return list(found), transposed, {}, []
+            flag = self._declared_layout(block, prefix_free=name)
+            if flag is not None:
+                transposed[name] = flag
+        return list(transposed), transposed, {}, []
+
+    @staticmethod
+    def _declared_layout(block: nn.Module, prefix_free: str) -> bool | None:
+        """``is_transposed`` of a transformers experts class (``use_experts_implementation``); None (with a warning:
+        the parameter stays in float) for a 3-D parameter whose per-expert use was never seen."""
+        owner = block.get_submodule(prefix_free.rpartition(".")[0])
+        flag = getattr(owner, "is_transposed", None)
+        if flag is None:
+            logger.warning(
+                "optimum-bc: %s (%s) stays in float: a 3-D parameter not read as per-expert slices on the "
+                "calibration tokens, and its class declares no expert layout",
+                prefix_free,
+                type(owner).__name__,
+            )
+            return None
+        return bool(flag)
 
     def _quantize_param(
         self, block: nn.Module, found: dict, prefix: str, name: str, transposed: bool, batches: list

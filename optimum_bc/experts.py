@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from .algorithms import QuantizedWeight
 from .config import BCQuantizationConfig
+from .discovery import is_fused_expert_weight
 from .formats import is_mx
 from .layers import packed_layer
 from .mxlinear import MXLinear
@@ -40,7 +41,7 @@ def fused_expert_params(block: nn.Module) -> dict[str, tuple[nn.Module, str]]:
             continue
         prefix = f"{module_name}." if module_name else ""
         for attr, p in module.named_parameters(recurse=False):
-            if p.dim() == 3:
+            if is_fused_expert_weight(module, p):
                 found[prefix + attr] = (module, attr)
         if parametrize.is_parametrized(module):
             for attr, plist in module.parametrizations.items():
