@@ -40,6 +40,7 @@ _LINEAR = {F.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__}
 _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__}
+_TRANSPOSE = {torch.transpose, torch.Tensor.transpose}
 
 
 def _expert_index(index: object) -> int | None:
@@ -65,6 +66,7 @@ class ExpertCapture(TorchFunctionMode):
         self.standard: dict[str, bool] = {}  # experts module name -> called as (hidden, top_k_index, top_k_weights)
         self._slices: dict[int, tuple[str, int, torch.Tensor]] = {}
         self._tagged: dict[int, tuple[tuple[str, int], torch.Tensor]] = {}
+        self._flipped: dict[int, tuple[str, torch.Tensor]] = {}
         self._hidden: dict[int, torch.Tensor] = {}
         self._gathered: torch.Tensor | None = None
 
@@ -106,13 +108,23 @@ class ExpertCapture(TorchFunctionMode):
             hit = self._slices.get(id(w))
             if hit is not None and hit[2] is w:
                 self._record(hit[0], hit[1], x, out, transposed=func not in _LINEAR)
+        elif func in _TRANSPOSE and sorted(int(d) % 3 for d in args[1:3]) == [1, 2]:
+            hit = self.params.get(id(args[0]))
+            if hit is not None and hit[1] is args[0]:
+                self._flipped[id(out)] = (hit[0], out)
         elif func is torch.bmm and len(args) == 2:
             x, w = args
             hit = self.params.get(id(w))
-            if hit is not None and hit[1] is w:
-                self._gathered = None
-                for e in range(w.shape[0]):
-                    self._record(hit[0], e, x[e], out[e], transposed=True)
+            flipped = self._flipped.get(id(w))
+            if hit is not None and hit[1] is w:  # x @ W[e] with W [E, in, out]
+                name, transposed = hit[0], True
+            elif flipped is not None and flipped[1] is w:  # x @ W[e].T with W [E, out, in]
+                name, transposed = flipped[0], False
+            else:
+                return out
+            self._gathered = None
+            for e in range(w.shape[0]):
+                self._record(name, e, x[e], out[e], transposed=transposed)
         elif (func in _ADD or func in _MUL) and len(args) == 2 and isinstance(out, torch.Tensor):
             for mine, other in (args, args[::-1]):
                 tag = self._tagged.get(id(mine))
@@ -131,6 +143,7 @@ class ExpertCapture(TorchFunctionMode):
             store.clear()
         self._slices.clear()
         self._tagged.clear()
+        self._flipped.clear()
         self._hidden.clear()
         self._gathered = None
 
