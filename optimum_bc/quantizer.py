@@ -13,7 +13,7 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from . import api, experts, validation
+from . import api, conversions, experts, validation
 from .api import build_calibration, check_layers, resolve_modules_to_not_convert
 from .architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
 from .calibration import FLOAT_BIASES_ATTR
@@ -110,6 +110,10 @@ class BCHfQuantizer(HfQuantizer):
                     torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
                 )
 
+    def update_weight_conversions(self, weight_conversions: list, model: Any) -> list:
+        """Load packed tensors under the model's own names: no checkpoint converter fuses or splits them."""
+        return conversions.drop_packed_converters(super().update_weight_conversions(weight_conversions, model), model)
+
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if not self.pre_quantized:
             api.quantize_model(model, self.quantization_config, calibration=self._calibration)
@@ -187,6 +191,7 @@ def _prepare_for_hub(model: Any, checkpoint_files: list[str] | None = None) -> N
     """
     from . import hub
 
+    conversions.set_save_conversions(model)
     hub.attach(model, checkpoint_files)
 
 

@@ -147,15 +147,6 @@ EXPECTED_FAILURES: dict[str, str] = {
         "the rows the layer gets do not match the positions its block published, so the sink bias is refused. "
         "Workaround: bc_sink_tokens=0."
     ),
-    "lara_mini": (
-        "transformers applies this family's checkpoint conversion (fusing per-projection tensors) at "
-        "save_pretrained to the packed qweight/scales tensors, whose shapes differ; needs the quantizer to opt "
-        "out of the WeightConverter for packed layers (HfQuantizer.update_weight_conversions)."
-    ),
-    "sarvam_moe": (
-        "Same as lara_mini: the GLM-4-MoE checkpoint conversion concatenates packed tensors of different widths "
-        "at save_pretrained."
-    ),
     "cpmant": (
         "CPM-Ant prepends prompt-type tokens inside the model, so its blocks see more tokens than the calibration "
         "batch's input_ids and the padding mask of the batch does not cover them; needs the valid-token mask "
