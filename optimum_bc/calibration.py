@@ -332,7 +332,11 @@ class BlockCalibrator:
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
             self._finish_stage(index, block, stage, quantizers, moments)
         experts = ExpertCalibrator(
-            self.config, self._options(), self.algorithm, lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs)
+            self.config,
+            self._options(),
+            self.algorithm,
+            lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs),
+            self.skip,
         )
         self.report.experts.extend(experts.quantize(block, f"{self.spec.blocks}.{index}.", h_q, self.model.config))
         next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]

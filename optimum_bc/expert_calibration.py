@@ -29,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .algorithms import QuantizedWeight, WeightQuantizer, get_algorithm
+from .architectures import is_skipped
 from .config import BCQuantizationConfig
 from .experts import EXPERTS_ATTR, fused_expert_params, install, pack, routes_standard
 from .report import ExpertReport
@@ -204,7 +205,9 @@ class ExpertCalibrator:
         options: dict,
         algorithm: type[WeightQuantizer],
         run: Callable[[nn.Module, object], None],
+        skip: list[str] | None = None,
     ) -> None:
+        self.skip = skip or []  # modules_to_not_convert: matching expert weights (or their module) stay in float
         self.config = config
         self.options = options
         self.algorithm = algorithm
@@ -213,7 +216,14 @@ class ExpertCalibrator:
     def quantize(self, block: nn.Module, prefix: str, batches: list, model_config: object) -> list[ExpertReport]:
         """Quantize, compensate and pack every fused expert parameter of ``block``; returns one row per expert."""
         found = {n: getattr(m, a) for n, (m, a) in fused_expert_params(block).items()}
-        found = {n: p for n, p in found.items() if isinstance(p, nn.Parameter) and p.dim() == 3}
+        found = {
+            n: p
+            for n, p in found.items()
+            if isinstance(p, nn.Parameter)
+            and p.dim() == 3
+            and not is_skipped(prefix + n, self.skip)
+            and not is_skipped(prefix + n.rpartition(".")[0], self.skip)
+        }
         if not found:
             return []
         order, transposed, standard, first = self._observe(block, found, batches)

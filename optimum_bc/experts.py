@@ -94,10 +94,11 @@ def routes_standard(args: tuple, kwargs: dict) -> bool:
 def _add_expert_bias(attr: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         routing = _routing(args, kwargs)
-        if routing is None or not isinstance(output, torch.Tensor):
+        packs = getattr(module, "parametrizations", None)
+        if routing is None or not isinstance(output, torch.Tensor) or packs is None or attr not in packs:
             return output
         index, weights = routing
-        packed = module.parametrizations[attr][0]
+        packed = packs[attr][0]
         bias = packed.biases(torch.float32).to(output.device)
         known = index < bias.shape[0]  # some families mark dropped slots with index == num_experts
         picked = bias[index.clamp(max=bias.shape[0] - 1)] * (weights.float() * known).unsqueeze(-1)
@@ -163,3 +164,31 @@ def packed_expert_modules(model: nn.Module) -> dict[str, PackedExperts]:
                 if isinstance(plist[0], PackedExperts):
                     found[f"{name}.{attr}" if name else attr] = plist[0]
     return found
+
+
+def dequantize_experts(model: nn.Module) -> None:
+    """Turn every packed expert weight back into a float 3-D parameter (its exact dequantization), in place.
+
+    Refused (before anything changes) when an expert holds a compensation bias that only the forward hook adds:
+    the float model has no slot for it, so its logits would change.
+    """
+    packed = packed_expert_modules(model)
+    hooked = [
+        name
+        for name, p in packed.items()
+        if (getattr(model.config, EXPERTS_ATTR, None) or {}).get(name, {}).get("hooked_bias")
+        and any(bool(layer.bias.detach().abs().max() > 0) for layer in p.packed)
+    ]
+    if hooked:
+        raise ValueError(
+            f"{hooked[0]} holds per-expert compensation biases that its float experts module has no parameter for, "
+            "so a dequantized model would lose them. Fix: keep the quantized model, or quantize with "
+            "bias_compensation=False (or for a family with expert biases, e.g. GPT-OSS, they fold exactly)."
+        )
+    for name in packed:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+        getattr(owner, attr).requires_grad_(False)
+    if hasattr(model.config, EXPERTS_ATTR):
+        delattr(model.config, EXPERTS_ATTR)

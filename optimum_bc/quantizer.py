@@ -161,6 +161,7 @@ class BCHfQuantizer(HfQuantizer):
         from .architectures import bias_flags
         from .dense import check_in_memory, dense_linear
 
+        experts.dequantize_experts(model)  # first: the per-expert packed layers are not model Linears
         packed = list(packed_layers(model).items())
         if isinstance(dtype, str):  # transformers passes config.dtype, which a loaded config may hold as a string
             dtype = getattr(torch, dtype, dtype)

@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils import parametrize
 from transformers import AutoModelForCausalLM
 
-from optimum_bc import BCQuantizationConfig, quantize_model
+from optimum_bc import BCQuantizationConfig, kernels, quantize_model
 from optimum_bc.algorithms import get_algorithm
 from optimum_bc.expert_calibration import ExpertCalibrator
 from optimum_bc.experts import EXPERTS_ATTR, PackedExperts, packed_expert_modules
@@ -191,3 +191,40 @@ def test_experts_stay_parametrized_and_reject_float_assignment() -> None:
     assert weight.dim() == 3 and weight.dtype == torch.float32
     with pytest.raises(RuntimeError, match="right_inverse"):
         experts.gate_up_proj = torch.zeros_like(weight)
+
+
+@pytest.mark.parametrize("save_format", ["compressed-tensors", "gptq"])
+def test_export_of_packed_experts_is_refused(save_format: str, tmp_path) -> None:
+    from optimum_bc.export import export_model
+
+    model = tiny_model("qwen3_moe")
+    quantize_model(model, _cfg("rtn", bias_compensation=False, bc_sink_tokens=0))
+    with pytest.raises(ValueError, match="packed mixture-of-experts weights"):
+        export_model(model, tmp_path / "out", format=save_format)
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_experts_in_modules_to_not_convert_stay_float() -> None:
+    model = tiny_model("mixtral")
+    config = _cfg(modules_to_not_convert=["lm_head", "experts"])
+    report = quantize_model(model, config)
+    assert not packed_expert_modules(model) and not report.experts
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+
+
+def test_dequantize_folds_into_own_expert_biases_and_refuses_hooked_ones() -> None:
+    x = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    model = tiny_model("gpt_oss")  # BC folds into down_proj_bias: the float model holds everything
+    quantize_model(model, _cfg())
+    with torch.no_grad(), kernels.use_backend("reference"):  # the exact path, which dequantize reproduces
+        logits = model(x).logits
+    with torch.no_grad():
+        model.dequantize()
+        assert not packed_expert_modules(model)
+        assert model.model.layers[0].mlp.experts.down_proj.dim() == 3
+        torch.testing.assert_close(model(x).logits, logits, rtol=1e-5, atol=1e-5)
+    mixtral = tiny_model("mixtral")  # BC biases live only in the hook: refused, nothing changed
+    quantize_model(mixtral, _cfg())
+    with pytest.raises(ValueError, match="per-expert compensation biases"):
+        mixtral.dequantize()
+    assert len(packed_expert_modules(mixtral)) == 2 * len(mixtral.model.layers)
