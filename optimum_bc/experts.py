@@ -59,10 +59,28 @@ class PackedExperts(nn.Module):
         super().__init__()
         self.packed = nn.ModuleList(layers)
         self.transposed = transposed
+        # Within one forward of the experts module the stacked weight is dequantized once (an eager forward reads
+        # it once per routed expert); it is dropped when that forward ends, so no dense copy outlives a call.
+        self._in_forward = False
+        self._forward_cache: torch.Tensor | None = None
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
+        cached = self._forward_cache
+        if self._in_forward and cached is not None and cached.dtype == original.dtype:
+            return cached
         weight = torch.stack([layer.dequantize_weight(original.dtype) for layer in self.packed])
-        return weight.transpose(1, 2) if self.transposed else weight
+        weight = weight.transpose(1, 2) if self.transposed else weight
+        if self._in_forward:
+            self._forward_cache = weight
+        return weight
+
+    def begin_forward(self) -> None:
+        """Start caching the dequantized weight (a forward of the owning experts module begins)."""
+        self._in_forward, self._forward_cache = True, None
+
+    def end_forward(self) -> None:
+        """Drop the cached weight (that forward ended)."""
+        self._in_forward, self._forward_cache = False, None
 
     def biases(self, dtype: torch.dtype) -> torch.Tensor:
         """``[E, out]``: each expert's compensation bias."""
@@ -116,6 +134,8 @@ def install(
     module.register_parameter(attr, placeholder)
     packed = PackedExperts(layers, transposed)
     parametrize.register_parametrization(module, attr, packed, unsafe=True)
+    module.register_forward_pre_hook(lambda m, args: packed.begin_forward())
+    module.register_forward_hook(lambda m, args, out: packed.end_forward())
     if hooked_bias:
         module.register_forward_hook(_add_expert_bias(attr), with_kwargs=True)
     return packed
