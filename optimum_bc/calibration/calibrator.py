@@ -28,6 +28,7 @@ from .architectures import ArchitectureSpec, bias_flags, block_layers, first_par
 from .block_bias import fold_block_bias, holds_sink, residual_accumulator
 from .block_inputs import _Batch, _StopForward
 from .discovery import BlockLayout, dense_weight, find_output_bias, fused_expert_weights, layer_features, observe_block
+from .expert_calibration import ExpertCalibrator
 from .offload import OffloadedCalibration
 from .report import BlockReport, LayerReport, QuantizationReport
 from .skeleton import packed_layer
@@ -184,10 +185,11 @@ class BlockCalibrator:
                 "of its Linears see flattened tokens, so a per-position bias cannot be applied. Fix: "
                 "bc_granularity='channel'."
             )
-        fused = fused_expert_weights(block)
-        if fused:
-            logger.warning(
-                "optimum-bc: %s%s stay in float: fused 3-D expert weights are not quantized yet", prefix, fused
+        if self.positions is not None and fused_expert_weights(block):
+            raise ValueError(
+                f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: its "
+                "experts see routed (flattened) tokens, so a per-position bias cannot be applied. Fix: "
+                "bc_granularity='channel'."
             )
         for rel, reason in layout.left_out.items():
             logger.warning("optimum-bc: %s%s stays in float: %s", prefix, rel, reason)
@@ -324,6 +326,14 @@ class BlockCalibrator:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
             self._finish_stage(index, block, stage, quantizers, moments)
+        experts = ExpertCalibrator(
+            self.config,
+            self._options(),
+            self.algorithm,
+            lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs),
+            self.skip,
+        )
+        self.report.experts.extend(experts.quantize(block, f"{self.spec.blocks}.{index}.", h_q, self.model.config))
         next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
         block_report = BlockReport(index=index, seconds=0.0)
         if self.config.bc_layer:

@@ -104,10 +104,19 @@ def candidate_layers(block: nn.Module, config: object) -> list[str]:
     ]
 
 
+def is_fused_expert_weight(module: nn.Module, param: torch.Tensor) -> bool:
+    """A 3-D parameter that is not a convolution kernel: a fused ``[experts, ., .]`` mixture-of-experts weight."""
+    return param.dim() == 3 and not isinstance(module, nn.modules.conv._ConvNd)
+
+
 def fused_expert_weights(block: nn.Module) -> list[str]:
-    """Names of 3-D parameters (``[experts, out, in]`` fused mixture-of-experts weights) in ``block``: not
-    quantized yet, so callers warn that they stay in float."""
-    return [name for name, p in block.named_parameters() if p.dim() == 3]
+    """Names of the fused mixture-of-experts weights (see :func:`is_fused_expert_weight`) in ``block``."""
+    return [
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in block.named_modules()
+        for name, p in module.named_parameters(recurse=False)
+        if is_fused_expert_weight(module, p)
+    ]
 
 
 @dataclass

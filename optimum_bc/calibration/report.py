@@ -18,6 +18,20 @@ class LayerReport:
 
 
 @dataclass
+class ExpertReport:
+    """One expert of a fused mixture-of-experts weight: the calibration tokens routed to it, the method used (an
+    expert no token reaches is rounded to nearest) and, with BC, its output MSE (routing-weighted) before/after."""
+
+    name: str
+    expert: int
+    tokens: int
+    method: str
+    loss: float
+    mse_before: float | None = None
+    mse_after: float | None = None
+
+
+@dataclass
 class BlockReport:
     """One decoder block; ``mse_*`` are those of the block output when layer-level compensation ran."""
 
@@ -35,6 +49,16 @@ class QuantizationReport:
     blocks: list[BlockReport] = field(default_factory=list)
     total_seconds: float = 0.0
     calibration_tokens: int = 0
+    experts: list[ExpertReport] = field(default_factory=list)
+
+    def tokens_per_expert(self) -> dict[str, list[int]]:
+        """Calibration tokens routed to each expert, per fused expert weight (full name)."""
+        counts: dict[str, list[int]] = {}
+        for row in self.experts:
+            column = counts.setdefault(row.name, [])
+            column.extend([0] * (row.expert + 1 - len(column)))
+            column[row.expert] = row.tokens
+        return counts
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict."""
@@ -48,6 +72,7 @@ class QuantizationReport:
             blocks=[BlockReport(**row) for row in data.get("blocks", [])],
             total_seconds=data.get("total_seconds", 0.0),
             calibration_tokens=data.get("calibration_tokens", 0),
+            experts=[ExpertReport(**row) for row in data.get("experts", [])],
         )
 
     def format_table(self) -> str:
@@ -68,6 +93,9 @@ class QuantizationReport:
                     f"{'block ' + str(block.index) + ' (layer-level BC)':<44} {num(block.mse_before):>14}"
                     f" {num(block.mse_after):>14} {'':>11} {block.seconds:>8.2f}"
                 )
+        for name, counts in self.tokens_per_expert().items():
+            rtn = [row.expert for row in self.experts if row.name == name and row.method == "rtn" and row.tokens == 0]
+            lines.append(f"{name}: tokens per expert {counts}" + (f", RTN (no token): {rtn}" if rtn else ""))
         lines.append(
             f"{len(self.layers)} layers, {len(self.blocks)} blocks, {self.calibration_tokens} calibration tokens,"
             f" {self.total_seconds:.1f} s"

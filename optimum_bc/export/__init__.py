@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..calibration.architectures import resolve_spec
+from ..calibration.experts import packed_expert_modules
 from ..config import BCQuantizationConfig
 from ..formats.formats import is_mx
 from ..layers.packed_base import PackedLinearBase, packed_layers
@@ -166,6 +167,14 @@ def check_exportable(
     """Every check of an export that needs no writing: raises ValueError naming the problem and the fix."""
     config = _bc_config(model)
     fmt = check_config_exportable(config, save_format, drop_sink_bias)
+    experts = list(packed_expert_modules(model))
+    if experts:
+        raise ValueError(
+            f"{experts[0]} (and {len(experts) - 1} more) are packed mixture-of-experts weights; the {save_format} "
+            "export writes per-Linear tensors and has no layout for them yet. Fix: save with save_pretrained (the "
+            "optimum-bc format reloads them), or quantize without the experts "
+            "(modules_to_not_convert=[...experts module names])."
+        )
     if any(hasattr(m, "base_layer") for m in model.modules()):
         raise ValueError(
             "the model carries PEFT adapters, which stock loaders would not apply from this checkpoint. Fix: export "

@@ -15,6 +15,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from .. import api
 from ..api import build_calibration, check_layers, resolve_modules_to_not_convert
+from ..calibration import experts
 from ..calibration.architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
 from ..calibration.calibrator import FLOAT_BIASES_ATTR
 from ..calibration.offload import block_calibration_bytes, check_device_map, check_max_memory
@@ -24,6 +25,7 @@ from ..config import QUANT_METHOD, BCQuantizationConfig
 from ..layers import validation
 from ..layers.packed_base import PackedLinearBase, packed_layers
 from ..layers.positions import attach_position_hooks
+from . import conversions
 from .metadata import PROVENANCE_METADATA_KEY, REPORT_METADATA_KEY
 from .save_hooks import attach
 
@@ -101,6 +103,8 @@ class BCHfQuantizer(HfQuantizer):
             placeholder._is_hf_initialized = True
             object.__setattr__(skeleton, "weight", placeholder)
             set_module(model, name, skeleton)
+        # Fused mixture-of-experts weights packed per expert (recorded in the config at quantization).
+        experts.swap_in_skeletons(model, config, self.dtype)
         # Float modules that layer-level BC gave a bias: create the slot so the checkpoint's bias loads into it.
         for name in getattr(model.config, FLOAT_BIASES_ATTR, None) or []:
             module = model.get_submodule(name)
@@ -109,6 +113,10 @@ class BCHfQuantizer(HfQuantizer):
                 module.bias = torch.nn.Parameter(
                     torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
                 )
+
+    def update_weight_conversions(self, weight_conversions: list, model: Any) -> list:
+        """Load packed tensors under the model's own names: no checkpoint converter fuses or splits them."""
+        return conversions.drop_packed_converters(super().update_weight_conversions(weight_conversions, model), model)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         if not self.pre_quantized:
@@ -162,6 +170,7 @@ class BCHfQuantizer(HfQuantizer):
         from ..calibration.architectures import bias_flags
         from .dense import check_in_memory, dense_linear
 
+        experts.dequantize_experts(model)  # first: the per-expert packed layers are not model Linears
         packed = list(packed_layers(model).items())
         if isinstance(dtype, str):  # transformers passes config.dtype, which a loaded config may hold as a string
             dtype = getattr(torch, dtype, dtype)
@@ -190,6 +199,7 @@ def _prepare_for_hub(model: Any, checkpoint_files: list[str] | None = None) -> N
     After calibration (``checkpoint_files`` None) the provenance is collected now; after a pre-quantized reload the
     report and provenance are read back from the checkpoint's safetensors metadata.
     """
+    conversions.set_save_conversions(model)
     attach(model, checkpoint_files)
 
 
