@@ -13,7 +13,7 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
-from . import api, validation
+from . import api, kernels, validation
 from .api import build_calibration, check_layers, resolve_modules_to_not_convert
 from .architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
 from .calibration import FLOAT_BIASES_ATTR
@@ -59,7 +59,9 @@ class BCHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         config = self.quantization_config
-        spec = resolve_spec(model)  # from the meta-device skeleton: an unusable architecture fails before loading
+        spec = resolve_spec(
+            model, config
+        )  # from the meta-device skeleton: an unusable architecture fails before loading
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
         check_layers(model, spec, config, list(config.modules_to_not_convert))
@@ -87,7 +89,7 @@ class BCHfQuantizer(HfQuantizer):
 
     def _swap_in_skeletons(self, model: Any) -> None:
         config = self.quantization_config
-        spec = resolve_spec(model)
+        spec = resolve_spec(model, config)
         for name in target_linears(model, spec, list(config.modules_to_not_convert)):
             linear = model.get_submodule(name)
             dtype = self.dtype or linear.weight.dtype
@@ -117,7 +119,9 @@ class BCHfQuantizer(HfQuantizer):
                 if isinstance(module, PackedLinearBase) and "weight" in module.__dict__:
                     del module.__dict__["weight"]
             validation.check_loaded_values(model, self.quantization_config)
-            attach_position_hooks(get_blocks(model, resolve_spec(model)), model)
+            attach_position_hooks(get_blocks(model, resolve_spec(model, self.quantization_config)), model)
+        if self.quantization_config.backend is not None:
+            kernels.set_model_backend(model, self.quantization_config.backend)
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
         return model
 
@@ -210,6 +214,8 @@ def quantize_model(
             "the float model (for a GGUF file, clear `model.hf_quantizer` and `model.config.quantization_config`)."
         )
     report = api.quantize_model(model, config, calibration=calibration, tokenizer=tokenizer)
+    if config.backend is not None:
+        kernels.set_model_backend(model, config.backend)
     model.hf_quantizer = BCHfQuantizer(config, pre_quantized=False)
     model.config.quantization_config = config
     model.is_quantized = True
