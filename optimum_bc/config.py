@@ -38,6 +38,20 @@ DEFAULT_SEQ_LEN = 2048
 QUANT_METHOD = "bc"
 
 
+def field_choices() -> dict[str, tuple]:
+    """The allowed values of the fields that have a fixed set (the CLI offers them as choices)."""
+    from .kernels import BACKENDS
+
+    return {
+        "bits": SUPPORTED_BITS,
+        "method": tuple(available_algorithms()),
+        "weight_format": tuple(FORMATS),
+        "bc_target": BC_TARGETS,
+        "bc_granularity": BC_GRANULARITIES,
+        "backend": BACKENDS,
+    }
+
+
 def _refuse_unknown(keys: list[str]) -> None:
     """Unknown keys are typos: this version wrote every key of configs up to its CONFIG_VERSION (a newer version's
     configs carry a higher config_version, refused above with "upgrade optimum-bc")."""

@@ -42,7 +42,7 @@ def test_help_reads_well(capsys) -> None:
         (["quantize", "m"], "--output"),
         (["quantize", "m", "--output", "o", "--bits", "5"], "invalid choice"),
         (["quantize", "m", "--output", "o", "--group-size", "0"], "group_size=0"),
-        (["quantize", "m", "--output", "o", "--method", "awq"], "method='awq'"),
+        (["quantize", "m", "--output", "o", "--method", "awq"], "--method: invalid choice: 'awq'"),
         (["demo", "--settings", "rtn,awq"], "unknown"),
         (["nope"], "invalid choice"),
     ],
