@@ -75,7 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--save-format",
         default="native",
         choices=["native", "compressed-tensors", "gptq"],
-        help="checkpoint layout: native (optimum-bc, default) or one stock transformers / vLLM load",
+        help="checkpoint layout: native (optimum-bc, default) or one stock transformers / vLLM load (then "
+        "--bc-sink-tokens defaults to 0: stock classes hold no first-token bias)",
     )
     x = sub.add_parser(
         "export",

@@ -21,8 +21,8 @@ import torch
 NO_FLAG = ("self", "tokenizer", "config_version", "kwargs")
 #: Where the CLI's default differs from the config's: the CLI always calibrates on something that needs no network.
 CLI_DEFAULTS = {"dataset": "wiki-vital"}
-#: Extra spellings kept from earlier versions of the CLI.
-ALIASES = {"weight_format": ("--format",)}
+#: Extra spellings: the CLI's old --format, and GPTQConfig's model_seqlen.
+ALIASES = {"weight_format": ("--format",), "seq_len": ("--model-seqlen",)}
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
