@@ -139,22 +139,27 @@ def _load_float(model_id: str, gguf_file: str | None, load: dict[str, Any]) -> t
     return model, tokenizer
 
 
-def _check_quantize_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """Every check of ``quantize`` that reads no weight; returns the config (without tokenizer) and load kwargs."""
+def _config_from_args(args: argparse.Namespace, tokenizer: Any = None, **overrides: Any) -> Any:
+    """The ``BCQuantizationConfig`` of the command line (ValueError on a bad combination)."""
     from .config import BCQuantizationConfig
 
+    return BCQuantizationConfig(**{**config_kwargs(args), **overrides}, tokenizer=tokenizer)
+
+
+def _check_quantize_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Every check of ``quantize`` that reads no weight; returns the config (without tokenizer) and load kwargs."""
     if os.path.exists(args.output) and os.listdir(args.output):
         raise UsageError(
             f"--output {args.output!r} exists and is not empty; choose a new folder (nothing is overwritten)"
         )
-    settings = config_kwargs(args)
-    if args.save_format != "native" and "bc_sink_tokens" not in settings:
-        settings["bc_sink_tokens"] = 0  # the export-friendly BC: stock classes hold no first-token bias
+    overrides = {}
+    if args.save_format != "native" and args.bc_sink_tokens is None:
+        overrides["bc_sink_tokens"] = 0  # the export-friendly BC: stock classes hold no first-token bias
         logger.info(
             "--save-format %s: using --bc-sink-tokens 0 (stock classes hold no first-token bias)", args.save_format
         )
     with usage_errors():
-        config = BCQuantizationConfig(**settings)
+        config = _config_from_args(args, **overrides)
         if args.save_format != "native":
             from .export import check_config_exportable
 

@@ -23,6 +23,8 @@ NO_FLAG = ("self", "tokenizer", "config_version", "kwargs")
 CLI_DEFAULTS = {"dataset": "wiki-vital"}
 #: Extra spellings: the CLI's old --format, and GPTQConfig's model_seqlen.
 ALIASES = {"weight_format": ("--format",), "seq_len": ("--model-seqlen",)}
+#: Fields whose bad values the config refuses itself, with a longer message than argparse's (close names, the fix).
+CONFIG_CHECKS_CHOICE = ("weight_format",)
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -108,8 +110,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         else:
             options["type"] = canonical_format if name == "weight_format" else element
         if name in choices:
-            options["choices"] = list(choices[name])
             options["metavar"] = "{" + ",".join(map(str, choices[name])) + "}"
+            if name not in CONFIG_CHECKS_CHOICE:
+                options["choices"] = list(choices[name])
         group.add_argument(flag(name), *ALIASES.get(name, ()), **options)
     group.add_argument(
         "--no-bc", dest="bias_compensation", action="store_false", help="same as --no-bias-compensation"

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .cli_args import UsageError, add_loading_options, loading_kwargs
+from .cli_checks import usage_errors
 
 
 DEMO_SETTINGS = ("rtn", "rtn+bc", "gptq", "gptq+bc")
@@ -106,14 +107,15 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.directory):
         raise UsageError(f"{args.directory!r} is not a folder; pass the --output of `optimum-bc quantize`")
-    info = push_folder(
-        args.directory,
-        args.repo_id,
-        private=True if args.private else None,
-        revision=args.revision,
-        commit_message=args.commit_message,
-        create_pr=args.create_pr,
-    )
+    with usage_errors("DIRECTORY"):  # bad input is refused before any request (upload failures are PushError)
+        info = push_folder(
+            args.directory,
+            args.repo_id,
+            private=True if args.private else None,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            create_pr=args.create_pr,
+        )
     print(f"pushed {args.directory} to {args.repo_id}: {info.pr_url or info.commit_url}")
     return 0
 

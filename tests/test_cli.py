@@ -257,7 +257,7 @@ def test_version(capsys) -> None:
     "extra,match",
     [
         (["--bits", "6"], "--bits: invalid choice: 6"),
-        (["--weight-format", "fp4"], "--weight-format/--format: invalid choice: 'fp4'"),
+        (["--weight-format", "fp4"], r"weight_format='fp4' is invalid; allowed: \['int', 'mxfp8_e4m3'"),
         (["--backend", "marlin"], "--backend: invalid choice: 'marlin'"),
         (["--modules-in-block-to-quantize", "mlp.down_proj"], "--modules-in-block-to-quantize: .*not JSON"),
         (["--device", "cpu", "--device-map", "auto"], "not allowed with argument --device"),

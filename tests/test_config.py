@@ -270,3 +270,25 @@ def test_modules_in_block_to_quantize_quantizes_only_those_in_that_order(tmp_pat
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match=r"names \['mlp.w1'\].*they hold \["):
         _quantized(tmp_path, calib_ids, modules_in_block_to_quantize=[["mlp.w1"]])
+
+
+def test_from_pretrained_applies_the_gptq_named_fields(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from optimum_bc import QuantLinear
+
+    from .conftest import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "float")
+    cfg = BCQuantizationConfig(
+        method="rtn",
+        bias_compensation=False,
+        group_size=32,
+        block_name_to_quantize=["model.layers"],
+        modules_in_block_to_quantize=[["mlp.down_proj"]],
+        backend="reference",
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert sorted(packed) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert {m.kernel_backend for m in packed.values()} == {"reference"}
