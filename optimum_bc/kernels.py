@@ -154,7 +154,10 @@ def get_backend() -> str:
 
 
 def set_backend(name: str | None = None, *, dense_min_tokens: int | None = DENSE_MIN_TOKENS) -> str:
-    """Select the backend for every ``QuantLinear`` (``None``: back to ``$OPTIMUM_BC_KERNEL`` or ``"auto"``).
+    """Select the process default backend (``None``: back to ``$OPTIMUM_BC_KERNEL`` or ``"auto"``).
+
+    Layers of a model quantized or loaded with ``BCQuantizationConfig(backend=...)`` keep their own backend (see
+    :func:`set_model_backend`).
 
     ``dense_min_tokens``: CPU calls with at least this many tokens (prefill) take the ``dequant`` path instead of
     the packed kernel (``None``: never). Returns the previous backend name. Layers keep their built kernel forms;

@@ -292,3 +292,14 @@ def test_from_pretrained_applies_the_gptq_named_fields(tmp_path) -> None:
     packed = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert sorted(packed) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert {m.kernel_backend for m in packed.values()} == {"reference"}
+
+
+def test_gptq_export_config_carries_the_gptq_named_fields() -> None:
+    from optimum_bc.export.gptq import gptq_quantization_config
+
+    stages = [["mlp.down_proj"], ["self_attn.o_proj"]]
+    cfg = BCQuantizationConfig(sym=True, block_name_to_quantize="model.layers", modules_in_block_to_quantize=stages)
+    out = gptq_quantization_config(cfg)
+    assert out["block_name_to_quantize"] == "model.layers" and out["modules_in_block_to_quantize"] == stages
+    plain = gptq_quantization_config(BCQuantizationConfig(sym=True))
+    assert plain.get("block_name_to_quantize") is None and plain.get("modules_in_block_to_quantize") is None
