@@ -303,3 +303,27 @@ def test_gptq_export_config_carries_the_gptq_named_fields() -> None:
     assert out["block_name_to_quantize"] == "model.layers" and out["modules_in_block_to_quantize"] == stages
     plain = gptq_quantization_config(BCQuantizationConfig(sym=True))
     assert plain.get("block_name_to_quantize") is None and plain.get("modules_in_block_to_quantize") is None
+
+
+def test_update_of_any_values_validates_or_changes_nothing() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from .test_config_properties import ANY_VALUE, FIELDS
+
+    updatable = [f for f in FIELDS if f not in ("config_version", "tokenizer")]
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.dictionaries(st.sampled_from(updatable), ANY_VALUE, min_size=1, max_size=3))
+    def check(values: dict) -> None:
+        cfg = BCQuantizationConfig(seq_len=64, num_samples=8)
+        before = cfg.to_dict()
+        try:
+            assert cfg.update(**values) == {}
+        except ValueError as err:
+            assert any(f"{field}=" in str(err) for field in values) and "Fix:" in str(err)
+            assert cfg.to_dict() == before
+            return
+        assert BCQuantizationConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
+
+    check()
