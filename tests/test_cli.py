@@ -353,3 +353,16 @@ def test_generated_flags_reach_the_saved_model(model_with_tokenizer, text_file, 
     assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)
     assert type(model.model.layers[1].mlp.up_proj) is torch.nn.Linear
     assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+def test_eval_checks_seq_len_and_device_before_loading(model_with_tokenizer, text_file, capsys, monkeypatch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM as Auto
+
+    monkeypatch.setattr(Auto, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["eval", model_with_tokenizer, "--dataset", text_file]
+    assert main([*argv, "--seq-len", "256"]) == 2
+    assert "--seq-len 256 exceeds the model's max_position_embeddings=128" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*argv, "--seq-len", "16", "--device", "cuda"]) == 2
+        assert "--device 'cuda': no cuda device is available here" in capsys.readouterr().err
