@@ -145,7 +145,7 @@ def quantize_model(
     Returns:
         The report, also attached as ``model.quantization_report``.
     """
-    spec = resolve_spec(model)
+    spec = resolve_spec(model, config)
     if config.modules_to_not_convert is None:
         config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
     skip = list(config.modules_to_not_convert)

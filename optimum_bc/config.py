@@ -7,7 +7,6 @@ the tokenizer nor raw calibration text (the dataset is stored as a short descrip
 
 import difflib
 import inspect
-import math
 import os
 from typing import Any
 
@@ -15,26 +14,42 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .algorithms import available_algorithms
 from .algorithms.compensation import BC_GRANULARITIES, BC_TARGETS
+from .config_fields import (
+    WEIGHT_FORMAT_VERSION,
+    block_path,
+    check_backend,
+    check_block_name,
+    check_modules_in_block,
+    pop_seq_len,
+    pop_weight_format,
+)
+from .config_fields import check as _check
+from .config_fields import is_real as _is_real
 from .formats.formats import FORMATS, INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, is_mx
 
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = WEIGHT_FORMAT_VERSION
 # Sequence-start tokens that get their own compensation bias (config_version 1 checkpoints predate it: 0).
 DEFAULT_SINK_TOKENS = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 128
+DEFAULT_SEQ_LEN = 2048
 QUANT_METHOD = "bc"
 
 
-def _check(ok: bool, field: str, value: object, allowed: str, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"BCQuantizationConfig: {field}={value!r} is invalid; allowed: {allowed}. Fix: {fix}")
+def field_choices() -> dict[str, tuple]:
+    """The allowed values of the fields that have a fixed set (the CLI offers them as choices)."""
+    from .config_fields import BACKENDS
 
-
-def _is_real(value: object) -> bool:
-    """A finite int or float that is not a bool."""
-    return isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
+    return {
+        "bits": SUPPORTED_BITS,
+        "method": tuple(available_algorithms()),
+        "weight_format": tuple(FORMATS),
+        "bc_target": BC_TARGETS,
+        "bc_granularity": BC_GRANULARITIES,
+        "backend": BACKENDS,
+    }
 
 
 def _refuse_unknown(keys: list[str]) -> None:
@@ -61,10 +76,13 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             With an MX format it is the MX block size, 32, and may only be set to 32.
         sym: symmetric grid (zero point fixed at the middle) instead of asymmetric min-max (default False). MX
             formats are symmetric (sign-magnitude or two's complement, no zero point): only True or unset.
-        format: weight format: ``"int"`` (the integer grid above) or a block-scaled OCP MX format, one of
+        weight_format: number format of the weights: ``"int"`` (the integer grid above, default) or a block-scaled
+            OCP MX format, one of
             ``"mxint8"``, ``"mxint4"``, ``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"``,
             ``"mxfp4"`` (32 consecutive input columns share one power-of-two E8M0 scale; see
             ``optimum_bc.formats``). Case-insensitive; ``"mxfp4_e2m1"`` and the names without underscore are aliases.
+            The old key ``format`` is still read (deprecated; GPTQConfig's ``format`` names a checkpoint layout,
+            chosen here when saving: ``save_pretrained(folder, save_format="gptq")``).
         method: weight quantizer, ``"rtn"``, ``"gptq"``, ``"comq"`` or ``"erq"`` (see ``optimum_bc.algorithms``).
         desc_act: GPTQ act-order: quantize columns by decreasing Hessian diagonal (groups follow that order).
         damp_percent: GPTQ dampening, as a fraction of the mean Hessian diagonal; escalated x10 on failure.
@@ -93,7 +111,8 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         dataset: calibration data: a name (``"wikitext2"``, ``"c4"``, ``"ptb"``, ``"wiki-vital"``), a local text file
             or folder, a list of strings, or pre-tokenized ids. Not needed for RTN without compensation.
         num_samples: calibration windows.
-        seq_len: tokens per calibration window.
+        seq_len: tokens per calibration window (default 2048; GPTQConfig's ``model_seqlen`` is accepted as an
+            alias).
         seed: seed of the window sampling.
         batch_size: windows per forward pass during calibration.
         offload_activations: keep the calibration activations (the block inputs and outputs of both streams) on the
@@ -102,6 +121,14 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             No effect when the blocks run on the CPU.
         tokenizer: tokenizer for text datasets (never serialized); defaults to the model's own.
         modules_to_not_convert: module names kept in float; default: ``lm_head`` and tied embeddings.
+        block_name_to_quantize: dotted path of the ModuleList of decoder blocks to quantize (GPTQConfig's name),
+            e.g. ``"model.layers"``; default: discovered from the model.
+        modules_in_block_to_quantize: GPTQConfig's list of lists of layer names relative to a block, e.g.
+            ``[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]``: only those
+            layers are quantized (the others stay in float), one inner list per sequential stage, in that order.
+            Default: every quantizable layer, staged as observed (see ``true_sequential``).
+        backend: matmul path of this model's packed layers: ``"auto"``, ``"fast"`` or ``"reference"`` (see
+            ``optimum_bc.kernels``); default None follows the process default (``optimum_bc.kernels.set_backend``).
         config_version: layout version of this config, for forward compatibility.
     """
 
@@ -111,7 +138,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         group_size: int | None = None,
         sym: bool | None = None,
         method: str = "gptq",
-        format: str = INT_FORMAT,
+        weight_format: str | None = None,
         desc_act: bool = False,
         damp_percent: float = 0.01,
         comq_sweeps: int = 1,
@@ -126,12 +153,15 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         bc_sink_tokens: int | None = None,
         dataset: Any = None,
         num_samples: int = 128,
-        seq_len: int = 2048,
+        seq_len: int | None = None,
         seed: int = 0,
         batch_size: int = 1,
         offload_activations: bool | None = None,
         tokenizer: Any = None,
         modules_to_not_convert: list[str] | None = None,
+        block_name_to_quantize: str | list[str] | None = None,
+        modules_in_block_to_quantize: list[list[str]] | None = None,
+        backend: str | None = None,
         config_version: int = CONFIG_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -143,10 +173,12 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             f"an int in 1..{CONFIG_VERSION}",
             "upgrade optimum-bc to read a checkpoint written by a newer version, else leave it unset",
         )
+        seq_len = pop_seq_len(kwargs, seq_len)
+        weight_format = pop_weight_format(kwargs, weight_format, config_version)
         if kwargs:
             _refuse_unknown(sorted(kwargs))
         self.quant_method = QUANT_METHOD
-        self.format = canonical_format(format)
+        self.weight_format = canonical_format(INT_FORMAT if weight_format is None else weight_format)
         mx = isinstance(self.format, str) and self.format in MX_ELEMENTS
         # Unset values take the format's own: an MX format fixes the bits, the block size and symmetry.
         self.bits = bits if bits is not None else (MX_ELEMENTS[self.format].bits if mx else DEFAULT_BITS)
@@ -169,23 +201,60 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.bc_sink_tokens = bc_sink_tokens
         self.dataset = dataset
         self.num_samples = num_samples
-        self.seq_len = seq_len
+        self.seq_len = DEFAULT_SEQ_LEN if seq_len is None else seq_len
         self.seed = seed
         self.batch_size = batch_size
         self.offload_activations = offload_activations
         self.tokenizer = tokenizer
         self.modules_to_not_convert = modules_to_not_convert
+        self.block_name_to_quantize = block_name_to_quantize
+        self.modules_in_block_to_quantize = modules_in_block_to_quantize
+        self.backend = backend
         self.config_version = config_version
         self.post_init()
+
+    @property
+    def format(self) -> str:
+        """The number format (``weight_format``), under the name the engine and older code read."""
+        return self.weight_format
+
+    @property
+    def blocks_path(self) -> str | None:
+        """The decoder blocks' dotted path named by ``block_name_to_quantize`` (None: discovered)."""
+        return block_path(self.block_name_to_quantize)
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the given fields and validate the result; on a bad value the config is left unchanged.
+
+        As ``QuantizationConfigMixin.update``, returns the kwargs that are not fields of this config.
+        ``model_seqlen`` and ``format`` are read as ``seq_len`` and ``weight_format``.
+        """
+        fields = set(self.__dict__) - {"quant_method", "config_version"}
+        kwargs = dict(kwargs)
+        if "model_seqlen" in kwargs:
+            kwargs["seq_len"] = pop_seq_len(kwargs, kwargs.pop("seq_len", None))
+        if "format" in kwargs:
+            kwargs["weight_format"] = pop_weight_format(kwargs, kwargs.pop("weight_format", None), CONFIG_VERSION)
+        used = {k: v for k, v in kwargs.items() if k in fields}
+        saved = dict(self.__dict__)
+        try:
+            for key, value in used.items():
+                setattr(self, key, canonical_format(value) if key == "weight_format" else value)
+            self.post_init()
+        except ValueError:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+        return {k: v for k, v in kwargs.items() if k not in used}
 
     def post_init(self) -> None:
         """Validate every field; raise ValueError naming the field, the value, what is allowed and the fix."""
         _check(
             self.format in FORMATS,
-            "format",
+            "weight_format",
             self.format,
             str(list(FORMATS)),
-            'format="int" (integer grid) or e.g. format="mxfp4"',
+            'weight_format="int" (integer grid) or e.g. weight_format="mxfp4"',
         )
         if is_mx(self.format):
             self._check_mx()
@@ -217,7 +286,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             "group_size",
             self.group_size,
             f"{MX_BLOCK_SIZE} with format={self.format!r} (the MX block size: 32 input columns share one scale)",
-            "leave group_size unset (or 32), or use format='int' for other group sizes",
+            "leave group_size unset (or 32), or use weight_format='int' for other group sizes",
         )
         _check(
             self.sym is True,
@@ -240,7 +309,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
                 "method",
                 self.method,
                 f"{[m for m in available_algorithms() if get_algorithm(m).supports_mx]} with format={self.format!r}",
-                "one of those methods, or format='int'",
+                "one of those methods, or weight_format='int'",
             )
 
     def _check_common(self) -> None:
@@ -351,6 +420,9 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             "None or a list of module names",
             'modules_to_not_convert=["lm_head"]',
         )
+        check_block_name(self.block_name_to_quantize)
+        check_modules_in_block(self.modules_in_block_to_quantize)
+        check_backend(self.backend)
         self._check_dataset()
 
     def _check_dataset(self) -> None:

@@ -42,7 +42,7 @@ def test_help_reads_well(capsys) -> None:
         (["quantize", "m"], "--output"),
         (["quantize", "m", "--output", "o", "--bits", "5"], "invalid choice"),
         (["quantize", "m", "--output", "o", "--group-size", "0"], "group_size=0"),
-        (["quantize", "m", "--output", "o", "--method", "awq"], "method='awq'"),
+        (["quantize", "m", "--output", "o", "--method", "awq"], "--method: invalid choice: 'awq'"),
         (["demo", "--settings", "rtn,awq"], "unknown"),
         (["nope"], "invalid choice"),
     ],
@@ -202,3 +202,167 @@ def test_report_plot_into_a_missing_folder_exits_2_before_printing(model_with_to
     assert main(["report", out, "--plot", str(tmp_path / "missing" / "x.png")]) == 2
     captured = capsys.readouterr()
     assert "does not exist or is not writable" in captured.err and captured.out == ""
+
+
+# --- flags generated from the config, loading options, checks before loading, exit codes -------------------------
+
+
+def test_every_config_parameter_has_a_flag(capsys) -> None:
+    import inspect
+
+    from optimum_bc import BCQuantizationConfig
+
+    assert main(["quantize", "--help"]) == 0
+    text = capsys.readouterr().out
+    params = set(inspect.signature(BCQuantizationConfig.__init__).parameters) - {"self", "tokenizer", "kwargs"}
+    params.discard("config_version")
+    missing = [p for p in sorted(params) if "--" + p.replace("_", "-") not in text]
+    assert not missing and len(params) >= 25
+    assert "{2,3,4,8}" in text  # --bits follows SUPPORTED_BITS
+    assert "--no-sym" in text and "--no-bias-compensation" in text and "--weight-format" in text
+
+
+def test_generated_flags_parse_to_config_values() -> None:
+    from optimum_bc.cli import _build_parser
+    from optimum_bc.cli.args import config_kwargs
+
+    argv = ["quantize", "m", "--output", "o", "--format", "MXFP4", "--no-bc", "--offload-activations"]
+    argv += ["--modules-to-not-convert", "lm_head", "model.layers.0.mlp.down_proj", "--erq-lambda", "0.5"]
+    argv += ["--modules-in-block-to-quantize", '[["mlp.down_proj"], ["self_attn.o_proj"]]', "--no-sym"]
+    argv += ["--block-name-to-quantize", "model.layers", "--backend", "reference", "--seq-len", "64"]
+    kwargs = config_kwargs(_build_parser().parse_args(argv))
+    assert kwargs == {
+        "dataset": "wiki-vital",
+        "weight_format": "mxfp4",
+        "bias_compensation": False,
+        "offload_activations": True,
+        "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.down_proj"],
+        "erq_lambda": 0.5,
+        "modules_in_block_to_quantize": [["mlp.down_proj"], ["self_attn.o_proj"]],
+        "sym": False,
+        "block_name_to_quantize": "model.layers",
+        "backend": "reference",
+        "seq_len": 64,
+    }
+
+
+def test_version(capsys) -> None:
+    import optimum_bc
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"optimum-bc {optimum_bc.__version__} (transformers ")
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--bits", "6"], "--bits: invalid choice: 6"),
+        (["--weight-format", "fp4"], r"weight_format='fp4' is invalid; allowed: \['int', 'mxfp8_e4m3'"),
+        (["--backend", "marlin"], "--backend: invalid choice: 'marlin'"),
+        (["--modules-in-block-to-quantize", "mlp.down_proj"], "--modules-in-block-to-quantize: .*not JSON"),
+        (["--device", "cpu", "--device-map", "auto"], "not allowed with argument --device"),
+        (["--device", "nonsense"], "--device 'nonsense'"),
+        (["--device-map", "{bad json"], "--device-map: not valid JSON"),
+        (["--max-memory", "0=20GiB"], "--max-memory only applies with --device-map auto"),
+        (["--device-map", "auto", "--max-memory", "lots"], "--max-memory 'lots': expected JSON or DEVICE=SIZE"),
+        (["--dtype", "float64"], "--dtype: invalid choice"),
+        (["-q", "-v"], "not allowed with argument"),
+        (["--seq-len", "256"], "--seq-len 256 exceeds the model's max_position_embeddings=128"),
+        (["--block-name-to-quantize", "model.blocks"], "no module 'model.blocks' in LlamaForCausalLM"),
+        (["--modules-in-block-to-quantize", '[["mlp.w1"]]'], r"names \['mlp.w1'\].*they hold"),
+        (["--save-format", "compressed-tensors", "--group-size", "64"], "group_size=64|160"),
+        (["--group-size", "-2"], "group_size=-2 is invalid"),
+        (["--bc-sink-tokens", "16"], "bc_sink_tokens=16 is invalid.*seq_len=16"),
+    ],
+)
+def test_bad_settings_exit_2_before_the_weights_load(
+    extra, match, model_with_tokenizer, text_file, tmp_path, capsys, monkeypatch
+) -> None:
+    from optimum_bc import cli
+
+    monkeypatch.setattr(cli, "_load_float", lambda *a: pytest.fail("the model was loaded"))
+    assert main([*_quantize_argv(model_with_tokenizer, str(tmp_path / "q"), text_file, 4), *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "q")
+
+
+def test_mx_width_checked_before_the_weights_load(word_tokenizer, text_file, tmp_path, capsys, monkeypatch) -> None:
+    from optimum_bc import cli
+
+    path = tmp_path / "float100"
+    tiny_llama(intermediate_size=100).save_pretrained(path)
+    word_tokenizer.save_pretrained(path)
+    monkeypatch.setattr(cli, "_load_float", lambda *a: pytest.fail("the model was loaded"))
+    argv = ["quantize", str(path), "--output", str(tmp_path / "q"), "--weight-format", "mxfp4", "--method", "rtn"]
+    assert main([*argv, "--dataset", text_file, "--seq-len", "16", "--num-samples", "2"]) == 2
+    assert re.search(r"mlp.down_proj.*100", capsys.readouterr().err)
+
+
+def test_failure_during_the_work_exits_1_and_verbose_shows_the_traceback(
+    model_with_tokenizer, text_file, tmp_path, capsys, monkeypatch
+) -> None:
+    from optimum_bc import quantizer
+
+    def broken(*args, **kwargs):
+        raise ValueError("calibration diverged\nsecond line")
+
+    monkeypatch.setattr(quantizer, "quantize_model", broken)
+    argv = _quantize_argv(model_with_tokenizer, str(tmp_path / "q"), text_file, 4)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "optimum-bc quantize: failed: ValueError: calibration diverged\n"
+    assert main([*[a for a in argv if a != "--quiet"], "--verbose"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_quiet_hides_info_logs(model_with_tokenizer, text_file, tmp_path, caplog, monkeypatch) -> None:
+    import logging
+
+    from optimum_bc import cli
+
+    monkeypatch.setattr(cli, "_load_float", lambda *a: pytest.fail("the model was loaded"))
+    argv = _quantize_argv(model_with_tokenizer, str(tmp_path / "q"), text_file, 4)
+    argv = [a for a in argv if a != "--quiet"] + ["--save-format", "gptq", "--seq-len", "256"]
+
+    def infos() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "optimum_bc" and r.levelno == logging.INFO]
+
+    assert main(argv) == 2 and any("--bc-sink-tokens 0" in m for m in infos())
+    caplog.clear()
+    assert main([*argv, "-q"]) == 2 and infos() == []
+
+
+def test_generated_flags_reach_the_saved_model(model_with_tokenizer, text_file, tmp_path, capsys) -> None:
+    import json
+
+    import torch
+
+    out = tmp_path / "q"
+    argv = _quantize_argv(model_with_tokenizer, str(out), text_file, 4)
+    argv += ["--device", "cpu", "--dtype", "bfloat16", "--backend", "reference", "--model-seqlen", "16"]
+    argv += ["--modules-in-block-to-quantize", '[["mlp.down_proj"], ["self_attn.o_proj"]]']
+    assert main(argv) == 0
+    assert "saved 4 quantized layers" in capsys.readouterr().out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["backend"] == "reference" and qc["modules_in_block_to_quantize"] == [
+        ["mlp.down_proj"],
+        ["self_attn.o_proj"],
+    ]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model.model.layers[1].self_attn.o_proj, QuantLinear)
+    assert type(model.model.layers[1].mlp.up_proj) is torch.nn.Linear
+    assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+def test_eval_checks_seq_len_and_device_before_loading(model_with_tokenizer, text_file, capsys, monkeypatch) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM as Auto
+
+    monkeypatch.setattr(Auto, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["eval", model_with_tokenizer, "--dataset", text_file]
+    assert main([*argv, "--seq-len", "256"]) == 2
+    assert "--seq-len 256 exceeds the model's max_position_embeddings=128" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*argv, "--seq-len", "16", "--device", "cuda"]) == 2
+        assert "--device 'cuda': no cuda device is available here" in capsys.readouterr().err

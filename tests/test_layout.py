@@ -24,6 +24,7 @@ FLOORS = (
     "formats",  # number formats, scale primitives, int32 bit packing
     "data",  # calibration text, streamed sources, perplexity, packaged offline models
     "algorithms",  # weight quantizers (RTN / GPTQ / COMQ / ERQ) and the closed-form BC bias
+    "config_fields",  # checks and aliases of single config fields (GPTQConfig names, backends)
     "config",  # BCQuantizationConfig
     "layers",  # packed layers (QuantLinear, MXLinear), token positions, kernels, dequantization, checkpoint checks
     "calibration",  # model discovery, architectures, the block calibrator, block biases, offload, report, plot

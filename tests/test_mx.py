@@ -449,7 +449,7 @@ def test_model_card_names_the_mx_format() -> None:
     config = BCQuantizationConfig(format="mxfp6_e2m3", method="rtn", bias_compensation=False)
     text = str(build_model_card(config.to_dict()))
     assert "OCP MX format `mxfp6_e2m3` (6-bit elements, 32 per E8M0 scale)" in text
-    assert '`format` | `"mxfp6_e2m3"`' in text
+    assert '`weight_format` | `"mxfp6_e2m3"`' in text
 
 
 def test_cli_format_flag() -> None:

@@ -114,7 +114,10 @@ def test_damaged_tensor_is_refused_naming_it(good: Path, tmp_path: Path, case: s
 
 
 CONFIG_CASES = {
-    "format edited": ({"format": "mxfp4", "sym": True}, r"are not used by the layer .*format='mxfp4'.* was edited"),
+    "format edited": (
+        {"weight_format": "mxfp4", "sym": True},
+        r"are not used by the layer .*format='mxfp4'.* was edited",
+    ),
     "bits edited": ({"bits": 8}, r"qweight' has shape \[64, 8\], the config expects \[64, 16\]: bits or format"),
     "group edited": ({"group_size": 16}, r"has shape \[64, 2\], the config expects \[64, 4\]: group_size or bits"),
     "sink dropped": ({"bc_sink_tokens": 0}, r"sink_bias'\] are not used .*bc_sink_tokens=0"),

@@ -6,7 +6,8 @@ observed forward). A family that needs it can be given an explicit override with
 works without one.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,14 +43,48 @@ def register_architecture(
     OVERRIDES[model_type] = ArchitectureSpec(blocks, layer_bias_target, tuple(exclude))
 
 
-def resolve_spec(model: nn.Module) -> ArchitectureSpec:
-    """The override for the model's ``model_type``, else the discovered blocks (works on a meta-device model)."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type in OVERRIDES:
-        spec = OVERRIDES[model_type]
-        get_blocks(model, spec)
+def _setting(settings: Any, key: str) -> Any:
+    """A quantization setting from a config object or its ``to_dict()`` (None when absent)."""
+    return settings.get(key) if isinstance(settings, dict) else getattr(settings, key, None)
+
+
+def resolve_spec(model: nn.Module, settings: Any = None) -> ArchitectureSpec:
+    """The override for the model's ``model_type``, else the discovered blocks (works on a meta-device model).
+
+    ``settings`` (default: ``model.config.quantization_config``) may name the blocks (``block_name_to_quantize``,
+    which wins over the registered override's path) and the only layers to quantize in each block
+    (``modules_in_block_to_quantize``: the block's other quantizable layers join the spec's ``exclude``).
+    """
+    if settings is None:
+        settings = getattr(model.config, "quantization_config", None)
+    blocks = _setting(settings, "block_name_to_quantize")
+    if isinstance(blocks, list | tuple):
+        blocks = blocks[0] if blocks else None
+    spec = OVERRIDES.get(getattr(model.config, "model_type", None))
+    if blocks is not None:
+        spec = ArchitectureSpec(blocks=blocks) if spec is None else replace(spec, blocks=blocks)
+    if spec is None:
+        return _only_listed(model, ArchitectureSpec(blocks=find_blocks(model)), settings)
+    get_blocks(model, spec)
+    return _only_listed(model, spec, settings)
+
+
+def _only_listed(model: nn.Module, spec: ArchitectureSpec, settings: Any) -> ArchitectureSpec:
+    """``spec`` with every quantizable layer not named in ``modules_in_block_to_quantize`` excluded."""
+    stages = _setting(settings, "modules_in_block_to_quantize")
+    if not stages:
         return spec
-    return ArchitectureSpec(blocks=find_blocks(model))
+    wanted = {name for stage in stages for name in stage}
+    present: set[str] = set()
+    for block in get_blocks(model, spec):
+        present.update(candidate_layers(block, model.config))
+    missing = sorted(wanted - present)
+    if missing:
+        raise ValueError(
+            f"modules_in_block_to_quantize names {missing}, which are not quantizable layers of the blocks at "
+            f"{spec.blocks!r}; they hold {sorted(present)}. Fix: use those names (relative to a block)."
+        )
+    return replace(spec, exclude=tuple(sorted(set(spec.exclude) | (present - wanted))))
 
 
 def get_blocks(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
@@ -58,7 +93,8 @@ def get_blocks(model: nn.Module, spec: ArchitectureSpec) -> nn.ModuleList:
         blocks = model.get_submodule(spec.blocks)
     except AttributeError as err:
         raise ValueError(
-            f"no module {spec.blocks!r} in {type(model).__name__}; fix the blocks path given to register_architecture"
+            f"no module {spec.blocks!r} in {type(model).__name__}; fix the blocks path given to register_architecture "
+            "or block_name_to_quantize (e.g. 'model.layers')"
         ) from err
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"expected a ModuleList at {spec.blocks!r}, found {type(blocks).__name__}")

@@ -167,8 +167,19 @@ class BlockCalibrator:
         self.float_biases: list[str] = []
 
     def stages(self, layout: BlockLayout) -> list[list[tuple[str, ...]]]:
-        """Per stage, the groups of layers (relative names) sharing one input, in forward order."""
+        """Per stage, the groups of layers (relative names) sharing one input, in forward order.
+
+        ``modules_in_block_to_quantize`` fixes the stages (one per inner list, in its order); otherwise each group is
+        a stage (``true_sequential``) or the whole block is one.
+        """
         groups = list(layout.groups)
+        if self.config.modules_in_block_to_quantize:
+            stages = []
+            for names in map(set, self.config.modules_in_block_to_quantize):
+                stage = [tuple(n for n in g if n in names) for g in groups if names.intersection(g)]
+                if stage:
+                    stages.append(stage)
+            return stages
         return [[g] for g in groups] if self.config.true_sequential else [groups]
 
     def observe(self, index: int, block: nn.Module, batch: _Batch | None, device: torch.device) -> BlockLayout:

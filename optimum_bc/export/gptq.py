@@ -130,6 +130,9 @@ def gptq_quantization_config(config: BCQuantizationConfig) -> dict:
     )
     out = gptq.to_dict()
     out["quant_method"] = str(gptq.quant_method.value)
+    # GPTQConfig's own fields, set on the dict: passing them to GPTQConfig(...) requires the optimum package.
+    out["block_name_to_quantize"] = config.blocks_path
+    out["modules_in_block_to_quantize"] = config.modules_in_block_to_quantize
     return out
 
 

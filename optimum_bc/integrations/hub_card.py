@@ -191,6 +191,7 @@ def _layer_error_section(report: QuantizationReport | None, has_plot: bool) -> s
 
 _SETTING_ORDER = (
     "method",
+    "weight_format",
     "format",
     "bits",
     "group_size",
@@ -274,8 +275,9 @@ def build_model_card(
     scheme = (
         f"{bits}-bit {method.upper()}, group size {cfg.get('group_size')}{', symmetric' if cfg.get('sym') else ''}"
     )
-    if cfg.get("format", "int") != "int":
-        scheme = f"{method.upper()} to the OCP MX format `{cfg['format']}` ({bits}-bit elements, 32 per E8M0 scale)"
+    number_format = cfg.get("weight_format", cfg.get("format", "int"))  # "format" before config_version 3
+    if number_format != "int":
+        scheme = f"{method.upper()} to the OCP MX format `{number_format}` ({bits}-bit elements, 32 per E8M0 scale)"
     bc = (
         f"plus **bias compensation** ([arXiv 2404.01892]({_PAPER}); target `{cfg.get('bc_target')}`"
         f"{', layer-level too' if cfg.get('bc_layer') else ''})"

@@ -22,7 +22,7 @@ from ..calibration.offload import block_calibration_bytes, check_device_map, che
 from ..calibration.report import QuantizationReport
 from ..calibration.skeleton import skeleton_layer
 from ..config import QUANT_METHOD, BCQuantizationConfig
-from ..layers import validation
+from ..layers import kernels, validation
 from ..layers.packed_base import PackedLinearBase, packed_layers
 from ..layers.positions import attach_position_hooks
 from . import conversions
@@ -63,7 +63,9 @@ class BCHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         config = self.quantization_config
-        spec = resolve_spec(model)  # from the meta-device skeleton: an unusable architecture fails before loading
+        spec = resolve_spec(
+            model, config
+        )  # from the meta-device skeleton: an unusable architecture fails before loading
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
         check_layers(model, spec, config, list(config.modules_to_not_convert))
@@ -91,7 +93,7 @@ class BCHfQuantizer(HfQuantizer):
 
     def _swap_in_skeletons(self, model: Any) -> None:
         config = self.quantization_config
-        spec = resolve_spec(model)
+        spec = resolve_spec(model, config)
         for name in target_linears(model, spec, list(config.modules_to_not_convert)):
             linear = model.get_submodule(name)
             dtype = self.dtype or linear.weight.dtype
@@ -127,7 +129,9 @@ class BCHfQuantizer(HfQuantizer):
                 if isinstance(module, PackedLinearBase) and "weight" in module.__dict__:
                     del module.__dict__["weight"]
             validation.check_loaded_values(model, self.quantization_config)
-            attach_position_hooks(get_blocks(model, resolve_spec(model)), model)
+            attach_position_hooks(get_blocks(model, resolve_spec(model, self.quantization_config)), model)
+        if self.quantization_config.backend is not None:
+            kernels.set_model_backend(model, self.quantization_config.backend)
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
         return model
 
@@ -225,6 +229,8 @@ def quantize_model(
             "the float model (for a GGUF file, clear `model.hf_quantizer` and `model.config.quantization_config`)."
         )
     report = api.quantize_model(model, config, calibration=calibration, tokenizer=tokenizer)
+    if config.backend is not None:
+        kernels.set_model_backend(model, config.backend)
     model.hf_quantizer = BCHfQuantizer(config, pre_quantized=False)
     model.config.quantization_config = config
     model.is_quantized = True

@@ -44,7 +44,10 @@ GPTQ act-order ``g_idx``: the input is permuted once per call (``x[..., perm]``)
 column order. ``out_features`` is padded to a multiple of 16 (zero rows, sliced away). The int8 op additionally
 needs ``in_features % 16 == 0`` (its bf16 path returns garbage or crashes otherwise in torch 2.13, verified).
 
-Backends (module-wide; :func:`set_backend`, :func:`use_backend`, or ``OPTIMUM_BC_KERNEL`` read at import):
+Backends: a process default (:func:`set_backend`, or ``OPTIMUM_BC_KERNEL`` read at import), a per-model choice
+(``BCQuantizationConfig(backend=...)``, applied by the quantizer with :func:`set_model_backend`: it wins over the
+process default for that model's layers), and :func:`use_backend`, a block inside which every layer takes the given
+backend whatever its model's choice (calibration runs under ``use_backend("reference")``):
 
 * ``"auto"`` (default): on CPU the packed kernels (decode) and ``dequant`` (prefill) for float32, bf16 and fp16
   activations; on CUDA the kernel for bf16 only. ``reference`` for float64, anything needing gradients, layouts
@@ -73,11 +76,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config_fields import BACKENDS
+
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "OPTIMUM_BC_KERNEL"
-BACKENDS = ("auto", "fast", "reference")
 
 REFERENCE = "reference"
 CPU_INT4 = "cpu_int4"
@@ -114,6 +118,7 @@ HAS_CUDA_INT4 = _aten_op("_weight_int4pack_mm") and _aten_op("_convert_weight_to
 class _Settings:
     backend: str = "auto"
     dense_min_tokens: int | None = DENSE_MIN_TOKENS
+    forced: bool = False  # set by use_backend: overrides the layers' own backend
 
 
 def _check_backend(name: str) -> str:
@@ -150,7 +155,10 @@ def get_backend() -> str:
 
 
 def set_backend(name: str | None = None, *, dense_min_tokens: int | None = DENSE_MIN_TOKENS) -> str:
-    """Select the backend for every ``QuantLinear`` (``None``: back to ``$OPTIMUM_BC_KERNEL`` or ``"auto"``).
+    """Select the process default backend (``None``: back to ``$OPTIMUM_BC_KERNEL`` or ``"auto"``).
+
+    Layers of a model quantized or loaded with ``BCQuantizationConfig(backend=...)`` keep their own backend (see
+    :func:`set_model_backend`).
 
     ``dense_min_tokens``: CPU calls with at least this many tokens (prefill) take the ``dequant`` path instead of
     the packed kernel (``None``: never). Returns the previous backend name. Layers keep their built kernel forms;
@@ -165,10 +173,10 @@ def set_backend(name: str | None = None, *, dense_min_tokens: int | None = DENSE
 
 @contextmanager
 def use_backend(name: str, *, dense_min_tokens: int | None = DENSE_MIN_TOKENS) -> Iterator[None]:
-    """Context manager form of :func:`set_backend`; restores the previous settings on exit."""
+    """Every layer takes backend ``name`` inside the block, its model's own choice included; restores on exit."""
     global _settings
     saved = _settings
-    set_backend(name, dense_min_tokens=dense_min_tokens)
+    _settings = _Settings(_check_backend(name), _check_min_tokens(dense_min_tokens), forced=True)
     try:
         yield
     finally:
@@ -262,20 +270,27 @@ def decide(
     tokens: int | None = None,
     needs_grad: bool = False,
 ) -> str:
-    """The path for a ``dtype`` input of ``tokens`` rows on ``device_type`` under the current backend."""
+    """The path for a ``dtype`` input of ``tokens`` rows on ``device_type`` under the layer's backend."""
     settings = _settings
-    if settings.backend == "reference" or dtype not in _FLOATS or needs_grad:
+    backend = backend_of(layer)
+    if backend == "reference" or dtype not in _FLOATS or needs_grad:
         return REFERENCE
-    if settings.backend == "auto" and device_type == "cuda" and dtype != torch.bfloat16:
+    if backend == "auto" and device_type == "cuda" and dtype != torch.bfloat16:
         return REFERENCE
     layer_plan = layer.kernel_plan(device_type)
     if layer_plan.path == REFERENCE:
         return REFERENCE
-    if settings.backend == "auto" and layer_plan.padded_out > layer.out_features * (1 + _MAX_PAD_WASTE):
+    if backend == "auto" and layer_plan.padded_out > layer.out_features * (1 + _MAX_PAD_WASTE):
         return REFERENCE
     if _prefill(settings, device_type, tokens):
         return DEQUANT
     return layer_plan.path
+
+
+def backend_of(layer: nn.Module) -> str:
+    """The backend ``layer`` runs under: a :func:`use_backend` block, else its model's, else the process default."""
+    own = getattr(layer, "kernel_backend", None)
+    return _settings.backend if _settings.forced or own is None else own
 
 
 def _prefill(settings: _Settings, device_type: str, tokens: int | None) -> bool:

@@ -28,6 +28,8 @@ from .kernel_paths import (
     PATHS,
     REFERENCE,
     Plan,
+    _check_backend,
+    backend_of,
     decide,
     get_backend,
     is_prefill,
@@ -41,6 +43,20 @@ from .qlinear import QuantLinear
 
 def _quant_linears(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, QuantLinear)]
+
+
+def set_model_backend(module: nn.Module, name: str | None) -> int:
+    """Give every packed layer of ``module`` its own backend (``None``: follow the process default again).
+
+    Other models in the process keep theirs. Returns the number of layers set (``MXLinear`` layers always run the
+    reference path and are not counted).
+    """
+    if name is not None:
+        _check_backend(name)
+    layers = _quant_linears(module)
+    for layer in layers:
+        layer.kernel_backend = name
+    return len(layers)
 
 
 def prepare(module: nn.Module, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> dict:
@@ -83,6 +99,8 @@ def runtime_bytes(module: nn.Module) -> int:
 
 
 __all__ = [
+    "backend_of",
+    "set_model_backend",
     "BACKENDS",
     "CPU_INT4",
     "CPU_INT4X2",

@@ -62,6 +62,10 @@ class QuantLinear(PackedLinearBase):
     An ``nn.Linear`` subclass whose ``weight`` is ``None`` (see :mod:`optimum_bc.layers.packed_base`): stock PEFT adapts it.
     """
 
+    #: This layer's own backend (``BCQuantizationConfig.backend``, see ``kernels.set_model_backend``); None: the
+    #: process default.
+    kernel_backend: str | None = None
+
     def __init__(
         self,
         in_features: int,
