@@ -4,7 +4,7 @@ For every method (rtn, gptq, comq, erq) x BC (off, on) x setting (a dict of BCQu
 4-bit g128), quantizes a fresh copy of the model and measures, in this one run, the perplexity on held-out wiki-vital
 text and the quantization seconds. Prints a markdown table, writes JSON and optionally puts the table into README.md.
 
-    python benchmarks/compare_methods.py --num-samples 32 --seq-len 512 --eval-samples 20 --readme README.md
+    python benchmarks/compare_methods.py --num-samples 32 --seq-len 512 --eval-samples 20 --readme docs/results.md
 """
 
 import argparse
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--bc", default="off,on", help="bias compensation: off, on or off,on")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leave cores to others)")
     parser.add_argument("--json", default="benchmarks/compare_methods.json")
-    parser.add_argument("--readme", help="write the table into this README between the compare_methods markers")
+    parser.add_argument("--readme", help="write the table into this Markdown file (docs/results.md) between the compare_methods markers")
     args = parser.parse_args()
     settings = args.settings.split(",")
     unknown = [s for s in settings if s not in SETTINGS]

@@ -4,7 +4,7 @@ Rows: fp32, RTN, RTN+BC, GPTQ, GPTQ+BC (BC target "float" and "sequential"), for
 per-channel. Prints perplexity on held-out wiki-vital text, quantization seconds, model bytes and the number of extra
 BC parameters, all measured in this one run; writes the table as JSON and optionally into README.md.
 
-    python benchmarks/reproduce_bc.py --num-samples 32 --seq-len 512 --eval-windows 20 --readme README.md
+    python benchmarks/reproduce_bc.py --num-samples 32 --seq-len 512 --eval-windows 20 --readme docs/results.md
 """
 
 import argparse
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--grids", default=",".join(GRIDS))
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--json", default="benchmarks/reproduce_bc.json")
-    parser.add_argument("--readme", help="write the table into this README between the reproduce_bc markers")
+    parser.add_argument("--readme", help="write the table into this Markdown file (docs/results.md) between the reproduce_bc markers")
     args = parser.parse_args()
 
     tokenizer, load, perplexity = packaged_model(args.seq_len, args.eval_windows)
