@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import validation
+from . import distributed, validation
 from .architectures import ArchitectureSpec, first_param_device, get_blocks, resolve_spec, target_linears
 from .block_inputs import capture_block_inputs, collate
 from .calibration import BlockCalibrator, activation_bytes, activation_store
@@ -153,6 +153,8 @@ def quantize_model(
     if calibration is None:
         calibration = build_calibration(config, tokenizer, getattr(model, "name_or_path", None))
     validation.check_calibration(model, calibration, config)
+    # Under torchrun / accelerate launch: all ranks check they agree, then each keeps its share of the windows.
+    calibration = distributed.prepare(config.to_dict(), calibration)
     was_training = model.training
     model.eval()
     batches = collate(calibration, config.batch_size)

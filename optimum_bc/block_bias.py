@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .compensation import Compensation, ResidualMean
+from .distributed import all_reduce_sum
 from .packed_base import PackedLinearBase
 
 
@@ -36,6 +37,10 @@ class SinkResidualMean:
         self.count.index_add_(0, classes, torch.ones_like(classes, dtype=torch.float32))
         self.sum_r.index_add_(0, classes, r)
         self.sum_r2.index_add_(0, classes, r * r)
+
+    def reduce(self) -> None:
+        """Sum the per-class sums over data-parallel ranks (no-op in one process); call once, before ``compensate``."""
+        all_reduce_sum([self.count, self.sum_r, self.sum_r2], "the block residual sums per position class")
 
     def compensate(self, bias_dtype: torch.dtype, with_sink: bool) -> Compensation:
         """Bias of the later positions (plus the sink part if ``with_sink``); MSE over all tokens before/after."""

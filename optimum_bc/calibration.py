@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import kernels
+from . import distributed, kernels
 from .algorithms import WeightQuantizer, get_algorithm
 from .architectures import ArchitectureSpec, bias_flags, block_layers, first_param_device, get_blocks, is_skipped
 from .block_bias import fold_block_bias, holds_sink, residual_accumulator
@@ -237,7 +237,8 @@ class BlockCalibrator:
     def run(self, batches: list[_Batch]) -> QuantizationReport:
         """Quantize every block; returns the report."""
         start = time.perf_counter()
-        self.report.calibration_tokens = int(sum(int(b.valid.sum()) for b in batches))
+        tokens = int(sum(int(b.valid.sum()) for b in batches))
+        self.report.calibration_tokens = distributed.all_reduce_count(tokens, "the calibration token count")
         h_q = batches
         h_fp = batches if self.float_stream else None
         blocks = get_blocks(self.model, self.spec)
@@ -354,6 +355,10 @@ class BlockCalibrator:
             # Linears sharing an input share the statistics and their rows are independent: quantize them stacked.
             t0 = time.perf_counter()
             weights = [dense_weight(linear) for linear in linears]
+            # Data-parallel ranks sum their statistics here, in the same group order on every rank.
+            quantizer.reduce()
+            if self.bc:
+                moments[group[0]].reduce()
             stacked = quantizer.quantize(torch.cat(weights))
             quantizer.free()
             share = (time.perf_counter() - t0) / stacked.codes.shape[0]
@@ -411,6 +416,7 @@ class BlockCalibrator:
                 residual.add_batch(*rows, _valid_positions(batch.valid))
             else:
                 residual.add_batch(*rows)
+        residual.reduce()  # data-parallel ranks sum their residuals
         # Kept in float32 here and rounded once, when folded into the stored bias.
         comp = residual.compensate(torch.float32, with_sink) if sink_tokens else residual.compensate(torch.float32)
         created, added, added_sink = fold_block_bias(target, comp)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import all_reduce_count, all_reduce_sum
+
 
 BC_TARGETS = ("float", "sequential")
 BC_GRANULARITIES = ("channel", "position")
@@ -114,6 +116,13 @@ class InputMoments:
             if delta is not None:
                 self.sum_delta_pos.index_add_(0, positions, delta)
 
+    def reduce(self) -> None:
+        """Sum the moments over data-parallel ranks (:mod:`optimum_bc.distributed`; no-op in one process); call
+        once, after the last ``add_batch`` and before ``compensate``."""
+        names = ("sum_x", "xx", "sum_delta", "x_delta", "delta_delta", "count_pos", "sum_x_pos", "sum_delta_pos")
+        all_reduce_sum([getattr(self, n) for n in names if hasattr(self, n)], "the bias-compensation moments")
+        self.num_tokens = all_reduce_count(self.num_tokens, "the bias-compensation token count")
+
     def compensate(
         self, W: torch.Tensor, Q: torch.Tensor, bias_dtype: torch.dtype, base: torch.Tensor | None = None
     ) -> Compensation:
@@ -198,6 +207,11 @@ class ResidualMean:
         self.num_tokens += r.shape[0]
         self.sum_r += r.sum(0)
         self.sum_r2 += (r * r).sum(0)
+
+    def reduce(self) -> None:
+        """Sum over data-parallel ranks (no-op in one process); call once, before ``compensate``."""
+        all_reduce_sum([self.sum_r, self.sum_r2], "the block residual sums")
+        self.num_tokens = all_reduce_count(self.num_tokens, "the block residual token count")
 
     def compensate(self, bias_dtype: torch.dtype, base: torch.Tensor | None = None) -> Compensation:
         """The bias ``mean(r)`` (folded into ``base`` in float32 and rounded once) and the MSE before/after it."""

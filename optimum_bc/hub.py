@@ -967,6 +967,7 @@ def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str]
     byte-identical files.
     """
     from .atomic import atomic_folder
+    from .distributed import rank
 
     push = kwargs.pop("push_to_hub", False)
     reproducible = kwargs.pop("reproducible", False)
@@ -979,6 +980,9 @@ def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str]
         return None
     if not is_main or getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
         return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if rank() != 0:  # data-parallel ranks hold the same model: rank 0 alone writes it, as transformers does
+        logger.info("optimum-bc: rank %d leaves saving %s to rank 0", rank(), os.fspath(save_directory))
+        return None
     with atomic_folder(save_directory, overwrite=True) as tmp, _without_timings(self, reproducible):
         _carry_over(Path(save_directory), tmp)
         if export_kwargs is None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import all_reduce_count, all_reduce_sum, is_distributed
 from ..formats import INT_FORMAT, get_format
 
 
@@ -88,6 +89,10 @@ class WeightQuantizer:
         Called after ``add_batch(x)`` and only for quantizers with ``needs_float_inputs``.
         """
 
+    def reduce(self) -> None:
+        """Sum the statistics over data-parallel ranks (:mod:`optimum_bc.distributed`); call once, after the last
+        ``add_batch`` and before ``quantize``. No-op in one process and for algorithms without statistics."""
+
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """Return the quantized form of ``weight`` (``[out, in]``); never modifies it."""
         raise NotImplementedError
@@ -112,6 +117,14 @@ class GramQuantizer(WeightQuantizer):
             self.gram = torch.zeros(self.in_features, self.in_features, device=x.device)
         self.gram.addmm_(x.T, x)
         self.num_tokens += x.shape[0]
+
+    def reduce(self) -> None:
+        if not is_distributed():
+            return
+        if self.gram is None:  # this rank saw no token of the layer: it adds zeros
+            self.gram = torch.zeros(self.in_features, self.in_features)
+        all_reduce_sum([self.gram], "the Gram matrix")
+        self.num_tokens = all_reduce_count(self.num_tokens, "the Gram matrix's token count")
 
     def hessian(self, device: torch.device) -> torch.Tensor:
         """``2 Σ x xᵀ / N`` on ``device``; raises when no token was observed."""

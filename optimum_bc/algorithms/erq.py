@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import all_reduce_sum, is_distributed
 from ..formats import INT_FORMAT
 from . import register_algorithm
 from .base import GramQuantizer, QuantizedWeight
@@ -161,6 +162,14 @@ class ERQQuantizer(GramQuantizer):
         if self.cross is None:
             self.cross = torch.zeros(self.in_features, self.in_features, device=x.device)
         self.cross.addmm_(x.T, x_float)
+
+    def reduce(self) -> None:
+        super().reduce()
+        if not is_distributed():
+            return
+        if self.cross is None:  # this rank saw no token of the layer: it adds zeros
+            self.cross = torch.zeros(self.in_features, self.in_features)
+        all_reduce_sum([self.cross], "ERQ's cross term")
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         H = self.hessian(weight.device)

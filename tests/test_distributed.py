@@ -1,0 +1,156 @@
+"""Data-parallel calibration on 2 gloo processes equals one process on the same windows; bad inputs fail on all ranks.
+
+The workers set the environment variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR...), so the process group is
+created by optimum-bc itself, exactly as under ``torchrun --nproc-per-node 2``.
+"""
+
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM
+
+from optimum_bc import BCQuantizationConfig, quantize_model
+from optimum_bc import distributed as dp
+
+from .conftest import VOCAB, tiny_llama
+
+
+WORLD = 2
+# Codes: identical. Biases: sums of float32 partial sums in another order (see optimum_bc.distributed), measured
+# max |difference| ~1e-7 on these tiny models (biases ~1e-2); allowed: a few float32 ulps of the largest bias.
+BIAS_ATOL = 1e-6
+BIAS_RTOL = 1e-5
+
+
+def _windows() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _config(method: str, **kwargs: Any) -> BCQuantizationConfig:
+    options = {"bits": 3, "group_size": 32, "num_samples": 8, "seq_len": 32} | kwargs
+    return BCQuantizationConfig(method=method, dataset=_windows(), **options)
+
+
+#: name -> (config options, load the model with from_pretrained + device_map instead of quantize_model)
+RUNS = {
+    "rtn_bc_sink": ({"method": "rtn", "bc_sink_tokens": 1}, False),
+    "gptq_bc_layer_sink": ({"method": "gptq", "bc_sink_tokens": 1, "bc_layer": True}, True),
+}
+
+
+def _quantized(name: str, float_dir: str) -> tuple[torch.nn.Module, int]:
+    options, via_hub = RUNS[name]
+    config = _config(**options)
+    if via_hub:
+        model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, device_map={"": "cpu"})
+        return model, model.quantization_report.calibration_tokens
+    model = tiny_llama()
+    return model, quantize_model(model, config).calibration_tokens
+
+
+def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
+    """One rank: the runs of RUNS, then the bad inputs; results and error messages go to ``out/rank{r}.pt``."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    result: dict[str, Any] = {}
+    try:
+        for name in RUNS:
+            model, tokens = _quantized(name, float_dir)
+            model.save_pretrained(Path(out) / f"{name}_saved_by_rank{rank}")
+            result[name] = ({k: v.clone() for k, v in model.state_dict().items()}, tokens)
+        for name, config in (
+            ("mismatch", _config("rtn", bits=4 if rank == 0 else 3)),
+            ("too_few", _config("rtn", num_samples=1)),
+        ):
+            try:
+                quantize_model(tiny_llama(), config)
+                result[name] = None
+            except ValueError as err:
+                result[name] = str(err)
+        result["world"] = dist.get_world_size()
+    except Exception:  # noqa: BLE001 - reported by the test, not lost in a child's stderr
+        result["crash"] = traceback.format_exc()
+    finally:
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]], str]:
+    out = tmp_path_factory.mktemp("dp")
+    float_dir = tmp_path_factory.mktemp("float")
+    tiny_llama().save_pretrained(float_dir)
+    mp.spawn(_worker, args=(_free_port(), str(out), str(float_dir)), nprocs=WORLD, join=True)
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r, result in enumerate(results):
+        assert "crash" not in result, f"rank {r} crashed:\n{result['crash']}"
+    return out, results, str(float_dir)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_ranks_equal_one_process(spawned, name) -> None:
+    out, results, float_dir = spawned
+    assert all(r["world"] == WORLD for r in results)
+    reference, tokens = _quantized(name, float_dir)
+    single = reference.state_dict()
+    for rank, result in enumerate(results):
+        state, rank_tokens = result[name]
+        assert rank_tokens == tokens == 8 * 32  # the report's sum covers every window, on every rank
+        assert state.keys() == single.keys()
+        codes = [k for k in single if k.endswith(("qweight", "qzeros", "g_idx"))]
+        assert codes
+        for key in codes:
+            assert torch.equal(state[key], single[key]), f"rank {rank}: {key} differs from one process"
+        floats = [k for k in single if k.endswith(("bias", "sink_bias", "scales"))]
+        assert any(k.endswith("sink_bias") for k in floats)
+        for key in floats:
+            torch.testing.assert_close(state[key], single[key], atol=BIAS_ATOL, rtol=BIAS_RTOL, msg=key)
+    # Only rank 0 writes; its folder reloads to the in-memory model.
+    assert not (out / f"{name}_saved_by_rank1").exists()
+    saved = out / f"{name}_saved_by_rank0"
+    assert (saved / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_mismatched_config_fails_on_every_rank(spawned) -> None:
+    _, results, _ = spawned
+    for result in results:
+        assert result["mismatch"] is not None
+        assert "ranks [1] have another quantization config than rank 0" in result["mismatch"]
+        assert "calibration data" not in result["mismatch"]
+
+
+def test_more_ranks_than_windows_fails_on_every_rank(spawned) -> None:
+    _, results, _ = spawned
+    for result in results:
+        assert result["too_few"] is not None
+        assert "2 processes but only 1 calibration windows" in result["too_few"]
+        assert "num_samples >= 2" in result["too_few"]
+
+
+def test_shard_is_contiguous_and_covers_every_window() -> None:
+    windows = list(range(7))
+    assert dp.shard(windows) == windows  # one process: everything
+    assert dp.shard_range(7) == range(0, 7)
+    assert dp.fingerprint({"a": torch.arange(3)}) == dp.fingerprint({"a": torch.arange(3)})
+    assert dp.fingerprint({"a": torch.arange(3)}) != dp.fingerprint({"a": torch.arange(4)})
