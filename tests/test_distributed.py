@@ -24,7 +24,7 @@ from .conftest import VOCAB, tiny_llama
 
 WORLD = 2
 # Codes: identical. Biases: sums of float32 partial sums in another order (see optimum_bc.distributed), measured
-# max |difference| ~1e-7 on these tiny models (biases ~1e-2); allowed: a few float32 ulps of the largest bias.
+# max |difference| 3.7e-8 on these tiny models (biases up to 3e-2, 1-2 float32 ulps); allowed: BIAS_ATOL/RTOL.
 BIAS_ATOL = 1e-6
 BIAS_RTOL = 1e-5
 
@@ -77,12 +77,28 @@ def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
             except ValueError as err:
                 result[name] = str(err)
         result["world"] = dist.get_world_size()
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+        _die_during_calibration(rank, out, result)
     except Exception:  # noqa: BLE001 - reported by the test, not lost in a child's stderr
         result["crash"] = traceback.format_exc()
     finally:
         torch.save(result, Path(out) / f"rank{rank}.pt")
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _die_during_calibration(rank: int, out: str, result: dict[str, Any]) -> None:
+    """Rank 1 dies at its first bias-compensation sum; rank 0 must raise, and write no checkpoint."""
+    if rank == 1:
+        from optimum_bc.compensation import InputMoments
+
+        InputMoments.reduce = lambda self: os._exit(3)
+    try:
+        model, _ = _quantized("rtn_bc_sink", "")
+        model.save_pretrained(Path(out) / "after_dead_rank")
+        result["dead"] = None
+    except RuntimeError as err:
+        result["dead"] = str(err)
 
 
 def _free_port() -> int:
@@ -96,7 +112,10 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[s
     out = tmp_path_factory.mktemp("dp")
     float_dir = tmp_path_factory.mktemp("float")
     tiny_llama().save_pretrained(float_dir)
-    mp.spawn(_worker, args=(_free_port(), str(out), str(float_dir)), nprocs=WORLD, join=True)
+    context = mp.spawn(_worker, args=(_free_port(), str(out), str(float_dir)), nprocs=WORLD, join=False)
+    for process in context.processes:  # not mp.spawn's join: it would kill rank 0 as soon as rank 1 dies
+        process.join(timeout=240)
+    assert [p.exitcode for p in context.processes] == [0, 3]
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r, result in enumerate(results):
         assert "crash" not in result, f"rank {r} crashed:\n{result['crash']}"
@@ -146,6 +165,14 @@ def test_more_ranks_than_windows_fails_on_every_rank(spawned) -> None:
         assert result["too_few"] is not None
         assert "2 processes but only 1 calibration windows" in result["too_few"]
         assert "num_samples >= 2" in result["too_few"]
+
+
+def test_dead_rank_fails_the_others_without_checkpoint(spawned) -> None:
+    out, results, _ = spawned
+    assert "crash" not in results[0]
+    message = results[0]["dead"]
+    assert message is not None and "another rank stopped" in message and "Nothing was saved" in message
+    assert not (out / "after_dead_rank").exists()
 
 
 def test_shard_is_contiguous_and_covers_every_window() -> None:
