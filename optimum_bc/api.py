@@ -154,6 +154,8 @@ def quantize_model(
         calibration = build_calibration(config, tokenizer, getattr(model, "name_or_path", None))
     validation.check_calibration(model, calibration, config)
     # Under torchrun / accelerate launch: all ranks check they agree, then each keeps its share of the windows.
+    # Anything that splits the windows further (a held-out split) must do it before this line, or on the global
+    # indices of distributed.shard_range, so that all ranks agree on it.
     calibration = distributed.prepare(config.to_dict(), calibration)
     was_training = model.training
     model.eval()

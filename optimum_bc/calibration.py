@@ -278,6 +278,8 @@ class BlockCalibrator:
         h_q = [b.for_block(index).to(device, store) for b in h_q]
         h_fp = [b.for_block(index).to(device, store) for b in h_fp] if h_fp is not None else None
         layout = self.observe(index, block, h_q[0] if h_q else None, device)
+        # Each data-parallel rank observed its own first batch: the layouts must agree, or the sums would not match.
+        distributed.check_agree((layout.groups, sorted(layout.left_out)), f"layer layout of block {index}")
         fblock = copy.deepcopy(block) if self.float_stream else None
         stages = self.stages(layout)
         moments: dict[str, InputMoments] = {}

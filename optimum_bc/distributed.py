@@ -153,6 +153,13 @@ def fingerprint(value: Any) -> str:
     return digest.hexdigest()
 
 
+def _differing_ranks(mine: Any, what: str) -> list[list[int]]:
+    """All-gather ``mine`` (a tuple of short strings); per entry, the ranks whose value differs from rank 0's."""
+    gathered: list[Any] = [None] * world()
+    _collective(what, dist.all_gather_object, gathered, mine)
+    return [[r for r, values in enumerate(gathered) if values[i] != gathered[0][i]] for i in range(len(mine))]
+
+
 def check_same(config_hash: str, data_hash: str) -> None:
     """Refuse, on every rank, a run where ranks disagree on the config or the calibration data.
 
@@ -161,19 +168,36 @@ def check_same(config_hash: str, data_hash: str) -> None:
     if not is_distributed():
         return
     mine = (config_hash[:HASH_PREFIX], data_hash[:HASH_PREFIX])
-    gathered: list[Any] = [None] * world()
-    _collective("the config and data check", dist.all_gather_object, gathered, mine)
+    differing = _differing_ranks(mine, "the config and data check")
     problems = []
-    for index, label, fix in (
-        (0, "quantization config", "build the same BCQuantizationConfig on every rank (same arguments)"),
-        (1, "calibration data", "give every rank the same dataset, num_samples, seq_len and seed"),
+    for ranks, label, fix in zip(
+        differing,
+        ("quantization config", "calibration data"),
+        (
+            "build the same BCQuantizationConfig on every rank (same arguments)",
+            "give every rank the same dataset, num_samples, seq_len and seed",
+        ),
+        strict=True,
     ):
-        differing = [r for r, hashes in enumerate(gathered) if hashes[index] != gathered[0][index]]
-        if differing:
-            problems.append(f"ranks {differing} have another {label} than rank 0 (fix: {fix})")
+        if ranks:
+            problems.append(f"ranks {ranks} have another {label} than rank 0 (fix: {fix})")
     if problems:
         raise ValueError(
             f"optimum-bc data-parallel calibration (rank {rank()} of {world()}): " + "; ".join(problems) + "."
+        )
+
+
+def check_agree(value: Any, what: str) -> None:
+    """Refuse, on every rank, a run where ranks derived different ``value`` from their own windows (e.g. which
+    Linears of a block are quantized): their collectives would no longer match, and would hang or mix statistics."""
+    if not is_distributed():
+        return
+    differing = _differing_ranks((fingerprint(value)[:HASH_PREFIX],), what)[0]
+    if differing:
+        raise ValueError(
+            f"optimum-bc data-parallel calibration (rank {rank()} of {world()}): ranks {differing} found another "
+            f"{what} than rank 0 on their share of the calibration windows. Fix: calibrate in one process, or with "
+            "more windows per rank so every rank sees every layer called."
         )
 
 

@@ -76,6 +76,16 @@ def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
                 result[name] = None
             except ValueError as err:
                 result[name] = str(err)
+        try:
+            dp.check_agree(["q_proj", "k_proj"][: 2 - rank], "layer layout of block 0")
+            result["disagree"] = None
+        except ValueError as err:
+            result["disagree"] = str(err)
+        try:
+            dp.run_on_main(_disk_full, "save 'folder'")
+            result["save_failed"] = None
+        except (OSError, RuntimeError) as err:
+            result["save_failed"] = f"{type(err).__name__}: {err}"
         result["world"] = dist.get_world_size()
         torch.save(result, Path(out) / f"rank{rank}.pt")
         _die_during_calibration(rank, out, result)
@@ -85,6 +95,10 @@ def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
         torch.save(result, Path(out) / f"rank{rank}.pt")
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _disk_full() -> None:
+    raise OSError("disk full")
 
 
 def _die_during_calibration(rank: int, out: str, result: dict[str, Any]) -> None:
@@ -165,6 +179,22 @@ def test_more_ranks_than_windows_fails_on_every_rank(spawned) -> None:
         assert result["too_few"] is not None
         assert "2 processes but only 1 calibration windows" in result["too_few"]
         assert "num_samples >= 2" in result["too_few"]
+
+
+def test_layouts_that_differ_between_ranks_fail_on_every_rank(spawned) -> None:
+    _, results, _ = spawned
+    for result in results:
+        assert result["disagree"] is not None
+        assert "ranks [1] found another layer layout of block 0 than rank 0" in result["disagree"]
+
+
+def test_failed_save_on_rank_0_fails_every_rank(spawned) -> None:
+    _, results, _ = spawned
+    assert results[0]["save_failed"] == "OSError: disk full"
+    assert (
+        results[1]["save_failed"]
+        == "RuntimeError: optimum-bc: rank 0 failed to save 'folder' (OSError: disk full); this rank wrote nothing"
+    )
 
 
 def test_dead_rank_fails_the_others_without_checkpoint(spawned) -> None:
