@@ -74,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
         "procs": distributed.world(),
         "batch_size": args.batch_size,
         "rank": distributed.rank(),
-        "windows_on_rank": len(distributed.shard_range(args.samples)),
+        "windows_on_rank": len(distributed.shard(range(args.samples), args.batch_size)),
         "quantize_s": round(quantize_s, 2),
         "save_s": round(save_s, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -156,7 +156,7 @@ def quantize_model(
     # Under torchrun / accelerate launch: all ranks check they agree, then each keeps its share of the windows.
     # Anything that splits the windows further (a held-out split) must do it before this line, or on the global
     # indices of distributed.shard_range, so that all ranks agree on it.
-    calibration = distributed.prepare(config.to_dict(), calibration)
+    calibration = distributed.prepare(config.to_dict(), calibration, config.batch_size)
     was_training = model.training
     model.eval()
     batches = collate(calibration, config.batch_size)

@@ -2,15 +2,18 @@
 
 Launched with ``torchrun --nproc-per-node N`` or ``accelerate launch``, every rank samples the same calibration
 windows (same seed), checks that all ranks agree on the config and the data (:func:`check_same`), then keeps a
-contiguous share of them (:func:`shard`). Every statistic is a sum over tokens, so each statistics object sums its
-tensors over ranks once, right before it is used (:func:`all_reduce_sum`); all ranks then solve the same problem and
-hold the same quantized model, which the next block's forward passes need. Only rank 0 writes a checkpoint
-(:func:`run_on_main`).
+contiguous share of whole batches of them (:func:`shard`). Every statistic is a sum over tokens, so each statistics
+object sums its tensors over ranks once, right before it is used (:func:`all_reduce_sum`); all ranks then solve the
+same problem and hold the same quantized model, which the next block's forward passes need. Only rank 0 writes a
+checkpoint (:func:`run_on_main`).
 
-Summation order: the reduced sums add the ranks' partial sums, a different float32 order than one process adding
-batch after batch, so the statistics agree to float32 rounding (relative ~1e-7), not bit for bit. Biases therefore
-agree within fp32 rounding; integer codes are identical except where a weight lies within that rounding of a
-decision boundary (a tie), where either code is equally good.
+Summation order: a rank runs the same batches as one process would (same windows per batch, so the same float32
+forward passes and per-batch sums); the statistics add those per-batch sums in float64 and round to float32 once
+when used. One process adds them batch after batch, the ranks add their partial sums: the float64 results differ
+at most by float64 rounding (and not at all when the batch sums' magnitudes span less than 2^29), so the float32
+statistics, the codes and the biases are identical except in the rare case where that float64 difference straddles
+a float32 rounding boundary (a tie). Identical also needs identical per-batch arithmetic: the same torch thread
+count (``torchrun`` sets ``OMP_NUM_THREADS=1``) and the same kind of device.
 
 Without a process group (or with one process) every function here is a no-op, so one code path serves both.
 A rank that dies makes the collectives of the others fail (gloo and NCCL report the closed connection, or the
@@ -202,45 +205,40 @@ def check_agree(value: Any, what: str) -> None:
 
 
 def shard_range(total: int) -> range:
-    """Global indices of this rank's contiguous share of ``total`` windows (the first ``total % world`` ranks get
-    one more). Code that splits the windows further (held-out splits) must decide on these global indices so that
-    all ranks agree."""
+    """Global indices of this rank's contiguous share of ``total`` items (the first ``total % world`` ranks get
+    one more). Code that splits the windows further (held-out splits) must decide on global indices so that all
+    ranks agree."""
     base, extra = divmod(total, world())
     start = rank() * base + min(rank(), extra)
     return range(start, start + base + (1 if rank() < extra else 0))
 
 
-def shard(windows: Sequence[T]) -> list[T]:
-    """This rank's contiguous share of ``windows`` (all of them without a process group); the union over ranks, in
-    rank order, is ``windows``. Refuses more ranks than windows: a rank without windows has nothing to add."""
-    if world() > len(windows):
+def shard(windows: Sequence[T], batch_size: int = 1) -> list[T]:
+    """This rank's contiguous share of whole batches of ``windows`` (all of them without a process group); the union
+    over ranks, in rank order, is ``windows``, and every batch holds the windows it holds in one process. Refuses
+    more ranks than batches: a rank without windows has nothing to add."""
+    batches = -(-len(windows) // batch_size)
+    if world() > batches:
         raise ValueError(
             f"optimum-bc data-parallel calibration: {world()} processes but only {len(windows)} calibration "
-            f"windows, so rank(s) {list(range(len(windows), world()))} would get none. Fix: num_samples >= "
-            f"{world()} (a multiple of {world()} x batch_size keeps every rank equally busy), or launch fewer "
-            "processes."
+            f"windows in {batches} batches of batch_size={batch_size}, so rank(s) {list(range(batches, world()))} "
+            f"would get none. Fix: num_samples >= {world() * batch_size} (a multiple of {world()} x batch_size "
+            "keeps every rank equally busy), a smaller batch_size, or fewer processes."
         )
-    return [windows[i] for i in shard_range(len(windows))]
+    span = shard_range(batches)
+    return list(windows[span.start * batch_size : span.stop * batch_size])
 
 
-def prepare(config_dict: dict[str, Any], windows: Sequence[T]) -> list[T]:
+def prepare(config_dict: dict[str, Any], windows: Sequence[T], batch_size: int = 1) -> list[T]:
     """Start of a data-parallel calibration: join the launcher's process group, check that all ranks agree on the
-    config and the windows, and return this rank's share of the windows (all of them in one process)."""
+    config and the windows, and return this rank's share of them (all of them in one process)."""
     if not init_from_env():
         return list(windows)
     check_same(fingerprint(config_dict), fingerprint(list(windows)))
     if not windows:  # nothing to split (RTN without BC): every rank computes the same model
         return []
-    mine = shard(windows)
-    span = shard_range(len(windows))
-    logger.info(
-        "optimum-bc: rank %d of %d calibrates on windows %d..%d of %d",
-        rank(),
-        world(),
-        span.start,
-        span.stop - 1,
-        len(windows),
-    )
+    mine = shard(windows, batch_size)
+    logger.info("optimum-bc: rank %d of %d calibrates on %d of %d windows", rank(), world(), len(mine), len(windows))
     return mine
 
 

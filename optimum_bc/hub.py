@@ -1031,6 +1031,10 @@ def _push_to_hub_with_card(
             tags=tags,
             **kwargs,
         )
+    from .distributed import rank
+
+    if rank() != 0:  # data-parallel ranks hold the same model: rank 0 alone uploads it
+        return None
     extra = [tags] if isinstance(tags, str) else list(tags or ())
     with tempfile.TemporaryDirectory(prefix="optimum-bc-upload-") as tmp:
         type(self).save_pretrained(self, tmp, max_shard_size=max_shard_size, **kwargs)

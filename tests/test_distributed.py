@@ -23,10 +23,9 @@ from .conftest import VOCAB, tiny_llama
 
 
 WORLD = 2
-# Codes: identical. Biases: sums of float32 partial sums in another order (see optimum_bc.distributed), measured
-# max |difference| 3.7e-8 on these tiny models (biases up to 3e-2, 1-2 float32 ulps); allowed: BIAS_ATOL/RTOL.
-BIAS_ATOL = 1e-6
-BIAS_RTOL = 1e-5
+# Every tensor (codes, scales, biases, sink biases) is bit-identical: both runs add the same float32 batch sums in
+# float64 (in another order) and round once (see optimum_bc.distributed). Only a float64 difference straddling a
+# float32 rounding boundary could make a bias differ by 1 ulp; these models have none (measured: 0 differences).
 
 
 def _windows() -> torch.Tensor:
@@ -41,7 +40,7 @@ def _config(method: str, **kwargs: Any) -> BCQuantizationConfig:
 #: name -> (config options, load the model with from_pretrained + device_map instead of quantize_model)
 RUNS = {
     "rtn_bc_sink": ({"method": "rtn", "bc_sink_tokens": 1}, False),
-    "gptq_bc_layer_sink": ({"method": "gptq", "bc_sink_tokens": 1, "bc_layer": True}, True),
+    "gptq_bc_layer_sink": ({"method": "gptq", "bc_sink_tokens": 1, "bc_layer": True, "batch_size": 2}, True),
 }
 
 
@@ -147,14 +146,9 @@ def test_two_ranks_equal_one_process(spawned, name) -> None:
         state, rank_tokens = result[name]
         assert rank_tokens == tokens == 8 * 32  # the report's sum covers every window, on every rank
         assert state.keys() == single.keys()
-        codes = [k for k in single if k.endswith(("qweight", "qzeros", "g_idx"))]
-        assert codes
-        for key in codes:
+        assert any(k.endswith("qweight") for k in single) and any(k.endswith("sink_bias") for k in single)
+        for key in single:
             assert torch.equal(state[key], single[key]), f"rank {rank}: {key} differs from one process"
-        floats = [k for k in single if k.endswith(("bias", "sink_bias", "scales"))]
-        assert any(k.endswith("sink_bias") for k in floats)
-        for key in floats:
-            torch.testing.assert_close(state[key], single[key], atol=BIAS_ATOL, rtol=BIAS_RTOL, msg=key)
     # Only rank 0 writes; its folder reloads to the in-memory model.
     assert not (out / f"{name}_saved_by_rank1").exists()
     saved = out / f"{name}_saved_by_rank0"
@@ -177,7 +171,7 @@ def test_more_ranks_than_windows_fails_on_every_rank(spawned) -> None:
     _, results, _ = spawned
     for result in results:
         assert result["too_few"] is not None
-        assert "2 processes but only 1 calibration windows" in result["too_few"]
+        assert "2 processes but only 1 calibration windows in 1 batches" in result["too_few"]
         assert "num_samples >= 2" in result["too_few"]
 
 

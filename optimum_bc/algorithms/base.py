@@ -102,7 +102,12 @@ class WeightQuantizer:
 
 
 class GramQuantizer(WeightQuantizer):
-    """Base for algorithms that need only the input Gram matrix ``H = 2 Σ x xᵀ / N`` (the GPTQ Hessian)."""
+    """Base for algorithms that need only the input Gram matrix ``H = 2 Σ x xᵀ / N`` (the GPTQ Hessian).
+
+    Each batch's ``xᵀx`` is computed in float32 and summed in float64, rounded to float32 once before the solve: the
+    sum then hardly depends on the order of the batches, so data-parallel ranks (:mod:`optimum_bc.distributed`),
+    which add the same batch products in another order, get the same float32 Hessian and the same codes.
+    """
 
     needs_inputs = True
 
@@ -114,15 +119,15 @@ class GramQuantizer(WeightQuantizer):
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.in_features).float()
         if self.gram is None:
-            self.gram = torch.zeros(self.in_features, self.in_features, device=x.device)
-        self.gram.addmm_(x.T, x)
+            self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
+        self.gram += x.T @ x
         self.num_tokens += x.shape[0]
 
     def reduce(self) -> None:
         if not is_distributed():
             return
         if self.gram is None:  # this rank saw no token of the layer: it adds zeros
-            self.gram = torch.zeros(self.in_features, self.in_features)
+            self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         all_reduce_sum([self.gram], "the Gram matrix")
         self.num_tokens = all_reduce_count(self.num_tokens, "the Gram matrix's token count")
 
@@ -132,7 +137,7 @@ class GramQuantizer(WeightQuantizer):
             raise ValueError(
                 f"{type(self).__name__} needs calibration inputs: add_batch() was never called with any token"
             )
-        return self.gram.to(device) * (2.0 / self.num_tokens)
+        return self.gram.float().to(device) * (2.0 / self.num_tokens)
 
     def free(self) -> None:
         self.gram = None
