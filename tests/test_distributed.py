@@ -6,6 +6,7 @@ created by optimum-bc itself, exactly as under ``torchrun --nproc-per-node 2``.
 
 import os
 import socket
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, quantize_model
@@ -37,21 +39,40 @@ def _config(method: str, **kwargs: Any) -> BCQuantizationConfig:
     return BCQuantizationConfig(method=method, dataset=_windows(), **options)
 
 
-#: name -> (config options, load the model with from_pretrained + device_map instead of quantize_model)
+# As tests/test_offload.py: block 1, the (tied) embeddings and LM head on disk; calibration onloads each in turn.
+OFFLOADED = {
+    "model.embed_tokens": "disk",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.norm": "disk",
+    "model.rotary_emb": "cpu",
+    "lm_head": "disk",
+}
+#: name -> (config options, device map of a from_pretrained load; None: quantize_model on a loaded model)
 RUNS = {
-    "rtn_bc_sink": ({"method": "rtn", "bc_sink_tokens": 1}, False),
-    "gptq_bc_layer_sink": ({"method": "gptq", "bc_sink_tokens": 1, "bc_layer": True, "batch_size": 2}, True),
+    "rtn_bc_sink": ({"method": "rtn", "bc_sink_tokens": 1}, None),
+    "gptq_bc_layer_sink": ({"method": "gptq", "bc_sink_tokens": 1, "bc_layer": True, "batch_size": 2}, {"": "cpu"}),
+    "gptq_bc_disk_offload": ({"method": "gptq", "bc_sink_tokens": 1}, OFFLOADED),
 }
 
 
 def _quantized(name: str, float_dir: str) -> tuple[torch.nn.Module, int]:
-    options, via_hub = RUNS[name]
+    options, device_map = RUNS[name]
     config = _config(**options)
-    if via_hub:
-        model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, device_map={"": "cpu"})
-        return model, model.quantization_report.calibration_tokens
-    model = tiny_llama()
-    return model, quantize_model(model, config).calibration_tokens
+    if device_map is None:
+        model = tiny_llama()
+        return model, quantize_model(model, config).calibration_tokens
+    model = AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=config, device_map=device_map, offload_folder=tempfile.mkdtemp()
+    )
+    return model, model.quantization_report.calibration_tokens
+
+
+def _in_memory(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor] | None:
+    """The state dict (None when part of the model lives on disk: compare the saved checkpoints then)."""
+    if "disk" in (RUNS[name][1] or {}).values():
+        return None
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
@@ -65,7 +86,7 @@ def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
         for name in RUNS:
             model, tokens = _quantized(name, float_dir)
             model.save_pretrained(Path(out) / f"{name}_saved_by_rank{rank}")
-            result[name] = ({k: v.clone() for k, v in model.state_dict().items()}, tokens)
+            result[name] = (_in_memory(model, name), tokens)
         for name, config in (
             ("mismatch", _config("rtn", bits=4 if rank == 0 else 3)),
             ("too_few", _config("rtn", num_samples=1)),
@@ -141,10 +162,12 @@ def test_two_ranks_equal_one_process(spawned, name) -> None:
     out, results, float_dir = spawned
     assert all(r["world"] == WORLD for r in results)
     reference, tokens = _quantized(name, float_dir)
-    single = reference.state_dict()
+    single = _in_memory(reference, name)
     for rank, result in enumerate(results):
         state, rank_tokens = result[name]
         assert rank_tokens == tokens == 8 * 32  # the report's sum covers every window, on every rank
+        if single is None:
+            continue
         assert state.keys() == single.keys()
         assert any(k.endswith("qweight") for k in single) and any(k.endswith("sink_bias") for k in single)
         for key in single:
@@ -153,6 +176,11 @@ def test_two_ranks_equal_one_process(spawned, name) -> None:
     assert not (out / f"{name}_saved_by_rank1").exists()
     saved = out / f"{name}_saved_by_rank0"
     assert (saved / "model.safetensors").is_file()
+    reference.save_pretrained(out / f"{name}_one_process")
+    ours, theirs = load_file(saved / "model.safetensors"), load_file(out / f"{name}_one_process/model.safetensors")
+    assert ours.keys() == theirs.keys() and any(k.endswith("sink_bias") for k in ours)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), f"saved {key} differs from one process"
     reloaded = AutoModelForCausalLM.from_pretrained(saved)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
