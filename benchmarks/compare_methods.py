@@ -53,7 +53,10 @@ def main() -> None:
     parser.add_argument("--bc", default="off,on", help="bias compensation: off, on or off,on")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leave cores to others)")
     parser.add_argument("--json", default="benchmarks/compare_methods.json")
-    parser.add_argument("--readme", help="write the table into this Markdown file (docs/results.md) between the compare_methods markers")
+    parser.add_argument(
+        "--readme",
+        help="write the table into this Markdown file (docs/results.md) between the compare_methods markers",
+    )
     args = parser.parse_args()
     settings = args.settings.split(",")
     unknown = [s for s in settings if s not in SETTINGS]

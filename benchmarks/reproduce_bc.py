@@ -79,7 +79,9 @@ def main() -> None:
     parser.add_argument("--grids", default=",".join(GRIDS))
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--json", default="benchmarks/reproduce_bc.json")
-    parser.add_argument("--readme", help="write the table into this Markdown file (docs/results.md) between the reproduce_bc markers")
+    parser.add_argument(
+        "--readme", help="write the table into this Markdown file (docs/results.md) between the reproduce_bc markers"
+    )
     args = parser.parse_args()
 
     tokenizer, load, perplexity = packaged_model(args.seq_len, args.eval_windows)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .calibration.architectures import ArchitectureSpec, first_param_device, get_blocks, resolve_spec, target_linears
 from .calibration.block_inputs import capture_block_inputs, collate
 from .calibration.calibrator import BlockCalibrator, activation_bytes, activation_store
@@ -153,6 +154,10 @@ def quantize_model(
     if calibration is None:
         calibration = build_calibration(config, tokenizer, getattr(model, "name_or_path", None))
     validation.check_calibration(model, calibration, config)
+    # Under torchrun / accelerate launch: all ranks check they agree, then each keeps its share of the windows.
+    # Anything that splits the windows further (a held-out split) must do it before this line, or on the global
+    # indices of distributed.shard_range, so that all ranks agree on it.
+    calibration = distributed.prepare(config.to_dict(), calibration, config.batch_size)
     was_training = model.training
     model.eval()
     batches = collate(calibration, config.batch_size)

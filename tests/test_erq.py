@@ -169,7 +169,7 @@ def test_erq_quantizer_accumulates_the_cross_gram() -> None:
         quantizer.add_batch(A[s])
         quantizer.add_float_batch(A[s], X[s])
     torch.testing.assert_close(quantizer.hessian(torch.device("cpu")), gram(A))
-    torch.testing.assert_close(quantizer.cross * 2 / quantizer.num_tokens, gram(A, X))
+    torch.testing.assert_close(quantizer.cross.float() * 2 / quantizer.num_tokens, gram(A, X))
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "optimum_bc"
 FLOORS = (
     "version",  # the version string
     "_compat",  # the helper the old import paths use
+    "distributed",  # torch.distributed helpers: sharding, all-reduce, rank-0 work (imports only torch)
     "formats",  # number formats, scale primitives, int32 bit packing
     "data",  # calibration text, streamed sources, perplexity, packaged offline models
     "algorithms",  # weight quantizers (RTN / GPTQ / COMQ / ERQ) and the closed-form BC bias

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import all_reduce_count, all_reduce_sum, is_distributed
 from ..formats.formats import INT_FORMAT, get_format
 
 
@@ -88,6 +89,10 @@ class WeightQuantizer:
         Called after ``add_batch(x)`` and only for quantizers with ``needs_float_inputs``.
         """
 
+    def reduce(self) -> None:
+        """Sum the statistics over data-parallel ranks (:mod:`optimum_bc.distributed`); call once, after the last
+        ``add_batch`` and before ``quantize``. No-op in one process and for algorithms without statistics."""
+
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """Return the quantized form of ``weight`` (``[out, in]``); never modifies it."""
         raise NotImplementedError
@@ -97,7 +102,12 @@ class WeightQuantizer:
 
 
 class GramQuantizer(WeightQuantizer):
-    """Base for algorithms that need only the input Gram matrix ``H = 2 Σ x xᵀ / N`` (the GPTQ Hessian)."""
+    """Base for algorithms that need only the input Gram matrix ``H = 2 Σ x xᵀ / N`` (the GPTQ Hessian).
+
+    Each batch's ``xᵀx`` is computed in float32 and summed in float64, rounded to float32 once before the solve: the
+    sum then hardly depends on the order of the batches, so data-parallel ranks (:mod:`optimum_bc.distributed`),
+    which add the same batch products in another order, get the same float32 Hessian and the same codes.
+    """
 
     needs_inputs = True
 
@@ -109,9 +119,17 @@ class GramQuantizer(WeightQuantizer):
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.in_features).float()
         if self.gram is None:
-            self.gram = torch.zeros(self.in_features, self.in_features, device=x.device)
-        self.gram.addmm_(x.T, x)
+            self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
+        self.gram += x.T @ x
         self.num_tokens += x.shape[0]
+
+    def reduce(self) -> None:
+        if not is_distributed():
+            return
+        if self.gram is None:  # this rank saw no token of the layer: it adds zeros
+            self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+        all_reduce_sum([self.gram], "the Gram matrix")
+        self.num_tokens = all_reduce_count(self.num_tokens, "the Gram matrix's token count")
 
     def hessian(self, device: torch.device) -> torch.Tensor:
         """``2 Σ x xᵀ / N`` on ``device``; raises when no token was observed."""
@@ -119,7 +137,7 @@ class GramQuantizer(WeightQuantizer):
             raise ValueError(
                 f"{type(self).__name__} needs calibration inputs: add_batch() was never called with any token"
             )
-        return self.gram.to(device) * (2.0 / self.num_tokens)
+        return self.gram.float().to(device) * (2.0 / self.num_tokens)
 
     def free(self) -> None:
         self.gram = None

@@ -12,7 +12,9 @@ For a Linear layer the residual is linear in the inputs, so everything needed is
   prefix's input ``x̂``; with ``δ = x - x̂``: ``r = (W - Q) x + Q δ``, so ``b = (W - Q) E[x] + Q E[δ]`` and
   ``E[r_c²] = d_c E[x xᵀ] d_cᵀ + 2 d_c E[x δᵀ] Q_cᵀ + Q_c E[δ δᵀ] Q_cᵀ``.
 
-All moments are accumulated in float32, over valid (non-padding) tokens only.
+All moments are taken over valid (non-padding) tokens only: each batch's sums in float32, added up in float64 and
+rounded to float32 once when used, so the result hardly depends on the order of the batches (data-parallel ranks add
+the same batch sums in another order, :mod:`optimum_bc.distributed`).
 
 With ``positions`` (the reference code's default granularity) the mean is taken per token position instead of over
 all tokens: ``b[t] = (W - Q) E[x | t] (+ Q E[δ | t])``, a ``[positions, out]`` table that cannot fold into a bias.
@@ -27,6 +29,8 @@ every other token.
 from dataclasses import dataclass
 
 import torch
+
+from .distributed import all_reduce_count, all_reduce_sum
 
 
 BC_TARGETS = ("float", "sequential")
@@ -71,11 +75,11 @@ class InputMoments:
         self.classes = classes
         if classes is not None:
             self.count_pos = torch.zeros(classes, device=device)
-            self.sum_x_pos = torch.zeros(classes, in_features, device=device)
-            self.sum_delta_pos = torch.zeros(classes, in_features, device=device)
+            self.sum_x_pos = torch.zeros(classes, in_features, dtype=torch.float64, device=device)
+            self.sum_delta_pos = torch.zeros(classes, in_features, dtype=torch.float64, device=device)
         self.num_tokens = 0
-        zeros_vec = torch.zeros(in_features, device=device)
-        zeros_mat = torch.zeros(in_features, in_features, device=device)
+        zeros_vec = torch.zeros(in_features, dtype=torch.float64, device=device)
+        zeros_mat = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.sum_x = zeros_vec.clone()
         self.xx = zeros_mat.clone()
         if target == "sequential":
@@ -93,15 +97,15 @@ class InputMoments:
         x = x_float.float()
         self.num_tokens += x.shape[0]
         self.sum_x += x.sum(0)
-        self.xx.addmm_(x.T, x)
+        self.xx += x.T @ x
         delta = None
         if self.target == "sequential":
             if x_quant is None:
                 raise ValueError("the sequential target needs the quantized prefix's inputs as well")
             delta = x - x_quant.float()
             self.sum_delta += delta.sum(0)
-            self.x_delta.addmm_(x.T, delta)
-            self.delta_delta.addmm_(delta.T, delta)
+            self.x_delta += x.T @ delta
+            self.delta_delta += delta.T @ delta
         if self.classes is not None:
             if positions is None:
                 raise ValueError("position-dependent compensation needs each row's token position")
@@ -110,9 +114,16 @@ class InputMoments:
             elif int(positions.max()) >= self.positions:
                 raise ValueError(f"position granularity needs token positions below {self.positions} for every row")
             self.count_pos.index_add_(0, positions, torch.ones_like(positions, dtype=torch.float32))
-            self.sum_x_pos.index_add_(0, positions, x)
+            self.sum_x_pos.index_add_(0, positions, x.double())
             if delta is not None:
-                self.sum_delta_pos.index_add_(0, positions, delta)
+                self.sum_delta_pos.index_add_(0, positions, delta.double())
+
+    def reduce(self) -> None:
+        """Sum the moments over data-parallel ranks (:mod:`optimum_bc.distributed`; no-op in one process); call
+        once, after the last ``add_batch`` and before ``compensate``."""
+        names = ("sum_x", "xx", "sum_delta", "x_delta", "delta_delta", "count_pos", "sum_x_pos", "sum_delta_pos")
+        all_reduce_sum([getattr(self, n) for n in names if hasattr(self, n)], "the bias-compensation moments")
+        self.num_tokens = all_reduce_count(self.num_tokens, "the bias-compensation token count")
 
     def compensate(
         self, W: torch.Tensor, Q: torch.Tensor, bias_dtype: torch.dtype, base: torch.Tensor | None = None
@@ -129,11 +140,15 @@ class InputMoments:
         W = W.float().to(self.xx.device)
         Q = Q.float().to(self.xx.device)
         d = W - Q
-        mean_r = d @ (self.sum_x / n)
-        sq_r = ((d @ self.xx) * d).sum(1) / n
+        mean_r = d @ (self.sum_x.float() / n)
+        sq_r = ((d @ self.xx.float()) * d).sum(1) / n
         if self.target == "sequential":
-            mean_r = mean_r + Q @ (self.sum_delta / n)
-            sq_r = sq_r + (2 * (d @ self.x_delta) * Q).sum(1) / n + ((Q @ self.delta_delta) * Q).sum(1) / n
+            mean_r = mean_r + Q @ (self.sum_delta.float() / n)
+            sq_r = (
+                sq_r
+                + (2 * (d @ self.x_delta.float()) * Q).sum(1) / n
+                + ((Q @ self.delta_delta.float()) * Q).sum(1) / n
+            )
         base = None if base is None else base.detach().float().to(mean_r.device)
         if self.classes is not None:
             return self._compensate_positions(d, Q, sq_r, bias_dtype, base)
@@ -157,9 +172,9 @@ class InputMoments:
         :meth:`compensate`: the per-channel part into ``base``, the sink rows relative to that stored bias.
         """
         count = self.count_pos.clamp(min=1).unsqueeze(1)
-        mean_pos = (self.sum_x_pos / count) @ d.T  # (classes, out)
+        mean_pos = (self.sum_x_pos.float() / count) @ d.T  # (classes, out)
         if self.target == "sequential":
-            mean_pos = mean_pos + (self.sum_delta_pos / count) @ Q.T
+            mean_pos = mean_pos + (self.sum_delta_pos.float() / count) @ Q.T
         sink = None
         if self.sink_tokens:
             bias, added = _fold(mean_pos[-1], base, bias_dtype)
@@ -189,8 +204,8 @@ class ResidualMean:
 
     def __init__(self, channels: int, device: torch.device | None = None) -> None:
         self.num_tokens = 0
-        self.sum_r = torch.zeros(channels, device=device)
-        self.sum_r2 = torch.zeros(channels, device=device)
+        self.sum_r = torch.zeros(channels, dtype=torch.float64, device=device)  # batch sums added in float64
+        self.sum_r2 = torch.zeros(channels, dtype=torch.float64, device=device)
 
     def add_batch(self, target: torch.Tensor, output: torch.Tensor) -> None:
         """Add paired ``(tokens, channels)`` rows."""
@@ -199,12 +214,17 @@ class ResidualMean:
         self.sum_r += r.sum(0)
         self.sum_r2 += (r * r).sum(0)
 
+    def reduce(self) -> None:
+        """Sum over data-parallel ranks (no-op in one process); call once, before ``compensate``."""
+        all_reduce_sum([self.sum_r, self.sum_r2], "the block residual sums")
+        self.num_tokens = all_reduce_count(self.num_tokens, "the block residual token count")
+
     def compensate(self, bias_dtype: torch.dtype, base: torch.Tensor | None = None) -> Compensation:
         """The bias ``mean(r)`` (folded into ``base`` in float32 and rounded once) and the MSE before/after it."""
         if self.num_tokens == 0:
             raise ValueError("bias compensation saw no calibration token (all padding?)")
-        mean_r = self.sum_r / self.num_tokens
-        sq_r = self.sum_r2 / self.num_tokens
+        mean_r = self.sum_r.float() / self.num_tokens
+        sq_r = self.sum_r2.float() / self.num_tokens
         base = None if base is None else base.detach().float().to(mean_r.device)
         bias, b = _fold(mean_r, base, bias_dtype)
         after = sq_r - 2 * b * mean_r + b * b

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import all_reduce_sum, is_distributed
 from ..formats.formats import INT_FORMAT
 from .base import GramQuantizer, QuantizedWeight
 from .grid import GroupGrid, check_group_size
@@ -175,12 +176,20 @@ class ERQQuantizer(GramQuantizer):
         x = x.reshape(-1, self.in_features).float()
         x_float = x_float.reshape(-1, self.in_features).float().to(x.device)
         if self.cross is None:
-            self.cross = torch.zeros(self.in_features, self.in_features, device=x.device)
-        self.cross.addmm_(x.T, x_float)
+            self.cross = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
+        self.cross += x.T @ x_float  # summed in float64 like the Gram matrix
+
+    def reduce(self) -> None:
+        super().reduce()
+        if not is_distributed():
+            return
+        if self.cross is None:  # this rank saw no token of the layer: it adds zeros
+            self.cross = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+        all_reduce_sum([self.cross], "ERQ's cross term")
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         H = self.hessian(weight.device)
-        C = self.cross.to(weight.device) * (2.0 / self.num_tokens) if self.cross is not None else None
+        C = self.cross.float().to(weight.device) * (2.0 / self.num_tokens) if self.cross is not None else None
         return erq_quantize(
             weight,
             H,

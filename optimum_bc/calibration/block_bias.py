@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..algorithms.compensation import Compensation, ResidualMean
+from ..distributed import all_reduce_sum
 from ..layers.packed_base import PackedLinearBase
 
 
@@ -26,32 +27,37 @@ class SinkResidualMean:
     def __init__(self, channels: int, sink_tokens: int, device: torch.device | None = None) -> None:
         self.sink_tokens = sink_tokens
         self.count = torch.zeros(sink_tokens + 1, device=device)
-        self.sum_r = torch.zeros(sink_tokens + 1, channels, device=device)
-        self.sum_r2 = torch.zeros(sink_tokens + 1, channels, device=device)
+        self.sum_r = torch.zeros(sink_tokens + 1, channels, dtype=torch.float64, device=device)  # summed in float64
+        self.sum_r2 = torch.zeros(sink_tokens + 1, channels, dtype=torch.float64, device=device)
 
     def add_batch(self, target: torch.Tensor, output: torch.Tensor, positions: torch.Tensor) -> None:
         """Add paired ``(tokens, channels)`` rows with each row's token position ``(tokens,)``."""
         r = target.float() - output.float()
         classes = positions.clamp(max=self.sink_tokens).to(r.device)
         self.count.index_add_(0, classes, torch.ones_like(classes, dtype=torch.float32))
-        self.sum_r.index_add_(0, classes, r)
-        self.sum_r2.index_add_(0, classes, r * r)
+        self.sum_r.index_add_(0, classes, r.double())
+        self.sum_r2.index_add_(0, classes, (r * r).double())
+
+    def reduce(self) -> None:
+        """Sum the per-class sums over data-parallel ranks (no-op in one process); call once, before ``compensate``."""
+        all_reduce_sum([self.count, self.sum_r, self.sum_r2], "the block residual sums per position class")
 
     def compensate(self, bias_dtype: torch.dtype, with_sink: bool) -> Compensation:
         """Bias of the later positions (plus the sink part if ``with_sink``); MSE over all tokens before/after."""
         total = float(self.count.sum())
         if total == 0:
             raise ValueError("bias compensation saw no calibration token (all padding?)")
-        mean = self.sum_r / self.count.clamp(min=1).unsqueeze(1)
-        bias = (mean[-1] if self.count[-1] > 0 else self.sum_r.sum(0) / total).to(bias_dtype)
+        sum_r, sum_r2 = self.sum_r.float(), self.sum_r2.float()  # rounded once from the float64 sums
+        mean = sum_r / self.count.clamp(min=1).unsqueeze(1)
+        bias = (mean[-1] if self.count[-1] > 0 else sum_r.sum(0) / total).to(bias_dtype)
         applied = bias.float().expand_as(mean).clone()
         sink = None
         if with_sink and self.sink_tokens:
             sink = (mean[:-1] - bias.float()).to(bias_dtype)
             applied[:-1] += sink.float()
-        before = self.sum_r2.sum(0) / total
+        before = sum_r2.sum(0) / total
         # sum over tokens of (r - b)^2 per class = sum_r2 - 2 b sum_r + n b^2
-        after = (self.sum_r2 - 2 * applied * self.sum_r + self.count.unsqueeze(1) * applied * applied).sum(0) / total
+        after = (sum_r2 - 2 * applied * sum_r + self.count.unsqueeze(1) * applied * applied).sum(0) / total
         return Compensation(
             bias=bias, mse_before=float(before.mean()), mse_after=float(after.clamp(min=0).mean()), sink=sink
         )

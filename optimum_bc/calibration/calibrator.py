@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from .. import distributed
 from ..algorithms import WeightQuantizer, get_algorithm
 from ..algorithms.compensation import InputMoments
 from ..config import BCQuantizationConfig
@@ -243,7 +244,8 @@ class BlockCalibrator:
     def run(self, batches: list[_Batch]) -> QuantizationReport:
         """Quantize every block; returns the report."""
         start = time.perf_counter()
-        self.report.calibration_tokens = int(sum(int(b.valid.sum()) for b in batches))
+        tokens = int(sum(int(b.valid.sum()) for b in batches))
+        self.report.calibration_tokens = distributed.all_reduce_count(tokens, "the calibration token count")
         h_q = batches
         h_fp = batches if self.float_stream else None
         blocks = get_blocks(self.model, self.spec)
@@ -285,6 +287,8 @@ class BlockCalibrator:
         h_q = [b.for_block(index).to(device, store) for b in h_q]
         h_fp = [b.for_block(index).to(device, store) for b in h_fp] if h_fp is not None else None
         layout = self.observe(index, block, h_q[0] if h_q else None, device)
+        # Each data-parallel rank observed its own first batch: the layouts must agree, or the sums would not match.
+        distributed.check_agree((layout.groups, sorted(layout.left_out)), f"layer layout of block {index}")
         fblock = copy.deepcopy(block) if self.float_stream else None
         stages = self.stages(layout)
         moments: dict[str, InputMoments] = {}
@@ -370,6 +374,10 @@ class BlockCalibrator:
             # Linears sharing an input share the statistics and their rows are independent: quantize them stacked.
             t0 = time.perf_counter()
             weights = [dense_weight(linear) for linear in linears]
+            # Data-parallel ranks sum their statistics here, in the same group order on every rank.
+            quantizer.reduce()
+            if self.bc:
+                moments[group[0]].reduce()
             stacked = quantizer.quantize(torch.cat(weights))
             quantizer.free()
             share = (time.perf_counter() - t0) / stacked.codes.shape[0]
@@ -427,6 +435,7 @@ class BlockCalibrator:
                 residual.add_batch(*rows, _valid_positions(batch.valid))
             else:
                 residual.add_batch(*rows)
+        residual.reduce()  # data-parallel ranks sum their residuals
         # Kept in float32 here and rounded once, when folded into the stored bias.
         comp = residual.compensate(torch.float32, with_sink) if sink_tokens else residual.compensate(torch.float32)
         created, added, added_sink = fold_block_bias(target, comp)

@@ -175,6 +175,7 @@ def _check_quantize_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from ..distributed import run_on_main
     from ..export.atomic import atomic_folder
     from ..integrations.card_folder import write_model_card
     from ..integrations.quantizer import quantize_model
@@ -212,22 +213,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from ..export import check_exportable
 
         check_exportable(model, args.save_format, args.drop_sink_bias)
+
     # A private folder beside --output, swapped in whole: an interrupted save never leaves a half-written --output,
     # and a concurrent run with the same --output fails here instead of claiming the other run's folder.
-    try:
-        with atomic_folder(args.output, overwrite=False) as tmp, _without_timings(model, args.reproducible):
-            if args.save_format == "native":
-                type(model).save_pretrained(model, tmp)
-            else:
-                from ..export import write_export
+    def save() -> None:
+        try:
+            with atomic_folder(args.output, overwrite=False) as tmp, _without_timings(model, args.reproducible):
+                if args.save_format == "native":
+                    type(model).save_pretrained(model, tmp)
+                else:
+                    from ..export import write_export
 
-                write_export(model, tmp, args.save_format, drop_sink_bias=args.drop_sink_bias)
-            if args.reproducible:
-                canonical_safetensors_headers(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_model_card(tmp, model_ref=os.path.basename(os.path.abspath(args.output)))
-    except ValueError as err:  # the export was checked above: what is left is the target folder
-        raise UsageError(f"--output: {err}") from err
+                    write_export(model, tmp, args.save_format, drop_sink_bias=args.drop_sink_bias)
+                if args.reproducible:
+                    canonical_safetensors_headers(tmp)
+                tokenizer.save_pretrained(tmp)
+                write_model_card(tmp, model_ref=os.path.basename(os.path.abspath(args.output)))
+        except ValueError as err:  # the export was checked above: what is left is the target folder
+            raise UsageError(f"--output: {err}") from err
+
+    # Under torchrun every rank holds the same model: rank 0 writes it, the others wait and fail if it fails.
+    run_on_main(save, f"save --output {args.output!r}")
     print(f"saved {len(report.layers)} quantized layers to {args.output} ({report.total_seconds:.1f} s)")
     if eval_error is not None:
         raise eval_error

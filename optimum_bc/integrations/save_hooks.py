@@ -9,6 +9,7 @@ repository's card or a stub. So :func:`attach` binds these two methods to each B
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calibration.report import QuantizationReport
+from ..distributed import rank
 from .card_folder import _plot, write_model_card
 from .hub_push import push_folder
 from .metadata import (
@@ -28,6 +30,9 @@ from .metadata import (
     read_checkpoint_metadata,
 )
 from .provenance import Provenance, collect_provenance
+
+
+logger = logging.getLogger(__name__)
 
 
 def attach(model: Any, checkpoint_files: Sequence[str | os.PathLike[str]] | None = None) -> None:
@@ -172,6 +177,9 @@ def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str]
         return None
     if not is_main or getattr(self, "_hf_peft_config_loaded", False):  # an adapter-only save is not our model
         return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if rank() != 0:  # data-parallel ranks hold the same model: rank 0 alone writes it, as transformers does
+        logger.info("optimum-bc: rank %d leaves saving %s to rank 0", rank(), os.fspath(save_directory))
+        return None
     with atomic_folder(save_directory, overwrite=True) as tmp, _without_timings(self, reproducible):
         _carry_over(Path(save_directory), tmp)
         if export_kwargs is None:
@@ -224,6 +232,8 @@ def _push_to_hub_with_card(
             tags=tags,
             **kwargs,
         )
+    if rank() != 0:  # data-parallel ranks hold the same model: rank 0 alone uploads it
+        return None
     extra = [tags] if isinstance(tags, str) else list(tags or ())
     with tempfile.TemporaryDirectory(prefix="optimum-bc-upload-") as tmp:
         type(self).save_pretrained(self, tmp, max_shard_size=max_shard_size, **kwargs)
