@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .distributed import all_reduce_count, all_reduce_sum
+from ..distributed import all_reduce_count, all_reduce_sum
 
 
 BC_TARGETS = ("float", "sequential")
