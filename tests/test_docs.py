@@ -10,6 +10,7 @@ are shown, not run.
 Run as a script (``python tests/test_docs.py SPEC.json``) this file is the runner the test starts.
 """
 
+import functools
 import json
 import os
 import re
@@ -135,6 +136,7 @@ def _tiny_config_sizes() -> None:
 
     init = config.BCQuantizationConfig.__init__
 
+    @functools.wraps(init)  # keeps the signature: the CLI generates its flags from it
     def capped(self: config.BCQuantizationConfig, *args: object, **kwargs: object) -> None:
         kwargs["num_samples"], kwargs["seq_len"] = NUM_SAMPLES, SEQ_LEN
         init(self, *args, **kwargs)
