@@ -30,6 +30,8 @@ import torch
 
 
 BC_TARGETS = ("float", "sequential")
+#: What ``BCQuantizationConfig.bc_target`` accepts: "auto" lets each block choose (:mod:`optimum_bc.bc_select`).
+BC_TARGET_CHOICES = ("auto", *BC_TARGETS)
 BC_GRANULARITIES = ("channel", "position")
 
 
