@@ -133,9 +133,9 @@ def main() -> None:
                 )
                 row["ppl"][variant] = perplexity(model)
                 row["seconds"][variant] = seconds
-                choices = [layer.bc_choice for layer in report.layers if getattr(layer, "bc_choice", None)]
-                if choices:
-                    row["choices"][variant] = {c: choices.count(c) for c in sorted(set(choices))}
+                choices = [block.bc_choice for block in report.blocks if block.bc_choice]
+                if choices:  # the mode each block chose, in block order
+                    row["choices"][variant] = choices
                 save_results(args.json, results)
                 print(
                     f"{key} {variant}: {row['ppl'][variant]:.2f} (quantize {seconds:.0f} s, cell "

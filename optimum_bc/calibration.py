@@ -191,12 +191,6 @@ class BlockCalibrator:
             return BlockLayout(groups=[(n,) for n in names], order=names)
         hidden = batch.hidden.to(device)
         layout = observe_block(block, names, hidden, batch.kwargs, run=_run_block)
-        if self.positions is not None and not layout.keeps_sequence_axis:
-            raise ValueError(
-                f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: some "
-                "of its Linears see flattened tokens, so a per-position bias cannot be applied. Fix: "
-                "bc_granularity='channel'."
-            )
         fused = fused_expert_weights(block)
         if fused:
             logger.warning(
