@@ -115,6 +115,12 @@ def held_out_folds(num_batches: int) -> list[list[int]] | None:
     return [list(range(f, num_batches, FOLDS)) for f in range(FOLDS)]
 
 
+def _token_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The non-padding tokens' rows of a block output ``(batch, tokens, ...)`` (some blocks carry extra axes, e.g.
+    hyper-connection streams), flattened to ``(valid tokens, rest)``."""
+    return x.reshape(valid.numel(), -1)[valid.reshape(-1)]
+
+
 @dataclass
 class AutoLayer:
     """A quantized Linear of the block being calibrated: its packed module, residual sums and original bias."""
@@ -148,14 +154,12 @@ def choose_block_mode(
     inputs: list,
     targets: list,
     run: object,
-    rows: object,
     device: torch.device,
 ) -> BlockChoice:
     """Score every candidate by held-out block-output MSE, then apply the winner refitted on all batches.
 
     ``inputs`` / ``targets``: the quantized stream's block inputs and the float model's block outputs (batches with
-    ``hidden``, ``kwargs``, ``valid``); ``run(block, hidden, kwargs)`` runs the block; ``rows(x, valid)`` keeps the
-    non-padding rows.
+    ``hidden``, ``kwargs``, ``valid``); ``run(block, hidden, kwargs)`` runs the block.
     """
     sink_tokens = layers[0].sums.count.shape[1] - 1 if layers else 0
     folds = held_out_folds(len(inputs))
@@ -178,8 +182,9 @@ def choose_block_mode(
                     layer.apply(*layer.sums.candidate(mode, fit))
                 for b in held:
                     out = run(block, inputs[b].hidden.to(device), inputs[b].kwargs)
-                    diff = rows(out, inputs[b].valid).float() - rows(targets[b].hidden.to(device), inputs[b].valid)
-                    sse += float((diff.float() ** 2).sum())
+                    valid = inputs[b].valid
+                    diff = _token_rows(out, valid).float() - _token_rows(targets[b].hidden.to(device), valid).float()
+                    sse += float((diff**2).sum())
                     elements += diff.numel()
             scores[mode] = sse / max(elements, 1)
         mode = min(scores, key=scores.__getitem__)

@@ -88,7 +88,7 @@ def test_auto_picks_none_where_a_bias_hurts_held_out_data() -> None:
     Q = W + 0.3
     inputs, targets = _shift_batches([2.0, -2.0, 2.0, -2.0], W)
     layer, auto = _one_layer_block(W, Q, inputs)
-    choice = choose_block_mode([auto], layer, inputs, targets, lambda m, h, kw: m(h), _rows, torch.device("cpu"))
+    choice = choose_block_mode([auto], layer, inputs, targets, lambda m, h, kw: m(h), torch.device("cpu"))
     assert choice.mode == "none" and choice.fallback is None
     assert set(choice.scores) == {"none", "float", "sequential"}
     assert all(choice.scores[m] > choice.scores["none"] * 1.5 for m in ("float", "sequential"))
@@ -103,7 +103,7 @@ def test_auto_keeps_a_bias_that_pays_held_out() -> None:
     Q = W + 0.3
     inputs, targets = _shift_batches([2.0, 2.0, 2.0, 2.0], W)
     layer, auto = _one_layer_block(W, Q, inputs)
-    choice = choose_block_mode([auto], layer, inputs, targets, lambda m, h, kw: m(h), _rows, torch.device("cpu"))
+    choice = choose_block_mode([auto], layer, inputs, targets, lambda m, h, kw: m(h), torch.device("cpu"))
     assert choice.mode != "none"
     assert choice.scores[choice.mode] < 0.05 * choice.scores["none"]  # what is left is the zero-mean part
     torch.testing.assert_close(layer.bias.data, auto.sums.candidate(choice.mode, [0, 1])[0])
