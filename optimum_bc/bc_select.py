@@ -95,11 +95,11 @@ class ResidualSums:
         sink = torch.where(count[:-1, None] > 0, sums[:-1] / count[:-1, None].clamp(min=1) - later, 0.0)
         return later, sink
 
-    def error_drop(self, bias: torch.Tensor, sink: torch.Tensor | None) -> float:
-        """How much ``bias`` (+ ``sink``) lowers the per-element MSE of the sequential residual on all tokens:
+    def error_drop(self, bias: torch.Tensor, sink: torch.Tensor | None, target: str = "sequential") -> float:
+        """How much ``bias`` (+ ``sink``) lowers the per-element MSE of ``target``'s residual on all tokens:
         ``sum_c w_c (2 b_c·m_c - ||b_c||²) / out``, the closed form of ``E||r||² - E||r - b||²``."""
         count = self.count.sum(0)
-        sums = self.seq_sum.sum(0)
+        sums = (self.seq_sum if target == "sequential" else self.float_sum).sum(0)
         applied = bias.expand_as(sums).clone()
         if sink is not None:
             applied[:-1] += sink
@@ -129,6 +129,15 @@ class AutoLayer:
     module: torch.nn.Module
     sums: ResidualSums
     base: torch.Tensor  # the layer's own bias (float32), what the compensation adds to
+    power: dict[str, torch.Tensor]  # per-channel E[r²] of each target's residual (InputMoments.residual_power)
+
+    def report_mse(self, mode: str) -> tuple[float, float]:
+        """(MSE before, MSE after) of the layer against the target ``mode`` compensates for (the sequential one for
+        "none"), on all calibration tokens, with the bias ``mode`` fits on all of them."""
+        target = "float" if mode.startswith("float") else "sequential"
+        before = float(self.power[target].mean())
+        drop = self.sums.error_drop(*self.sums.candidate(mode, list(range(FOLDS))), target)
+        return before, max(before - drop, 0.0)
 
     def apply(self, bias: torch.Tensor, sink: torch.Tensor | None) -> None:
         """Store ``base + bias`` (summed in float32, rounded once) and the sink rows."""

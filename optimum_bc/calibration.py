@@ -390,7 +390,9 @@ class BlockCalibrator:
                 if group[0] in fold_sums:
                     sums = fold_sums[group[0]].residual_sums(W, qw.dequantize())
                     base = linear.bias.detach().float() if linear.bias is not None else torch.zeros(W.shape[0])
-                    self.auto_layers.append(AutoLayer(prefix + rel, qlinear, sums, base.to(sums.count.device)))
+                    power = moments[group[0]].residual_power(W, qw.dequantize())
+                    auto = AutoLayer(prefix + rel, qlinear, sums, base.to(sums.count.device), power)
+                    self.auto_layers.append(auto)
                 parent_name, _, child = rel.rpartition(".")
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, qlinear)
                 row.seconds = time.perf_counter() - t0 + share * W.shape[0]
@@ -416,9 +418,8 @@ class BlockCalibrator:
         rows = {row.name: row for row in self.report.layers if row.block == report.index}
         for layer in self.auto_layers:
             row = rows[layer.name]
-            bias, sink = layer.sums.candidate(choice.mode, list(range(FOLDS)))
             row.bc_choice = choice.mode
-            row.mse_after = max(row.mse_before - layer.sums.error_drop(bias, sink), 0.0)
+            row.mse_before, row.mse_after = layer.report_mse(choice.mode)
         self.auto_layers = []
 
     def _compensate_block(

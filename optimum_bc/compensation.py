@@ -145,6 +145,18 @@ class InputMoments:
             bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()), added=b
         )
 
+    def residual_power(self, W: torch.Tensor, Q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-channel ``E[r²]`` of the float target's residual and (with its moments) the sequential one's."""
+        W = W.float().to(self.xx.device)
+        Q = Q.float().to(self.xx.device)
+        d = W - Q
+        n = max(self.num_tokens, 1)
+        power = {"float": ((d @ self.xx) * d).sum(1) / n}
+        if self.target == "sequential":
+            cross = (2 * (d @ self.x_delta) * Q).sum(1) / n + ((Q @ self.delta_delta) * Q).sum(1) / n
+            power["sequential"] = power["float"] + cross
+        return power
+
     def _compensate_positions(
         self,
         d: torch.Tensor,

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from optimum_bc import BCQuantizationConfig, QuantLinear, kernels, quantize_model
 from optimum_bc.bc_select import MODES, AutoLayer, FoldInputSums, choose_block_mode, held_out_folds
 from optimum_bc.block_inputs import _Batch
+from optimum_bc.compensation import InputMoments
 from optimum_bc.positions import token_positions
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
@@ -74,10 +75,13 @@ def _one_layer_block(W: torch.Tensor, Q: torch.Tensor, inputs: list[_Batch]) -> 
     layer = nn.Linear(W.shape[1], W.shape[0])
     layer.weight.data, layer.bias.data = Q.clone(), torch.zeros(W.shape[0])
     sums = FoldInputSums(W.shape[1], sink_tokens=0)
+    moments = InputMoments(W.shape[1], "sequential")
     for b, batch in enumerate(inputs):
         x = _rows(batch.hidden, batch.valid)
         sums.add_batch(b % 2, x, x, torch.arange(16).repeat(2))
-    return layer, AutoLayer("layer", layer, sums.residual_sums(W, Q), torch.zeros(W.shape[0]))
+        moments.add_batch(x, x)
+    power = moments.residual_power(W, Q)
+    return layer, AutoLayer("layer", layer, sums.residual_sums(W, Q), torch.zeros(W.shape[0]), power)
 
 
 def test_auto_picks_none_where_a_bias_hurts_held_out_data() -> None:
@@ -93,6 +97,9 @@ def test_auto_picks_none_where_a_bias_hurts_held_out_data() -> None:
     assert set(choice.scores) == {"none", "float", "sequential"}
     assert all(choice.scores[m] > choice.scores["none"] * 1.5 for m in ("float", "sequential"))
     assert not layer.bias.any()  # the stored bias is the layer's own
+    before, after = auto.report_mse("none")
+    x = torch.cat([_rows(b.hidden, b.valid) for b in inputs])
+    assert before == after == pytest.approx(float(((x @ (W - Q).T) ** 2).mean()), rel=1e-4)
     # In-sample the all-data bias would look free (the overall mean error is ~0), so only held-out data decides.
     assert auto.sums.error_drop(*auto.sums.candidate("sequential", [0, 1])) >= 0
 
@@ -119,6 +126,8 @@ def test_auto_on_a_model_records_choices_and_never_scores_worse_than_off(calib_i
         assert block.bc_fallback is None
     rows = list(report.layers)
     assert rows and all(r.bc_choice == report.blocks[r.block].bc_choice for r in rows)
+    # against the target the chosen mode compensates for, the layer error never goes up
+    assert all(r.mse_after <= r.mse_before * (1 + 1e-5) for r in rows)
     assert "BC chosen" in report.format_table()
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and report.blocks[int(name.split(".")[2])].bc_choice in ("none", "float"):
