@@ -134,8 +134,9 @@ def main() -> None:
                 row["ppl"][variant] = perplexity(model)
                 row["seconds"][variant] = seconds
                 choices = [block.bc_choice for block in report.blocks if block.bc_choice]
-                if choices:  # the mode each block chose, in block order
+                if choices:  # the mode each block chose, in block order, and the seconds choosing took
                     row["choices"][variant] = choices
+                    row.setdefault("choice_seconds", {})[variant] = sum(b.bc_choice_seconds for b in report.blocks)
                 save_results(args.json, results)
                 print(
                     f"{key} {variant}: {row['ppl'][variant]:.2f} (quantize {seconds:.0f} s, cell "

@@ -410,7 +410,9 @@ class BlockCalibrator:
         device: torch.device,
     ) -> None:
         """``bc_target="auto"``: the block's BC mode by held-out block-output error (see optimum_bc.bc_select)."""
+        start = time.perf_counter()
         choice = choose_block_mode(self.auto_layers, block, h_q, next_fp, _run_block, device)
+        report.bc_choice_seconds = time.perf_counter() - start
         report.bc_choice, report.bc_scores = choice.mode, choice.scores
         if choice.fallback:
             report.bc_fallback = choice.fallback
