@@ -13,7 +13,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .algorithms import available_algorithms
-from .algorithms.compensation import BC_GRANULARITIES, BC_TARGETS
+from .algorithms.compensation import BC_GRANULARITIES, BC_TARGET_CHOICES
 from .config_fields import (
     WEIGHT_FORMAT_VERSION,
     block_path,
@@ -46,7 +46,7 @@ def field_choices() -> dict[str, tuple]:
         "bits": SUPPORTED_BITS,
         "method": tuple(available_algorithms()),
         "weight_format": tuple(FORMATS),
-        "bc_target": BC_TARGETS,
+        "bc_target": BC_TARGET_CHOICES,
         "bc_granularity": BC_GRANULARITIES,
         "backend": BACKENDS,
     }
@@ -96,9 +96,11 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         true_sequential: quantize the Linears of a block group by group (q/k/v, o, up/gate, down), each group
             observed after the previous one was quantized; else the whole block at once.
         bias_compensation: add to every quantized Linear the bias that cancels its mean output error.
-        bc_target: ``"sequential"`` (default: target = the float model's output, the quantized layer fed by the
-            quantized prefix, so BC also cancels the mean error carried in from earlier blocks) or ``"float"`` (both
-            layers see the float model's inputs, as the reference code does; measured worse, see README).
+        bc_target: ``"auto"`` (default: each decoder block chooses among no bias and the two targets below, with
+            and without the sink bias, by its output error on calibration batches held out from the fit; see
+            ``optimum_bc.bc_select``), ``"sequential"`` (target = the float model's output, the quantized layer fed
+            by the quantized prefix, so BC also cancels the mean error carried in from earlier blocks) or
+            ``"float"`` (both layers see the float model's inputs, as the reference code does).
         bc_layer: also compensate each whole decoder block's output (folded into its last bias).
         bc_granularity: ``"channel"`` (one bias per output channel, folded into the layer bias, free at inference) or
             ``"position"`` (the reference code's per-(position, channel) table: evaluation-only, stored as an extra
@@ -147,7 +149,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         erq_chunk: float = 0.5,
         true_sequential: bool = True,
         bias_compensation: bool = True,
-        bc_target: str = "sequential",
+        bc_target: str = "auto",
         bc_layer: bool = False,
         bc_granularity: str = "channel",
         bc_sink_tokens: int | None = None,
@@ -355,7 +357,13 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             "a float in (0, 1]",
             "erq_chunk=0.5",
         )
-        _check(self.bc_target in BC_TARGETS, "bc_target", self.bc_target, str(BC_TARGETS), 'bc_target="float"')
+        _check(
+            self.bc_target in BC_TARGET_CHOICES,
+            "bc_target",
+            self.bc_target,
+            str(BC_TARGET_CHOICES),
+            'bc_target="auto"',
+        )
         _check(
             self.bc_layer is False or self.bias_compensation,
             "bc_layer",

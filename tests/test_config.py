@@ -74,7 +74,7 @@ def test_values_that_crashed_later_are_refused_naming_the_field(kwargs, match) -
         ("damp_percent", 0.0, "damp_percent=0.0"),
         ("damp_percent", 1.5, "damp_percent=1.5"),
         ("bias_compensation", None, "bias_compensation=None"),
-        ("bc_target", "median", r"bc_target='median' is invalid; allowed: \('float', 'sequential'\)"),
+        ("bc_target", "median", r"bc_target='median' is invalid; allowed: \('auto', 'float', 'sequential'\)"),
         ("num_samples", 0, "num_samples=0"),
         ("seq_len", 1, "seq_len=1"),
         ("batch_size", 0, "batch_size=0"),

@@ -103,7 +103,8 @@ CALIB = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed
 
 
 def _quantized(family: str, settings: dict[str, Any], model: Any = None) -> Any:
-    settings = {"method": "rtn", "bc_sink_tokens": 0, **settings}
+    # bc_target="sequential": every layer gets a bias (auto may choose none for a block), which the checks count
+    settings = {"method": "rtn", "bc_sink_tokens": 0, "bc_target": "sequential", **settings}
     model = BUILDERS[family]() if model is None else model
     config = BCQuantizationConfig(**settings, dataset=CALIB, num_samples=8, seq_len=32)
     quantize_model(model, config)

@@ -163,7 +163,9 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def quantized(base_dir: Path) -> Any:
     ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
-    cfg = BCQuantizationConfig(bits=3, group_size=32, method="rtn", dataset=ids, num_samples=8, seq_len=32, seed=7)
+    cfg = BCQuantizationConfig(
+        bits=3, group_size=32, method="rtn", dataset=ids, num_samples=8, seq_len=32, seed=7, bc_target="sequential"
+    )
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=cfg)
     record_evaluation(model, "wikitext2", 23.456789, seq_len=32, max_samples=4)
     return model

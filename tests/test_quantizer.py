@@ -229,10 +229,16 @@ def test_position_granularity_is_stored_reloaded_and_refuses_longer_inputs(calib
         reloaded(torch.randint(0, VOCAB, (1, 33)))
 
 
-def test_position_granularity_rejected_for_opt(calib_ids, tmp_path) -> None:
-    tiny_opt().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="bc_granularity='position' is not available for model_type 'opt'"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=_cfg(calib_ids, bc_granularity="position"))
+def test_position_granularity_works_for_opt(calib_ids, tmp_path) -> None:
+    """OPT's MLP sees flattened tokens; the position table applies by row order (the paper's LLM setting)."""
+    tiny_opt().save_pretrained(tmp_path / "float")
+    cfg = _cfg(calib_ids, bc_granularity="position", bc_target="float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg)
+    assert all(m.position_bias is not None for m in _quantized_linears(model).values())
+    x = torch.randint(0, VOCAB, (2, 20))
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(reloaded(x).logits, model(x).logits)
 
 
 def test_desc_act_reaches_gptq_and_reloads(calib_ids, tmp_path) -> None:

@@ -34,6 +34,8 @@ from ..distributed import all_reduce_count, all_reduce_sum
 
 
 BC_TARGETS = ("float", "sequential")
+#: What ``BCQuantizationConfig.bc_target`` accepts: "auto" lets each block choose (:mod:`optimum_bc.bc_select`).
+BC_TARGET_CHOICES = ("auto", *BC_TARGETS)
 BC_GRANULARITIES = ("channel", "position")
 
 
@@ -157,6 +159,18 @@ class InputMoments:
         return Compensation(
             bias=bias, mse_before=float(sq_r.mean()), mse_after=float(after.clamp(min=0).mean()), added=b
         )
+
+    def residual_power(self, W: torch.Tensor, Q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-channel ``E[r²]`` of the float target's residual and (with its moments) the sequential one's."""
+        W = W.float().to(self.xx.device)
+        Q = Q.float().to(self.xx.device)
+        d = W - Q
+        n = max(self.num_tokens, 1)
+        power = {"float": ((d @ self.xx) * d).sum(1) / n}
+        if self.target == "sequential":
+            cross = (2 * (d @ self.x_delta) * Q).sum(1) / n + ((Q @ self.delta_delta) * Q).sum(1) / n
+            power["sequential"] = power["float"] + cross
+        return power
 
     def _compensate_positions(
         self,

@@ -20,6 +20,7 @@ from transformers.utils.logging import tqdm
 
 from .. import distributed
 from ..algorithms import WeightQuantizer, get_algorithm
+from ..algorithms.bc_select import FOLDS, AutoLayer, FoldInputSums, choose_block_mode
 from ..algorithms.compensation import InputMoments
 from ..config import BCQuantizationConfig
 from ..layers import kernels
@@ -156,12 +157,17 @@ class BlockCalibrator:
         self.skip = skip
         self.algorithm = get_algorithm(config.method)
         self.bc = config.bias_compensation
-        self.sequential_target = self.bc and config.bc_target == "sequential"
+        self.positions = config.seq_len if config.bc_granularity == "position" else None
+        # "auto" streams the sequential target's moments (the float target's are a part of them) and lets each block
+        # choose on held-out batches (optimum_bc.bc_select); with the position table it is the paper's float target.
+        self.auto = self.bc and config.bc_target == "auto" and self.positions is None
+        self.target = config.bc_target if config.bc_target != "auto" else ("float" if self.positions else "sequential")
+        self.sequential_target = self.bc and self.target == "sequential"
+        self.auto_layers: list[AutoLayer] = []
         # The float stream runs beside the quantized one for BC's target and for algorithms that use float inputs.
         self.float_stream = config.needs_float_stream
         # Whether each stage pairs its quantized inputs with the float inputs of the same Linears.
         self.paired = self.sequential_target or self.algorithm.needs_float_inputs
-        self.positions = config.seq_len if config.bc_granularity == "position" else None
         self.report = QuantizationReport()
         self.compensated: list[str] = []
         # Float modules that layer-level BC gave a bias they had no slot for (recorded so a reload creates it).
@@ -191,12 +197,6 @@ class BlockCalibrator:
             return BlockLayout(groups=[(n,) for n in names], order=names)
         hidden = batch.hidden.to(device)
         layout = observe_block(block, names, hidden, batch.kwargs, run=_run_block)
-        if self.positions is not None and not layout.keeps_sequence_axis:
-            raise ValueError(
-                f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: some "
-                "of its Linears see flattened tokens, so a per-position bias cannot be applied. Fix: "
-                "bc_granularity='channel'."
-            )
         if self.positions is not None and fused_expert_weights(block):
             raise ValueError(
                 f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: its "
@@ -292,6 +292,8 @@ class BlockCalibrator:
         fblock = copy.deepcopy(block) if self.float_stream else None
         stages = self.stages(layout)
         moments: dict[str, InputMoments] = {}
+        fold_sums: dict[str, FoldInputSums] = {}
+        self.auto_layers = []
         next_fp: list[_Batch] | None = [] if self.float_stream else None
         for s, stage in enumerate(stages):
             keys = [g[0] for g in stage]
@@ -309,9 +311,11 @@ class BlockCalibrator:
             }
             for key in float_keys if self.bc else []:
                 in_features = layer_features(block.get_submodule(key))[0]
+                if self.auto:
+                    fold_sums[key] = FoldInputSums(in_features, self.config.layer_sink_tokens, device)
                 moments[key] = InputMoments(
                     in_features,
-                    self.config.bc_target,
+                    self.target,
                     device,
                     positions=self.positions,
                     sink_tokens=self.config.layer_sink_tokens,
@@ -340,7 +344,9 @@ class BlockCalibrator:
                             if self.bc:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
-            self._finish_stage(index, block, stage, quantizers, moments)
+                            if key in fold_sums:
+                                fold_sums[key].add_batch(b % FOLDS, x_fp, x_q, _valid_positions(valid))
+            self._finish_stage(index, block, stage, quantizers, moments, fold_sums)
         experts = ExpertCalibrator(
             self.config,
             self._options(),
@@ -349,8 +355,10 @@ class BlockCalibrator:
             self.skip,
         )
         self.report.experts.extend(experts.quantize(block, f"{self.spec.blocks}.{index}.", h_q, self.model.config))
-        next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
         block_report = BlockReport(index=index, seconds=0.0)
+        if self.auto:
+            self._choose_block(block, h_q, next_fp, block_report, device)
+        next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
         if self.config.bc_layer:
             self._compensate_block(index, block, layout.bias_target, h_fp, next_q, next_fp, block_report, device)
         del fblock
@@ -365,8 +373,11 @@ class BlockCalibrator:
         stage: list[tuple[str, ...]],
         quantizers: dict[str, WeightQuantizer],
         moments: dict[str, InputMoments],
+        fold_sums: dict[str, FoldInputSums],
     ) -> None:
-        """Quantize every Linear of a stage, add its compensation bias and swap in the packed layer."""
+        """Quantize every Linear of a stage, add its compensation bias and swap in the packed layer.
+
+        With ``bc_target="auto"`` the bias is provisional (the sequential target's) until the block chooses."""
         prefix = f"{self.spec.blocks}.{index}."
         for group in stage:
             quantizer = quantizers[group[0]]
@@ -400,12 +411,42 @@ class BlockCalibrator:
                     qlinear.set_position_bias(comp.bias)
                 if comp is not None and comp.sink is not None:
                     qlinear.set_sink_bias(comp.sink)
+                if group[0] in fold_sums:
+                    sums = fold_sums[group[0]].residual_sums(W, qw.dequantize())
+                    base = linear.bias.detach().float() if linear.bias is not None else torch.zeros(W.shape[0])
+                    power = moments[group[0]].residual_power(W, qw.dequantize())
+                    auto = AutoLayer(prefix + rel, qlinear, sums, base.to(sums.count.device), power)
+                    self.auto_layers.append(auto)
                 parent_name, _, child = rel.rpartition(".")
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, qlinear)
                 row.seconds = time.perf_counter() - t0 + share * W.shape[0]
                 self.report.layers.append(row)
         for group in stage:
             moments.pop(group[0], None)
+            fold_sums.pop(group[0], None)
+
+    def _choose_block(
+        self,
+        block: nn.Module,
+        h_q: list[_Batch],
+        next_fp: list[_Batch],
+        report: BlockReport,
+        device: torch.device,
+    ) -> None:
+        """``bc_target="auto"``: the block's BC mode by held-out block-output error (see optimum_bc.bc_select)."""
+        start = time.perf_counter()
+        choice = choose_block_mode(self.auto_layers, block, h_q, next_fp, _run_block, device)
+        report.bc_choice_seconds = time.perf_counter() - start
+        report.bc_choice, report.bc_scores = choice.mode, choice.scores
+        if choice.fallback:
+            report.bc_fallback = choice.fallback
+            logger.warning("optimum-bc: bc_target='auto': %s", choice.fallback)
+        rows = {row.name: row for row in self.report.layers if row.block == report.index}
+        for layer in self.auto_layers:
+            row = rows[layer.name]
+            row.bc_choice = choice.mode
+            row.mse_before, row.mse_after = layer.report_mse(choice.mode)
+        self.auto_layers = []
 
     def _compensate_block(
         self,

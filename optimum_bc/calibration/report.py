@@ -15,6 +15,7 @@ class LayerReport:
     damp: float | None = None
     mse_before: float | None = None
     mse_after: float | None = None
+    bc_choice: str | None = None  # bc_target="auto": the BC mode its block chose (optimum_bc.bc_select.MODES)
 
 
 @dataclass
@@ -39,6 +40,10 @@ class BlockReport:
     seconds: float
     mse_before: float | None = None
     mse_after: float | None = None
+    bc_choice: str | None = None  # bc_target="auto": the chosen BC mode
+    bc_scores: dict[str, float] = field(default_factory=dict)  # held-out block-output MSE of every candidate
+    bc_fallback: str | None = None  # why nothing was held out and which stated rule was taken
+    bc_choice_seconds: float = 0.0  # time the held-out choice took (the extra block forwards)
 
 
 @dataclass
@@ -81,11 +86,13 @@ class QuantizationReport:
         def num(v: float | None) -> str:
             return "-" if v is None else f"{v:.4g}"
 
-        lines = [f"{'layer':<44} {'mse before BC':>14} {'mse after BC':>14} {'loss':>11} {'seconds':>8}"]
+        lines = [
+            f"{'layer':<44} {'mse before BC':>14} {'mse after BC':>14} {'loss':>11} {'seconds':>8} {'BC chosen':>16}"
+        ]
         for row in self.layers:
             lines.append(
                 f"{row.name:<44} {num(row.mse_before):>14} {num(row.mse_after):>14} {num(row.loss):>11}"
-                f" {row.seconds:>8.2f}"
+                f" {row.seconds:>8.2f} {row.bc_choice or '-':>16}"
             )
         for block in self.blocks:
             if block.mse_before is not None:
@@ -96,6 +103,9 @@ class QuantizationReport:
         for name, counts in self.tokens_per_expert().items():
             rtn = [row.expert for row in self.experts if row.name == name and row.method == "rtn" and row.tokens == 0]
             lines.append(f"{name}: tokens per expert {counts}" + (f", RTN (no token): {rtn}" if rtn else ""))
+        for block in self.blocks:
+            if block.bc_fallback:
+                lines.append(f"block {block.index}: {block.bc_fallback}")
         lines.append(
             f"{len(self.layers)} layers, {len(self.blocks)} blocks, {self.calibration_tokens} calibration tokens,"
             f" {self.total_seconds:.1f} s"

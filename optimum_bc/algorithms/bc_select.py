@@ -1,0 +1,204 @@
+"""``bc_target="auto"``: each decoder block chooses its bias compensation on calibration windows held out from the fit.
+
+No single BC variant is best everywhere (measured on the packaged model, ``benchmarks/bc_auto.py``): the sequential
+target wins for GPTQ at 3 bits and is a disaster for RTN on mxfp4, the first-token (sink) bias helps GPTQ and hurts
+RTN. Each variant is the least-squares optimum of the layer error it was fitted on, so the layer-local error cannot
+choose between them; what matters is what the block hands to the rest of the model.
+
+So for every block, after its Linears are quantized, each candidate :data:`MODES` sets every compensated Linear of
+the block to the biases it fits on one half of the calibration batches (2-fold split by batch index), the block runs
+on the other half, and the candidate's score is the mean squared error of the block output against the float model's
+block output (the residual stream after the block), summed over both halves. The lowest score wins, and its biases
+are refitted on all batches. ``"none"`` is a candidate: where no bias pays on held-out data, the block gets none.
+
+All candidates come from the same streamed sums: per fold and position class (sink positions, then all later ones)
+the sums of the float target's residual ``(W - Q) x`` and of the sequential one ``(W - Q) x + Q (x - x̂)``
+(see :mod:`optimum_bc.compensation`), so the choice costs one extra block forward per candidate and no extra pass over
+the model. With fewer than two calibration batches nothing can be held out: the block takes :data:`FALLBACK` and the
+report says so.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+#: Candidates, in the order ties are broken (the simplest first).
+MODES = ("none", "float", "float+sink", "sequential", "sequential+sink")
+#: Folds of the held-out split (batches alternate between them).
+FOLDS = 2
+
+
+def modes_for(sink_tokens: int) -> tuple[str, ...]:
+    """The candidates when the layers hold ``sink_tokens`` sink rows (none: no "+sink" candidate)."""
+    return MODES if sink_tokens else tuple(m for m in MODES if not m.endswith("+sink"))
+
+
+def fallback_mode(sink_tokens: int) -> str:
+    """The stated rule when nothing can be held out: the sequential target, with the sink bias when layers hold one
+    (the variant measured best with GPTQ, the default method)."""
+    return "sequential+sink" if sink_tokens else "sequential"
+
+
+class FoldInputSums:
+    """Streams, per fold and position class, the token count and the sums of ``x`` and ``δ = x - x̂`` of one input."""
+
+    def __init__(self, in_features: int, sink_tokens: int, device: torch.device | None = None) -> None:
+        self.sink_tokens = sink_tokens
+        classes = sink_tokens + 1
+        self.count = torch.zeros(FOLDS, classes, device=device)
+        self.sum_x = torch.zeros(FOLDS, classes, in_features, device=device)
+        self.sum_delta = torch.zeros(FOLDS, classes, in_features, device=device)
+
+    def add_batch(self, fold: int, x_float: torch.Tensor, x_quant: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add paired ``(tokens, in)`` rows of batch fold ``fold`` with their token positions ``(tokens,)``."""
+        x = x_float.float()
+        classes = positions.clamp(max=self.sink_tokens).to(x.device)
+        self.count[fold].index_add_(0, classes, torch.ones_like(classes, dtype=torch.float32))
+        self.sum_x[fold].index_add_(0, classes, x)
+        self.sum_delta[fold].index_add_(0, classes, x - x_quant.float())
+
+    def residual_sums(self, W: torch.Tensor, Q: torch.Tensor) -> "ResidualSums":
+        """The per-(fold, class) sums of both targets' residuals for a layer with weights ``W`` and ``Q``."""
+        W = W.float().to(self.sum_x.device)
+        Q = Q.float().to(self.sum_x.device)
+        float_sum = self.sum_x @ (W - Q).T
+        return ResidualSums(count=self.count, float_sum=float_sum, seq_sum=float_sum + self.sum_delta @ Q.T)
+
+
+@dataclass
+class ResidualSums:
+    """Per fold and class: token counts ``[F, C]`` and residual sums ``[F, C, out]`` of the two targets."""
+
+    count: torch.Tensor
+    float_sum: torch.Tensor
+    seq_sum: torch.Tensor
+
+    def candidate(self, mode: str, folds: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(bias [out], sink [K, out] or None)`` that ``mode`` fits on the batches of ``folds`` (float32).
+
+        The sink rows are relative to the bias (what a layer's ``sink_bias`` holds); a class without tokens in
+        ``folds`` gets the bias of the others.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown bias compensation mode {mode!r}; known: {MODES}")
+        count = self.count[folds].sum(0)
+        out = self.float_sum.shape[-1]
+        sink_rows = count.shape[0] - 1
+        zero_sink = torch.zeros(sink_rows, out, device=count.device) if sink_rows else None
+        if mode == "none":
+            return torch.zeros(out, device=count.device), zero_sink
+        sums = (self.float_sum if mode.startswith("float") else self.seq_sum)[folds].sum(0)
+        if not mode.endswith("+sink"):
+            return sums.sum(0) / count.sum().clamp(min=1), zero_sink
+        later = sums[-1] / count[-1].clamp(min=1) if count[-1] > 0 else sums.sum(0) / count.sum().clamp(min=1)
+        sink = torch.where(count[:-1, None] > 0, sums[:-1] / count[:-1, None].clamp(min=1) - later, 0.0)
+        return later, sink
+
+    def error_drop(self, bias: torch.Tensor, sink: torch.Tensor | None, target: str = "sequential") -> float:
+        """How much ``bias`` (+ ``sink``) lowers the per-element MSE of ``target``'s residual on all tokens:
+        ``sum_c w_c (2 b_c·m_c - ||b_c||²) / out``, the closed form of ``E||r||² - E||r - b||²``."""
+        count = self.count.sum(0)
+        sums = (self.seq_sum if target == "sequential" else self.float_sum).sum(0)
+        applied = bias.expand_as(sums).clone()
+        if sink is not None:
+            applied[:-1] += sink
+        total = float(count.sum())
+        drop = (2 * applied * sums - count[:, None] * applied * applied).sum() / (total * sums.shape[-1])
+        return float(drop)
+
+
+def held_out_folds(num_batches: int) -> list[list[int]] | None:
+    """Batch indices per fold (batches alternate), or None when fewer than two batches leave nothing to hold out."""
+    if num_batches < FOLDS:
+        return None
+    return [list(range(f, num_batches, FOLDS)) for f in range(FOLDS)]
+
+
+def _token_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The non-padding tokens' rows of a block output ``(batch, tokens, ...)`` (some blocks carry extra axes, e.g.
+    hyper-connection streams), flattened to ``(valid tokens, rest)``."""
+    return x.reshape(valid.numel(), -1)[valid.reshape(-1)]
+
+
+@dataclass
+class AutoLayer:
+    """A quantized Linear of the block being calibrated: its packed module, residual sums and original bias."""
+
+    name: str
+    module: torch.nn.Module
+    sums: ResidualSums
+    base: torch.Tensor  # the layer's own bias (float32), what the compensation adds to
+    power: dict[str, torch.Tensor]  # per-channel E[r²] of each target's residual (InputMoments.residual_power)
+
+    def report_mse(self, mode: str) -> tuple[float, float]:
+        """(MSE before, MSE after) of the layer against the target ``mode`` compensates for (the sequential one for
+        "none"), on all calibration tokens, with the bias ``mode`` fits on all of them."""
+        target = "float" if mode.startswith("float") else "sequential"
+        before = float(self.power[target].mean())
+        drop = self.sums.error_drop(*self.sums.candidate(mode, list(range(FOLDS))), target)
+        return before, max(before - drop, 0.0)
+
+    def apply(self, bias: torch.Tensor, sink: torch.Tensor | None) -> None:
+        """Store ``base + bias`` (summed in float32, rounded once) and the sink rows."""
+        stored = self.module.bias
+        stored.data = (self.base.to(bias.device) + bias).to(stored.dtype).to(stored.device)
+        if sink is not None and getattr(self.module, "sink_bias", None) is not None:
+            self.module.set_sink_bias(sink)
+
+
+@dataclass
+class BlockChoice:
+    """The chosen mode of one block and the held-out block-output MSE of every candidate (empty on fallback)."""
+
+    mode: str
+    scores: dict[str, float]
+    fallback: str | None = None
+
+
+@torch.no_grad()
+def choose_block_mode(
+    layers: list[AutoLayer],
+    block: torch.nn.Module,
+    inputs: list,
+    targets: list,
+    run: object,
+    device: torch.device,
+) -> BlockChoice:
+    """Score every candidate by held-out block-output MSE, then apply the winner refitted on all batches.
+
+    ``inputs`` / ``targets``: the quantized stream's block inputs and the float model's block outputs (batches with
+    ``hidden``, ``kwargs``, ``valid``); ``run(block, hidden, kwargs)`` runs the block.
+    """
+    sink_tokens = layers[0].sums.count.shape[1] - 1 if layers else 0
+    folds = held_out_folds(len(inputs))
+    if not layers:
+        return BlockChoice(mode="none", scores={})
+    if folds is None:
+        mode = fallback_mode(sink_tokens)
+        choice = BlockChoice(
+            mode=mode,
+            scores={},
+            fallback=f"{len(inputs)} calibration batch: nothing to hold out, took {mode!r}",
+        )
+    else:
+        scores: dict[str, float] = {}
+        for mode in modes_for(sink_tokens):
+            sse, elements = 0.0, 0
+            for f, held in enumerate(folds):
+                fit = [g for g in range(FOLDS) if g != f]
+                for layer in layers:
+                    layer.apply(*layer.sums.candidate(mode, fit))
+                for b in held:
+                    out = run(block, inputs[b].hidden.to(device), inputs[b].kwargs)
+                    valid = inputs[b].valid
+                    diff = _token_rows(out, valid).float() - _token_rows(targets[b].hidden.to(device), valid).float()
+                    sse += float((diff**2).sum())
+                    elements += diff.numel()
+            scores[mode] = sse / max(elements, 1)
+        mode = min(scores, key=scores.__getitem__)
+        choice = BlockChoice(mode=mode, scores=scores)
+    everything = list(range(FOLDS))
+    for layer in layers:
+        layer.apply(*layer.sums.candidate(choice.mode, everything))
+    return choice

@@ -1,0 +1,192 @@
+"""``bc_target="auto"``: held-out choice per block, its closed forms, the fallback, old configs, OPT positions."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
+from optimum_bc.algorithms.bc_select import MODES, AutoLayer, FoldInputSums, choose_block_mode, held_out_folds
+from optimum_bc.algorithms.compensation import InputMoments
+from optimum_bc.calibration.block_inputs import _Batch
+from optimum_bc.layers import kernels
+from optimum_bc.layers.positions import token_positions
+
+from .conftest import VOCAB, tiny_llama, tiny_opt
+
+
+def _cfg(calib_ids: torch.Tensor, **kwargs) -> BCQuantizationConfig:
+    options = {"bits": 3, "group_size": 32, "method": "gptq", "num_samples": 16, "seq_len": 32, "batch_size": 4}
+    return BCQuantizationConfig(dataset=calib_ids, **(options | kwargs))
+
+
+def _rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])[valid.reshape(-1)]
+
+
+def test_candidates_and_error_drop_match_direct_means() -> None:
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, T = 6, 5, 10
+    W, Q = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, d_in, generator=g)
+    sums = FoldInputSums(d_in, sink_tokens=1)
+    xs, xqs, folds = [], [], []
+    for b in range(4):
+        x = torch.randn(T, d_in, generator=g) + (b % 2)
+        x[0] += 5  # the sink position is an outlier
+        x_q = x + 0.2 * torch.randn(T, d_in, generator=g)
+        sums.add_batch(b % 2, x, x_q, torch.arange(T))
+        xs.append(x), xqs.append(x_q), folds.append(torch.full((T,), b % 2))
+    x, x_q, fold = torch.cat(xs), torch.cat(xqs), torch.cat(folds)
+    pos = torch.arange(T).repeat(4)
+    r_float, r_seq = x @ (W - Q).T, x @ W.T - x_q @ Q.T
+    res = sums.residual_sums(W, Q)
+    torch.testing.assert_close(res.candidate("float", [0, 1])[0], r_float.mean(0), rtol=1e-4, atol=1e-5)
+    bias, sink = res.candidate("sequential+sink", [1])
+    in_fold = fold == 1
+    later = r_seq[in_fold & (pos > 0)].mean(0)
+    torch.testing.assert_close(bias, later, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sink[0], r_seq[in_fold & (pos == 0)].mean(0) - later, rtol=1e-4, atol=1e-4)
+    none_bias, none_sink = res.candidate("none", [0, 1])
+    assert not none_bias.any() and not none_sink.any()
+    # error_drop is E||r||² - E||r - b||² (per element) of the sequential residual on all tokens
+    bias, sink = res.candidate("sequential+sink", [0, 1])
+    applied = bias + torch.where((pos == 0)[:, None], sink[0], 0.0)
+    drop = float((r_seq**2).mean() - ((r_seq - applied) ** 2).mean())
+    assert res.error_drop(bias, sink) == pytest.approx(drop, rel=1e-3)
+    assert drop > 0
+    with pytest.raises(ValueError, match="unknown bias compensation mode"):
+        res.candidate("median", [0])
+
+
+def _shift_batches(shifts: list[float], W: torch.Tensor) -> tuple[list[_Batch], list[_Batch]]:
+    """Batches whose inputs have mean ``shift`` per batch, and their float-layer targets ``W x``."""
+    g = torch.Generator().manual_seed(1)
+    inputs, targets = [], []
+    for shift in shifts:
+        x = torch.randn(2, 16, W.shape[1], generator=g) + shift
+        valid = torch.ones(2, 16, dtype=torch.bool)
+        inputs.append(_Batch(hidden=x, kwargs={}, valid=valid))
+        targets.append(_Batch(hidden=x @ W.T, kwargs={}, valid=valid))
+    return inputs, targets
+
+
+def _one_layer_block(W: torch.Tensor, Q: torch.Tensor, inputs: list[_Batch]) -> tuple[nn.Linear, AutoLayer]:
+    layer = nn.Linear(W.shape[1], W.shape[0])
+    layer.weight.data, layer.bias.data = Q.clone(), torch.zeros(W.shape[0])
+    sums = FoldInputSums(W.shape[1], sink_tokens=0)
+    moments = InputMoments(W.shape[1], "sequential")
+    for b, batch in enumerate(inputs):
+        x = _rows(batch.hidden, batch.valid)
+        sums.add_batch(b % 2, x, x, torch.arange(16).repeat(2))
+        moments.add_batch(x, x)
+    power = moments.residual_power(W, Q)
+    return layer, AutoLayer("layer", layer, sums.residual_sums(W, Q), torch.zeros(W.shape[0]), power)
+
+
+def test_auto_picks_none_where_a_bias_hurts_held_out_data() -> None:
+    """The mean error flips sign between the two halves of the calibration data: any bias fitted on one half doubles
+    the other half's mean error, so held-out data says no bias; the fitted (in-sample) error would have said yes."""
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(4, 8, generator=g)
+    Q = W + 0.3
+    inputs, targets = _shift_batches([2.0, -2.0, 2.0, -2.0], W)
+    layer, auto = _one_layer_block(W, Q, inputs)
+    choice = choose_block_mode([auto], layer, inputs, targets, lambda m, h, kw: m(h), torch.device("cpu"))
+    assert choice.mode == "none" and choice.fallback is None
+    assert set(choice.scores) == {"none", "float", "sequential"}
+    assert all(choice.scores[m] > choice.scores["none"] * 1.5 for m in ("float", "sequential"))
+    assert not layer.bias.any()  # the stored bias is the layer's own
+    before, after = auto.report_mse("none")
+    x = torch.cat([_rows(b.hidden, b.valid) for b in inputs])
+    assert before == after == pytest.approx(float(((x @ (W - Q).T) ** 2).mean()), rel=1e-4)
+    # In-sample the all-data bias would look free (the overall mean error is ~0), so only held-out data decides.
+    assert auto.sums.error_drop(*auto.sums.candidate("sequential", [0, 1])) >= 0
+
+
+def test_auto_keeps_a_bias_that_pays_held_out() -> None:
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 8, generator=g)
+    Q = W + 0.3
+    inputs, targets = _shift_batches([2.0, 2.0, 2.0, 2.0], W)
+    layer, auto = _one_layer_block(W, Q, inputs)
+    choice = choose_block_mode([auto], layer, inputs, targets, lambda m, h, kw: m(h), torch.device("cpu"))
+    assert choice.mode != "none"
+    assert choice.scores[choice.mode] < 0.05 * choice.scores["none"]  # what is left is the zero-mean part
+    torch.testing.assert_close(layer.bias.data, auto.sums.candidate(choice.mode, [0, 1])[0])
+
+
+def test_auto_on_a_model_records_choices_and_never_scores_worse_than_off(calib_ids) -> None:
+    model = tiny_llama()
+    report = quantize_model(model, _cfg(calib_ids))
+    assert len(report.blocks) == 2
+    for block in report.blocks:
+        assert block.bc_choice in MODES and set(block.bc_scores) == set(MODES)
+        assert block.bc_scores[block.bc_choice] <= block.bc_scores["none"]
+        assert block.bc_fallback is None
+    rows = list(report.layers)
+    assert rows and all(r.bc_choice == report.blocks[r.block].bc_choice for r in rows)
+    # against the target the chosen mode compensates for, the layer error never goes up
+    assert all(r.mse_after <= r.mse_before * (1 + 1e-5) for r in rows)
+    assert "BC chosen" in report.format_table()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and report.blocks[int(name.split(".")[2])].bc_choice in ("none", "float"):
+            assert not module.sink_bias.any()
+
+
+def test_tiny_calibration_falls_back_to_the_stated_rule(calib_ids, caplog) -> None:
+    """One calibration batch holds nothing out: the report says so and the block takes sequential + sink, the
+    same biases as asking for that variant explicitly."""
+    with caplog.at_level(logging.WARNING, logger="optimum_bc"):
+        auto = tiny_llama()
+        report = quantize_model(auto, _cfg(calib_ids[:4], num_samples=4))
+    assert all(b.bc_choice == "sequential+sink" and "nothing to hold out" in b.bc_fallback for b in report.blocks)
+    assert "nothing to hold out" in caplog.text and "nothing to hold out" in report.format_table()
+    explicit = tiny_llama()
+    quantize_model(explicit, _cfg(calib_ids[:4], num_samples=4, bc_target="sequential", bc_sink_tokens=1))
+    ours, theirs = dict(auto.named_modules()), dict(explicit.named_modules())
+    for name, module in ours.items():
+        if isinstance(module, QuantLinear):
+            torch.testing.assert_close(module.bias, theirs[name].bias, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(module.sink_bias, theirs[name].sink_bias, rtol=1e-4, atol=1e-5)
+    assert held_out_folds(1) is None and held_out_folds(3) == [[0, 2], [1]]
+
+
+def test_config_default_is_auto_and_old_values_keep_their_meaning(calib_ids) -> None:
+    assert BCQuantizationConfig().bc_target == "auto"
+    for target in ("sequential", "float"):
+        config = BCQuantizationConfig.from_dict(BCQuantizationConfig(bc_target=target).to_dict())
+        assert config.bc_target == target
+    assert BCQuantizationConfig.from_dict({"quant_method": "bc", "config_version": 1}).bc_sink_tokens == 0
+    with pytest.raises(ValueError, match="bc_target='Auto'.*'auto'"):
+        BCQuantizationConfig(bc_target="Auto")
+    report = quantize_model(tiny_llama(), _cfg(calib_ids, bc_target="sequential"))
+    assert all(b.bc_choice is None and not b.bc_scores for b in report.blocks)
+    assert all(r.bc_choice is None for r in report.layers)
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_position_granularity_on_opt_matches_a_manual_per_position_forward(calib_ids, tmp_path, pre_ln) -> None:
+    """OPT's MLP sees flattened tokens; the per-position table still applies by token position. The paper's setting
+    (float target, per-position table), checked against fc1/fc2 computed by hand, and after save/reload."""
+    model = tiny_opt(pre_ln=pre_ln)
+    quantize_model(model, _cfg(calib_ids, bc_granularity="position", bc_target="float"))
+    fc1 = model.model.decoder.layers[0].fc1
+    assert isinstance(fc1, QuantLinear) and fc1.position_bias.shape == (32, fc1.out_features)
+    assert fc1.position_bias.abs().sum() > 0
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    x = torch.randn(2 * 20, fc1.in_features, generator=torch.Generator().manual_seed(6))
+    positions = torch.arange(20).expand(2, 20)
+    with torch.no_grad(), token_positions(positions), kernels.use_backend("reference"):  # exact fp32 path
+        out = fc1(x)
+    manual = x @ fc1.dequantize_weight(torch.float32).T + fc1.bias + fc1.position_bias[positions.reshape(-1)]
+    torch.testing.assert_close(out, manual, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="calibrated for 32 positions"), torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 40)))
