@@ -166,9 +166,9 @@ class InputMoments:
         Q = Q.float().to(self.xx.device)
         d = W - Q
         n = max(self.num_tokens, 1)
-        power = {"float": ((d @ self.xx) * d).sum(1) / n}
+        power = {"float": ((d @ self.xx.float()) * d).sum(1) / n}
         if self.target == "sequential":
-            cross = (2 * (d @ self.x_delta) * Q).sum(1) / n + ((Q @ self.delta_delta) * Q).sum(1) / n
+            cross = (2 * (d @ self.x_delta.float()) * Q).sum(1) / n + ((Q @ self.delta_delta.float()) * Q).sum(1) / n
             power["sequential"] = power["float"] + cross
         return power
 
