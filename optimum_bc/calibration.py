@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import kernels
+from .activations import StageActivations
 from .algorithms import WeightQuantizer, get_algorithm
 from .architectures import ArchitectureSpec, bias_flags, block_layers, first_param_device, get_blocks, is_skipped
 from .block_bias import fold_block_bias, holds_sink, residual_accumulator
@@ -295,6 +296,15 @@ class BlockCalibrator:
             quantizers = {
                 k: self.algorithm(layer_features(block.get_submodule(k))[0], **self._options()) for k in keys
             }
+            acts = StageActivations(self.config, keys)
+            if acts.static:  # fit the input scales on the quantized stream before the weights see the inputs
+                for batch in h_q:
+                    seen: dict[str, torch.Tensor] = {}
+                    with _capture_inputs(block, keys, seen, stop=True):
+                        _run_block(block, batch.hidden.to(device), batch.kwargs)
+                    for key in keys:
+                        acts.observe(key, _valid_rows(seen[key], batch.valid))
+                acts.fit()
             for key in float_keys if self.bc else []:
                 in_features = layer_features(block.get_submodule(key))[0]
                 moments[key] = InputMoments(
@@ -312,6 +322,7 @@ class BlockCalibrator:
                     if need_q:
                         with _capture_inputs(block, keys, seen_q, stop=True):
                             _run_block(block, batch.hidden.to(device), batch.kwargs)
+                        seen_q = {k: acts.apply(k, v) for k, v in seen_q.items()}
                         for key in keys:
                             quantizers[key].add_batch(_valid_rows(seen_q[key], valid))
                     if run_float:
@@ -328,7 +339,7 @@ class BlockCalibrator:
                             if self.bc:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
-            self._finish_stage(index, block, stage, quantizers, moments)
+            self._finish_stage(index, block, stage, quantizers, moments, acts)
         next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
         block_report = BlockReport(index=index, seconds=0.0)
         if self.config.bc_layer:
@@ -345,8 +356,10 @@ class BlockCalibrator:
         stage: list[tuple[str, ...]],
         quantizers: dict[str, WeightQuantizer],
         moments: dict[str, InputMoments],
+        acts: StageActivations | None = None,
     ) -> None:
-        """Quantize every Linear of a stage, add its compensation bias and swap in the packed layer."""
+        """Quantize every Linear of a stage, add its compensation bias and swap in the packed layer (with its input
+        quantizer, ``acts``)."""
         prefix = f"{self.spec.blocks}.{index}."
         for group in stage:
             quantizer = quantizers[group[0]]
@@ -372,6 +385,8 @@ class BlockCalibrator:
                         bias = comp.bias
                         self.compensated.append(prefix + rel)
                 qlinear = packed_layer(qw, self.config, bias, W.dtype).to(W.device)
+                if acts is not None:
+                    acts.attach(group[0], qlinear)
                 if comp is not None and self.positions is not None:
                     qlinear.set_position_bias(comp.bias)
                 if comp is not None and comp.sink is not None:

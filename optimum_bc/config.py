@@ -102,6 +102,12 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             No effect when the blocks run on the CPU.
         tokenizer: tokenizer for text datasets (never serialized); defaults to the model's own.
         modules_to_not_convert: module names kept in float; default: ``lm_head`` and tied embeddings.
+        act_bits: activation quantization: bits (4, 6 or 8) of the inputs of the quantized Linears, fake-quantized
+            (``optimum_bc.activations``); None (default) keeps activations in float (weight-only).
+        act_granularity: ``"tensor"`` (one scale per layer input) or ``"token"`` (one per token, dynamic only).
+        act_scale: ``"minmax"``, ``"percentile"`` or ``"mse"`` (static scales fitted on the calibration inputs of the
+            quantized stream, stored as ``input_scale`` / ``input_zero``; default ``"mse"``) or ``"dynamic"``.
+        act_sym: symmetric activation grid (zero point 0) instead of asymmetric min-max (default False).
         config_version: layout version of this config, for forward compatibility.
     """
 
@@ -132,6 +138,10 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         offload_activations: bool | None = None,
         tokenizer: Any = None,
         modules_to_not_convert: list[str] | None = None,
+        act_bits: int | None = None,
+        act_granularity: str = "tensor",
+        act_scale: str = "mse",
+        act_sym: bool = False,
         config_version: int = CONFIG_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -175,6 +185,10 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.offload_activations = offload_activations
         self.tokenizer = tokenizer
         self.modules_to_not_convert = modules_to_not_convert
+        self.act_bits = act_bits
+        self.act_granularity = act_granularity
+        self.act_scale = act_scale
+        self.act_sym = act_sym
         self.config_version = config_version
         self.post_init()
 
@@ -352,6 +366,9 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             'modules_to_not_convert=["lm_head"]',
         )
         self._check_dataset()
+        from .activations import check_activation_fields
+
+        check_activation_fields(self)
 
     def _check_dataset(self) -> None:
         """The dataset's type and shape (a name or path is resolved when calibration data is built)."""
@@ -387,7 +404,8 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         """Whether quantizing with this config runs the model on calibration data."""
         from .algorithms import get_algorithm
 
-        return self.bias_compensation or get_algorithm(self.method).needs_inputs
+        static_acts = self.act_bits is not None and self.act_scale != "dynamic"
+        return self.bias_compensation or get_algorithm(self.method).needs_inputs or static_acts
 
     @property
     def needs_float_stream(self) -> bool:

@@ -274,6 +274,7 @@ class QuantLinear(PackedLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in ``x.dtype``, on the path :func:`optimum_bc.kernels.select_path` picks."""
+        x = self._quantize_input(x)
         path = kernels.select_path(self, x)
         form = None
         if path != kernels.REFERENCE:
