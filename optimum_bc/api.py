@@ -137,7 +137,8 @@ def quantize_model(
     """Quantize ``model`` in place block by block (with bias compensation if configured) and pack its Linears.
 
     Args:
-        model: a transformers causal LM with float weights (its blocks and layers are discovered).
+        model: a transformers causal LM, or an image model (ViT, DeiT, DINOv2: :mod:`optimum_bc.vision`), with float
+            weights (its blocks and layers are discovered).
         config: the quantization settings.
         calibration: pre-built samples (``build_calibration_set`` output); built from ``config.dataset`` if None.
         tokenizer: tokenizer for text datasets, if not given in the config.
@@ -145,6 +146,10 @@ def quantize_model(
     Returns:
         The report, also attached as ``model.quantization_report``.
     """
+    from .vision import is_vision_model, quantize_vision_model
+
+    if is_vision_model(model):
+        return quantize_vision_model(model, config, calibration)
     spec = resolve_spec(model)
     if config.modules_to_not_convert is None:
         config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
