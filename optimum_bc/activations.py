@@ -29,8 +29,10 @@ PERCENTILE = 0.9999
 #: Range-shrink factors searched by ``act_scale="mse"``: geometric from 1 down to about 0.01 (outlier-stretched
 #: ranges need deep clipping).
 MSE_ALPHAS = tuple(0.92**i for i in range(56))
-#: Values kept (uniformly at random) per layer input to fit percentile and MSE scales.
-SAMPLE_SIZE = 1 << 20
+#: Values kept (uniformly at random) per layer input to fit percentile scales; the MSE search scores the first
+#: ``MSE_SAMPLE`` of them (168 candidate ranges each).
+SAMPLE_SIZE = 1 << 18
+MSE_SAMPLE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,8 @@ class ActObserver:
         self.high = torch.maximum(self.high, flat.max())
         self.count += flat.numel()
         keep = min(flat.numel(), SAMPLE_SIZE)
-        if keep < flat.numel():
-            flat = flat[torch.randperm(flat.numel(), generator=self.generator)[:keep]]
+        if keep < flat.numel():  # uniform, with replacement (a permutation of millions of values costs more)
+            flat = flat[torch.randint(flat.numel(), (keep,), generator=self.generator)]
         self.samples.append(flat)
         kept = sum(s.numel() for s in self.samples)
         if kept > 2 * SAMPLE_SIZE:  # thin to SAMPLE_SIZE, keeping the sample uniform over everything seen
@@ -137,7 +139,7 @@ class ActObserver:
             q = torch.quantile(values[: 1 << 24], torch.tensor([1 - PERCENTILE, PERCENTILE]))
             scale, zero = range_params(q[0], q[1], self.spec)
         else:
-            scale, zero = self._mse_search(values)
+            scale, zero = self._mse_search(values[:MSE_SAMPLE])
         return scale.reshape(1).float(), zero.reshape(1).float()
 
     def _mse_search(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,7 +76,8 @@ def build_calibration(config: BCQuantizationConfig, tokenizer: Any = None, name_
         raise ValueError(
             f"BCQuantizationConfig: dataset=None but method={config.method!r} with "
             f"bias_compensation={config.bias_compensation} needs calibration data. Fix: pass dataset="
-            '"wikitext2" (Hub), "wiki-vital" (offline), a text file, a list of strings or token ids.'
+            '"wikitext2" (Hub), "wiki-vital" (offline), a text file, a list of strings or token ids; for image '
+            "models a folder of images, a list of PIL images or a datasets.Dataset with an image column."
         )
     from .data import build_calibration_set
 

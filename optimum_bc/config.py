@@ -21,7 +21,7 @@ from .formats import FORMATS, INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, canonical_
 CONFIG_VERSION = 2
 # Sequence-start tokens that get their own compensation bias (config_version 1 checkpoints predate it: 0).
 DEFAULT_SINK_TOKENS = 1
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 6, 8)
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 128
 QUANT_METHOD = "bc"
@@ -55,7 +55,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
     """Weight-only quantization (RTN, GPTQ, COMQ or ERQ) followed by bias compensation.
 
     Args:
-        bits: bits per weight, one of 2, 3, 4, 8 (default 4). With an MX format it follows from the format (4, 6 or
+        bits: bits per weight, one of 2, 3, 4, 6, 8 (default 4). With an MX format it follows from the format (4, 6 or
             8) and may only be set to that value.
         group_size: columns sharing one scale/zero per output row; -1 for one grid per output channel (default 128).
             With an MX format it is the MX block size, 32, and may only be set to 32.

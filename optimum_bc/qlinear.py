@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimum_bc import kernels
+from optimum_bc import int8_path, kernels
 from optimum_bc.packed_base import PackedLinearBase
 from optimum_bc.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
 
@@ -220,6 +220,7 @@ class QuantLinear(PackedLinearBase):
         self._cached_weight = None
         self._kernel_form = None
         self._kernel_plans = {}
+        self._int8_weight = None
 
     def kernel_plan(self, device_type: str) -> kernels.Plan:
         """The kernel this layer can use on ``device_type`` (decided once from its shape and ``g_idx``)."""
@@ -274,6 +275,8 @@ class QuantLinear(PackedLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in ``x.dtype``, on the path :func:`optimum_bc.kernels.select_path` picks."""
+        if kernels.get_backend() != kernels.REFERENCE and int8_path.eligible(self, x):
+            return self._add_position_terms(int8_path.int8_linear(self, x), x)  # W8A8: int8 x int8 matmul
         x = self._quantize_input(x)
         path = kernels.select_path(self, x)
         form = None

@@ -41,10 +41,9 @@ def test_dynamic_per_token_has_one_grid_per_row() -> None:
     assert float(err[:, 3].max()) < 0.01 * float(err[:, 2].max())
 
 
-def test_mse_and_percentile_beat_minmax_on_outliers() -> None:
+def test_mse_and_percentile_beat_minmax_on_heavy_tails() -> None:
     torch.manual_seed(0)
-    x = torch.randn(200_000)
-    x[:5] = 80.0  # a few outliers stretch the min-max range
+    x = torch.distributions.Laplace(0.0, 1.0).sample((200_000,))  # heavy tails: the extremes stretch min-max
     errors = {}
     for method in ("minmax", "percentile", "mse"):
         spec = ActSpec(bits=4, sym=False, granularity="tensor", dynamic=False)
@@ -52,9 +51,8 @@ def test_mse_and_percentile_beat_minmax_on_outliers() -> None:
         obs.add_batch(x)
         scale, zero = obs.params()
         errors[method] = float((fake_quantize(x, scale, zero, spec) - x).square().mean())
+    assert errors["mse"] < errors["percentile"] < errors["minmax"]
     assert errors["mse"] < 0.5 * errors["minmax"]
-    assert errors["mse"] <= errors["percentile"] * 1.01
-    assert errors["percentile"] < 0.5 * errors["minmax"]
 
 
 @pytest.mark.parametrize(
