@@ -61,20 +61,33 @@ def int8_weight(layer: torch.nn.Module) -> Int8Weight:
     return form
 
 
+def _input_codes(rows: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``clamp(round(x / s) + z, 0, 255) - 128`` as int8 (in place on one float32 temporary)."""
+    codes = rows / scale
+    return codes.round_().add_(zero - 128).clamp_(-128, 127).to(torch.int8)
+
+
 def int8_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x̂ @ W.T + bias`` with the int8 matmul (``x`` not yet quantized; the layer's activation spec applies)."""
     form = int8_weight(layer)
     spec = layer.act_spec
     rows = x.reshape(-1, x.shape[-1]).float()
     if spec.dynamic:
-        scale, zero = dynamic_params(rows, spec)
+        scale, zero = dynamic_params(rows, spec)  # [rows, 1]
     else:
-        scale, zero = layer.input_scale, layer.input_zero
-    codes = torch.clamp(torch.round(rows / scale) + zero, 0, 255) - 128
+        scale, zero = layer.input_scale, layer.input_zero  # [1]
+    codes = _input_codes(rows, scale, zero)
     zero = zero - 128
-    acc = torch._int_mm(codes.to(torch.int8), form.codes).float()
-    acc -= zero * form.code_sums  # zero: [1] or [rows, 1]
-    acc -= codes.sum(dim=1, keepdim=True) * form.zeros
-    acc += x.shape[-1] * zero * form.zeros
-    out = acc * (scale * form.scales) + layer.bias.float()
+    out = torch._int_mm(codes, form.codes).float()
+    # y = s_a s_w (acc - z_a' Σq' - z' Σq_a' + K z' z_a') + b: one scaling pass, then the per-row and per-column
+    # terms as one rank-2 update [Σq_a', 1] @ [-s_a s_w z'; constant] (a K=2 matmul, a single pass over the output)
+    code_rows = codes.sum(dim=1, dtype=torch.int32).float().unsqueeze(1)  # [rows, 1]
+    row_scale = scale * form.scales  # [out] (static) or [rows, out] (dynamic)
+    if spec.dynamic:
+        out.sub_(zero * form.code_sums).sub_(code_rows * form.zeros).add_(x.shape[-1] * zero * form.zeros)
+        out.mul_(row_scale).add_(layer.bias.float())
+    else:
+        constant = layer.bias.float() + row_scale * (x.shape[-1] * zero * form.zeros - zero * form.code_sums)
+        left = torch.cat([code_rows, torch.ones_like(code_rows)], dim=1)
+        out.mul_(row_scale).addmm_(left, torch.stack([-row_scale * form.zeros, constant]))
     return out.reshape(*x.shape[:-1], -1).to(x.dtype)
