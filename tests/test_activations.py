@@ -150,3 +150,12 @@ def test_w4a8_save_reload_exact(calib_ids, tmp_path) -> None:
     ids = torch.randint(0, VOCAB, (2, 16))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_export_to_weight_only_formats_is_refused() -> None:
+    from optimum_bc.export import COMPRESSED_TENSORS, GPTQ, check_config_exportable
+
+    config = BCQuantizationConfig(bits=4, group_size=128, act_bits=8, bc_sink_tokens=0)
+    for save_format in (COMPRESSED_TENSORS, GPTQ):
+        with pytest.raises(ValueError, match="act_bits=8: activation quantization.*Fix"):
+            check_config_exportable(config, save_format)
