@@ -205,3 +205,12 @@ def test_real_dinov2_conversion_matches_onnxruntime() -> None:
     with torch.no_grad():
         ours = model(pixel_values=pixels).last_hidden_state.numpy()
     assert np.abs(ours - onnxruntime_features(pixels.numpy())).max() < 1e-4
+
+
+def test_hierarchical_swin_is_refused_before_calibration() -> None:
+    from transformers import SwinConfig, SwinModel
+
+    model = SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2]))
+    calib = [{"pixel_values": torch.randn(1, 3, 32, 32)}]
+    with pytest.raises(ValueError, match="model_type 'swin'.*input_dimensions.*Fix: use a plain ViT"):
+        quantize_model(model, _cfg(), calibration=calib)

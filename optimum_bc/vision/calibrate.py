@@ -9,9 +9,12 @@ Differences from the text path, all decided here:
 * ``bc_granularity="position"`` (the reference's per-(token, channel) table) works because every image gives the
   same number of tokens: the blocks publish ``arange(tokens)`` as positions;
 * only the Linears inside the encoder blocks are quantized; the patch embedding (a Conv2d), the final norm and any
-  classifier head stay in float, as do the attention's batched MatMuls (their inputs are not quantized).
+  classifier head stay in float, as do the attention's batched MatMuls (their inputs are not quantized);
+* hierarchical models (Swin) are refused before calibration: their stages take the token grid's size, which
+  changes from stage to stage.
 """
 
+import inspect
 import logging
 
 import torch
@@ -73,6 +76,23 @@ def attach_token_positions(blocks: nn.ModuleList) -> None:
             block.register_forward_hook(_unpublish_positions, with_kwargs=True, always_call=True),
         )
         setattr(block, _VISION_HOOK_ATTR, handles)
+
+
+def check_encoder_blocks(model: nn.Module, path: str, blocks: nn.ModuleList) -> None:
+    """Refuse block lists whose blocks need more than the hidden states (e.g. Swin's stages take the token grid's
+    size, which changes from stage to stage): their inputs cannot be replayed block by block."""
+    signature = inspect.signature(blocks[0].forward)
+    required = [
+        name
+        for name, p in list(signature.parameters.items())[1:]
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if required:
+        raise ValueError(
+            f"model_type {model.config.model_type!r}: its blocks ({path}, {type(blocks[0]).__name__}) also need "
+            f"{required}, which change between blocks (hierarchical models such as Swin), so they cannot be "
+            "calibrated block by block yet. Fix: use a plain ViT, DeiT or DINOv2 model."
+        )
 
 
 def collate_images(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[torch.Tensor]:
@@ -145,6 +165,7 @@ def quantize_vision_model(
     was_training = model.training
     model.eval()
     blocks = get_blocks(model, spec)
+    check_encoder_blocks(model, spec.blocks, blocks)
     attach_token_positions(blocks)
     batches = collate_images(calibration or [], config.batch_size)
     inputs = capture_encoder_inputs(model, blocks, batches) if batches else []
