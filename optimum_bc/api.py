@@ -77,7 +77,8 @@ def build_calibration(config: BCQuantizationConfig, tokenizer: Any = None, name_
         raise ValueError(
             f"BCQuantizationConfig: dataset=None but method={config.method!r} with "
             f"bias_compensation={config.bias_compensation} needs calibration data. Fix: pass dataset="
-            '"wikitext2" (Hub), "wiki-vital" (offline), a text file, a list of strings or token ids.'
+            '"wikitext2" (Hub), "wiki-vital" (offline), a text file, a list of strings or token ids; for image '
+            "models a folder of images, a list of PIL images or a datasets.Dataset with an image column."
         )
     from .data.calibration_data import build_calibration_set
 
@@ -138,7 +139,8 @@ def quantize_model(
     """Quantize ``model`` in place block by block (with bias compensation if configured) and pack its Linears.
 
     Args:
-        model: a transformers causal LM with float weights (its blocks and layers are discovered).
+        model: a transformers causal LM, or an image model (ViT, DeiT, DINOv2: :mod:`optimum_bc.vision`), with float
+            weights (its blocks and layers are discovered).
         config: the quantization settings.
         calibration: pre-built samples (``build_calibration_set`` output); built from ``config.dataset`` if None.
         tokenizer: tokenizer for text datasets, if not given in the config.
@@ -146,6 +148,10 @@ def quantize_model(
     Returns:
         The report, also attached as ``model.quantization_report``.
     """
+    from .vision import is_vision_model, quantize_vision_model
+
+    if is_vision_model(model):
+        return quantize_vision_model(model, config, calibration)
     spec = resolve_spec(model, config)
     if config.modules_to_not_convert is None:
         config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)

@@ -31,7 +31,7 @@ from .formats.formats import FORMATS, INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, ca
 CONFIG_VERSION = WEIGHT_FORMAT_VERSION
 # Sequence-start tokens that get their own compensation bias (config_version 1 checkpoints predate it: 0).
 DEFAULT_SINK_TOKENS = 1
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 6, 8)
 DEFAULT_BITS = 4
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_SEQ_LEN = 2048
@@ -70,7 +70,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
     """Weight-only quantization (RTN, GPTQ, COMQ or ERQ) followed by bias compensation.
 
     Args:
-        bits: bits per weight, one of 2, 3, 4, 8 (default 4). With an MX format it follows from the format (4, 6 or
+        bits: bits per weight, one of 2, 3, 4, 6, 8 (default 4). With an MX format it follows from the format (4, 6 or
             8) and may only be set to that value.
         group_size: columns sharing one scale/zero per output row; -1 for one grid per output channel (default 128).
             With an MX format it is the MX block size, 32, and may only be set to 32.
@@ -131,6 +131,12 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             Default: every quantizable layer, staged as observed (see ``true_sequential``).
         backend: matmul path of this model's packed layers: ``"auto"``, ``"fast"`` or ``"reference"`` (see
             ``optimum_bc.kernels``); default None follows the process default (``optimum_bc.kernels.set_backend``).
+        act_bits: activation quantization: bits (4, 6 or 8) of the inputs of the quantized Linears, fake-quantized
+            (``optimum_bc.activations``); None (default) keeps activations in float (weight-only).
+        act_granularity: ``"tensor"`` (one scale per layer input) or ``"token"`` (one per token, dynamic only).
+        act_scale: ``"minmax"``, ``"percentile"`` or ``"mse"`` (static scales fitted on the calibration inputs of the
+            quantized stream, stored as ``input_scale`` / ``input_zero``; default ``"mse"``) or ``"dynamic"``.
+        act_sym: symmetric activation grid (zero point 0) instead of asymmetric min-max (default False).
         config_version: layout version of this config, for forward compatibility.
     """
 
@@ -164,6 +170,10 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         block_name_to_quantize: str | list[str] | None = None,
         modules_in_block_to_quantize: list[list[str]] | None = None,
         backend: str | None = None,
+        act_bits: int | None = None,
+        act_granularity: str = "tensor",
+        act_scale: str = "mse",
+        act_sym: bool = False,
         config_version: int = CONFIG_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -212,6 +222,10 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.block_name_to_quantize = block_name_to_quantize
         self.modules_in_block_to_quantize = modules_in_block_to_quantize
         self.backend = backend
+        self.act_bits = act_bits
+        self.act_granularity = act_granularity
+        self.act_scale = act_scale
+        self.act_sym = act_sym
         self.config_version = config_version
         self.post_init()
 
@@ -432,6 +446,9 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         check_modules_in_block(self.modules_in_block_to_quantize)
         check_backend(self.backend)
         self._check_dataset()
+        from .formats.activations import check_activation_fields
+
+        check_activation_fields(self)
 
     def _check_dataset(self) -> None:
         """The dataset's type and shape (a name or path is resolved when calibration data is built)."""
@@ -467,7 +484,8 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         """Whether quantizing with this config runs the model on calibration data."""
         from .algorithms import get_algorithm
 
-        return self.bias_compensation or get_algorithm(self.method).needs_inputs
+        static_acts = self.act_bits is not None and self.act_scale != "dynamic"
+        return self.bias_compensation or get_algorithm(self.method).needs_inputs or static_acts
 
     @property
     def needs_float_stream(self) -> bool:

@@ -64,7 +64,7 @@ def test_values_that_crashed_later_are_refused_naming_the_field(kwargs, match) -
 @pytest.mark.parametrize(
     "field,value,match",
     [
-        ("bits", 5, r"bits=5 is invalid; allowed: \(2, 3, 4, 8\)"),
+        ("bits", 5, r"bits=5 is invalid; allowed: \(2, 3, 4, 6, 8\)"),
         ("bits", True, "bits=True"),
         ("group_size", 0, "group_size=0 is invalid"),
         ("group_size", -2, "group_size=-2"),

@@ -29,6 +29,7 @@ FLOORS = (
     "config",  # BCQuantizationConfig
     "layers",  # packed layers (QuantLinear, MXLinear), token positions, kernels, dequantization, checkpoint checks
     "calibration",  # model discovery, architectures, the block calibrator, block biases, offload, report, plot
+    "vision",  # image models: image calibration data, the vision calibration driver, DINOv2 ONNX conversion
     "api",  # the engine: calibrate a model in place
     "export",  # other tools' checkpoint formats; atomic folder writes
     "integrations",  # transformers quantizer, save / push hooks, model card, provenance, dense, PEFT, lm-eval

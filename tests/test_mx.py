@@ -353,7 +353,7 @@ def test_config_derives_bits_group_and_sym_from_format() -> None:
         ({"format": "mxfp4", "group_size": -1}, r"group_size=-1 is invalid; allowed: 32"),
         ({"format": "mxint4", "sym": False}, r"sym=False is invalid; allowed: True with format='mxint4'.*no zero"),
         ({"format": "mxfp4", "desc_act": True}, r"desc_act=True is invalid.*act-order would scatter"),
-        ({"format": "int", "bits": 6}, r"bits=6 is invalid; allowed: \(2, 3, 4, 8\)"),
+        ({"format": "int", "bits": 5}, r"bits=5 is invalid; allowed: \(2, 3, 4, 6, 8\)"),
     ],
 )
 def test_config_rejects_bad_combinations(kwargs: dict, message: str) -> None:

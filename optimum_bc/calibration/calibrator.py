@@ -23,6 +23,7 @@ from ..algorithms import WeightQuantizer, get_algorithm
 from ..algorithms.bc_select import FOLDS, AutoLayer, FoldInputSums, choose_block_mode
 from ..algorithms.compensation import InputMoments
 from ..config import BCQuantizationConfig
+from ..formats.activations import StageActivations
 from ..layers import kernels
 from ..layers.packed_base import PackedLinearBase
 from ..layers.positions import token_positions
@@ -309,6 +310,15 @@ class BlockCalibrator:
             quantizers = {
                 k: self.algorithm(layer_features(block.get_submodule(k))[0], **self._options()) for k in keys
             }
+            acts = StageActivations(self.config, keys)
+            if acts.static:  # fit the input scales on the quantized stream before the weights see the inputs
+                for batch in h_q:
+                    seen: dict[str, torch.Tensor] = {}
+                    with _capture_inputs(block, keys, seen, stop=True):
+                        _run_block(block, batch.hidden.to(device), batch.kwargs)
+                    for key in keys:
+                        acts.observe(key, _valid_rows(seen[key], batch.valid))
+                acts.fit()
             for key in float_keys if self.bc else []:
                 in_features = layer_features(block.get_submodule(key))[0]
                 if self.auto:
@@ -328,6 +338,7 @@ class BlockCalibrator:
                     if need_q:
                         with _capture_inputs(block, keys, seen_q, stop=True):
                             _run_block(block, batch.hidden.to(device), batch.kwargs)
+                        seen_q = {k: acts.apply(k, v) for k, v in seen_q.items()}
                         for key in keys:
                             quantizers[key].add_batch(_valid_rows(seen_q[key], valid))
                     if run_float:
@@ -346,7 +357,7 @@ class BlockCalibrator:
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
                             if key in fold_sums:
                                 fold_sums[key].add_batch(b % FOLDS, x_fp, x_q, _valid_positions(valid))
-            self._finish_stage(index, block, stage, quantizers, moments, fold_sums)
+            self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
         experts = ExpertCalibrator(
             self.config,
             self._options(),
@@ -374,8 +385,10 @@ class BlockCalibrator:
         quantizers: dict[str, WeightQuantizer],
         moments: dict[str, InputMoments],
         fold_sums: dict[str, FoldInputSums],
+        acts: StageActivations | None = None,
     ) -> None:
-        """Quantize every Linear of a stage, add its compensation bias and swap in the packed layer.
+        """Quantize every Linear of a stage, add its compensation bias and swap in the packed layer (with its input
+        quantizer, ``acts``).
 
         With ``bc_target="auto"`` the bias is provisional (the sequential target's) until the block chooses."""
         prefix = f"{self.spec.blocks}.{index}."
@@ -407,6 +420,8 @@ class BlockCalibrator:
                         bias = comp.bias
                         self.compensated.append(prefix + rel)
                 qlinear = packed_layer(qw, self.config, bias, W.dtype).to(W.device)
+                if acts is not None:
+                    acts.attach(group[0], qlinear)
                 if comp is not None and self.positions is not None:
                     qlinear.set_position_bias(comp.bias)
                 if comp is not None and comp.sink is not None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..algorithms import QuantizedWeight
 from ..config import BCQuantizationConfig
+from ..formats.activations import spec_from_config
 from ..formats.formats import is_mx
 from ..layers.mxlinear import MXLinear
 from ..layers.qlinear import QuantLinear
@@ -38,6 +39,14 @@ def skeleton_layer(
 ) -> QuantLinear | MXLinear:
     """An empty packed layer on the meta device, shaped for ``linear`` (an ``nn.Linear`` or ``Conv1D``) and
     ``config``."""
+    layer = _empty_layer(linear, config, dtype, positions)
+    layer.set_input_quantizer(spec_from_config(config))
+    return layer
+
+
+def _empty_layer(
+    linear: nn.Linear, config: BCQuantizationConfig, dtype: torch.dtype, positions: int | None
+) -> QuantLinear | MXLinear:
     in_features, out_features = layer_features(linear)
     if is_mx(config.format):
         return MXLinear(

@@ -146,6 +146,8 @@ def describe_dataset(dataset: Any) -> str:
     if _is_list_of_str(dataset):
         digest = hashlib.sha256(DOC_SEPARATOR.join(dataset).encode("utf-8")).hexdigest()[:12]
         return f"list[str]:{len(dataset)} texts:sha256={digest}"
+    if isinstance(dataset, list | tuple) and dataset and all(hasattr(x, "getexif") for x in dataset):
+        return f"images:{len(dataset)}"  # PIL images, for image models (optimum_bc.vision)
     raise ValueError(_type_error_message(dataset))
 
 

@@ -136,6 +136,12 @@ def check_config_exportable(config: BCQuantizationConfig, save_format: str, drop
             "place in any stock class. Fix: quantize with bc_granularity='channel' (bc_sink_tokens=0 carries all "
             "of the compensation)."
         )
+    if getattr(config, "act_bits", None) is not None:
+        raise ValueError(
+            f"act_bits={config.act_bits}: activation quantization (input_scale / input_zero) cannot be exported as "
+            f"{save_format}, whose classes are weight-only; the exported model would run with float activations. "
+            "Fix: save with save_pretrained (the BC format keeps it), or quantize with act_bits=None."
+        )
     fmt.check(config)
     return fmt
 

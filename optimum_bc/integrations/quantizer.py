@@ -25,6 +25,8 @@ from ..config import QUANT_METHOD, BCQuantizationConfig
 from ..layers import kernels, validation
 from ..layers.packed_base import PackedLinearBase, packed_layers
 from ..layers.positions import attach_position_hooks
+from ..vision import build_image_calibration, is_vision_model
+from ..vision.calibrate import attach_token_positions, prepare_vision_config
 from . import conversions
 from .metadata import PROVENANCE_METADATA_KEY, REPORT_METADATA_KEY
 from .save_hooks import attach
@@ -85,10 +87,9 @@ class BCHfQuantizer(HfQuantizer):
             )
             # This hook runs under transformers' meta-device init context: build the token tensors on the CPU.
             with torch.device("cpu"):
-                self._calibration = build_calibration(
-                    config, name_or_path=getattr(model.config, "_name_or_path", None)
-                )
-            validation.check_calibration(model, self._calibration, config)
+                self._calibration = _build_model_calibration(model, config)
+            if not is_vision_model(model):
+                validation.check_calibration(model, self._calibration, config)
         return model
 
     def _swap_in_skeletons(self, model: Any) -> None:
@@ -130,6 +131,8 @@ class BCHfQuantizer(HfQuantizer):
                     del module.__dict__["weight"]
             validation.check_loaded_values(model, self.quantization_config)
             attach_position_hooks(get_blocks(model, resolve_spec(model, self.quantization_config)), model)
+            if is_vision_model(model):
+                attach_token_positions(get_blocks(model, resolve_spec(model, self.quantization_config)))
         if self.quantization_config.backend is not None:
             kernels.set_model_backend(model, self.quantization_config.backend)
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
@@ -195,6 +198,24 @@ class BCHfQuantizer(HfQuantizer):
         for bound in ("save_pretrained", "push_to_hub"):  # the BC card writers bound by save_hooks.attach
             model.__dict__.pop(bound, None)
         return model
+
+
+def _build_model_calibration(model: Any, config: BCQuantizationConfig) -> list:
+    """Token windows for a causal LM; ``pixel_values`` of the calibration images for an image model."""
+    name_or_path = getattr(model.config, "_name_or_path", None)
+    if not is_vision_model(model):
+        return build_calibration(config, name_or_path=name_or_path)
+    prepare_vision_config(config)
+    if not config.needs_calibration:
+        return []
+    if config.dataset is None:
+        raise ValueError(
+            "BCQuantizationConfig: dataset=None but this image model's settings need calibration images. Fix: pass "
+            "dataset= a folder of images, a list of PIL images or a datasets.Dataset with an image column."
+        )
+    return build_image_calibration(
+        config.dataset, num_samples=config.num_samples, seed=config.seed, name_or_path=name_or_path
+    )
 
 
 def _prepare_for_hub(model: Any, checkpoint_files: list[str] | None = None) -> None:

@@ -106,6 +106,7 @@ class MXLinear(PackedLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in ``x.dtype``."""
+        x = self._quantize_input(x)
         out = F.linear(x, self._weight_for(x), self.bias.to(dtype=x.dtype, device=x.device))
         return self._add_position_terms(out, x)
 

@@ -11,6 +11,7 @@ it (e.g. merging a LoRA adapter) therefore cannot silently act on a copy; dequan
 import torch
 from torch import nn
 
+from ..formats.activations import ActSpec, quantize_input
 from .positions import position_term, sink_term
 
 
@@ -76,6 +77,33 @@ class PackedLinearBase(PositionBiases, nn.Linear):
     def reset_cache(self) -> None:
         """Drop the cached dense weight."""
         self._cached_weight = None
+
+    def set_input_quantizer(
+        self, spec: ActSpec | None, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+    ) -> None:
+        """Fake-quantize every input with ``spec`` (see :mod:`optimum_bc.activations`); None turns it off.
+
+        A static spec stores its ``[1]`` float32 ``input_scale`` / ``input_zero`` as buffers (saved and reloaded
+        with the weights); without values they are zeros, to be filled by a checkpoint.
+        """
+        self.act_spec = spec
+        static = spec is not None and not spec.dynamic
+        device = self.bias.device
+        for name, value in (("input_scale", scale), ("input_zero", zero)):
+            if not static:
+                self._buffers.pop(name, None)
+                continue
+            value = torch.zeros(1) if value is None else value.detach().reshape(1).clone()
+            self.register_buffer(name, value.to(device=device, dtype=torch.float32))
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the layer sees it: fake-quantized when an activation spec is set."""
+        spec = getattr(self, "act_spec", None)
+        if spec is None:
+            return x
+        if spec.dynamic:
+            return quantize_input(x, spec)
+        return quantize_input(x, spec, self.input_scale, self.input_zero)
 
     def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
         """Cached dense weight in ``x``'s dtype and device, rebuilt only when those change or the cache was dropped."""

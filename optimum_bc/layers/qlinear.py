@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
+from . import int8_path
 from .kernel_forms import KernelForm, build_form, check_form, matmul
-from .kernel_paths import _CUDA_CHECK_RTOL, REFERENCE, Plan, plan, select_path
+from .kernel_paths import _CUDA_CHECK_RTOL, REFERENCE, Plan, backend_of, plan, select_path
 from .kernel_paths import logger as kernel_logger
 from .packed_base import PackedLinearBase
 
@@ -226,6 +227,7 @@ class QuantLinear(PackedLinearBase):
         self._cached_weight = None
         self._kernel_form = None
         self._kernel_plans = {}
+        self._int8_weight = None
 
     def kernel_plan(self, device_type: str) -> Plan:
         """The kernel this layer can use on ``device_type`` (decided once from its shape and ``g_idx``)."""
@@ -280,6 +282,9 @@ class QuantLinear(PackedLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in ``x.dtype``, on the path :func:`optimum_bc.layers.kernels.select_path` picks."""
+        if backend_of(self) != REFERENCE and int8_path.eligible(self, x):
+            return self._add_position_terms(int8_path.int8_linear(self, x), x)  # W8A8: int8 x int8 matmul
+        x = self._quantize_input(x)
         path = select_path(self, x)
         form = None
         if path != REFERENCE:

