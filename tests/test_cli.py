@@ -218,7 +218,7 @@ def test_every_config_parameter_has_a_flag(capsys) -> None:
     params.discard("config_version")
     missing = [p for p in sorted(params) if "--" + p.replace("_", "-") not in text]
     assert not missing and len(params) >= 25
-    assert "{2,3,4,8}" in text  # --bits follows SUPPORTED_BITS
+    assert "{2,3,4,6,8}" in text  # --bits follows SUPPORTED_BITS
     assert "--no-sym" in text and "--no-bias-compensation" in text and "--weight-format" in text
 
 
@@ -256,7 +256,7 @@ def test_version(capsys) -> None:
 @pytest.mark.parametrize(
     "extra,match",
     [
-        (["--bits", "6"], "--bits: invalid choice: 6"),
+        (["--bits", "5"], "--bits: invalid choice: 5"),
         (["--weight-format", "fp4"], r"weight_format='fp4' is invalid; allowed: \['int', 'mxfp8_e4m3'"),
         (["--backend", "marlin"], "--backend: invalid choice: 'marlin'"),
         (["--modules-in-block-to-quantize", "mlp.down_proj"], "--modules-in-block-to-quantize: .*not JSON"),
