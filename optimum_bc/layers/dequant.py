@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats.formats import MX_BLOCK_SIZE
 from ..formats.packing import unpack_int32
 
 
@@ -128,3 +129,110 @@ class DequantSource:
                 weight_bf16[first - start : first - start + size].copy_(weight.view(size, k))
             torch.mm(weight_bf16[: stop - start], xb.T, out=out_t[start:stop])
         return out_t.T
+
+
+#: Masks spreading the eight 4-bit codes of a little-endian int32 word into the eight bytes of an int64.
+_SPREAD_4BIT = ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F))
+
+
+def unpack_rows(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Codes of packed rows ``[rows, words]`` as uint8 ``[rows, k]`` in column order, one unpack for all rows.
+
+    4-bit (``k % 8 == 0``): each word's eight nibbles are spread into the bytes of an int64 (three shift-or-mask
+    steps over ``rows * k / 8`` words), whose little-endian bytes are then the codes in order. 8-bit: the bytes
+    themselves. Other widths: the byte planes of :func:`unpack_planes` interleaved back in one uint8 copy.
+    """
+    rows = qweight.shape[0]
+    if bits == 4 and k % 8 == 0 and sys.byteorder == "little":
+        spread = qweight[:, : k // 8].to(torch.int64).bitwise_and_(0xFFFFFFFF)
+        for shift, mask in _SPREAD_4BIT:
+            spread.bitwise_or_(spread << shift).bitwise_and_(mask)
+        return spread.view(torch.uint8).view(rows, k)
+    codes = unpack_planes(qweight, bits, k)
+    count = codes.shape[1]
+    if count == 1:
+        return codes.view(rows, k)
+    return codes.transpose(1, 2).reshape(rows, k)
+
+
+def _targets(
+    out: torch.Tensor | list[torch.Tensor] | None, shape: tuple[int, ...], device: torch.device
+) -> list[torch.Tensor]:
+    """``out`` as a list of destinations of ``shape`` (``[E, ...]``: one tensor, or one ``shape[1:]`` per expert),
+    a new float32 tensor when None."""
+    if out is None:
+        out = torch.empty(shape, device=device)
+    if isinstance(out, torch.Tensor):
+        return [out.view(shape)]
+    return [target.view(shape[1:]) for target in out]
+
+
+def contiguous_groups(g_idx: torch.Tensor, groups: int) -> bool:
+    """Whether every row of ``g_idx`` ``[E, in]`` is the default grouping: ``groups`` runs of ``in / groups``."""
+    k = g_idx.shape[-1]
+    if k % groups:
+        return False
+    return torch.equal(g_idx, (torch.arange(k, device=g_idx.device) // (k // groups)).expand_as(g_idx))
+
+
+def dequantize_int_rows(
+    qweight: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    k: int,
+    g_idx: torch.Tensor | None = None,
+    out: torch.Tensor | list[torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """Weights ``[E, out, k]`` of ``E`` stacked integer-grid layers, exactly ``QuantLinear.dequantize_weight``.
+
+    ``qweight`` ``[E, out, words]``; ``zeros`` (zero points) and ``scales`` float32 ``[E, out, G]``; ``g_idx``
+    ``[E, k]`` for act-order or uneven groups, None for the default grouping (:func:`contiguous_groups`). One unpack
+    over all ``E * out`` rows; ``code - zero`` is an integer of at most 9 bits (exact in any float dtype) and
+    ``scale * (code - zero)`` is one rounding-free product (at most 9 by 11 significant bits: scales are float16
+    values) stored once, so the result equals the per-layer dequantization bit for bit, for a lower-precision
+    ``out`` too. ``out`` (a tensor of that shape or one ``[out, k]`` view per expert, any float dtype) receives it
+    and nothing is allocated at its size; without it a float32 tensor is returned (None for a list).
+    """
+    experts, rows, _ = qweight.shape
+    groups = scales.shape[2]
+    codes = unpack_rows(qweight.reshape(experts * rows, -1), bits, k).view(experts, rows, k)
+    if g_idx is None:
+        shape = (experts, rows, groups, k // groups)
+        codes, zeros, scales = codes.view(shape), zeros.unsqueeze(-1), scales.unsqueeze(-1)
+    else:  # act-order or uneven groups: the zero and scale of every column
+        shape = (experts, rows, k)
+        index = g_idx.long().unsqueeze(1).expand(shape)
+        zeros, scales = torch.gather(zeros, 2, index), torch.gather(scales, 2, index)
+    targets = _targets(out, shape, qweight.device)
+    pairs = [(codes, zeros, scales)] if len(targets) == 1 else list(zip(codes, zeros, scales, strict=True))
+    for target, (c, z, s) in zip(targets, pairs, strict=True):
+        # Three vectorized passes (mixed-dtype or fused ops such as addcmul are slower on CPU).
+        target.copy_(c).sub_(z).mul_(s)
+    return None if out is not None and not isinstance(out, torch.Tensor) else targets[0].view(experts, rows, k)
+
+
+def dequantize_mx_rows(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    values: torch.Tensor,
+    bits: int,
+    out: torch.Tensor | list[torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """Weights ``[E, out, in]`` of ``E`` stacked MX layers, exactly ``MXLinear.dequantize_weight``.
+
+    ``qweight`` ``[E, out, words]``, ``scales`` float32 block scales ``[E, out, in / 32]``, ``values`` the float32
+    value of every element code. One unpack and one table lookup over all rows; ``out`` as for
+    :func:`dequantize_int_rows`.
+    """
+    experts, rows, _ = qweight.shape
+    blocks = scales.shape[2]
+    shape = (experts, rows, blocks, MX_BLOCK_SIZE)
+    codes = unpack_rows(qweight.reshape(experts * rows, -1), bits, blocks * MX_BLOCK_SIZE)
+    decoded = values.to(qweight.device)[codes.long()].view(shape)
+    targets = _targets(out, shape, qweight.device)
+    scales = scales.unsqueeze(-1)
+    pairs = [(decoded, scales)] if len(targets) == 1 else list(zip(decoded, scales, strict=True))
+    for target, (v, s) in zip(targets, pairs, strict=True):
+        torch.mul(v, s, out=target)
+    return None if out is not None and not isinstance(out, torch.Tensor) else targets[0].view(experts, rows, -1)
