@@ -91,24 +91,20 @@ class PackedExperts(nn.Module):
         return weight
 
     def _fill(self, routed: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Dequantize the ``routed`` experts (None: all) into the shared scratch buffer and return it."""
+        """Dequantize the ``routed`` experts (None: all) into the shared scratch buffer and return it (transposed
+        families get a transposed view of an ``[E, out, in]`` buffer: the same layout as the full read)."""
         first = self.packed[0]
         shape = (len(self.packed), first.out_features, first.in_features)
-        shape = (shape[0], shape[2], shape[1]) if self.transposed else shape
         scratch = self._scratch
         if scratch is None or scratch.shape != shape or scratch.dtype != dtype or scratch.device != device:
             scratch = self._scratch = scratch_buffer(self.name, shape, dtype, device)
         if routed is not None and routed.numel() == len(self.packed):
             routed = None
-        if routed is not None and routed.numel() == 0:
-            return scratch
-        ids = range(len(self.packed)) if routed is None else routed.tolist()
-        if routed is None and not self.transposed:
-            targets: torch.Tensor | list[torch.Tensor] = scratch
-        else:  # each expert's slice, written by the last op of the dequantization (no extra copy)
-            targets = [scratch[e].T if self.transposed else scratch[e] for e in ids]
-        self.dequantize(routed, dtype, out=targets)
-        return scratch
+        if routed is None:
+            self.dequantize(None, dtype, out=scratch)
+        elif routed.numel():  # each routed expert's slice is written by the last op of its dequantization
+            self.dequantize(routed, dtype, out=[scratch[e] for e in routed.tolist()])
+        return scratch.transpose(1, 2) if self.transposed else scratch
 
     def dequantize(
         self,
