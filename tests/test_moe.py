@@ -354,3 +354,37 @@ def test_only_routed_experts_are_filled_and_other_signatures_read_all() -> None:
     packed.end_forward()
     assert torch.equal(weight[[1, 3]], reference[[1, 3]])
     assert not weight[[0, 2]].any()  # unrouted experts are not dequantized
+
+
+def _moe_families() -> list[str]:
+    from .tiny_families import causal_lm_families
+
+    return causal_lm_families()
+
+
+@pytest.mark.slow  # builds every causal-LM family (about 125) to find the ones with fused experts
+@pytest.mark.parametrize("family", _moe_families())
+def test_every_moe_family_routed_equals_full_dequantization(family: str) -> None:
+    """Every family whose fused expert weights get packed: routed dequantization gives the logits of the full one,
+    under its default experts implementation and eager."""
+    from optimum_bc.calibration.experts import fused_expert_params
+
+    try:
+        model = tiny_model(family)
+        x = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # noqa: BLE001 - families that do not build are the family sweep's business
+        pytest.skip(f"{family} does not build as a tiny model: {type(exc).__name__}")
+    if not fused_expert_params(model):
+        pytest.skip(f"{family} has no fused expert weights")
+    quantize_model(model, _cfg("rtn"))
+    assert packed_expert_modules(model)
+    implementations = [model.config._experts_implementation, "eager"]
+    for implementation in dict.fromkeys(implementations):
+        if implementation != implementations[0]:
+            model.set_experts_implementation(implementation)
+        with torch.no_grad():
+            routed = model(x).logits
+            with parametrize.cached():
+                assert torch.equal(model(x).logits, routed), implementation

@@ -131,26 +131,26 @@ class DequantSource:
         return out_t.T
 
 
-#: Masks spreading the eight 4-bit codes of a little-endian int32 word into the eight bytes of an int64.
-_SPREAD_4BIT = ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F))
-
-
 def unpack_rows(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Codes of packed rows ``[rows, words]`` as uint8 ``[rows, k]`` in column order, one unpack for all rows.
 
-    4-bit (``k % 8 == 0``): each word's eight nibbles are spread into the bytes of an int64 (three shift-or-mask
-    steps over ``rows * k / 8`` words), whose little-endian bytes are then the codes in order. 8-bit: the bytes
-    themselves. Other widths: the byte planes of :func:`unpack_planes` interleaved back in one uint8 copy.
+    4 bits (``k % 8 == 0``): each byte's two codes spread into the two bytes of an int16 (four vectorized ops).
+    2 bits: each byte's four codes written straight into their interleaved places. 8-bit: the bytes themselves. Other widths: the byte planes of :func:`unpack_planes` interleaved back in one uint8 copy.
     """
-    rows = qweight.shape[0]
-    if bits == 4 and k % 8 == 0 and sys.byteorder == "little":
-        spread = qweight[:, : k // 8].to(torch.int64).bitwise_and_(0xFFFFFFFF)
-        for shift, mask in _SPREAD_4BIT:
-            spread.bitwise_or_(spread << shift).bitwise_and_(mask)
-        return spread.view(torch.uint8).view(rows, k)
+    rows, count = qweight.shape[0], planes(bits, k)
+    if bits == 4 and count > 1:  # a byte's two nibbles into the two bytes of an int16: (x << 4 | x) & 0x0F0F
+        pairs = qweight.contiguous().view(torch.uint8)[:, : k // 2].to(torch.int16)
+        pairs = (pairs << 4).bitwise_or_(pairs).bitwise_and_(0x0F0F)
+        return pairs.view(torch.uint8).view(rows, k)
+    if bits == 2 and count > 1:
+        octets = qweight.contiguous().view(torch.uint8)[:, : k * bits // 8]
+        codes = torch.empty(rows, k // count, count, dtype=torch.uint8, device=qweight.device)
+        for j in range(count - 1):
+            torch.bitwise_and(octets >> (bits * j) if j else octets, (1 << bits) - 1, out=codes[..., j])
+        torch.bitwise_right_shift(octets, bits * (count - 1), out=codes[..., count - 1])
+        return codes.view(rows, k)
     codes = unpack_planes(qweight, bits, k)
-    count = codes.shape[1]
-    if count == 1:
+    if codes.shape[1] == 1:
         return codes.view(rows, k)
     return codes.transpose(1, 2).reshape(rows, k)
 
@@ -186,7 +186,7 @@ def dequantize_int_rows(
 ) -> torch.Tensor | None:
     """Weights ``[E, out, k]`` of ``E`` stacked integer-grid layers, exactly ``QuantLinear.dequantize_weight``.
 
-    ``qweight`` ``[E, out, words]``; ``zeros`` (zero points) and ``scales`` float32 ``[E, out, G]``; ``g_idx``
+    ``qweight`` ``[E, out, words]``; ``zeros`` (uint8 zero points) and ``scales`` (float32) ``[E, out, G]``; ``g_idx``
     ``[E, k]`` for act-order or uneven groups, None for the default grouping (:func:`contiguous_groups`). One unpack
     over all ``E * out`` rows; ``code - zero`` is an integer of at most 9 bits (exact in any float dtype) and
     ``scale * (code - zero)`` is one rounding-free product (at most 9 by 11 significant bits: scales are float16
@@ -197,18 +197,22 @@ def dequantize_int_rows(
     experts, rows, _ = qweight.shape
     groups = scales.shape[2]
     codes = unpack_rows(qweight.reshape(experts * rows, -1), bits, k).view(experts, rows, k)
+    # code - zero in integers (int8 holds both when bits < 8), then one conversion and one multiply in float.
+    signed = torch.int8 if bits < 8 else torch.int16
+    codes, zeros = codes.view(signed) if bits < 8 else codes.to(signed), zeros.to(signed)
     if g_idx is None:
         shape = (experts, rows, groups, k // groups)
-        codes, zeros, scales = codes.view(shape), zeros.unsqueeze(-1), scales.unsqueeze(-1)
+        diff = codes.view(shape) - zeros.unsqueeze(-1)
+        scales = scales.unsqueeze(-1)
     else:  # act-order or uneven groups: the zero and scale of every column
         shape = (experts, rows, k)
         index = g_idx.long().unsqueeze(1).expand(shape)
-        zeros, scales = torch.gather(zeros, 2, index), torch.gather(scales, 2, index)
+        diff = codes - torch.gather(zeros, 2, index)
+        scales = torch.gather(scales, 2, index)
     targets = _targets(out, shape, qweight.device)
-    pairs = [(codes, zeros, scales)] if len(targets) == 1 else list(zip(codes, zeros, scales, strict=True))
-    for target, (c, z, s) in zip(targets, pairs, strict=True):
-        # Three vectorized passes (mixed-dtype or fused ops such as addcmul are slower on CPU).
-        target.copy_(c).sub_(z).mul_(s)
+    pairs = [(diff, scales)] if len(targets) == 1 else list(zip(diff, scales, strict=True))
+    for target, (d, s) in zip(targets, pairs, strict=True):
+        target.copy_(d).mul_(s)  # same-dtype vectorized passes (mixed-dtype or fused ops are slower on CPU)
     return None if out is not None and not isinstance(out, torch.Tensor) else targets[0].view(experts, rows, k)
 
 

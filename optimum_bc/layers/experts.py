@@ -136,8 +136,8 @@ class PackedExperts(nn.Module):
         return weight.to(device=device, dtype=dtype)
 
     def _side(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """float32 zero points and scales ``[E, out, G]`` of every expert and their ``g_idx`` ``[E, in]`` (None: the
-        default grouping), derived once (8 bytes per group, small next to the codes). Dropped by ``.to()`` /
+        """uint8 zero points and float32 scales ``[E, out, G]`` of every expert and their ``g_idx`` ``[E, in]`` (None:
+        the default grouping), derived once (5 bytes per group, small next to the codes). Dropped by ``.to()`` /
         ``load_state_dict``, and rebuilt when the first expert's buffers were replaced or written in place."""
         first = self.packed[0]
         source = tuple((t.data_ptr(), t._version) for t in (first.qzeros, first.scales, first.g_idx))
@@ -146,7 +146,7 @@ class PackedExperts(nn.Module):
             scales = torch.stack([layer.scales for layer in self.packed]).float()
             g_idx = torch.stack([layer.g_idx for layer in self.packed])
             default = contiguous_groups(g_idx, first.num_groups)
-            self._derived = (source, zeros.view(scales.shape).float(), scales, None if default else g_idx)
+            self._derived = (source, zeros.view(scales.shape), scales, None if default else g_idx)
         return self._derived[1:]
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
