@@ -210,7 +210,7 @@ def dequantize_int_rows(
         diff = codes - torch.gather(zeros, 2, index)
         scales = torch.gather(scales, 2, index)
     targets = _targets(out, shape, qweight.device)
-    pairs = [(diff, scales)] if len(targets) == 1 else list(zip(diff, scales, strict=True))
+    pairs = list(zip(diff, scales, strict=True)) if isinstance(out, list) else [(diff, scales)]
     for target, (d, s) in zip(targets, pairs, strict=True):
         target.copy_(d).mul_(s)  # same-dtype vectorized passes (mixed-dtype or fused ops are slower on CPU)
     return None if out is not None and not isinstance(out, torch.Tensor) else targets[0].view(experts, rows, k)
@@ -236,7 +236,7 @@ def dequantize_mx_rows(
     decoded = values.to(qweight.device)[codes.long()].view(shape)
     targets = _targets(out, shape, qweight.device)
     scales = scales.unsqueeze(-1)
-    pairs = [(decoded, scales)] if len(targets) == 1 else list(zip(decoded, scales, strict=True))
+    pairs = list(zip(decoded, scales, strict=True)) if isinstance(out, list) else [(decoded, scales)]
     for target, (v, s) in zip(targets, pairs, strict=True):
         torch.mul(v, s, out=target)
     return None if out is not None and not isinstance(out, torch.Tensor) else targets[0].view(experts, rows, -1)

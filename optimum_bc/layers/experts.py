@@ -79,16 +79,21 @@ class PackedExperts(nn.Module):
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         """The stacked weight in ``original``'s dtype and device (see the module docstring for which experts)."""
-        shared = self._in_forward and not torch.is_grad_enabled() and not parametrize._cache_enabled
-        if not shared:
-            full = self.dequantize(None, original.dtype, original.device)
-            return full.transpose(1, 2) if self.transposed else full
+        if not self._in_forward:
+            return self._full(original)
         cached = self._forward_cache
         if cached is not None and cached.dtype == original.dtype and cached.device == original.device:
-            return cached
-        weight = self._fill(self._routed, original.dtype, original.device)
+            return cached  # an eager forward reads the weight once per routed expert
+        if torch.is_grad_enabled() or parametrize._cache_enabled:
+            weight = self._full(original)  # autograd or parametrize may keep it: never the shared buffer
+        else:
+            weight = self._fill(self._routed, original.dtype, original.device)
         self._forward_cache = weight
         return weight
+
+    def _full(self, original: torch.Tensor) -> torch.Tensor:
+        full = self.dequantize(None, original.dtype, original.device)
+        return full.transpose(1, 2) if self.transposed else full
 
     def _fill(self, routed: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Dequantize the ``routed`` experts (None: all) into the shared scratch buffer and return it (transposed
@@ -96,7 +101,9 @@ class PackedExperts(nn.Module):
         first = self.packed[0]
         shape = (len(self.packed), first.out_features, first.in_features)
         scratch = self._scratch
-        if scratch is None or scratch.shape != shape or scratch.dtype != dtype or scratch.device != device:
+        # Inference tensors can only be written in inference mode, others only outside it: one buffer for each.
+        mode = (shape, dtype, device, torch.is_inference_mode_enabled())
+        if scratch is None or (scratch.shape, scratch.dtype, scratch.device, scratch.is_inference()) != mode:
             scratch = self._scratch = scratch_buffer(self.name, shape, dtype, device)
         if routed is not None and routed.numel() == len(self.packed):
             routed = None
