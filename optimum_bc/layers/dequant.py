@@ -4,6 +4,11 @@ The packed int4/int8 CPU kernels cost time per token; for prefill (many tokens) 
 from the packed codes on every call, a block of rows at a time, and run bf16 matmuls (AMX / AVX512-BF16). Nothing
 persists but :class:`DequantSource` (1 byte per quantization group plus two ``[in]`` index vectors); the scratch
 is ``CHUNK`` bf16 weights plus ``SERIAL`` float32 ones, reused by every block of a call.
+
+The stacked paths (:func:`dequantize_int_rows`, :func:`dequantize_mx_rows`) rebuild the exact weights of several
+packed layers at once (the routed experts of a mixture-of-experts block, :mod:`optimum_bc.layers.experts`): one
+unpack over all their rows (:func:`unpack_rows`), a few whole-tensor ops, the result written into the caller's
+buffer.
 """
 
 from __future__ import annotations

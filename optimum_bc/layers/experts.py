@@ -10,9 +10,11 @@ returns the stacked ``[E, out, in]`` (or transposed) weight:
   unpack of their stacked codes (:func:`optimum_bc.layers.dequant.dequantize_int_rows`), into a scratch buffer shared
   by every packed expert weight of the same name, shape, dtype and device: its memory is one layer's float experts
   (one buffer per weight name, e.g. ``gate_up_proj`` and ``down_proj``), whatever the number of layers. The other
-  experts' slices keep stale (finite) values; no experts implementation of transformers reads them: ``eager`` and
-  ``batched_mm`` index the routed experts only, ``grouped_mm`` multiplies each expert's slice by its own tokens
-  (none for an unrouted expert). The weight is dequantized once per forward and reused by every read in it.
+  experts' slices keep stale (finite) values, which transformers' CPU experts implementations do not read:
+  ``eager`` and ``batched_mm`` index the routed experts only, ``grouped_mm`` multiplies each expert's slice by its
+  own tokens (none for an unrouted expert); the CUDA-only kernels (``deepgemm``, ``sonicmoe``) were not checked.
+  The weight is dequantized once per forward and reused by every read in it. The buffer is shared, so two models
+  of the same shapes must not run their experts concurrently in different threads.
 * any other read (another call signature, gradients enabled, ``parametrize.cached()``, outside a forward): a fresh
   tensor with every expert dequantized, the exact weight as before.
 
