@@ -229,3 +229,173 @@ def test_dequantize_folds_into_own_expert_biases_and_refuses_hooked_ones() -> No
     with pytest.raises(ValueError, match="per-expert compensation biases"):
         mixtral.dequantize()
     assert len(packed_expert_modules(mixtral)) == 2 * len(mixtral.model.layers)
+
+
+# ----------------------------------------------------------------------------- routed dequantization (fast inference)
+
+
+def _stacked_reference(packed: PackedExperts, dtype: torch.dtype) -> torch.Tensor:
+    """The previous exact path: every expert's own ``dequantize_weight``, stacked (transposed as the family stores)."""
+    weight = torch.stack([layer.dequantize_weight(torch.float32) for layer in packed.packed]).to(dtype)
+    return weight.transpose(1, 2) if packed.transposed else weight
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_routed_dequantization_equals_the_exact_path(model_type: str) -> None:
+    model = tiny_model(model_type)
+    quantize_model(model, _cfg("rtn"))
+    for packed in packed_expert_modules(model).values():  # the full read equals the per-expert dequantization
+        assert torch.equal(packed(torch.empty(0)), _stacked_reference(packed, torch.float32))
+    x = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        model.set_experts_implementation(implementation)
+        with torch.no_grad():
+            routed = model(x).logits
+            with parametrize.cached():  # every expert dequantized once, the previous path
+                full = model(x).logits
+        assert torch.equal(routed, full), implementation
+    model.to(torch.bfloat16)  # a lower-precision model: the same single rounding of the float32 weight
+    for packed in packed_expert_modules(model).values():
+        assert torch.equal(packed(torch.empty(0, dtype=torch.bfloat16)), _stacked_reference(packed, torch.bfloat16))
+    with torch.no_grad():
+        routed = model(x).logits
+        with parametrize.cached():
+            assert torch.equal(model(x).logits, routed)
+
+
+@pytest.mark.parametrize(
+    "config", [{"weight_format": "mxfp4", "group_size": 32}, {"bits": 3, "group_size": 16, "desc_act": True}]
+)
+def test_routed_dequantization_of_other_layouts(config: dict) -> None:
+    """MX experts and act-order groups (a per-column ``g_idx``) take the same vectorized path exactly."""
+    model = tiny_model("qwen3_moe")
+    bits, group_size = config.pop("bits", 4), config.pop("group_size", -1)
+    cfg = BCQuantizationConfig(
+        bits=bits, group_size=group_size, method="gptq", dataset=_ids(), num_samples=2, seq_len=SEQ_LEN, **config
+    )
+    quantize_model(model, cfg)
+    packed = next(iter(packed_expert_modules(model).values()))
+    assert torch.equal(packed(torch.empty(0)), _stacked_reference(packed, torch.float32))
+    x = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        routed = model(x).logits
+        with parametrize.cached():
+            assert torch.equal(model(x).logits, routed)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_generate_with_kv_cache_equals_full_dequantization(model_type: str) -> None:
+    model = tiny_model(model_type)
+    quantize_model(model, _cfg())
+    x = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
+    kwargs = {"attention_mask": torch.ones_like(x), "max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    kwargs |= {"return_dict_in_generate": True, "output_logits": True}
+    routed = model.generate(x, **kwargs)
+    with parametrize.cached():
+        full = model.generate(x, **kwargs)
+    assert torch.equal(routed.sequences, full.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(routed.logits, full.logits, strict=True))
+
+
+def test_scratch_buffer_is_shared_across_layers_and_bounded() -> None:
+    model = tiny_model("mixtral")
+    quantize_model(model, _cfg("rtn"))
+    packed = packed_expert_modules(model)
+    x = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        model(x)
+    buffers = {p._scratch.data_ptr(): p._scratch for p in packed.values()}
+    assert len(buffers) == 2  # one for every gate_up_proj, one for every down_proj, whatever the number of layers
+    one_layer = sum(_stacked_reference(p, torch.float32).nbytes for n, p in packed.items() if ".layers.0." in n)
+    assert sum(b.nbytes for b in buffers.values()) == one_layer
+    assert len(model.model.layers) > 1 and all(p._forward_cache is None for p in packed.values())  # nothing held
+    with kernels.use_backend("reference"):  # the Linears' path gradients take, for equal logits in all modes
+        with torch.inference_mode():  # inference tensors get their own buffer (they cannot be written outside it)
+            logits = model(x).logits
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, logits)
+        with torch.enable_grad():  # gradients: a fresh tensor per forward, never the shared buffer
+            out = model(x).logits
+        out.sum().backward()
+    assert torch.equal(out.detach(), logits)
+
+
+def test_only_routed_experts_are_filled_and_other_signatures_read_all() -> None:
+    from optimum_bc.calibration.experts import install
+    from optimum_bc.layers.experts import routed_experts
+    from optimum_bc.layers.qlinear import QuantLinear
+
+    g = torch.Generator().manual_seed(8)
+    experts, out_features, in_features = 4, 8, 16
+
+    def layer() -> QuantLinear:
+        codes = torch.randint(0, 16, (out_features, in_features), generator=g)
+        scales = torch.rand(out_features, 1, generator=g) + 0.1
+        return QuantLinear.from_quantized(codes, scales, torch.full((out_features, 1), 8), None, 4, -1)
+
+    class OddExperts(torch.nn.Module):
+        """Experts with a non-standard call: ``forward(x, plan)`` applies every expert in ``plan``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(experts, out_features, in_features), requires_grad=False)
+
+        def forward(self, x: torch.Tensor, plan: list[int]) -> torch.Tensor:
+            return sum(x @ self.w[e].T for e in plan)
+
+    module = OddExperts()
+    packed = install(module, "w", [layer() for _ in range(experts)], transposed=False, hooked_bias=False)
+    x = torch.randn(3, in_features, generator=g)
+    reference = _stacked_reference(packed, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(module(x, [0, 2, 3]), sum(x @ reference[e].T for e in (0, 2, 3)))
+    assert routed_experts((x, [0], None), {}, experts) is None  # not a standard call: every expert was filled
+    assert torch.equal(packed._scratch, reference)
+    index, weights = torch.tensor([[1, 1], [3, experts]]), torch.ones(2, 2)  # ``experts``: a dropped slot
+    assert routed_experts((x[:2], index, weights), {}, experts).tolist() == [1, 3]
+    packed._scratch.zero_()
+    packed.begin_forward(torch.tensor([1, 3]))
+    with torch.no_grad():
+        weight = module.w
+    packed.end_forward()
+    assert torch.equal(weight[[1, 3]], reference[[1, 3]])
+    assert not weight[[0, 2]].any()  # unrouted experts are not dequantized
+    packed.begin_forward(torch.tensor([2]))  # a single routed expert (decode with top-1 routing)
+    with torch.no_grad():
+        assert torch.equal(module.w[2], reference[2])
+    packed.end_forward()
+
+
+def _moe_families() -> list[str]:
+    from .tiny_families import causal_lm_families
+
+    return causal_lm_families()
+
+
+@pytest.mark.slow  # builds every causal-LM family (about 125) to find the ones with fused experts
+@pytest.mark.parametrize("family", _moe_families())
+def test_every_moe_family_routed_equals_full_dequantization(family: str) -> None:
+    """Every family whose fused expert weights get packed: routed dequantization gives the logits of the full one,
+    under its default experts implementation and eager."""
+    from optimum_bc.calibration.experts import fused_expert_params
+
+    try:
+        model = tiny_model(family)
+        x = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # noqa: BLE001 - families that do not build are the family sweep's business
+        pytest.skip(f"{family} does not build as a tiny model: {type(exc).__name__}")
+    if not fused_expert_params(model):
+        pytest.skip(f"{family} has no fused expert weights")
+    quantize_model(model, _cfg("rtn"))
+    if not packed_expert_modules(model):  # 3-D parameters that are not expert weights (convolutions, RWKV mixes)
+        pytest.skip(f"{family} has no packed expert weights")
+    implementations = [model.config._experts_implementation, "eager"]
+    for implementation in dict.fromkeys(implementations):
+        if implementation != implementations[0]:
+            model.set_experts_implementation(implementation)
+        with torch.no_grad():
+            routed = model(x).logits
+            with parametrize.cached():
+                assert torch.equal(model(x).logits, routed), implementation

@@ -2,9 +2,11 @@
 
 A fused expert weight (``MixtralExperts.gate_up_proj [E, 2I, H]``, GPT-OSS's transposed ``[E, H, 2I]``, ...) becomes
 a ``torch.nn.utils.parametrize`` parametrization holding one packed layer per expert (``QuantLinear`` or
-``MXLinear``, the same storage as the Linears, always ``[out, in]``). Reading the attribute (``experts.gate_up_proj``)
-dequantizes the stacked weight, so every family's stock experts forward (eager, batched or grouped matmul) runs
-unchanged. ``torch.nn.utils.parametrize.cached()`` keeps one dequantized copy for a block of forwards.
+``MXLinear``, the same storage as the Linears, always ``[out, in]``; :mod:`optimum_bc.layers.experts`). Reading the
+attribute (``experts.gate_up_proj``) dequantizes the stacked weight, so every family's stock experts forward (eager,
+batched or grouped matmul) runs unchanged; inside a standard experts call only the routed experts are dequantized,
+into a scratch buffer shared across layers (see there). ``torch.nn.utils.parametrize.cached()`` keeps one dequantized
+copy of every expert for a block of forwards.
 
 Per-expert bias compensation of the expert output goes into the family's own expert bias when it has one (GPT-OSS
 ``down_proj_bias [E, out]``); otherwise each expert's packed layer keeps it in its ``bias`` and a forward hook on
@@ -21,6 +23,7 @@ from torch.nn.utils import parametrize
 from ..algorithms import QuantizedWeight
 from ..config import BCQuantizationConfig
 from ..formats.formats import is_mx
+from ..layers.experts import PackedExperts, routed_experts, routing
 from ..layers.mxlinear import MXLinear
 from ..layers.packed_base import PackedLinearBase
 from ..layers.qlinear import QuantLinear
@@ -50,72 +53,18 @@ def fused_expert_params(block: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return found
 
 
-class PackedExperts(nn.Module):
-    """Parametrization: the stacked ``[E, out, in]`` (or, ``transposed``, ``[E, in, out]``) weight dequantized from
-    one packed layer per expert. The ``original`` tensor parametrize keeps is an empty placeholder carrying the
-    weight's dtype (so ``model.to(dtype)`` moves the dequantized weight with it)."""
-
-    def __init__(self, layers: list[PackedLinearBase], transposed: bool) -> None:
-        super().__init__()
-        self.packed = nn.ModuleList(layers)
-        self.transposed = transposed
-        # Within one forward of the experts module the stacked weight is dequantized once (an eager forward reads
-        # it once per routed expert); it is dropped when that forward ends, so no dense copy outlives a call.
-        self._in_forward = False
-        self._forward_cache: torch.Tensor | None = None
-
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        cached = self._forward_cache
-        if self._in_forward and cached is not None and cached.dtype == original.dtype:
-            return cached
-        weight = torch.stack([layer.dequantize_weight(original.dtype) for layer in self.packed])
-        weight = weight.transpose(1, 2) if self.transposed else weight
-        if self._in_forward:
-            self._forward_cache = weight
-        return weight
-
-    def begin_forward(self) -> None:
-        """Start caching the dequantized weight (a forward of the owning experts module begins)."""
-        self._in_forward, self._forward_cache = True, None
-
-    def end_forward(self) -> None:
-        """Drop the cached weight (that forward ended)."""
-        self._in_forward, self._forward_cache = False, None
-
-    def biases(self, dtype: torch.dtype) -> torch.Tensor:
-        """``[E, out]``: each expert's compensation bias."""
-        return torch.stack([layer.bias.to(dtype) for layer in self.packed])
-
-    def weight_bytes(self) -> int:
-        """Bytes of the packed buffers of every expert."""
-        return sum(layer.weight_bytes() for layer in self.packed)
-
-
-def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(top_k_index, top_k_weights)`` of a standard experts call ``(hidden_states, index, weights)``, else None."""
-    values = list(args) + list(kwargs.values())
-    if len(values) < 3 or not all(isinstance(v, torch.Tensor) for v in values[:3]):
-        return None
-    hidden, index, weights = values[:3]
-    if index.is_floating_point() or not weights.is_floating_point() or index.shape != weights.shape:
-        return None
-    if index.dim() != 2 or hidden.dim() != 2 or index.shape[0] != hidden.shape[0]:
-        return None
-    return index, weights
-
-
 def routes_standard(args: tuple, kwargs: dict) -> bool:
     """Whether an experts module was called as ``forward(hidden_states, top_k_index, top_k_weights)``."""
-    return _routing(args, kwargs) is not None
+    return routing(args, kwargs) is not None
 
 
 def _add_expert_bias(attr: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        routing = _routing(args, kwargs)
+        routed = routing(args, kwargs)
         packs = getattr(module, "parametrizations", None)
-        if routing is None or not isinstance(output, torch.Tensor) or packs is None or attr not in packs:
+        if routed is None or not isinstance(output, torch.Tensor) or packs is None or attr not in packs:
             return output
-        index, weights = routing
+        index, weights = routed
         packed = packs[attr][0]
         bias = packed.biases(torch.float32).to(output.device)
         known = index < bias.shape[0]  # some families mark dropped slots with index == num_experts
@@ -132,9 +81,12 @@ def install(
     old = module._parameters.pop(attr)
     placeholder = nn.Parameter(torch.empty(0, dtype=old.dtype, device=old.device), requires_grad=False)
     module.register_parameter(attr, placeholder)
-    packed = PackedExperts(layers, transposed)
+    packed = PackedExperts(layers, transposed, attr)
     parametrize.register_parametrization(module, attr, packed, unsafe=True)
-    module.register_forward_pre_hook(lambda m, args: packed.begin_forward())
+    experts = len(layers)
+    module.register_forward_pre_hook(
+        lambda m, args, kwargs: packed.begin_forward(routed_experts(args, kwargs, experts)), with_kwargs=True
+    )
     module.register_forward_hook(lambda m, args, out: packed.end_forward())
     if hooked_bias:
         module.register_forward_hook(_add_expert_bias(attr), with_kwargs=True)

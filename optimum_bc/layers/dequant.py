@@ -4,6 +4,11 @@ The packed int4/int8 CPU kernels cost time per token; for prefill (many tokens) 
 from the packed codes on every call, a block of rows at a time, and run bf16 matmuls (AMX / AVX512-BF16). Nothing
 persists but :class:`DequantSource` (1 byte per quantization group plus two ``[in]`` index vectors); the scratch
 is ``CHUNK`` bf16 weights plus ``SERIAL`` float32 ones, reused by every block of a call.
+
+The stacked paths (:func:`dequantize_int_rows`, :func:`dequantize_mx_rows`) rebuild the exact weights of several
+packed layers at once (the routed experts of a mixture-of-experts block, :mod:`optimum_bc.layers.experts`): one
+unpack over all their rows (:func:`unpack_rows`), a few whole-tensor ops, the result written into the caller's
+buffer.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..formats.formats import MX_BLOCK_SIZE
 from ..formats.packing import unpack_int32
 
 
@@ -128,3 +134,114 @@ class DequantSource:
                 weight_bf16[first - start : first - start + size].copy_(weight.view(size, k))
             torch.mm(weight_bf16[: stop - start], xb.T, out=out_t[start:stop])
         return out_t.T
+
+
+def unpack_rows(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Codes of packed rows ``[rows, words]`` as uint8 ``[rows, k]`` in column order, one unpack for all rows.
+
+    4 bits (``k % 8 == 0``): each byte's two codes spread into the two bytes of an int16 (four vectorized ops).
+    2 bits: each byte's four codes written straight into their interleaved places. 8-bit: the bytes themselves. Other widths: the byte planes of :func:`unpack_planes` interleaved back in one uint8 copy.
+    """
+    rows, count = qweight.shape[0], planes(bits, k)
+    if bits == 4 and count > 1:  # a byte's two nibbles into the two bytes of an int16: (x << 4 | x) & 0x0F0F
+        pairs = qweight.contiguous().view(torch.uint8)[:, : k // 2].to(torch.int16)
+        pairs = (pairs << 4).bitwise_or_(pairs).bitwise_and_(0x0F0F)
+        return pairs.view(torch.uint8).view(rows, k)
+    if bits == 2 and count > 1:
+        octets = qweight.contiguous().view(torch.uint8)[:, : k * bits // 8]
+        codes = torch.empty(rows, k // count, count, dtype=torch.uint8, device=qweight.device)
+        for j in range(count - 1):
+            torch.bitwise_and(octets >> (bits * j) if j else octets, (1 << bits) - 1, out=codes[..., j])
+        torch.bitwise_right_shift(octets, bits * (count - 1), out=codes[..., count - 1])
+        return codes.view(rows, k)
+    codes = unpack_planes(qweight, bits, k)
+    if codes.shape[1] == 1:
+        return codes.view(rows, k)
+    return codes.transpose(1, 2).reshape(rows, k)
+
+
+def _targets(
+    out: torch.Tensor | list[torch.Tensor] | None, shape: tuple[int, ...], device: torch.device
+) -> list[torch.Tensor]:
+    """``out`` as a list of destinations of ``shape`` (``[E, ...]``: one tensor, or one ``shape[1:]`` per expert),
+    a new float32 tensor when None."""
+    if out is None:
+        out = torch.empty(shape, device=device)
+    if isinstance(out, torch.Tensor):
+        return [out.view(shape)]
+    return [target.view(shape[1:]) for target in out]
+
+
+def contiguous_groups(g_idx: torch.Tensor, groups: int) -> bool:
+    """Whether every row of ``g_idx`` ``[E, in]`` is the default grouping: ``groups`` runs of ``in / groups``."""
+    k = g_idx.shape[-1]
+    if k % groups:
+        return False
+    return torch.equal(g_idx, (torch.arange(k, device=g_idx.device) // (k // groups)).expand_as(g_idx))
+
+
+def dequantize_int_rows(
+    qweight: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    k: int,
+    g_idx: torch.Tensor | None = None,
+    out: torch.Tensor | list[torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """Weights ``[E, out, k]`` of ``E`` stacked integer-grid layers, exactly ``QuantLinear.dequantize_weight``.
+
+    ``qweight`` ``[E, out, words]``; ``zeros`` (uint8 zero points) and ``scales`` (float32) ``[E, out, G]``; ``g_idx``
+    ``[E, k]`` for act-order or uneven groups, None for the default grouping (:func:`contiguous_groups`). One unpack
+    over all ``E * out`` rows; ``code - zero`` is an integer of at most 9 bits (exact in any float dtype) and
+    ``scale * (code - zero)`` is one rounding-free product (at most 9 by 11 significant bits: scales are float16
+    values) stored once, so the result equals the per-layer dequantization bit for bit, for a lower-precision
+    ``out`` too. ``out`` (a tensor of that shape or one ``[out, k]`` view per expert, any float dtype) receives it
+    and nothing is allocated at its size; without it a float32 tensor is returned (None for a list).
+    """
+    experts, rows, _ = qweight.shape
+    groups = scales.shape[2]
+    codes = unpack_rows(qweight.reshape(experts * rows, -1), bits, k).view(experts, rows, k)
+    # code - zero in integers (int8 holds both when bits < 8), then one conversion and one multiply in float.
+    signed = torch.int8 if bits < 8 else torch.int16
+    codes, zeros = codes.view(signed) if bits < 8 else codes.to(signed), zeros.to(signed)
+    if g_idx is None:
+        shape = (experts, rows, groups, k // groups)
+        diff = codes.view(shape) - zeros.unsqueeze(-1)
+        scales = scales.unsqueeze(-1)
+    else:  # act-order or uneven groups: the zero and scale of every column
+        shape = (experts, rows, k)
+        index = g_idx.long().unsqueeze(1).expand(shape)
+        diff = codes - torch.gather(zeros, 2, index)
+        scales = torch.gather(scales, 2, index)
+    targets = _targets(out, shape, qweight.device)
+    pairs = list(zip(diff, scales, strict=True)) if isinstance(out, list) else [(diff, scales)]
+    for target, (d, s) in zip(targets, pairs, strict=True):
+        target.copy_(d).mul_(s)  # same-dtype vectorized passes (mixed-dtype or fused ops are slower on CPU)
+    return None if out is not None and not isinstance(out, torch.Tensor) else targets[0].view(experts, rows, k)
+
+
+def dequantize_mx_rows(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    values: torch.Tensor,
+    bits: int,
+    out: torch.Tensor | list[torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """Weights ``[E, out, in]`` of ``E`` stacked MX layers, exactly ``MXLinear.dequantize_weight``.
+
+    ``qweight`` ``[E, out, words]``, ``scales`` float32 block scales ``[E, out, in / 32]``, ``values`` the float32
+    value of every element code. One unpack and one table lookup over all rows; ``out`` as for
+    :func:`dequantize_int_rows`.
+    """
+    experts, rows, _ = qweight.shape
+    blocks = scales.shape[2]
+    shape = (experts, rows, blocks, MX_BLOCK_SIZE)
+    codes = unpack_rows(qweight.reshape(experts * rows, -1), bits, blocks * MX_BLOCK_SIZE)
+    decoded = values.to(qweight.device)[codes.long()].view(shape)
+    targets = _targets(out, shape, qweight.device)
+    scales = scales.unsqueeze(-1)
+    pairs = list(zip(decoded, scales, strict=True)) if isinstance(out, list) else [(decoded, scales)]
+    for target, (v, s) in zip(targets, pairs, strict=True):
+        torch.mul(v, s, out=target)
+    return None if out is not None and not isinstance(out, torch.Tensor) else targets[0].view(experts, rows, -1)
