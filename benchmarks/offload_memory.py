@@ -14,7 +14,9 @@ Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on
 (target <= 0.35 with offload) and the calibration time per block of both runs side by side.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]``
-(``--memory-layers 0``: the whole model in the reference run).
+(``--memory-layers 0``: the whole model in the reference run). ``--hidden/--intermediate/--heads`` pick the block
+shape; the wide-MLP shape of issue #16 (intermediate 2.7x hidden, where ``down_proj``'s in×in statistics dominate a
+block's memory) is ``--layers 12 --hidden 2048 --intermediate 5504 --heads 16 --memory-layers 1``.
 """
 
 import argparse
@@ -28,10 +30,12 @@ import tempfile
 import time
 
 
-HIDDEN, INTERMEDIATE, HEADS, VOCAB = 768, 2048, 12, 32000
+HIDDEN, INTERMEDIATE, HEADS, VOCAB = 768, 2048, 12, 32000  # defaults of --hidden, --intermediate, --heads
 
 
-def build(folder: str, layers: int) -> None:
+def build(
+    folder: str, layers: int, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, heads: int = HEADS
+) -> None:
     """Save a random LLaMA-shaped fp32 model with ``layers`` blocks to ``folder`` (safetensors, 1 GB shards)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -39,11 +43,11 @@ def build(folder: str, layers: int) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         dtype="float32",
@@ -111,6 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=104, help="decoder blocks (104: 3.0 GB in fp32)")
     parser.add_argument("--memory-layers", type=int, default=0, help="blocks loaded by the in-memory run (0: all)")
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--intermediate", type=int, default=INTERMEDIATE)
+    parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--tmp", default="/tmp")
     parser.add_argument("--cpu-budget", default="200MB", help="max_memory['cpu'] of the offload run")
     parser.add_argument("--samples", type=int, default=8)
@@ -118,8 +125,13 @@ def main() -> None:
     parser.add_argument("--child", choices=["build", "offload", "memory"])
     parser.add_argument("--folder")
     args = parser.parse_args()
+    if args.hidden <= 0 or args.intermediate <= 0 or args.heads <= 0 or args.hidden % args.heads:
+        parser.error(
+            f"--hidden {args.hidden} must be a positive multiple of --heads {args.heads}, --intermediate > 0; "
+            "fix: e.g. --hidden 2048 --heads 16 --intermediate 5504"
+        )
     if args.child == "build":
-        build(args.folder, args.layers)
+        build(args.folder, args.layers, args.hidden, args.intermediate, args.heads)
         return
     if args.child is not None:
         print(
@@ -133,7 +145,8 @@ def main() -> None:
     folder = os.path.join(root, "model")
     try:
         subprocess.run(
-            [sys.executable, __file__, "--child", "build", "--folder", folder, "--layers", str(args.layers)],
+            [sys.executable, __file__, "--child", "build", "--folder", folder, "--layers", str(args.layers)]
+            + ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads)],
             check=True,
         )
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
@@ -142,7 +155,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     off, mem = runs["offload"], runs["memory"]
     print(
-        f"model: LLaMA-shaped, hidden {HIDDEN}, intermediate {INTERMEDIATE}, {args.layers} layers, vocab {VOCAB} "
+        f"model: LLaMA-shaped, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+        f"vocab {VOCAB} "
         f"(tied), fp32 size {size / 2**30:.2f} GiB"
     )
     print(

@@ -17,14 +17,12 @@ from .algorithms.compensation import BC_GRANULARITIES, BC_TARGET_CHOICES
 from .config_fields import (
     WEIGHT_FORMAT_VERSION,
     block_path,
-    check_backend,
-    check_block_name,
-    check_modules_in_block,
+    check_common,
+    check_mx,
     pop_seq_len,
     pop_weight_format,
 )
 from .config_fields import check as _check
-from .config_fields import is_real as _is_real
 from .formats.formats import FORMATS, INT_FORMAT, MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, is_mx
 
 
@@ -273,7 +271,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             'weight_format="int" (integer grid) or e.g. weight_format="mxfp4"',
         )
         if is_mx(self.format):
-            self._check_mx()
+            check_mx(self)
         else:
             _check(
                 self.bits in SUPPORTED_BITS and type(self.bits) is int,
@@ -282,196 +280,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
                 str(SUPPORTED_BITS),
                 "bits=4",
             )
-        self._check_common()
-
-    def _check_mx(self) -> None:
-        """An MX format fixes bits, group size and symmetry; it needs an algorithm that asks the format to round."""
-        from .algorithms import get_algorithm
-
-        element = MX_ELEMENTS[self.format]
-        _check(
-            self.bits == element.bits and type(self.bits) is int,
-            "bits",
-            self.bits,
-            f"{element.bits} with format={self.format!r} (its element width); other MX formats: "
-            + ", ".join(f"{n}={e.bits}" for n, e in MX_ELEMENTS.items()),
-            "leave bits unset, or pick the MX format with the bit width you want",
-        )
-        _check(
-            self.group_size == MX_BLOCK_SIZE,
-            "group_size",
-            self.group_size,
-            f"{MX_BLOCK_SIZE} with format={self.format!r} (the MX block size: 32 input columns share one scale)",
-            "leave group_size unset (or 32), or use weight_format='int' for other group sizes",
-        )
-        _check(
-            self.sym is True,
-            "sym",
-            self.sym,
-            f"True with format={self.format!r} (MX elements are symmetric and have no zero point)",
-            "leave sym unset",
-        )
-        _check(
-            not self.desc_act,
-            "desc_act",
-            self.desc_act,
-            f"False with format={self.format!r} (an MX block is 32 consecutive input columns; act-order would "
-            "scatter them)",
-            "desc_act=False",
-        )
-        if self.method in available_algorithms():
-            _check(
-                get_algorithm(self.method).supports_mx,
-                "method",
-                self.method,
-                f"{[m for m in available_algorithms() if get_algorithm(m).supports_mx]} with format={self.format!r}",
-                "one of those methods, or weight_format='int'",
-            )
-
-    def _check_common(self) -> None:
-        """Checks shared by every format."""
-        _check(
-            type(self.group_size) is int and (self.group_size == -1 or self.group_size > 0),
-            "group_size",
-            self.group_size,
-            "-1 (per output channel) or a positive int",
-            "group_size=128",
-        )
-        for flag in ("sym", "desc_act", "comq_update_scale", "true_sequential", "bias_compensation", "bc_layer"):
-            value = getattr(self, flag)
-            _check(isinstance(value, bool), flag, value, "True or False", f"{flag}=True")
-        _check(
-            self.method in available_algorithms(), "method", self.method, str(available_algorithms()), 'method="gptq"'
-        )
-        _check(
-            _is_real(self.damp_percent) and 0 < self.damp_percent < 1,
-            "damp_percent",
-            self.damp_percent,
-            "a float in (0, 1)",
-            "damp_percent=0.01",
-        )
-        _check(
-            type(self.comq_sweeps) is int and 1 <= self.comq_sweeps <= 100,
-            "comq_sweeps",
-            self.comq_sweeps,
-            "an int in [1, 100]",
-            "comq_sweeps=1",
-        )
-        _check(
-            _is_real(self.erq_lambda) and self.erq_lambda > 0,
-            "erq_lambda",
-            self.erq_lambda,
-            "a finite float > 0 (relative to the mean input Gram diagonal)",
-            "erq_lambda=0.01",
-        )
-        _check(
-            _is_real(self.erq_chunk) and 0 < self.erq_chunk <= 1,
-            "erq_chunk",
-            self.erq_chunk,
-            "a float in (0, 1]",
-            "erq_chunk=0.5",
-        )
-        _check(
-            self.bc_target in BC_TARGET_CHOICES,
-            "bc_target",
-            self.bc_target,
-            str(BC_TARGET_CHOICES),
-            'bc_target="auto"',
-        )
-        _check(
-            self.bc_layer is False or self.bias_compensation,
-            "bc_layer",
-            self.bc_layer,
-            "True only together with bias_compensation=True",
-            "set bias_compensation=True or bc_layer=False",
-        )
-        _check(
-            self.bc_granularity in BC_GRANULARITIES,
-            "bc_granularity",
-            self.bc_granularity,
-            str(BC_GRANULARITIES),
-            'bc_granularity="channel"',
-        )
-        _check(
-            self.bc_granularity == "channel" or self.bias_compensation,
-            "bc_granularity",
-            self.bc_granularity,
-            '"position" only together with bias_compensation=True',
-            "set bias_compensation=True",
-        )
-        for field, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1)):
-            value = getattr(self, field)
-            _check(type(value) is int and value >= low, field, value, f"an int >= {low}", f"{field}={max(low, 8)}")
-        _check(
-            type(self.bc_sink_tokens) is int and 0 <= self.bc_sink_tokens <= 64,
-            "bc_sink_tokens",
-            self.bc_sink_tokens,
-            "an int in [0, 64]",
-            "bc_sink_tokens=1 (or 0 for one mean over all tokens)",
-        )
-        _check(
-            self.bc_sink_tokens < self.seq_len,
-            "bc_sink_tokens",
-            self.bc_sink_tokens,
-            f"fewer than seq_len={self.seq_len} calibration tokens per window",
-            "lower bc_sink_tokens or raise seq_len",
-        )
-        _check(type(self.seed) is int and 0 <= self.seed < 2**63, "seed", self.seed, "an int in [0, 2**63)", "seed=0")
-        _check(
-            not isinstance(self.tokenizer, str | bytes | os.PathLike),
-            "tokenizer",
-            self.tokenizer,
-            "None (the model's own) or a loaded tokenizer",
-            f"tokenizer=AutoTokenizer.from_pretrained({self.tokenizer!r})",
-        )
-        _check(
-            self.offload_activations is None or isinstance(self.offload_activations, bool),
-            "offload_activations",
-            self.offload_activations,
-            "None (decide from free GPU memory), True or False",
-            "offload_activations=None",
-        )
-        _check(
-            self.modules_to_not_convert is None
-            or (
-                isinstance(self.modules_to_not_convert, list | tuple)
-                and all(isinstance(m, str) for m in self.modules_to_not_convert)
-            ),
-            "modules_to_not_convert",
-            self.modules_to_not_convert,
-            "None or a list of module names",
-            'modules_to_not_convert=["lm_head"]',
-        )
-        check_block_name(self.block_name_to_quantize)
-        check_modules_in_block(self.modules_in_block_to_quantize)
-        check_backend(self.backend)
-        self._check_dataset()
-        from .formats.activations import check_activation_fields
-
-        check_activation_fields(self)
-
-    def _check_dataset(self) -> None:
-        """The dataset's type and shape (a name or path is resolved when calibration data is built)."""
-        if self.dataset is None:
-            return
-        if isinstance(self.dataset, str | os.PathLike):
-            _check(
-                bool(os.fspath(self.dataset).strip()),
-                "dataset",
-                self.dataset,
-                "a name, a path, a list of strings, pre-tokenized ids or a datasets.Dataset",
-                'dataset="wiki-vital"',
-            )
-            return
-        from .data.calibration_data import describe_dataset
-
-        try:
-            describe_dataset(self.dataset)
-        except ValueError as err:
-            raise ValueError(
-                f"BCQuantizationConfig: dataset={type(self.dataset).__name__!r} is invalid: {err}. Fix: pass one of "
-                "those"
-            ) from None
+        check_common(self)
 
     @property
     def layer_sink_tokens(self) -> int:

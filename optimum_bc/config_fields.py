@@ -8,8 +8,13 @@ layout.
 """
 
 import math
+import os
 import warnings
 from typing import Any
+
+from .algorithms import available_algorithms, get_algorithm
+from .algorithms.compensation import BC_GRANULARITIES, BC_TARGET_CHOICES
+from .formats.formats import MX_BLOCK_SIZE, MX_ELEMENTS
 
 
 #: Kernel paths a model may pin (the packed layers choose among them: optimum_bc.layers.kernel_paths).
@@ -130,3 +135,193 @@ def check_modules_in_block(value: object) -> None:
         'modules_in_block_to_quantize=[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], '
         '["self_attn.o_proj"], ["mlp.up_proj", "mlp.gate_proj"], ["mlp.down_proj"]]',
     )
+
+
+def check_mx(config: Any) -> None:
+    """An MX format fixes bits, group size and symmetry; it needs an algorithm that asks the format to round."""
+    element = MX_ELEMENTS[config.format]
+    check(
+        config.bits == element.bits and type(config.bits) is int,
+        "bits",
+        config.bits,
+        f"{element.bits} with format={config.format!r} (its element width); other MX formats: "
+        + ", ".join(f"{n}={e.bits}" for n, e in MX_ELEMENTS.items()),
+        "leave bits unset, or pick the MX format with the bit width you want",
+    )
+    check(
+        config.group_size == MX_BLOCK_SIZE,
+        "group_size",
+        config.group_size,
+        f"{MX_BLOCK_SIZE} with format={config.format!r} (the MX block size: 32 input columns share one scale)",
+        "leave group_size unset (or 32), or use weight_format='int' for other group sizes",
+    )
+    check(
+        config.sym is True,
+        "sym",
+        config.sym,
+        f"True with format={config.format!r} (MX elements are symmetric and have no zero point)",
+        "leave sym unset",
+    )
+    check(
+        not config.desc_act,
+        "desc_act",
+        config.desc_act,
+        f"False with format={config.format!r} (an MX block is 32 consecutive input columns; act-order would "
+        "scatter them)",
+        "desc_act=False",
+    )
+    if config.method in available_algorithms():
+        check(
+            get_algorithm(config.method).supports_mx,
+            "method",
+            config.method,
+            f"{[m for m in available_algorithms() if get_algorithm(m).supports_mx]} with format={config.format!r}",
+            "one of those methods, or weight_format='int'",
+        )
+
+
+def check_common(config: Any) -> None:
+    """Checks shared by every format."""
+    check(
+        type(config.group_size) is int and (config.group_size == -1 or config.group_size > 0),
+        "group_size",
+        config.group_size,
+        "-1 (per output channel) or a positive int",
+        "group_size=128",
+    )
+    for flag in ("sym", "desc_act", "comq_update_scale", "true_sequential", "bias_compensation", "bc_layer"):
+        value = getattr(config, flag)
+        check(isinstance(value, bool), flag, value, "True or False", f"{flag}=True")
+    check(
+        config.method in available_algorithms(), "method", config.method, str(available_algorithms()), 'method="gptq"'
+    )
+    check(
+        is_real(config.damp_percent) and 0 < config.damp_percent < 1,
+        "damp_percent",
+        config.damp_percent,
+        "a float in (0, 1)",
+        "damp_percent=0.01",
+    )
+    check(
+        type(config.comq_sweeps) is int and 1 <= config.comq_sweeps <= 100,
+        "comq_sweeps",
+        config.comq_sweeps,
+        "an int in [1, 100]",
+        "comq_sweeps=1",
+    )
+    check(
+        is_real(config.erq_lambda) and config.erq_lambda > 0,
+        "erq_lambda",
+        config.erq_lambda,
+        "a finite float > 0 (relative to the mean input Gram diagonal)",
+        "erq_lambda=0.01",
+    )
+    check(
+        is_real(config.erq_chunk) and 0 < config.erq_chunk <= 1,
+        "erq_chunk",
+        config.erq_chunk,
+        "a float in (0, 1]",
+        "erq_chunk=0.5",
+    )
+    check(
+        config.bc_target in BC_TARGET_CHOICES,
+        "bc_target",
+        config.bc_target,
+        str(BC_TARGET_CHOICES),
+        'bc_target="auto"',
+    )
+    check(
+        config.bc_layer is False or config.bias_compensation,
+        "bc_layer",
+        config.bc_layer,
+        "True only together with bias_compensation=True",
+        "set bias_compensation=True or bc_layer=False",
+    )
+    check(
+        config.bc_granularity in BC_GRANULARITIES,
+        "bc_granularity",
+        config.bc_granularity,
+        str(BC_GRANULARITIES),
+        'bc_granularity="channel"',
+    )
+    check(
+        config.bc_granularity == "channel" or config.bias_compensation,
+        "bc_granularity",
+        config.bc_granularity,
+        '"position" only together with bias_compensation=True',
+        "set bias_compensation=True",
+    )
+    for field, low in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1)):
+        value = getattr(config, field)
+        check(type(value) is int and value >= low, field, value, f"an int >= {low}", f"{field}={max(low, 8)}")
+    check(
+        type(config.bc_sink_tokens) is int and 0 <= config.bc_sink_tokens <= 64,
+        "bc_sink_tokens",
+        config.bc_sink_tokens,
+        "an int in [0, 64]",
+        "bc_sink_tokens=1 (or 0 for one mean over all tokens)",
+    )
+    check(
+        config.bc_sink_tokens < config.seq_len,
+        "bc_sink_tokens",
+        config.bc_sink_tokens,
+        f"fewer than seq_len={config.seq_len} calibration tokens per window",
+        "lower bc_sink_tokens or raise seq_len",
+    )
+    check(type(config.seed) is int and 0 <= config.seed < 2**63, "seed", config.seed, "an int in [0, 2**63)", "seed=0")
+    check(
+        not isinstance(config.tokenizer, str | bytes | os.PathLike),
+        "tokenizer",
+        config.tokenizer,
+        "None (the model's own) or a loaded tokenizer",
+        f"tokenizer=AutoTokenizer.from_pretrained({config.tokenizer!r})",
+    )
+    check(
+        config.offload_activations is None or isinstance(config.offload_activations, bool),
+        "offload_activations",
+        config.offload_activations,
+        "None (decide from free GPU memory), True or False",
+        "offload_activations=None",
+    )
+    check(
+        config.modules_to_not_convert is None
+        or (
+            isinstance(config.modules_to_not_convert, list | tuple)
+            and all(isinstance(m, str) for m in config.modules_to_not_convert)
+        ),
+        "modules_to_not_convert",
+        config.modules_to_not_convert,
+        "None or a list of module names",
+        'modules_to_not_convert=["lm_head"]',
+    )
+    check_block_name(config.block_name_to_quantize)
+    check_modules_in_block(config.modules_in_block_to_quantize)
+    check_backend(config.backend)
+    check_dataset(config)
+    from .formats.activations import check_activation_fields
+
+    check_activation_fields(config)
+
+
+def check_dataset(config: Any) -> None:
+    """The dataset's type and shape (a name or path is resolved when calibration data is built)."""
+    if config.dataset is None:
+        return
+    if isinstance(config.dataset, str | os.PathLike):
+        check(
+            bool(os.fspath(config.dataset).strip()),
+            "dataset",
+            config.dataset,
+            "a name, a path, a list of strings, pre-tokenized ids or a datasets.Dataset",
+            'dataset="wiki-vital"',
+        )
+        return
+    from .data.calibration_data import describe_dataset
+
+    try:
+        describe_dataset(config.dataset)
+    except ValueError as err:
+        raise ValueError(
+            f"BCQuantizationConfig: dataset={type(config.dataset).__name__!r} is invalid: {err}. Fix: pass one of "
+            "those"
+        ) from None

@@ -118,14 +118,16 @@ def test_reload_with_disk_device_map_identical_logits(family, calib_ids, tmp_pat
 
 
 def test_auto_device_map_with_small_max_memory_goes_to_disk_and_matches(calib_ids, tmp_path) -> None:
-    tiny_llama().save_pretrained(tmp_path / "float")
+    # A narrow MLP: the tiny model's default one needs more memory to calibrate a block (its down_proj's float64
+    # in×in statistics) than the whole model holds, so nothing would go to disk.
+    tiny_llama(intermediate_size=64).save_pretrained(tmp_path / "float")
     cfg = {"bias_compensation": False}  # the tiny model is smaller than a block's BC working set
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=_cfg(calib_ids, **cfg))
     model = AutoModelForCausalLM.from_pretrained(
         tmp_path / "float",
         quantization_config=_cfg(calib_ids, **cfg),
         device_map="auto",
-        max_memory={"cpu": "350KB"},
+        max_memory={"cpu": "200KB"},
         offload_folder=str(tmp_path / "offload"),
     )
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}

@@ -101,44 +101,83 @@ class WeightQuantizer:
         """Release statistics held for this layer."""
 
 
+#: Rows of each float64 block of the Gram sum: the sum is converted to the float32 Hessian one block at a time, so
+#: the conversion never holds the whole float64 sum and the whole float32 result together.
+GRAM_ROW_BLOCK = 256
+
+
 class GramQuantizer(WeightQuantizer):
     """Base for algorithms that need only the input Gram matrix ``H = 2 Σ x xᵀ / N`` (the GPTQ Hessian).
 
     Each batch's ``xᵀx`` is computed in float32 and summed in float64, rounded to float32 once before the solve: the
     sum then hardly depends on the order of the batches, so data-parallel ranks (:mod:`optimum_bc.distributed`),
     which add the same batch products in another order, get the same float32 Hessian and the same codes.
+
+    Memory: the float64 sum is kept as blocks of :data:`GRAM_ROW_BLOCK` rows, each batch product is formed one row
+    block at a time, and :meth:`take_hessian` converts and frees block by block. So at most one float64 in×in sum
+    (the size of two float32 ones) plus one float32 row block lives at any time, and after :meth:`take_hessian` only
+    the float32 Hessian.
     """
 
     needs_inputs = True
 
     def __init__(self, in_features: int, **options: Any) -> None:
         super().__init__(in_features, **options)
-        self.gram: torch.Tensor | None = None
+        self.gram_blocks: list[torch.Tensor] | None = None
         self.num_tokens = 0
+
+    def _row_slices(self) -> list[slice]:
+        n = self.in_features
+        return [slice(r, min(r + GRAM_ROW_BLOCK, n)) for r in range(0, n, GRAM_ROW_BLOCK)]
+
+    def _zero_blocks(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        n = self.in_features
+        return [torch.zeros(s.stop - s.start, n, dtype=torch.float64, device=device) for s in self._row_slices()]
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.in_features).float()
-        if self.gram is None:
-            self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
-        self.gram += x.T @ x
+        if self.gram_blocks is None:
+            self.gram_blocks = self._zero_blocks(x.device)
+        for rows, block in zip(self._row_slices(), self.gram_blocks, strict=True):
+            block += x[:, rows].T @ x
         self.num_tokens += x.shape[0]
 
     def reduce(self) -> None:
         if not is_distributed():
             return
-        if self.gram is None:  # this rank saw no token of the layer: it adds zeros
-            self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
-        all_reduce_sum([self.gram], "the Gram matrix")
+        if self.gram_blocks is None:  # this rank saw no token of the layer: it adds zeros
+            self.gram_blocks = self._zero_blocks()
+        all_reduce_sum(self.gram_blocks, "the Gram matrix")
         self.num_tokens = all_reduce_count(self.num_tokens, "the Gram matrix's token count")
 
-    def hessian(self, device: torch.device) -> torch.Tensor:
-        """``2 Σ x xᵀ / N`` on ``device``; raises when no token was observed."""
-        if self.gram is None or self.num_tokens == 0:
+    def _check_observed(self) -> list[torch.Tensor]:
+        if self.gram_blocks is None or self.num_tokens == 0:
             raise ValueError(
                 f"{type(self).__name__} needs calibration inputs: add_batch() was never called with any token"
             )
-        return self.gram.float().to(device) * (2.0 / self.num_tokens)
+        return self.gram_blocks
+
+    def hessian(self, device: torch.device) -> torch.Tensor:
+        """``2 Σ x xᵀ / N`` on ``device`` (a new float32 matrix; the statistics are kept); raises when no token was
+        observed."""
+        blocks = self._check_observed()
+        H = torch.empty(self.in_features, self.in_features, device=device)
+        for rows, block in zip(self._row_slices(), blocks, strict=True):
+            H[rows] = block.float().to(device) * (2.0 / self.num_tokens)
+        return H
+
+    def take_hessian(self, device: torch.device) -> torch.Tensor:
+        """:meth:`hessian`, freeing each float64 row block as soon as it is converted: the statistics are gone
+        afterwards (call once, right before the solve)."""
+        blocks = self._check_observed()
+        H = torch.empty(self.in_features, self.in_features, device=device)
+        scale = 2.0 / self.num_tokens
+        self.gram_blocks = None
+        for rows in self._row_slices():
+            H[rows] = blocks.pop(0).float().to(device) * scale
+        self.num_tokens = 0
+        return H
 
     def free(self) -> None:
-        self.gram = None
+        self.gram_blocks = None
         self.num_tokens = 0

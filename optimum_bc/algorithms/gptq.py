@@ -8,6 +8,7 @@ order (``g_idx`` maps each original column to its group).
 """
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,29 +25,93 @@ BLOCK_SIZE = 128
 MAX_DAMP_TRIES = 8
 
 
+def all_finite(M: torch.Tensor) -> bool:
+    """Whether every entry of ``M`` is finite, checked one row block at a time (``isfinite`` of a whole in×in
+    matrix makes temporaries of its size)."""
+    return all(bool(torch.isfinite(M[r : r + BLOCK_SIZE]).all()) for r in range(0, M.shape[0], BLOCK_SIZE))
+
+
+def _transpose_in_place(M: torch.Tensor) -> None:
+    """``M = Mᵀ`` for a square matrix, one pair of tiles at a time (exact: entries only move)."""
+    n = M.shape[0]
+    for i in range(0, n, BLOCK_SIZE):
+        M[i : i + BLOCK_SIZE, i : i + BLOCK_SIZE] = M[i : i + BLOCK_SIZE, i : i + BLOCK_SIZE].T.clone()
+        for j in range(i + BLOCK_SIZE, n, BLOCK_SIZE):
+            upper = M[i : i + BLOCK_SIZE, j : j + BLOCK_SIZE].clone()
+            M[i : i + BLOCK_SIZE, j : j + BLOCK_SIZE] = M[j : j + BLOCK_SIZE, i : i + BLOCK_SIZE].T
+            M[j : j + BLOCK_SIZE, i : i + BLOCK_SIZE] = upper.T
+
+
+def factor_in_place(work: torch.Tensor, damp: float) -> bool:
+    """Overwrite ``work`` (``H``, symmetric, contiguous) with the upper Cholesky factor of ``(H + λ I)⁻¹``,
+    ``λ = damp · mean(diag H)``, without another in×in matrix.
+
+    LAPACK works on column-major matrices; torch copies a row-major ``out`` through a column-major temporary of its
+    size. The column-major view ``work.mT`` of a symmetric ``work`` is the same matrix, so every step runs in place
+    on it, with the same LAPACK calls (and bits) as the out-of-place ``cholesky → cholesky_inverse →
+    cholesky(upper)``; the upper factor then lies transposed in ``work`` and is moved back tile by tile.
+    Returns whether it succeeded; on failure ``work`` holds garbage and must be refilled before another try.
+    """
+    work.diagonal().add_(damp * torch.diagonal(work).mean())
+    A = work.mT
+    info = torch.empty((), dtype=torch.int32, device=work.device)
+    torch.linalg.cholesky_ex(A, out=(A, info))
+    if info.item() != 0:
+        return False
+    torch.cholesky_inverse(A, out=A)
+    torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+    if info.item() != 0:
+        return False
+    _transpose_in_place(work)
+    return all_finite(work)
+
+
 def inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor | None, float]:
-    """Upper Cholesky factor of ``(H + λ I)⁻¹`` with ``λ = damp · mean(diag H)``.
+    """Upper Cholesky factor of ``(H + λ I)⁻¹`` with ``λ = damp · mean(diag H)`` (``H`` is not modified).
 
     When the factorisation fails (``H`` not positive definite in float32), the relative dampening is multiplied by 10
     and retried. Returns ``(None, damp)`` if every try failed, so the caller can fall back instead of producing NaN.
     """
-    mean_diag = torch.diagonal(H).mean()
     damp = damp_percent
+    work = torch.empty_like(H)
     for _ in range(MAX_DAMP_TRIES):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info.item() == 0 and bool(torch.isfinite(U).all()):
-                return U, damp
+        work.copy_(H)
+        if factor_in_place(work, damp):
+            return work, damp
+        damp *= 10.0
+    return None, damp
+
+
+def _fill_permuted(work: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor) -> None:
+    """``work = H[perm][:, perm]`` with the dead diagonal set to 1, built in ``work`` one row block at a time (no
+    whole-matrix temporary)."""
+    if perm is None:
+        work.copy_(H)
+    else:
+        torch.index_select(H, 0, perm, out=work)
+        for r in range(0, work.shape[0], BLOCK_SIZE):
+            work[r : r + BLOCK_SIZE] = work[r : r + BLOCK_SIZE][:, perm]
+        dead = dead[perm]
+    work[dead, dead] = 1.0
+
+
+def _solve_factor(
+    H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None, damp_percent: float
+) -> tuple[torch.Tensor | None, float]:
+    """The upper Cholesky factor of the permuted, dampened ``H⁻¹`` in one new in×in matrix (``H`` untouched)."""
+    damp = damp_percent
+    work = torch.empty_like(H)
+    for _ in range(MAX_DAMP_TRIES):
+        _fill_permuted(work, H, perm, dead)
+        if factor_in_place(work, damp):
+            return work, damp
         damp *= 10.0
     return None, damp
 
 
 def gptq_quantize(
     weight: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | Callable[[], torch.Tensor],
     *,
     bits: int,
     group_size: int,
@@ -56,11 +121,15 @@ def gptq_quantize(
     block_size: int = BLOCK_SIZE,
     format: str = INT_FORMAT,
 ) -> QuantizedWeight:
-    """Quantize ``weight`` ``[out, in]`` given the input Hessian ``H`` ``[in, in]`` (not modified).
+    """Quantize ``weight`` ``[out, in]`` given the input Hessian ``H`` ``[in, in]`` (not modified), or a function that
+    returns it (then this call holds its only reference and frees it once its inverse factor exists).
 
     ``format`` picks the grid (:mod:`optimum_bc.formats`); each group's grid is fitted when the loop reaches the
     group's first column, on the already-updated columns. MX formats need ``group_size`` = the MX block size and
     no act-order, so that a group is a block of consecutive input columns.
+
+    Memory: besides ``H`` only one in×in matrix is made (the factor ``U``, computed in place by LAPACK), so at most
+    two are alive while factoring, and one (``U``) in the column loop when ``H`` was passed as a function.
     """
     fmt = get_format(format, bits, sym)
     if is_mx(fmt.name) and (group_size != fmt.block_size or desc_act):
@@ -69,22 +138,24 @@ def gptq_quantize(
             f"group_size={group_size}, desc_act={desc_act}"
         )
     W = weight.float().clone()
-    H = H.float().clone()
+    H = (H() if callable(H) else H).float()
     rows, n = W.shape
-    if not bool(torch.isfinite(H).all()):
+    if not all_finite(H):
         logger.warning("GPTQ: the Hessian has non-finite entries; falling back to RTN for this layer")
         return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
 
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
     if desc_act:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        diag = torch.diagonal(H).clone()
+        diag[dead] = 1.0
+        perm = torch.argsort(diag, descending=True)
+        W = W[:, perm]
     else:
         perm = torch.arange(n, device=W.device)
 
-    U, damp = inverse_cholesky(H, damp_percent)
+    U, damp = _solve_factor(H, dead, perm if desc_act else None, damp_percent)
+    del H
     if U is None:
         logger.warning("GPTQ: Hessian not factorisable even with damp=%.3g; falling back to RTN for this layer", damp)
         return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
@@ -136,7 +207,11 @@ def gptq_quantize(
 
 @register_algorithm("gptq")
 class GPTQQuantizer(GramQuantizer):
-    """Accumulates ``H = 2 Σ x xᵀ / N`` over calibration tokens, then runs :func:`gptq_quantize`."""
+    """Accumulates ``H = 2 Σ x xᵀ / N`` over calibration tokens, then runs :func:`gptq_quantize`.
+
+    ``quantize`` hands over its statistics (``take_hessian``): the float64 sum becomes the float32 Hessian block by
+    block, and the Hessian is freed once its inverse factor exists, so the column loop holds one in×in matrix.
+    """
 
     supports_mx = True
 
@@ -150,7 +225,7 @@ class GPTQQuantizer(GramQuantizer):
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         return gptq_quantize(
             weight,
-            self.hessian(weight.device),
+            lambda: self.take_hessian(weight.device),
             bits=self.bits,
             group_size=self.group_size,
             sym=self.sym,

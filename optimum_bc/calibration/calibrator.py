@@ -358,6 +358,7 @@ class BlockCalibrator:
                             if key in fold_sums:
                                 fold_sums[key].add_batch(b % FOLDS, x_fp, x_q, _valid_positions(valid))
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
+        del fblock  # its last use was the last stage: free it before the quantized block's own passes below
         experts = ExpertCalibrator(
             self.config,
             self._options(),
@@ -372,7 +373,6 @@ class BlockCalibrator:
         next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
         if self.config.bc_layer:
             self._compensate_block(index, block, layout.bias_target, h_fp, next_q, next_fp, block_report, device)
-        del fblock
         block_report.seconds = time.perf_counter() - t0
         self.report.blocks.append(block_report)
         return next_q, next_fp
