@@ -150,7 +150,9 @@ def test_tiny_calibration_falls_back_to_the_stated_rule(calib_ids, caplog) -> No
         if isinstance(module, QuantLinear):
             torch.testing.assert_close(module.bias, theirs[name].bias, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(module.sink_bias, theirs[name].sink_bias, rtol=1e-4, atol=1e-5)
-    assert held_out_folds(1) is None and held_out_folds(3) == [[0, 2], [1]]
+    assert held_out_folds([0], 1) is None and held_out_folds([0, 1, 2], 3) == [[0, 2], [1]]
+    # A data-parallel rank holding global batches 3 and 4 of 6 splits them by their global index.
+    assert held_out_folds([3, 4], 6) == [[1], [0]]
 
 
 def test_config_default_is_auto_and_old_values_keep_their_meaning(calib_ids) -> None:

@@ -20,7 +20,7 @@ from transformers.utils.logging import tqdm
 
 from .. import distributed
 from ..algorithms import WeightQuantizer, get_algorithm
-from ..algorithms.bc_select import FOLDS, AutoLayer, FoldInputSums, choose_block_mode
+from ..algorithms.bc_select import AutoLayer, FoldInputSums, choose_block_mode, fold_of
 from ..algorithms.compensation import InputMoments
 from ..config import BCQuantizationConfig
 from ..formats.activations import StageActivations
@@ -165,6 +165,8 @@ class BlockCalibrator:
         self.target = config.bc_target if config.bc_target != "auto" else ("float" if self.positions else "sequential")
         self.sequential_target = self.bc and self.target == "sequential"
         self.auto_layers: list[AutoLayer] = []
+        self.batch_ids: list[int] = []  # global index of each local calibration batch (set by run)
+        self.total_batches = 0  # calibration batches over all data-parallel ranks
         # The float stream runs beside the quantized one for BC's target and for algorithms that use float inputs.
         self.float_stream = config.needs_float_stream
         # Whether each stage pairs its quantized inputs with the float inputs of the same Linears.
@@ -247,6 +249,9 @@ class BlockCalibrator:
         start = time.perf_counter()
         tokens = int(sum(int(b.valid.sum()) for b in batches))
         self.report.calibration_tokens = distributed.all_reduce_count(tokens, "the calibration token count")
+        # Held-out folds come from each batch's global index, so data-parallel ranks split as one process does.
+        self.total_batches = distributed.all_reduce_count(len(batches), "the calibration batch count")
+        self.batch_ids = list(distributed.shard_range(self.total_batches)) if batches else []
         h_q = batches
         h_fp = batches if self.float_stream else None
         blocks = get_blocks(self.model, self.spec)
@@ -356,7 +361,9 @@ class BlockCalibrator:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
                             if key in fold_sums:
-                                fold_sums[key].add_batch(b % FOLDS, x_fp, x_q, _valid_positions(valid))
+                                fold_sums[key].add_batch(
+                                    fold_of(self.batch_ids[b]), x_fp, x_q, _valid_positions(valid)
+                                )
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
         experts = ExpertCalibrator(
             self.config,
@@ -402,6 +409,8 @@ class BlockCalibrator:
             quantizer.reduce()
             if self.bc:
                 moments[group[0]].reduce()
+            if group[0] in fold_sums:
+                fold_sums[group[0]].reduce()
             stacked = quantizer.quantize(torch.cat(weights))
             quantizer.free()
             share = (time.perf_counter() - t0) / stacked.codes.shape[0]
@@ -450,7 +459,9 @@ class BlockCalibrator:
     ) -> None:
         """``bc_target="auto"``: the block's BC mode by held-out block-output error (see optimum_bc.bc_select)."""
         start = time.perf_counter()
-        choice = choose_block_mode(self.auto_layers, block, h_q, next_fp, _run_block, device)
+        choice = choose_block_mode(
+            self.auto_layers, block, h_q, next_fp, _run_block, device, self.batch_ids, self.total_batches
+        )
         report.bc_choice_seconds = time.perf_counter() - start
         report.bc_choice, report.bc_scores = choice.mode, choice.scores
         if choice.fallback:

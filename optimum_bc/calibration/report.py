@@ -56,6 +56,16 @@ class QuantizationReport:
     calibration_tokens: int = 0
     experts: list[ExpertReport] = field(default_factory=list)
 
+    def without_timings(self) -> "QuantizationReport":
+        """A copy with every recorded time set to 0 (timings differ between otherwise identical runs)."""
+        quiet = QuantizationReport.from_dict(self.to_dict())
+        for row in [*quiet.layers, *quiet.blocks]:
+            row.seconds = 0.0
+        for block in quiet.blocks:
+            block.bc_choice_seconds = 0.0
+        quiet.total_seconds = 0.0
+        return quiet
+
     def tokens_per_expert(self) -> dict[str, list[int]]:
         """Calibration tokens routed to each expert, per fused expert weight (full name)."""
         counts: dict[str, list[int]] = {}
