@@ -192,3 +192,15 @@ def test_position_granularity_on_opt_matches_a_manual_per_position_forward(calib
         torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="calibrated for 32 positions"), torch.no_grad():
         model(torch.randint(0, VOCAB, (1, 40)))
+
+
+def test_cli_quantize_defaults_to_auto(capsys) -> None:
+    """The generated CLI leaves --bc-target unset, so the config's default ("auto") applies, and says so."""
+    from optimum_bc.cli import _build_parser, main
+    from optimum_bc.cli.args import config_kwargs
+
+    kwargs = config_kwargs(_build_parser().parse_args(["quantize", "some/model", "--output", "out"]))
+    assert "bc_target" not in kwargs and BCQuantizationConfig(**kwargs).bc_target == "auto"
+    assert main(["quantize", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--bc-target {auto,float,sequential}" in text and '"auto" (default' in text
