@@ -113,7 +113,8 @@ def test_auto_keeps_a_bias_that_pays_held_out() -> None:
     layer, auto = _one_layer_block(W, Q, inputs)
     choice = choose_block_mode([auto], layer, inputs, targets, lambda m, h, kw: m(h), torch.device("cpu"))
     assert choice.mode != "none"
-    assert choice.scores[choice.mode] < 0.05 * choice.scores["none"]  # what is left is the zero-mean part
+    # What is left is the zero-mean part (scored after the per-token RMS normalisation: 0.13 of "none" here).
+    assert choice.scores[choice.mode] < 0.2 * choice.scores["none"]
     torch.testing.assert_close(layer.bias.data, auto.sums.candidate(choice.mode, [0, 1])[0])
 
 

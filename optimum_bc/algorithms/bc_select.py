@@ -137,6 +137,17 @@ def _token_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return x.reshape(valid.numel(), -1)[valid.reshape(-1)]
 
 
+def normalized_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token squared error ``(tokens,)`` of two ``(tokens, d)`` block outputs after an RMS normalisation of each
+    row: what the next block reads (it starts with a norm). The raw squared error is dominated by a few
+    massive-activation channels and the attention-sink token, whose errors the next norm scales away."""
+    out, target = out.double(), target.double()
+    eps = torch.finfo(torch.float32).eps
+    out = out / out.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    target = target / target.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    return (out - target).pow(2).sum(-1)
+
+
 @dataclass
 class AutoLayer:
     """A quantized Linear of the block being calibrated: its packed module, residual sums and original bias."""
@@ -146,6 +157,7 @@ class AutoLayer:
     sums: ResidualSums
     base: torch.Tensor  # the layer's own bias (float32), what the compensation adds to
     power: dict[str, torch.Tensor]  # per-channel E[r²] of each target's residual (InputMoments.residual_power)
+    bc_mode: str = "none"  # the mode its block chose (what ``apply`` last stored, once chosen)
 
     def report_mse(self, mode: str) -> tuple[float, float]:
         """(MSE before, MSE after) of the layer against the target ``mode`` compensates for (the sequential one for
@@ -215,9 +227,9 @@ def choose_block_mode(
                 for b in held:
                     out = run(block, inputs[b].hidden.to(device), inputs[b].kwargs)
                     valid = inputs[b].valid
-                    diff = _token_rows(out, valid).float() - _token_rows(targets[b].hidden.to(device), valid).float()
-                    sums[m, 0] += (diff.double() ** 2).sum()
-                    sums[m, 1] += diff.numel()
+                    error = normalized_error(_token_rows(out, valid), _token_rows(targets[b].hidden.to(device), valid))
+                    sums[m, 0] += error.sum()
+                    sums[m, 1] += error.numel() * out.shape[-1]
         all_reduce_sum([sums], "the held-out block-output errors of the BC candidates")
         scores = {mode: float(sums[m, 0] / sums[m, 1].clamp(min=1)) for m, mode in enumerate(modes)}
         best = min(range(len(modes)), key=lambda m: (scores[modes[m]], m))  # ties: the earlier (simpler) mode
