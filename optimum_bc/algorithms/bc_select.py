@@ -6,19 +6,15 @@ RTN. Each variant is the least-squares optimum of the layer error it was fitted 
 choose between them; what matters is what the block hands to the rest of the model.
 
 So for every block, after its Linears are quantized, each candidate :data:`MODES` sets every compensated Linear of
-the block to the biases it fits on one half of the calibration batches (2-fold split by the batch's global index, so
-data-parallel ranks split as one process does), the block runs on the other half, and the candidate's score is the
-mean squared error of the block output against the float model's block output (the residual stream after the
-block), each token's row first divided by its RMS: the next block starts with a norm, and the raw error is dominated
-by a few massive-activation channels and the sink token. The lowest score wins (ties: the earlier of :data:`MODES`),
-and its biases are refitted on all batches. ``"none"`` is a candidate: where no bias pays on held-out data, the block
-gets none. The calibrator adds a global guard on top (``Calibrator._guard``): a BC-off stream runs beside the chosen
-one, and once it is closer to the float model every bias is taken back.
+the block to the biases it fits on one half of the calibration batches (2-fold split by batch index), the block runs
+on the other half, and the candidate's score is the mean squared error of the block output against the float model's
+block output (the residual stream after the block), summed over both halves. The lowest score wins, and its biases
+are refitted on all batches. ``"none"`` is a candidate: where no bias pays on held-out data, the block gets none.
 
 All candidates come from the same streamed sums: per fold and position class (sink positions, then all later ones)
 the sums of the float target's residual ``(W - Q) x`` and of the sequential one ``(W - Q) x + Q (x - x̂)``
-(see :mod:`optimum_bc.compensation`), so the choice costs one extra block forward on the held-out half per candidate
-and no extra pass over the model. With fewer than two calibration batches nothing can be held out: the block takes :data:`FALLBACK` and the
+(see :mod:`optimum_bc.compensation`), so the choice costs one extra block forward per candidate and no extra pass over
+the model. With fewer than two calibration batches nothing can be held out: the block takes :data:`FALLBACK` and the
 report says so.
 """
 
@@ -223,18 +219,17 @@ def choose_block_mode(
     else:
         modes = modes_for(sink_tokens)
         sums = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # per mode: squared error, elements
-        # Fitted on the first fold, scored on the last only: each candidate costs one block forward on half of
-        # the batches (scoring both ways would double the choice's time).
-        fit, held = list(range(FOLDS - 1)), folds[-1]
         for m, mode in enumerate(modes):
-            for layer in layers:
-                layer.apply(*layer.sums.candidate(mode, fit))
-            for b in held:
-                out = run(block, inputs[b].hidden.to(device), inputs[b].kwargs)
-                valid = inputs[b].valid
-                error = normalized_error(_token_rows(out, valid), _token_rows(targets[b].hidden.to(device), valid))
-                sums[m, 0] += error.sum()
-                sums[m, 1] += error.numel() * out.shape[-1]
+            for f, held in enumerate(folds):
+                fit = [g for g in range(FOLDS) if g != f]
+                for layer in layers:
+                    layer.apply(*layer.sums.candidate(mode, fit))
+                for b in held:
+                    out = run(block, inputs[b].hidden.to(device), inputs[b].kwargs)
+                    valid = inputs[b].valid
+                    error = normalized_error(_token_rows(out, valid), _token_rows(targets[b].hidden.to(device), valid))
+                    sums[m, 0] += error.sum()
+                    sums[m, 1] += error.numel() * out.shape[-1]
         all_reduce_sum([sums], "the held-out block-output errors of the BC candidates")
         scores = {mode: float(sums[m, 0] / sums[m, 1].clamp(min=1)) for m, mode in enumerate(modes)}
         best = min(range(len(modes)), key=lambda m: (scores[modes[m]], m))  # ties: the earlier (simpler) mode
