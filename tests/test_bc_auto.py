@@ -205,3 +205,35 @@ def test_cli_quantize_defaults_to_auto(capsys) -> None:
     assert main(["quantize", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--bc-target {auto,float,sequential}" in text and '"auto" (default' in text
+
+
+def test_guard_takes_back_every_bias_once_the_bc_off_stream_is_closer(calib_ids, monkeypatch, caplog) -> None:
+    """When the BC-off stream is closer to the float model after block 0 (forced here by halving the guard's error of
+    that stream), every bias auto stored is taken back and the later blocks get none: with RTN (weights independent
+    of the stream) the model is then exactly the BC-off model, and the report says why."""
+    from optimum_bc.calibration import calibrator
+    from optimum_bc.layers.packed_base import PackedLinearBase
+
+    calls = []
+    error_of = calibrator.normalized_error
+
+    def off_looks_closer(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(None)  # the guard scores the BC stream, then the BC-off stream, batch by batch
+        error = error_of(out, target)
+        return error if len(calls) % 2 else 0.5 * error
+
+    monkeypatch.setattr(calibrator, "normalized_error", off_looks_closer)
+    with caplog.at_level(logging.WARNING, logger="optimum_bc"):
+        guarded = tiny_llama()
+        report = quantize_model(guarded, _cfg(calib_ids, method="rtn"))
+    assert calls and "taken back" in caplog.text
+    assert [b.bc_choice for b in report.blocks] == ["none"] * len(report.blocks)
+    assert all("BC" in (b.bc_fallback or "") for b in report.blocks)
+    assert all(row.bc_choice == "none" and row.mse_after == row.mse_before for row in report.layers)
+    off = tiny_llama()
+    quantize_model(off, _cfg(calib_ids, method="rtn", bias_compensation=False))
+    for name, module in guarded.named_modules():
+        if isinstance(module, PackedLinearBase):
+            assert not module.bias.any() and (module.sink_bias is None or not module.sink_bias.any()), name
+    with torch.no_grad():
+        assert torch.equal(guarded(calib_ids).logits, off(calib_ids).logits)

@@ -6,10 +6,14 @@ RTN. Each variant is the least-squares optimum of the layer error it was fitted 
 choose between them; what matters is what the block hands to the rest of the model.
 
 So for every block, after its Linears are quantized, each candidate :data:`MODES` sets every compensated Linear of
-the block to the biases it fits on one half of the calibration batches (2-fold split by batch index), the block runs
-on the other half, and the candidate's score is the mean squared error of the block output against the float model's
-block output (the residual stream after the block), summed over both halves. The lowest score wins, and its biases
-are refitted on all batches. ``"none"`` is a candidate: where no bias pays on held-out data, the block gets none.
+the block to the biases it fits on one half of the calibration batches (2-fold split by the batch's global index, so
+data-parallel ranks split as one process does), the block runs on the other half, and the candidate's score is the
+mean squared error of the block output against the float model's block output (the residual stream after the
+block), each token's row first divided by its RMS, summed over both halves: the next block starts with a norm, and
+the raw error is dominated by a few massive-activation channels and the sink token. The lowest score wins (ties: the
+earlier of :data:`MODES`), and its biases are refitted on all batches. ``"none"`` is a candidate: where no bias pays
+on held-out data, the block gets none. The calibrator adds a global guard on top (``Calibrator._guard``): a BC-off
+stream runs beside the chosen one, and once it is closer to the float model every bias is taken back.
 
 All candidates come from the same streamed sums: per fold and position class (sink positions, then all later ones)
 the sums of the float target's residual ``(W - Q) x`` and of the sequential one ``(W - Q) x + Q (x - x̂)``
