@@ -42,7 +42,9 @@ class BlockReport:
     mse_after: float | None = None
     bc_choice: str | None = None  # bc_target="auto": the chosen BC mode
     bc_scores: dict[str, float] = field(default_factory=dict)  # held-out block-output MSE of every candidate
-    bc_fallback: str | None = None  # why the held-out choice did not decide: nothing held out, or the guard took BC back
+    bc_fallback: str | None = (
+        None  # why the held-out choice did not decide: nothing held out, or the guard took BC back
+    )
     bc_choice_seconds: float = 0.0  # time the held-out choice took (the extra block forwards)
 
 
