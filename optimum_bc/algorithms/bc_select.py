@@ -135,7 +135,7 @@ def held_out_folds(batch_ids: list[int], total_batches: int) -> list[list[int]] 
     return [[b for b, g in enumerate(batch_ids) if fold_of(g) == f] for f in range(FOLDS)]
 
 
-def _token_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def token_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The non-padding tokens' rows of a block output ``(batch, tokens, ...)`` (some blocks carry extra axes, e.g.
     hyper-connection streams), flattened to ``(valid tokens, rest)``."""
     return x.reshape(valid.numel(), -1)[valid.reshape(-1)]
@@ -231,7 +231,7 @@ def choose_block_mode(
                 for b in held:
                     out = run(block, inputs[b].hidden.to(device), inputs[b].kwargs)
                     valid = inputs[b].valid
-                    error = normalized_error(_token_rows(out, valid), _token_rows(targets[b].hidden.to(device), valid))
+                    error = normalized_error(token_rows(out, valid), token_rows(targets[b].hidden.to(device), valid))
                     sums[m, 0] += error.sum()
                     sums[m, 1] += error.numel() * out.shape[-1]
         all_reduce_sum([sums], "the held-out block-output errors of the BC candidates")

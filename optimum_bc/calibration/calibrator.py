@@ -28,6 +28,7 @@ from ..algorithms.bc_select import (
     choose_block_mode,
     fold_of,
     normalized_error,
+    token_rows,
 )
 from ..algorithms.compensation import InputMoments
 from ..config import BCQuantizationConfig
@@ -524,9 +525,9 @@ class BlockCalibrator:
             layer.apply(*chosen[layer.name])
         errors = torch.zeros(2, dtype=torch.float64, device=device)  # BC stream, BC-off stream
         for q, off, fp in zip(next_q, next_off, next_fp, strict=True):
-            target = _valid_rows(fp.hidden.to(device), q.valid)
-            errors[0] += normalized_error(_valid_rows(q.hidden.to(device), q.valid), target).sum()
-            errors[1] += normalized_error(_valid_rows(off.hidden.to(device), q.valid), target).sum()
+            target = token_rows(fp.hidden.to(device), q.valid)  # blocks may carry extra axes (hyper-connections)
+            errors[0] += normalized_error(token_rows(q.hidden.to(device), q.valid), target).sum()
+            errors[1] += normalized_error(token_rows(off.hidden.to(device), q.valid), target).sum()
         distributed.all_reduce_sum([errors], "the auto guard's stream errors")
         if errors[1] >= errors[0]:
             self.off_stream = next_off
