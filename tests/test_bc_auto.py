@@ -113,7 +113,8 @@ def test_auto_keeps_a_bias_that_pays_held_out() -> None:
     layer, auto = _one_layer_block(W, Q, inputs)
     choice = choose_block_mode([auto], layer, inputs, targets, lambda m, h, kw: m(h), torch.device("cpu"))
     assert choice.mode != "none"
-    assert choice.scores[choice.mode] < 0.05 * choice.scores["none"]  # what is left is the zero-mean part
+    # What is left is the zero-mean part (scored after the per-token RMS normalisation: 0.13 of "none" here).
+    assert choice.scores[choice.mode] < 0.2 * choice.scores["none"]
     torch.testing.assert_close(layer.bias.data, auto.sums.candidate(choice.mode, [0, 1])[0])
 
 
@@ -150,7 +151,9 @@ def test_tiny_calibration_falls_back_to_the_stated_rule(calib_ids, caplog) -> No
         if isinstance(module, QuantLinear):
             torch.testing.assert_close(module.bias, theirs[name].bias, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(module.sink_bias, theirs[name].sink_bias, rtol=1e-4, atol=1e-5)
-    assert held_out_folds(1) is None and held_out_folds(3) == [[0, 2], [1]]
+    assert held_out_folds([0], 1) is None and held_out_folds([0, 1, 2], 3) == [[0, 2], [1]]
+    # A data-parallel rank holding global batches 3 and 4 of 6 splits them by their global index.
+    assert held_out_folds([3, 4], 6) == [[1], [0]]
 
 
 def test_config_default_is_auto_and_old_values_keep_their_meaning(calib_ids) -> None:
@@ -190,3 +193,47 @@ def test_position_granularity_on_opt_matches_a_manual_per_position_forward(calib
         torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="calibrated for 32 positions"), torch.no_grad():
         model(torch.randint(0, VOCAB, (1, 40)))
+
+
+def test_cli_quantize_defaults_to_auto(capsys) -> None:
+    """The generated CLI leaves --bc-target unset, so the config's default ("auto") applies, and says so."""
+    from optimum_bc.cli import _build_parser, main
+    from optimum_bc.cli.args import config_kwargs
+
+    kwargs = config_kwargs(_build_parser().parse_args(["quantize", "some/model", "--output", "out"]))
+    assert "bc_target" not in kwargs and BCQuantizationConfig(**kwargs).bc_target == "auto"
+    assert main(["quantize", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--bc-target {auto,float,sequential}" in text and '"auto" (default' in text
+
+
+def test_guard_takes_back_every_bias_once_the_bc_off_stream_is_closer(calib_ids, monkeypatch, caplog) -> None:
+    """When the BC-off stream is closer to the float model after block 0 (forced here by halving the guard's error of
+    that stream), every bias auto stored is taken back and the later blocks get none: with RTN (weights independent
+    of the stream) the model is then exactly the BC-off model, and the report says why."""
+    from optimum_bc.calibration import calibrator
+    from optimum_bc.layers.packed_base import PackedLinearBase
+
+    calls = []
+    error_of = calibrator.normalized_error
+
+    def off_looks_closer(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(None)  # the guard scores the BC stream, then the BC-off stream, batch by batch
+        error = error_of(out, target)
+        return error if len(calls) % 2 else 0.5 * error
+
+    monkeypatch.setattr(calibrator, "normalized_error", off_looks_closer)
+    with caplog.at_level(logging.WARNING, logger="optimum_bc"):
+        guarded = tiny_llama()
+        report = quantize_model(guarded, _cfg(calib_ids, method="rtn"))
+    assert calls and "taken back" in caplog.text
+    assert [b.bc_choice for b in report.blocks] == ["none"] * len(report.blocks)
+    assert all("BC" in (b.bc_fallback or "") for b in report.blocks)
+    assert all(row.bc_choice == "none" and row.mse_after == row.mse_before for row in report.layers)
+    off = tiny_llama()
+    quantize_model(off, _cfg(calib_ids, method="rtn", bias_compensation=False))
+    for name, module in guarded.named_modules():
+        if isinstance(module, PackedLinearBase):
+            assert not module.bias.any() and (module.sink_bias is None or not module.sink_bias.any()), name
+    with torch.no_grad():
+        assert torch.equal(guarded(calib_ids).logits, off(calib_ids).logits)

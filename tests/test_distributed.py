@@ -61,11 +61,17 @@ def _quantized(name: str, float_dir: str) -> tuple[torch.nn.Module, int]:
     config = _config(**options)
     if device_map is None:
         model = tiny_llama()
-        return model, quantize_model(model, config).calibration_tokens
+        quantize_model(model, config)
+        return model, model.quantization_report.calibration_tokens
     model = AutoModelForCausalLM.from_pretrained(
         float_dir, quantization_config=config, device_map=device_map, offload_folder=tempfile.mkdtemp()
     )
     return model, model.quantization_report.calibration_tokens
+
+
+def _choices(model: torch.nn.Module) -> list[tuple[str | None, dict[str, float]]]:
+    """bc_target="auto" (the default): each block's chosen mode and held-out candidate scores."""
+    return [(b.bc_choice, b.bc_scores) for b in model.quantization_report.blocks]
 
 
 def _in_memory(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor] | None:
@@ -86,7 +92,7 @@ def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
         for name in RUNS:
             model, tokens = _quantized(name, float_dir)
             model.save_pretrained(Path(out) / f"{name}_saved_by_rank{rank}")
-            result[name] = (_in_memory(model, name), tokens)
+            result[name] = (_in_memory(model, name), tokens, _choices(model))
         for name, config in (
             ("mismatch", _config("rtn", bits=4 if rank == 0 else 3)),
             ("too_few", _config("rtn", num_samples=1)),
@@ -164,8 +170,16 @@ def test_two_ranks_equal_one_process(spawned, name) -> None:
     reference, tokens = _quantized(name, float_dir)
     single = _in_memory(reference, name)
     for rank, result in enumerate(results):
-        state, rank_tokens = result[name]
+        state, rank_tokens, choices = result[name]
         assert rank_tokens == tokens == 8 * 32  # the report's sum covers every window, on every rank
+        # auto: every rank splits the folds by global batch index and sums the held-out scores, so it chooses as
+        # one process does, from the same scores (float64 sums added in another order).
+        expected = _choices(reference)
+        assert all(mode is not None and scores for mode, scores in expected)
+        assert [mode for mode, _ in choices] == [mode for mode, _ in expected]
+        for (_, ours), (_, theirs) in zip(choices, expected, strict=True):
+            assert ours.keys() == theirs.keys()
+            assert all(ours[m] == pytest.approx(theirs[m], rel=1e-6) for m in ours)
         if single is None:
             continue
         assert state.keys() == single.keys()

@@ -6,10 +6,14 @@ RTN. Each variant is the least-squares optimum of the layer error it was fitted 
 choose between them; what matters is what the block hands to the rest of the model.
 
 So for every block, after its Linears are quantized, each candidate :data:`MODES` sets every compensated Linear of
-the block to the biases it fits on one half of the calibration batches (2-fold split by batch index), the block runs
-on the other half, and the candidate's score is the mean squared error of the block output against the float model's
-block output (the residual stream after the block), summed over both halves. The lowest score wins, and its biases
-are refitted on all batches. ``"none"`` is a candidate: where no bias pays on held-out data, the block gets none.
+the block to the biases it fits on one half of the calibration batches (2-fold split by the batch's global index, so
+data-parallel ranks split as one process does), the block runs on the other half, and the candidate's score is the
+mean squared error of the block output against the float model's block output (the residual stream after the
+block), each token's row first divided by its RMS, summed over both halves: the next block starts with a norm, and
+the raw error is dominated by a few massive-activation channels and the sink token. The lowest score wins (ties: the
+earlier of :data:`MODES`), and its biases are refitted on all batches. ``"none"`` is a candidate: where no bias pays
+on held-out data, the block gets none. The calibrator adds a global guard on top (``Calibrator._guard``): a BC-off
+stream runs beside the chosen one, and once it is closer to the float model every bias is taken back.
 
 All candidates come from the same streamed sums: per fold and position class (sink positions, then all later ones)
 the sums of the float target's residual ``(W - Q) x`` and of the sequential one ``(W - Q) x + Q (x - x̂)``
@@ -21,6 +25,8 @@ report says so.
 from dataclasses import dataclass
 
 import torch
+
+from ..distributed import all_reduce_sum
 
 
 #: Candidates, in the order ties are broken (the simplest first).
@@ -46,24 +52,31 @@ class FoldInputSums:
     def __init__(self, in_features: int, sink_tokens: int, device: torch.device | None = None) -> None:
         self.sink_tokens = sink_tokens
         classes = sink_tokens + 1
-        self.count = torch.zeros(FOLDS, classes, device=device)
-        self.sum_x = torch.zeros(FOLDS, classes, in_features, device=device)
-        self.sum_delta = torch.zeros(FOLDS, classes, in_features, device=device)
+        # Summed in float64 (like every statistic data-parallel ranks reduce), read back as float32.
+        self.count = torch.zeros(FOLDS, classes, dtype=torch.float64, device=device)
+        self.sum_x = torch.zeros(FOLDS, classes, in_features, dtype=torch.float64, device=device)
+        self.sum_delta = torch.zeros(FOLDS, classes, in_features, dtype=torch.float64, device=device)
 
     def add_batch(self, fold: int, x_float: torch.Tensor, x_quant: torch.Tensor, positions: torch.Tensor) -> None:
-        """Add paired ``(tokens, in)`` rows of batch fold ``fold`` with their token positions ``(tokens,)``."""
+        """Add paired ``(tokens, in)`` rows of batch fold ``fold`` (from the batch's global index, see
+        :func:`fold_of`) with their token positions ``(tokens,)``."""
         x = x_float.float()
         classes = positions.clamp(max=self.sink_tokens).to(x.device)
-        self.count[fold].index_add_(0, classes, torch.ones_like(classes, dtype=torch.float32))
-        self.sum_x[fold].index_add_(0, classes, x)
-        self.sum_delta[fold].index_add_(0, classes, x - x_quant.float())
+        self.count[fold].index_add_(0, classes, torch.ones_like(classes, dtype=torch.float64))
+        self.sum_x[fold].index_add_(0, classes, x.double())
+        self.sum_delta[fold].index_add_(0, classes, (x - x_quant.float()).double())
+
+    def reduce(self) -> None:
+        """Sum over data-parallel ranks (no-op in one process); call once, before ``residual_sums``."""
+        all_reduce_sum([self.count, self.sum_x, self.sum_delta], "the held-out fold input sums")
 
     def residual_sums(self, W: torch.Tensor, Q: torch.Tensor) -> "ResidualSums":
         """The per-(fold, class) sums of both targets' residuals for a layer with weights ``W`` and ``Q``."""
         W = W.float().to(self.sum_x.device)
         Q = Q.float().to(self.sum_x.device)
-        float_sum = self.sum_x @ (W - Q).T
-        return ResidualSums(count=self.count, float_sum=float_sum, seq_sum=float_sum + self.sum_delta @ Q.T)
+        sum_x, sum_delta = self.sum_x.float(), self.sum_delta.float()  # rounded once from the float64 sums
+        float_sum = sum_x @ (W - Q).T
+        return ResidualSums(count=self.count.float(), float_sum=float_sum, seq_sum=float_sum + sum_delta @ Q.T)
 
 
 @dataclass
@@ -108,17 +121,35 @@ class ResidualSums:
         return float(drop)
 
 
-def held_out_folds(num_batches: int) -> list[list[int]] | None:
-    """Batch indices per fold (batches alternate), or None when fewer than two batches leave nothing to hold out."""
-    if num_batches < FOLDS:
+def fold_of(global_index: int) -> int:
+    """The fold of a calibration batch, from its index among ALL batches (of every data-parallel rank), so that
+    every rank splits the same way one process does."""
+    return global_index % FOLDS
+
+
+def held_out_folds(batch_ids: list[int], total_batches: int) -> list[list[int]] | None:
+    """Local batch positions per fold, for the batches with global indices ``batch_ids`` out of ``total_batches``
+    (all ranks), or None when fewer than two batches in all leave nothing to hold out."""
+    if total_batches < FOLDS:
         return None
-    return [list(range(f, num_batches, FOLDS)) for f in range(FOLDS)]
+    return [[b for b, g in enumerate(batch_ids) if fold_of(g) == f] for f in range(FOLDS)]
 
 
-def _token_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def token_rows(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The non-padding tokens' rows of a block output ``(batch, tokens, ...)`` (some blocks carry extra axes, e.g.
     hyper-connection streams), flattened to ``(valid tokens, rest)``."""
     return x.reshape(valid.numel(), -1)[valid.reshape(-1)]
+
+
+def normalized_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token squared error ``(tokens,)`` of two ``(tokens, d)`` block outputs after an RMS normalisation of each
+    row: what the next block reads (it starts with a norm). The raw squared error is dominated by a few
+    massive-activation channels and the attention-sink token, whose errors the next norm scales away."""
+    out, target = out.double(), target.double()
+    eps = torch.finfo(torch.float32).eps
+    out = out / out.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    target = target / target.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    return (out - target).pow(2).sum(-1)
 
 
 @dataclass
@@ -130,6 +161,7 @@ class AutoLayer:
     sums: ResidualSums
     base: torch.Tensor  # the layer's own bias (float32), what the compensation adds to
     power: dict[str, torch.Tensor]  # per-channel E[r²] of each target's residual (InputMoments.residual_power)
+    bc_mode: str = "none"  # the mode its block chose (what ``apply`` last stored, once chosen)
 
     def report_mse(self, mode: str) -> tuple[float, float]:
         """(MSE before, MSE after) of the layer against the target ``mode`` compensates for (the sequential one for
@@ -164,14 +196,21 @@ def choose_block_mode(
     targets: list,
     run: object,
     device: torch.device,
+    batch_ids: list[int] | None = None,
+    total_batches: int | None = None,
 ) -> BlockChoice:
     """Score every candidate by held-out block-output MSE, then apply the winner refitted on all batches.
 
     ``inputs`` / ``targets``: the quantized stream's block inputs and the float model's block outputs (batches with
-    ``hidden``, ``kwargs``, ``valid``); ``run(block, hidden, kwargs)`` runs the block.
+    ``hidden``, ``kwargs``, ``valid``); ``run(block, hidden, kwargs)`` runs the block. ``batch_ids``: the global
+    index of each local batch and ``total_batches`` the count over all data-parallel ranks (default: one process).
+    The score sums are reduced over ranks (float64) before the choice, so every rank picks the same mode; ties go
+    to the earlier mode of :data:`MODES`.
     """
+    batch_ids = list(range(len(inputs))) if batch_ids is None else batch_ids
+    total_batches = len(inputs) if total_batches is None else total_batches
     sink_tokens = layers[0].sums.count.shape[1] - 1 if layers else 0
-    folds = held_out_folds(len(inputs))
+    folds = held_out_folds(batch_ids, total_batches)
     if not layers:
         return BlockChoice(mode="none", scores={})
     if folds is None:
@@ -179,12 +218,12 @@ def choose_block_mode(
         choice = BlockChoice(
             mode=mode,
             scores={},
-            fallback=f"{len(inputs)} calibration batch: nothing to hold out, took {mode!r}",
+            fallback=f"{total_batches} calibration batch: nothing to hold out, took {mode!r}",
         )
     else:
-        scores: dict[str, float] = {}
-        for mode in modes_for(sink_tokens):
-            sse, elements = 0.0, 0
+        modes = modes_for(sink_tokens)
+        sums = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # per mode: squared error, elements
+        for m, mode in enumerate(modes):
             for f, held in enumerate(folds):
                 fit = [g for g in range(FOLDS) if g != f]
                 for layer in layers:
@@ -192,12 +231,13 @@ def choose_block_mode(
                 for b in held:
                     out = run(block, inputs[b].hidden.to(device), inputs[b].kwargs)
                     valid = inputs[b].valid
-                    diff = _token_rows(out, valid).float() - _token_rows(targets[b].hidden.to(device), valid).float()
-                    sse += float((diff**2).sum())
-                    elements += diff.numel()
-            scores[mode] = sse / max(elements, 1)
-        mode = min(scores, key=scores.__getitem__)
-        choice = BlockChoice(mode=mode, scores=scores)
+                    error = normalized_error(token_rows(out, valid), token_rows(targets[b].hidden.to(device), valid))
+                    sums[m, 0] += error.sum()
+                    sums[m, 1] += error.numel() * out.shape[-1]
+        all_reduce_sum([sums], "the held-out block-output errors of the BC candidates")
+        scores = {mode: float(sums[m, 0] / sums[m, 1].clamp(min=1)) for m, mode in enumerate(modes)}
+        best = min(range(len(modes)), key=lambda m: (scores[modes[m]], m))  # ties: the earlier (simpler) mode
+        choice = BlockChoice(mode=modes[best], scores=scores)
     everything = list(range(FOLDS))
     for layer in layers:
         layer.apply(*layer.sums.candidate(choice.mode, everything))

@@ -20,7 +20,16 @@ from transformers.utils.logging import tqdm
 
 from .. import distributed
 from ..algorithms import WeightQuantizer, get_algorithm
-from ..algorithms.bc_select import FOLDS, AutoLayer, FoldInputSums, choose_block_mode
+from ..algorithms.bc_select import (
+    FOLDS,
+    AutoLayer,
+    BlockChoice,
+    FoldInputSums,
+    choose_block_mode,
+    fold_of,
+    normalized_error,
+    token_rows,
+)
 from ..algorithms.compensation import InputMoments
 from ..config import BCQuantizationConfig
 from ..formats.activations import StageActivations
@@ -165,6 +174,13 @@ class BlockCalibrator:
         self.target = config.bc_target if config.bc_target != "auto" else ("float" if self.positions else "sequential")
         self.sequential_target = self.bc and self.target == "sequential"
         self.auto_layers: list[AutoLayer] = []
+        self.batch_ids: list[int] = []  # global index of each local calibration batch (set by run)
+        self.total_batches = 0  # calibration batches over all data-parallel ranks
+        # The global guard of "auto": a BC-off quantized stream runs beside the chosen one; once it is closer to the
+        # float model, every bias auto added is taken back and the later blocks get none (bc_off_since).
+        self.off_stream: list[_Batch] | None = None
+        self.auto_history: list[tuple[int, AutoLayer]] = []
+        self.bc_off_since: int | None = None
         # The float stream runs beside the quantized one for BC's target and for algorithms that use float inputs.
         self.float_stream = config.needs_float_stream
         # Whether each stage pairs its quantized inputs with the float inputs of the same Linears.
@@ -247,8 +263,13 @@ class BlockCalibrator:
         start = time.perf_counter()
         tokens = int(sum(int(b.valid.sum()) for b in batches))
         self.report.calibration_tokens = distributed.all_reduce_count(tokens, "the calibration token count")
+        # Held-out folds come from each batch's global index, so data-parallel ranks split as one process does.
+        self.total_batches = distributed.all_reduce_count(len(batches), "the calibration batch count")
+        self.batch_ids = list(distributed.shard_range(self.total_batches)) if batches else []
         h_q = batches
         h_fp = batches if self.float_stream else None
+        # The guard needs the biases auto stored to be all the BC there is: not with layer-level BC on top.
+        self.off_stream = batches if self.auto and not self.config.bc_layer else None
         blocks = get_blocks(self.model, self.spec)
         bar = tqdm(total=len(blocks), desc="optimum-bc", unit="block", disable=not _progress_bars)
         # The quantized stream runs the packed layers on the exact path (the fast kernels compute in bf16), and
@@ -356,7 +377,9 @@ class BlockCalibrator:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
                             if key in fold_sums:
-                                fold_sums[key].add_batch(b % FOLDS, x_fp, x_q, _valid_positions(valid))
+                                fold_sums[key].add_batch(
+                                    fold_of(self.batch_ids[b]), x_fp, x_q, _valid_positions(valid)
+                                )
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
         del fblock  # its last use was the last stage: free it before the quantized block's own passes below
         experts = ExpertCalibrator(
@@ -371,6 +394,8 @@ class BlockCalibrator:
         if self.auto:
             self._choose_block(block, h_q, next_fp, block_report, device)
         next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
+        if self.off_stream is not None:
+            next_q = self._guard(index, block, next_q, next_fp, block_report, device, store)
         if self.config.bc_layer:
             self._compensate_block(index, block, layout.bias_target, h_fp, next_q, next_fp, block_report, device)
         block_report.seconds = time.perf_counter() - t0
@@ -402,6 +427,8 @@ class BlockCalibrator:
             quantizer.reduce()
             if self.bc:
                 moments[group[0]].reduce()
+            if group[0] in fold_sums:
+                fold_sums[group[0]].reduce()
             stacked = quantizer.quantize(torch.cat(weights))
             quantizer.free()
             share = (time.perf_counter() - t0) / stacked.codes.shape[0]
@@ -450,7 +477,15 @@ class BlockCalibrator:
     ) -> None:
         """``bc_target="auto"``: the block's BC mode by held-out block-output error (see optimum_bc.bc_select)."""
         start = time.perf_counter()
-        choice = choose_block_mode(self.auto_layers, block, h_q, next_fp, _run_block, device)
+        if self.bc_off_since is None:
+            choice = choose_block_mode(
+                self.auto_layers, block, h_q, next_fp, _run_block, device, self.batch_ids, self.total_batches
+            )
+        else:
+            for layer in self.auto_layers:
+                layer.apply(*layer.sums.candidate("none", list(range(FOLDS))))
+            reason = f"BC off since block {self.bc_off_since} (its BC-off stream was closer to the float model)"
+            choice = BlockChoice(mode="none", scores={}, fallback=reason)
         report.bc_choice_seconds = time.perf_counter() - start
         report.bc_choice, report.bc_scores = choice.mode, choice.scores
         if choice.fallback:
@@ -461,7 +496,64 @@ class BlockCalibrator:
             row = rows[layer.name]
             row.bc_choice = choice.mode
             row.mse_before, row.mse_after = layer.report_mse(choice.mode)
+            layer.bc_mode = choice.mode
+        self.auto_history.extend((report.index, layer) for layer in self.auto_layers)
         self.auto_layers = []
+
+    def _guard(
+        self,
+        index: int,
+        block: nn.Module,
+        next_q: list[_Batch],
+        next_fp: list[_Batch],
+        report: BlockReport,
+        device: torch.device,
+        store: torch.device | None,
+    ) -> list[_Batch]:
+        """The global guard of ``bc_target="auto"``: run the block without its biases on the BC-off stream and
+        compare both streams' block outputs with the float model's (normalised like the choice, all calibration
+        batches, summed over ranks). Once the BC-off stream is closer, take back every bias auto added, so far and
+        from now on, and continue on the BC-off stream; returns the quantized stream for the next block."""
+        layers = [layer for i, layer in self.auto_history if i == index]
+        everything = list(range(FOLDS))
+        chosen = {layer.name: layer.sums.candidate(layer.bc_mode, everything) for layer in layers}
+        for layer in layers:
+            layer.apply(*layer.sums.candidate("none", everything))
+        off_in = [b.for_block(index).to(device, store) for b in self.off_stream]
+        next_off = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in off_in]
+        for layer in layers:
+            layer.apply(*chosen[layer.name])
+        errors = torch.zeros(2, dtype=torch.float64, device=device)  # BC stream, BC-off stream
+        for q, off, fp in zip(next_q, next_off, next_fp, strict=True):
+            target = token_rows(fp.hidden.to(device), q.valid)  # blocks may carry extra axes (hyper-connections)
+            errors[0] += normalized_error(token_rows(q.hidden.to(device), q.valid), target).sum()
+            errors[1] += normalized_error(token_rows(off.hidden.to(device), q.valid), target).sum()
+        distributed.all_reduce_sum([errors], "the auto guard's stream errors")
+        if errors[1] >= errors[0]:
+            self.off_stream = next_off
+            return next_q
+        self.bc_off_since = index
+        logger.warning(
+            "optimum-bc: bc_target='auto': after block %d the BC-off stream is closer to the float model (%.4g < %.4g);"
+            " bias compensation is taken back in blocks 0-%d and off for the rest",
+            index,
+            float(errors[1]),
+            float(errors[0]),
+            index,
+        )
+        by_name = {row.name: row for row in self.report.layers if row.bc_choice is not None}
+        for _, layer in self.auto_history:
+            layer.apply(*layer.sums.candidate("none", everything))
+            layer.bc_mode = "none"
+            row = by_name[layer.name]
+            row.bc_choice = "none"
+            row.mse_before, row.mse_after = layer.report_mse("none")
+        reason = f"BC taken back: after block {index} the BC-off stream was closer to the float model"
+        for block_report in [*self.report.blocks, report]:
+            if block_report.bc_choice is not None:
+                block_report.bc_choice, block_report.bc_fallback = "none", reason
+        self.off_stream = None
+        return next_off
 
     def _compensate_block(
         self,

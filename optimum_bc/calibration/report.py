@@ -42,7 +42,9 @@ class BlockReport:
     mse_after: float | None = None
     bc_choice: str | None = None  # bc_target="auto": the chosen BC mode
     bc_scores: dict[str, float] = field(default_factory=dict)  # held-out block-output MSE of every candidate
-    bc_fallback: str | None = None  # why nothing was held out and which stated rule was taken
+    bc_fallback: str | None = (
+        None  # why the held-out choice did not decide: nothing held out, or the guard took BC back
+    )
     bc_choice_seconds: float = 0.0  # time the held-out choice took (the extra block forwards)
 
 
@@ -55,6 +57,16 @@ class QuantizationReport:
     total_seconds: float = 0.0
     calibration_tokens: int = 0
     experts: list[ExpertReport] = field(default_factory=list)
+
+    def without_timings(self) -> "QuantizationReport":
+        """A copy with every recorded time set to 0 (timings differ between otherwise identical runs)."""
+        quiet = QuantizationReport.from_dict(self.to_dict())
+        for row in [*quiet.layers, *quiet.blocks]:
+            row.seconds = 0.0
+        for block in quiet.blocks:
+            block.bc_choice_seconds = 0.0
+        quiet.total_seconds = 0.0
+        return quiet
 
     def tokens_per_expert(self) -> dict[str, list[int]]:
         """Calibration tokens routed to each expert, per fused expert weight (full name)."""

@@ -116,11 +116,7 @@ def _without_timings(model: Any, enabled: bool) -> Iterator[None]:
         yield
         return
     if report is not None:
-        quiet = QuantizationReport.from_dict(report.to_dict())
-        for row in [*quiet.layers, *quiet.blocks]:
-            row.seconds = 0.0
-        quiet.total_seconds = 0.0
-        model.quantization_report = quiet
+        model.quantization_report = report.without_timings()
     if provenance is not None:
         model.quantization_provenance = dataclasses.replace(provenance, quantized_at=None)
     try:
