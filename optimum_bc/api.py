@@ -13,10 +13,11 @@ from torch import nn
 from . import distributed
 from .calibration.architectures import ArchitectureSpec, first_param_device, get_blocks, resolve_spec, target_linears
 from .calibration.block_inputs import capture_block_inputs, collate
-from .calibration.calibrator import BlockCalibrator, activation_bytes, activation_store
+from .calibration.calibrator import BlockCalibrator
 from .calibration.discovery import layer_features
 from .calibration.offload import OffloadedCalibration, is_dispatched
 from .calibration.report import QuantizationReport
+from .calibration.streams import activation_bytes, activation_store
 from .config import BCQuantizationConfig
 from .formats.formats import check_mx_shapes, is_mx
 from .layers import validation

@@ -180,7 +180,7 @@ def test_unwritable_offload_folder_is_named(tmp_path) -> None:
 
 
 def test_activation_store_decision(monkeypatch: pytest.MonkeyPatch) -> None:
-    from optimum_bc.calibration import calibrator as calibration
+    from optimum_bc.calibration import streams as calibration
 
     gpu = torch.device("cuda:0")
     monkeypatch.setattr(calibration, "free_memory", lambda device: 1000)
@@ -196,7 +196,7 @@ def test_activation_store_decision(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_batch_to_keeps_hidden_states_on_the_store() -> None:
-    from optimum_bc.calibration.calibrator import _Batch
+    from optimum_bc.calibration.block_inputs import _Batch
 
     batch = _Batch(torch.randn(2, 3, 4), {"mask": torch.ones(2, 3)}, torch.ones(2, 3, dtype=torch.bool))
     moved = batch.to(torch.device("cpu"), torch.device("meta"))
@@ -214,7 +214,7 @@ def test_offload_activations_config_rejects_bad_values(value: object) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_offloaded_activations_on_gpu_give_the_same_model(calib_ids, monkeypatch: pytest.MonkeyPatch) -> None:
     from optimum_bc import quantize_model
-    from optimum_bc.calibration import calibrator as calibration
+    from optimum_bc.calibration import streams as calibration
 
     stores = []
     original = calibration.BlockCalibrator.quantize_block
