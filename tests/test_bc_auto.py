@@ -211,7 +211,7 @@ def test_guard_takes_back_every_bias_once_the_bc_off_stream_is_closer(calib_ids,
     """When the BC-off stream is closer to the float model after block 0 (forced here by halving the guard's error of
     that stream), every bias auto stored is taken back and the later blocks get none: with RTN (weights independent
     of the stream) the model is then exactly the BC-off model, and the report says why."""
-    from optimum_bc.calibration import calibrator
+    from optimum_bc.calibration import block_compensation as calibrator
     from optimum_bc.layers.packed_base import PackedLinearBase
 
     calls = []
