@@ -130,9 +130,10 @@ class BCHfQuantizer(HfQuantizer):
                 if isinstance(module, PackedLinearBase) and "weight" in module.__dict__:
                     del module.__dict__["weight"]
             validation.check_loaded_values(model, self.quantization_config)
-            attach_position_hooks(get_blocks(model, resolve_spec(model, self.quantization_config)), model)
+            blocks = get_blocks(model, resolve_spec(model, self.quantization_config))
+            attach_position_hooks(blocks, model)
             if is_vision_model(model):
-                attach_token_positions(get_blocks(model, resolve_spec(model, self.quantization_config)))
+                attach_token_positions(blocks)
         if self.quantization_config.backend is not None:
             kernels.set_model_backend(model, self.quantization_config.backend)
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)
