@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
 from optimum_bc.algorithms.bc_select import MODES, AutoLayer, FoldInputSums, choose_block_mode, held_out_folds
-from optimum_bc.algorithms.compensation import InputMoments
+from optimum_bc.algorithms.compensation import ResidualMoments
 from optimum_bc.calibration.block_inputs import _Batch
 from optimum_bc.layers import kernels
 from optimum_bc.layers.positions import token_positions
@@ -76,13 +76,14 @@ def _one_layer_block(W: torch.Tensor, Q: torch.Tensor, inputs: list[_Batch]) -> 
     layer = nn.Linear(W.shape[1], W.shape[0])
     layer.weight.data, layer.bias.data = Q.clone(), torch.zeros(W.shape[0])
     sums = FoldInputSums(W.shape[1], sink_tokens=0)
-    moments = InputMoments(W.shape[1], "sequential")
+    residual = ResidualMoments(W.shape[0])
     for b, batch in enumerate(inputs):
         x = _rows(batch.hidden, batch.valid)
         sums.add_batch(b % 2, x, x, torch.arange(16).repeat(2))
-        moments.add_batch(x, x)
-    power = moments.residual_power(W, Q)
-    return layer, AutoLayer("layer", layer, sums.residual_sums(W, Q), torch.zeros(W.shape[0]), power)
+        residual.add_batch(x @ W.T - x @ Q.T)
+    auto = AutoLayer("layer", layer, sums.residual_sums(W, Q), torch.zeros(W.shape[0]))
+    auto.residual["sequential"] = residual
+    return layer, auto
 
 
 def test_auto_picks_none_where_a_bias_hurts_held_out_data() -> None:

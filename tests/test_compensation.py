@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optimum_bc.algorithms.compensation import InputMoments, ResidualMean
+from optimum_bc.algorithms.compensation import InputMoments, ResidualMean, ResidualMoments
 from optimum_bc.algorithms.gptq import gptq_quantize
 from optimum_bc.algorithms.rtn import rtn_quantize
 
@@ -27,9 +27,55 @@ def test_bias_and_mse_match_direct_computation(target: str) -> None:
     comp = moments.compensate(W, Q, torch.float32)
     b, before, after = _direct(W, Q, x_fp, x_fp if target == "float" else x_q)
     torch.testing.assert_close(comp.bias, b, rtol=1e-4, atol=1e-5)
-    assert comp.mse_before == pytest.approx(float(before), rel=1e-3)
-    assert comp.mse_after == pytest.approx(float(after), rel=1e-3)
-    assert comp.mse_after < comp.mse_before
+    assert comp.mse_before is None  # first moments only: the MSEs come from the streamed residual
+    residual = ResidualMoments(24)
+    r = x_fp @ W.T - (x_fp if target == "float" else x_q) @ Q.T
+    for chunk in range(0, 500, 128):
+        residual.add_batch(r[chunk : chunk + 128])
+    assert residual.mse() == pytest.approx(float(before), rel=1e-4)
+    assert residual.mse(comp.applied) == pytest.approx(float(after), rel=1e-4)
+    assert residual.mse(comp.applied) < residual.mse()
+
+
+def test_float_and_quantized_sums_from_separate_passes_give_the_paired_bias() -> None:
+    """The sequential bias needs sum x - sum x̂ over the same tokens, not paired rows: the float inputs added in one
+    pass and the quantized ones in another (another batch order) give the paired bias; a pass that missed a batch is
+    refused."""
+    g = torch.Generator().manual_seed(5)
+    W, Q = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    x_fp = torch.randn(90, 10, generator=g) + 0.3
+    x_q = x_fp + 0.1 * torch.randn(90, 10, generator=g)
+    paired, split = InputMoments(10, "sequential"), InputMoments(10, "sequential")
+    paired.add_batch(x_fp, x_q)
+    for chunk in range(0, 90, 30):
+        split.add_float(x_fp[chunk : chunk + 30])
+    for chunk in (60, 0, 30):
+        split.add_quant(x_q[chunk : chunk + 30])
+    expected = (x_fp @ W.T - x_q @ Q.T).mean(0)
+    torch.testing.assert_close(split.compensate(W, Q, torch.float32).bias, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split.compensate(W, Q, torch.float32).bias, paired.compensate(W, Q, torch.float32).bias)
+    missing = InputMoments(10, "sequential")
+    missing.add_float(x_fp)
+    missing.add_quant(x_q[:30])
+    with pytest.raises(ValueError, match="cover different tokens"):
+        missing.compensate(W, Q, torch.float32)
+
+
+def test_residual_moments_give_the_mse_of_any_bias_per_position_class() -> None:
+    g = torch.Generator().manual_seed(6)
+    positions = torch.arange(40) % 8
+    r = torch.randn(40, 5, generator=g) + 3 * (positions == 0).float()[:, None]
+    residual = ResidualMoments(5, classes=2)
+    residual.add_batch(r[:25], positions[:25])
+    residual.add_batch(r[25:], positions[25:])
+    bias = torch.randn(2, 5, generator=g)
+    applied = bias[positions.clamp(max=1)]
+    assert residual.mse(bias) == pytest.approx(float(((r - applied) ** 2).mean()), rel=1e-5)
+    assert residual.mse(bias[1]) == pytest.approx(float(((r - bias[1]) ** 2).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="token position"):
+        residual.add_batch(r)
+    with pytest.raises(ValueError, match="no calibration token"):
+        ResidualMoments(5).mse()
 
 
 def test_bias_is_the_least_squares_optimum() -> None:
@@ -67,9 +113,11 @@ def test_after_bc_never_exceeds_before_over_many_random_layers(method: str, targ
         moments = InputMoments(d_in, target)
         moments.add_batch(x_fp, x_q)
         comp = moments.compensate(W, Q, torch.float32)
-        assert comp.mse_after <= comp.mse_before
+        residual = ResidualMoments(d_out)
+        residual.add_batch(x_fp @ W.T - (x_fp if target == "float" else x_q) @ Q.T)
+        assert residual.mse(comp.applied) <= residual.mse() * (1 + 1e-6)
         _, _, after = _direct(W, Q, x_fp, x_fp if target == "float" else x_q)
-        assert comp.mse_after == pytest.approx(float(after), rel=1e-2, abs=1e-9)
+        assert residual.mse(comp.applied) == pytest.approx(float(after), rel=1e-2, abs=1e-9)
 
 
 def test_residual_mean_block_level() -> None:
@@ -107,11 +155,13 @@ def test_position_granularity_matches_per_position_means(target: str) -> None:
     r = x_fp @ W.T - (x_fp if target == "float" else x_q) @ Q.T  # (samples, T, out)
     b = r.mean(0)
     torch.testing.assert_close(comp.bias, b, rtol=1e-4, atol=1e-5)
-    assert comp.mse_before == pytest.approx(float((r**2).mean()), rel=1e-3)
-    assert comp.mse_after == pytest.approx(float(((r - b) ** 2).mean()), rel=1e-3)
+    residual = ResidualMoments(5, classes=T)
+    residual.add_batch(r.reshape(-1, 5), positions)
+    assert residual.mse() == pytest.approx(float((r**2).mean()), rel=1e-3)
+    assert residual.mse(comp.applied) == pytest.approx(float(((r - b) ** 2).mean()), rel=1e-3)
     channel = InputMoments(d_in, target)
     channel.add_batch(x_fp.reshape(-1, d_in), x_q.reshape(-1, d_in))
-    assert comp.mse_after <= channel.compensate(W, Q, torch.float32).mse_after + 1e-9
+    assert residual.mse(comp.applied) <= residual.mse(channel.compensate(W, Q, torch.float32).applied) + 1e-9
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -133,9 +183,12 @@ def test_folding_into_an_existing_bias_rounds_once(dtype: torch.dtype) -> None:
     error_twice = ((twice.float() - base.float()) - ideal).abs() / ideal.abs()
     assert bool((error_once <= error_twice + 1e-6).all())  # never worse
     assert int((error_once < error_twice - 1e-6).sum()) > 0 and float(error_once.mean()) < float(error_twice.mean())
-    # mse_after measured with the bias that is stored
+    # applied is what the stored bias adds: the MSE after is that of the stored bias
+    torch.testing.assert_close(comp.applied[0], comp.bias.float() - base.float(), rtol=0, atol=0)
+    residual = ResidualMoments(960)
+    residual.add_batch(x @ (W - Q).T)
     r = x @ (W - Q).T - (comp.bias.float() - base.float())
-    assert comp.mse_after == pytest.approx(float((r**2).mean()), rel=1e-3)
+    assert residual.mse(comp.applied) == pytest.approx(float((r**2).mean()), rel=1e-3)
 
 
 def test_layer_level_fold_rounds_once_and_reports_what_it_adds() -> None:

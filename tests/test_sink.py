@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
-from optimum_bc.algorithms.compensation import InputMoments
+from optimum_bc.algorithms.compensation import InputMoments, ResidualMoments
 from optimum_bc.layers.positions import token_positions
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
@@ -44,9 +44,11 @@ def test_sink_bias_equals_per_class_means() -> None:
         expected = residual[positions == t].mean(0) - residual[late].mean(0)
         torch.testing.assert_close(comp.sink[t].float(), expected, atol=1e-4, rtol=1e-4)
     full = comp.bias[None].float() + torch.cat([comp.sink.float(), torch.zeros(1, d_out)])[positions.clamp(max=sink)]
-    assert comp.mse_before == pytest.approx(float((residual**2).mean()), rel=1e-4)
-    assert comp.mse_after == pytest.approx(float(((residual - full) ** 2).mean()), rel=1e-3)
-    assert comp.mse_after < comp.mse_before
+    streamed = ResidualMoments(d_out, classes=sink + 1)
+    streamed.add_batch(residual, positions)
+    assert streamed.mse() == pytest.approx(float((residual**2).mean()), rel=1e-4)
+    assert streamed.mse(comp.applied) == pytest.approx(float(((residual - full) ** 2).mean()), rel=1e-3)
+    assert streamed.mse(comp.applied) < streamed.mse()
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

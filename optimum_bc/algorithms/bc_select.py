@@ -7,32 +7,36 @@ choose between them; what matters is what the block hands to the rest of the mod
 
 So for every block, after its Linears are quantized, each candidate :data:`MODES` sets every compensated Linear of
 the block to the biases it fits on one half of the calibration batches (2-fold split by the batch's global index, so
-data-parallel ranks split as one process does), the block runs on the other half, and the candidate's score is the
-mean squared error of the block output against the float model's block output (the residual stream after the
-block), each token's row first divided by its RMS, summed over both halves: the next block starts with a norm, and
-the raw error is dominated by a few massive-activation channels and the sink token. The lowest score wins (ties: the
-earlier of :data:`MODES`), and its biases are refitted on all batches. ``"none"`` is a candidate: where no bias pays
-on held-out data, the block gets none. The calibrator adds a global guard on top (``Calibrator._guard``): a BC-off
+data-parallel ranks split as one process does), the block runs on the other half (:data:`HELD_OUT`), and the
+candidate's score is the mean squared error of the block output against the float model's block output (the residual
+stream after the block), each token's row first divided by its RMS: the next block starts with a norm, and the raw
+error is dominated by a few massive-activation channels and the sink token. The lowest score wins (ties: the earlier
+of :data:`MODES`), and its biases are refitted on all batches. ``"none"`` is a candidate: where no bias pays on
+held-out data, the block gets none. The calibrator adds a global guard on top (``BlockCompensation._guard``): a BC-off
 stream runs beside the chosen one, and once it is closer to the float model every bias is taken back.
 
-All candidates come from the same streamed sums: per fold and position class (sink positions, then all later ones)
-the sums of the float target's residual ``(W - Q) x`` and of the sequential one ``(W - Q) x + Q (x - x̂)``
-(see :mod:`optimum_bc.compensation`), so the choice costs one extra block forward per candidate and no extra pass over
-the model. With fewer than two calibration batches nothing can be held out: the block takes :data:`FALLBACK` and the
-report says so.
+All candidates come from the same streamed first moments: per fold and position class (sink positions, then all later
+ones) the sums of the float inputs and of the quantized prefix's inputs give the sums of the float target's residual
+``(W - Q) x`` and of the sequential one's ``(W - Q) x + Q (x - x̂)`` (see :mod:`optimum_bc.compensation`), so the
+choice costs half a block forward per candidate and no extra pass over the model. With fewer than two calibration
+batches nothing can be held out: the block takes :func:`fallback_mode` and the report says so.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..distributed import all_reduce_sum
+from .compensation import ResidualMoments
 
 
 #: Candidates, in the order ties are broken (the simplest first).
 MODES = ("none", "float", "float+sink", "sequential", "sequential+sink")
 #: Folds of the held-out split (batches alternate between them).
 FOLDS = 2
+#: The fold the candidates are scored on (fitted on the others): one fold, so the choice costs half a block forward
+#: per candidate.
+HELD_OUT = 1
 
 
 def modes_for(sink_tokens: int) -> tuple[str, ...]:
@@ -47,34 +51,54 @@ def fallback_mode(sink_tokens: int) -> str:
 
 
 class FoldInputSums:
-    """Streams, per fold and position class, the token count and the sums of ``x`` and ``δ = x - x̂`` of one input."""
+    """Streams, per fold and position class, the token count and the sums of the float inputs ``x`` and of the
+    quantized prefix's ``x̂`` of one input (``sum δ = sum x - sum x̂``: the two passes need not run together)."""
 
     def __init__(self, in_features: int, sink_tokens: int, device: torch.device | None = None) -> None:
         self.sink_tokens = sink_tokens
         classes = sink_tokens + 1
         # Summed in float64 (like every statistic data-parallel ranks reduce), read back as float32.
         self.count = torch.zeros(FOLDS, classes, dtype=torch.float64, device=device)
+        self.count_q = torch.zeros(FOLDS, classes, dtype=torch.float64, device=device)
         self.sum_x = torch.zeros(FOLDS, classes, in_features, dtype=torch.float64, device=device)
-        self.sum_delta = torch.zeros(FOLDS, classes, in_features, dtype=torch.float64, device=device)
+        self.sum_xq = torch.zeros(FOLDS, classes, in_features, dtype=torch.float64, device=device)
+
+    def _add(
+        self, count: torch.Tensor, sums: torch.Tensor, fold: int, x: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        classes = positions.clamp(max=self.sink_tokens).to(sums.device)
+        count[fold].index_add_(0, classes, torch.ones_like(classes, dtype=torch.float64))
+        sums[fold].index_add_(0, classes, x.double().to(sums.device))
+
+    def add_float(self, fold: int, x_float: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add the float inputs ``(tokens, in)`` of a batch of fold ``fold`` (from the batch's global index, see
+        :func:`fold_of`) with their token positions ``(tokens,)``."""
+        self._add(self.count, self.sum_x, fold, x_float, positions)
+
+    def add_quant(self, fold: int, x_quant: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add the quantized prefix's inputs of the same tokens."""
+        self._add(self.count_q, self.sum_xq, fold, x_quant, positions)
 
     def add_batch(self, fold: int, x_float: torch.Tensor, x_quant: torch.Tensor, positions: torch.Tensor) -> None:
-        """Add paired ``(tokens, in)`` rows of batch fold ``fold`` (from the batch's global index, see
-        :func:`fold_of`) with their token positions ``(tokens,)``."""
-        x = x_float.float()
-        classes = positions.clamp(max=self.sink_tokens).to(x.device)
-        self.count[fold].index_add_(0, classes, torch.ones_like(classes, dtype=torch.float64))
-        self.sum_x[fold].index_add_(0, classes, x.double())
-        self.sum_delta[fold].index_add_(0, classes, (x - x_quant.float()).double())
+        """Add paired ``(tokens, in)`` rows of one batch: ``add_float`` and ``add_quant``."""
+        self.add_float(fold, x_float, positions)
+        self.add_quant(fold, x_quant, positions)
 
     def reduce(self) -> None:
         """Sum over data-parallel ranks (no-op in one process); call once, before ``residual_sums``."""
-        all_reduce_sum([self.count, self.sum_x, self.sum_delta], "the held-out fold input sums")
+        all_reduce_sum([self.count, self.count_q, self.sum_x, self.sum_xq], "the held-out fold input sums")
 
     def residual_sums(self, W: torch.Tensor, Q: torch.Tensor) -> "ResidualSums":
         """The per-(fold, class) sums of both targets' residuals for a layer with weights ``W`` and ``Q``."""
+        if not torch.equal(self.count, self.count_q):
+            raise ValueError(
+                "the float and quantized inputs of bc_target='auto' cover different tokens "
+                f"({int(self.count.sum())} against {int(self.count_q.sum())}); both passes must see every batch"
+            )
         W = W.float().to(self.sum_x.device)
         Q = Q.float().to(self.sum_x.device)
-        sum_x, sum_delta = self.sum_x.float(), self.sum_delta.float()  # rounded once from the float64 sums
+        # Rounded once from the float64 sums.
+        sum_x, sum_delta = self.sum_x.float(), (self.sum_x - self.sum_xq).float()
         float_sum = sum_x @ (W - Q).T
         return ResidualSums(count=self.count.float(), float_sum=float_sum, seq_sum=float_sum + sum_delta @ Q.T)
 
@@ -160,16 +184,19 @@ class AutoLayer:
     module: torch.nn.Module
     sums: ResidualSums
     base: torch.Tensor  # the layer's own bias (float32), what the compensation adds to
-    power: dict[str, torch.Tensor]  # per-channel E[r²] of each target's residual (InputMoments.residual_power)
+    # Per target ("float", "sequential"): the streamed residual before compensation (filled after the choice).
+    residual: dict[str, ResidualMoments] = field(default_factory=dict)
     bc_mode: str = "none"  # the mode its block chose (what ``apply`` last stored, once chosen)
 
-    def report_mse(self, mode: str) -> tuple[float, float]:
+    def report_mse(self, mode: str) -> tuple[float | None, float | None]:
         """(MSE before, MSE after) of the layer against the target ``mode`` compensates for (the sequential one for
-        "none"), on all calibration tokens, with the bias ``mode`` fits on all of them."""
+        "none"), on all calibration tokens, with the bias ``mode`` fits on all of them (None: not measured)."""
         target = "float" if mode.startswith("float") else "sequential"
-        before = float(self.power[target].mean())
-        drop = self.sums.error_drop(*self.sums.candidate(mode, list(range(FOLDS))), target)
-        return before, max(before - drop, 0.0)
+        if target not in self.residual:
+            return None, None
+        bias, sink = self.sums.candidate(mode, list(range(FOLDS)))
+        per_class = bias[None] if sink is None else torch.cat([bias + sink, bias[None]])
+        return self.residual[target].mse(), self.residual[target].mse(per_class)
 
     def apply(self, bias: torch.Tensor, sink: torch.Tensor | None) -> None:
         """Store ``base + bias`` (summed in float32, rounded once) and the sink rows."""
@@ -199,7 +226,7 @@ def choose_block_mode(
     batch_ids: list[int] | None = None,
     total_batches: int | None = None,
 ) -> BlockChoice:
-    """Score every candidate by held-out block-output MSE, then apply the winner refitted on all batches.
+    """Score every candidate by block-output MSE on the held-out fold, then apply the winner refitted on all batches.
 
     ``inputs`` / ``targets``: the quantized stream's block inputs and the float model's block outputs (batches with
     ``hidden``, ``kwargs``, ``valid``); ``run(block, hidden, kwargs)`` runs the block. ``batch_ids``: the global
@@ -223,17 +250,16 @@ def choose_block_mode(
     else:
         modes = modes_for(sink_tokens)
         sums = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # per mode: squared error, elements
+        held, fit = folds[HELD_OUT], [f for f in range(FOLDS) if f != HELD_OUT]
         for m, mode in enumerate(modes):
-            for f, held in enumerate(folds):
-                fit = [g for g in range(FOLDS) if g != f]
-                for layer in layers:
-                    layer.apply(*layer.sums.candidate(mode, fit))
-                for b in held:
-                    out = run(block, inputs[b].hidden.to(device), inputs[b].kwargs)
-                    valid = inputs[b].valid
-                    error = normalized_error(token_rows(out, valid), token_rows(targets[b].hidden.to(device), valid))
-                    sums[m, 0] += error.sum()
-                    sums[m, 1] += error.numel() * out.shape[-1]
+            for layer in layers:
+                layer.apply(*layer.sums.candidate(mode, fit))
+            for b in held:
+                out = run(block, inputs[b].hidden.to(device), inputs[b].kwargs)
+                valid = inputs[b].valid
+                error = normalized_error(token_rows(out, valid), token_rows(targets[b].hidden.to(device), valid))
+                sums[m, 0] += error.sum()
+                sums[m, 1] += error.numel() * out.shape[-1]
         all_reduce_sum([sums], "the held-out block-output errors of the BC candidates")
         scores = {mode: float(sums[m, 0] / sums[m, 1].clamp(min=1)) for m, mode in enumerate(modes)}
         best = min(range(len(modes)), key=lambda m: (scores[modes[m]], m))  # ties: the earlier (simpler) mode

@@ -4,12 +4,16 @@ state these methods read (the config, the auto layers and their history, the BC-
 
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
 
 from .. import distributed
 from ..algorithms.bc_select import FOLDS, BlockChoice, choose_block_mode, normalized_error, token_rows
+from ..algorithms.compensation import ResidualMoments, position_classes
 from .architectures import is_skipped
 from .block_bias import fold_block_bias, holds_sink, residual_accumulator
 from .block_inputs import _Batch
@@ -18,6 +22,30 @@ from .streams import _run_block, _valid_positions, _valid_rows
 
 
 logger = logging.getLogger(__name__)
+
+
+def applied_bias(module: nn.Module, base: torch.Tensor, classes: int) -> torch.Tensor:
+    """What a packed layer's BC adds on top of its float bias ``base``, per position class ``[classes, out]`` (float32):
+    its stored bias minus ``base``, plus its sink rows (first classes) or its position table."""
+    added = (module.bias.detach().float() - base.to(module.bias.device)).expand(classes, -1).clone()
+    sink = getattr(module, "sink_bias", None)
+    if sink is not None:
+        added[: sink.shape[0]] += sink.detach().float()
+    table = getattr(module, "position_bias", None)
+    if table is not None:
+        added += table.detach().float()[:classes]
+    return added
+
+
+@contextmanager
+def _hooks(block: nn.Module, names: list[str], hook: Callable) -> Iterator[None]:
+    """Forward hooks ``hook(module, args, output, name)`` on the named submodules of ``block`` while inside."""
+    handles = [block.get_submodule(n).register_forward_hook(partial(hook, rel=n)) for n in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class BlockCompensation:
@@ -35,7 +63,7 @@ class BlockCompensation:
         start = time.perf_counter()
         if self.bc_off_since is None:
             choice = choose_block_mode(
-                self.auto_layers, block, h_q, next_fp, _run_block, device, self.batch_ids, self.total_batches
+                self.auto_layers, block, h_q, next_fp, self._counted_run, device, self.batch_ids, self.total_batches
             )
         else:
             for layer in self.auto_layers:
@@ -49,12 +77,90 @@ class BlockCompensation:
             logger.warning("optimum-bc: bc_target='auto': %s", choice.fallback)
         rows = {row.name: row for row in self.report.layers if row.block == report.index}
         for layer in self.auto_layers:
-            row = rows[layer.name]
-            row.bc_choice = choice.mode
-            row.mse_before, row.mse_after = layer.report_mse(choice.mode)
+            rows[layer.name].bc_choice = choice.mode  # its MSEs come from the residual pass (_measure_layers)
             layer.bc_mode = choice.mode
         self.auto_history.extend((report.index, layer) for layer in self.auto_layers)
-        self.auto_layers = []
+
+    def _counted_run(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """``_run_block``, counted as one block forward on one batch."""
+        self.clock.count_pass()
+        return _run_block(block, hidden, kwargs)
+
+    def _measure_layers(
+        self,
+        index: int,
+        block: nn.Module,
+        fblock: nn.Module,
+        h_q: list[_Batch],
+        h_fp: list[_Batch],
+        device: torch.device,
+        store: torch.device | None,
+    ) -> list[_Batch]:
+        """The pass to the next block, measuring the report's per-layer MSEs on the way; returns the next block's
+        quantized inputs.
+
+        Per batch the float block runs on the float stream and the quantized block on the quantized stream, with
+        hooks on every compensated Linear and its float twin. Each layer streams its residual before compensation
+        (:class:`optimum_bc.compensation.ResidualMoments`): the sequential target's ``float output - quantized
+        output + what its bias adds``, the float target's ``(W - Q) x`` on the float inputs. The MSE of any bias then
+        follows in closed form: the guard taking biases back needs no new pass. No ``in x in`` matrix is kept."""
+        prefix = f"{self.spec.blocks}.{index}."
+        classes = self.positions or self.config.layer_sink_tokens + 1
+        autos = {layer.name: layer for layer in self.auto_layers}
+        targets, base, applied, dense, residuals = {}, {}, {}, {}, {}
+        for rel, _ in self.measured:
+            module, twin = block.get_submodule(rel), fblock.get_submodule(rel)
+            auto = autos.get(prefix + rel)
+            if auto is None:
+                targets[rel] = {self.target}
+            else:
+                targets[rel] = {"sequential"} | ({"float"} if auto.bc_mode.startswith("float") else set())
+            out = module.bias.shape[0]
+            base[rel] = twin.bias.detach().float() if twin.bias is not None else torch.zeros(out, device=device)
+            applied[rel] = applied_bias(module, base[rel], classes)
+            if "float" in targets[rel]:
+                dense[rel] = module.dequantize_weight(torch.float32)
+            residuals[rel] = {t: ResidualMoments(out, classes, device) for t in sorted(targets[rel])}
+        now: dict[str, torch.Tensor] = {}  # the batch being measured: valid mask, row positions, position classes
+        float_out: dict[str, torch.Tensor] = {}
+        float_in: dict[str, torch.Tensor] = {}
+
+        def float_hook(module: nn.Module, args: tuple, output: torch.Tensor, rel: str) -> None:
+            float_out[rel] = _valid_rows(output, now["valid"]).float()
+            if rel in dense:
+                float_in[rel] = _valid_rows(args[0], now["valid"]).float()
+
+        def quant_hook(module: nn.Module, args: tuple, output: torch.Tensor, rel: str) -> None:
+            if "sequential" in residuals[rel]:
+                r = float_out[rel] - _valid_rows(output, now["valid"]).float() + applied[rel][now["index"]]
+                residuals[rel]["sequential"].add_batch(r, now["positions"])
+
+        next_q = []
+        with _hooks(fblock, list(targets), float_hook), _hooks(block, list(targets), quant_hook):
+            for b, batch in enumerate(h_q):
+                now["valid"], now["positions"] = batch.valid, _valid_positions(batch.valid)
+                now["index"] = position_classes(now["positions"], classes).to(device)
+                with self.clock.timed("bc"):
+                    self.clock.count_pass()
+                    _run_block(fblock, h_fp[b].hidden.to(device), h_fp[b].kwargs)
+                    for rel, weight in dense.items():
+                        r = float_out[rel] - base[rel] - float_in[rel] @ weight.to(device).T
+                        residuals[rel]["float"].add_batch(r, now["positions"])
+                with self.clock.timed("forward"):
+                    self.clock.count_pass()
+                    out = _run_block(block, batch.hidden.to(device), batch.kwargs)
+                next_q.append(batch.with_hidden(out.to(store)))
+        for rel, row in self.measured:  # the same order on every data-parallel rank
+            for moments in residuals[rel].values():
+                moments.reduce()
+            auto = autos.get(prefix + rel)
+            target = self.target if auto is None else ("float" if auto.bc_mode.startswith("float") else "sequential")
+            row.mse_before = residuals[rel][target].mse()
+            row.mse_after = residuals[rel][target].mse(applied[rel])
+            if auto is not None:
+                auto.residual = residuals[rel]
+        self.auto_layers, self.measured = [], []
+        return next_q
 
     def _guard(
         self,
@@ -76,7 +182,7 @@ class BlockCompensation:
         for layer in layers:
             layer.apply(*layer.sums.candidate("none", everything))
         off_in = [b.for_block(index).to(device, store) for b in self.off_stream]
-        next_off = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in off_in]
+        next_off = [b.with_hidden(self._counted_run(block, b.hidden.to(device), b.kwargs).to(store)) for b in off_in]
         for layer in layers:
             layer.apply(*chosen[layer.name])
         errors = torch.zeros(2, dtype=torch.float64, device=device)  # BC stream, BC-off stream
@@ -133,7 +239,7 @@ class BlockCompensation:
             if self.sequential_target:
                 out = batch.hidden.to(device)
             else:
-                out = _run_block(block, h_fp[b].hidden.to(device), h_fp[b].kwargs)
+                out = self._counted_run(block, h_fp[b].hidden.to(device), h_fp[b].kwargs)
             rows = (_valid_rows(next_fp[b].hidden.to(device), batch.valid), _valid_rows(out, batch.valid))
             if sink_tokens:
                 residual.add_batch(*rows, _valid_positions(batch.valid))

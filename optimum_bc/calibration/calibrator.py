@@ -34,7 +34,7 @@ from .block_inputs import _Batch
 from .discovery import BlockLayout, dense_weight, find_output_bias, fused_expert_weights, layer_features, observe_block
 from .expert_calibration import ExpertCalibrator
 from .offload import OffloadedCalibration
-from .report import BlockReport, LayerReport, QuantizationReport
+from .report import BlockClock, BlockReport, LayerReport, QuantizationReport
 from .skeleton import packed_layer
 from .streams import _capture_inputs, _run_block, _valid_positions, _valid_rows
 
@@ -90,8 +90,10 @@ class BlockCalibrator(BlockCompensation):
         self.bc_off_since: int | None = None
         # The float stream runs beside the quantized one for BC's target and for algorithms that use float inputs.
         self.float_stream = config.needs_float_stream
-        # Whether each stage pairs its quantized inputs with the float inputs of the same Linears.
-        self.paired = self.sequential_target or self.algorithm.needs_float_inputs
+        # The compensated Linears of the block being calibrated (relative name, report row): the residual pass at
+        # the block's end measures their MSEs.
+        self.measured: list[tuple[str, LayerReport]] = []
+        self.clock = BlockClock(0)
         self.report = QuantizationReport()
         self.compensated: list[str] = []
         # Float modules that layer-level BC gave a bias they had no slot for (recorded so a reload creates it).
@@ -215,26 +217,34 @@ class BlockCalibrator(BlockCompensation):
         store = self.store or device
         h_q = [b.for_block(index).to(device, store) for b in h_q]
         h_fp = [b.for_block(index).to(device, store) for b in h_fp] if h_fp is not None else None
+        self.clock = BlockClock(len(h_q))
         layout = self.observe(index, block, h_q[0] if h_q else None, device)
         # Each data-parallel rank observed its own first batch: the layouts must agree, or the sums would not match.
         distributed.check_agree((layout.groups, sorted(layout.left_out)), f"layer layout of block {index}")
         fblock = copy.deepcopy(block) if self.float_stream else None
         stages = self.stages(layout)
+        # BC needs first moments only: per Linear group the sums of the float inputs (all taken in the one float pass
+        # of stage 0) and, for the sequential target, of the quantized prefix's inputs (each stage's own pass).
+        bc_keys = [g[0] for stage in stages for g in stage] if self.bc else []
+        sink_tokens = self.config.layer_sink_tokens
         moments: dict[str, InputMoments] = {}
         fold_sums: dict[str, FoldInputSums] = {}
-        self.auto_layers = []
+        for key in bc_keys:
+            in_features = layer_features(block.get_submodule(key))[0]
+            moments[key] = InputMoments(in_features, self.target, device, self.positions, sink_tokens)
+            if self.auto:
+                fold_sums[key] = FoldInputSums(in_features, sink_tokens, device)
+        self.auto_layers, self.measured = [], []
         next_fp: list[_Batch] | None = [] if self.float_stream else None
+        pair = self.algorithm.needs_float_inputs
         for s, stage in enumerate(stages):
             keys = [g[0] for g in stage]
             need_q = self.algorithm.needs_inputs or self.sequential_target
-            # The float stream runs once per block (its output feeds the next block); the float target observes all
-            # inputs in that pass; the sequential target, and algorithms using float inputs (ERQ), pair each stage's
-            # float inputs with its quantized ones.
-            if self.paired:
-                float_keys = keys
-            else:
-                float_keys = [g[0] for st in stages for g in st] if (self.bc and s == 0) else []
-            run_float = self.float_stream and (s == 0 or bool(float_keys))
+            # The float block runs whole once (stage 0): its output feeds the next block and every BC float sum is
+            # taken there; algorithms using float inputs (ERQ) pair each stage's float inputs with its quantized ones
+            # (a float pass stopped at the stage).
+            float_keys = list(dict.fromkeys((bc_keys if s == 0 else []) + (keys if pair else [])))
+            run_float = self.float_stream and (s == 0 or pair)
             quantizers = {
                 k: self.algorithm(layer_features(block.get_submodule(k))[0], **self._options()) for k in keys
             }
@@ -242,53 +252,49 @@ class BlockCalibrator(BlockCompensation):
             if acts.static:  # fit the input scales on the quantized stream before the weights see the inputs
                 for batch in h_q:
                     seen: dict[str, torch.Tensor] = {}
-                    with _capture_inputs(block, keys, seen, stop=True):
+                    with self.clock.timed("forward"), _capture_inputs(block, keys, seen, stop=True):
+                        self.clock.count_pass(stopped=True)
                         _run_block(block, batch.hidden.to(device), batch.kwargs)
                     for key in keys:
                         acts.observe(key, _valid_rows(seen[key], batch.valid))
                 acts.fit()
-            for key in float_keys if self.bc else []:
-                in_features = layer_features(block.get_submodule(key))[0]
-                if self.auto:
-                    fold_sums[key] = FoldInputSums(in_features, self.config.layer_sink_tokens, device)
-                moments[key] = InputMoments(
-                    in_features,
-                    self.target,
-                    device,
-                    positions=self.positions,
-                    sink_tokens=self.config.layer_sink_tokens,
-                )
             if need_q or run_float:
                 for b, batch in enumerate(h_q):
                     seen_q: dict[str, torch.Tensor] = {}
                     seen_fp: dict[str, torch.Tensor] = {}
                     valid = batch.valid
+                    positions = _valid_positions(valid)
+                    fold = fold_of(self.batch_ids[b]) if self.auto else 0
                     if need_q:
-                        with _capture_inputs(block, keys, seen_q, stop=True):
+                        with self.clock.timed("forward"), _capture_inputs(block, keys, seen_q, stop=True):
+                            self.clock.count_pass(stopped=True)
                             _run_block(block, batch.hidden.to(device), batch.kwargs)
-                        seen_q = {k: acts.apply(k, v) for k, v in seen_q.items()}
-                        for key in keys:
-                            quantizers[key].add_batch(_valid_rows(seen_q[key], valid))
+                        with self.clock.timed("statistics"):
+                            seen_q = {k: _valid_rows(acts.apply(k, v), valid) for k, v in seen_q.items()}
+                            for key in keys:
+                                quantizers[key].add_batch(seen_q[key])
+                                if self.sequential_target:
+                                    moments[key].add_quant(seen_q[key], positions)
+                                if key in fold_sums:
+                                    fold_sums[key].add_quant(fold, seen_q[key], positions)
                     if run_float:
                         fp_batch = h_fp[b]
                         # Only the first stage needs the whole float block: its output feeds the next block.
-                        with _capture_inputs(fblock, float_keys, seen_fp, stop=s > 0):
+                        with self.clock.timed("forward"), _capture_inputs(fblock, float_keys, seen_fp, stop=s > 0):
+                            self.clock.count_pass(stopped=s > 0)
                             out = _run_block(fblock, fp_batch.hidden.to(device), fp_batch.kwargs)
                         if s == 0:
                             next_fp.append(fp_batch.with_hidden(out.to(store)))
-                        for key in float_keys:
-                            x_fp = _valid_rows(seen_fp[key], valid)
-                            if self.algorithm.needs_float_inputs:
-                                quantizers[key].add_float_batch(_valid_rows(seen_q[key], valid), x_fp)
-                            if self.bc:
-                                x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
-                                moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
-                            if key in fold_sums:
-                                fold_sums[key].add_batch(
-                                    fold_of(self.batch_ids[b]), x_fp, x_q, _valid_positions(valid)
-                                )
+                        with self.clock.timed("statistics"):
+                            for key in float_keys:
+                                x_fp = _valid_rows(seen_fp[key], valid)
+                                if pair and key in quantizers:
+                                    quantizers[key].add_float_batch(seen_q[key], x_fp)
+                                if s == 0 and key in moments:
+                                    moments[key].add_float(x_fp, positions)
+                                if s == 0 and key in fold_sums:
+                                    fold_sums[key].add_float(fold, x_fp, positions)
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
-        del fblock  # its last use was the last stage: free it before the quantized block's own passes below
         experts = ExpertCalibrator(
             self.config,
             self._options(),
@@ -296,16 +302,28 @@ class BlockCalibrator(BlockCompensation):
             lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs),
             self.skip,
         )
-        self.report.experts.extend(experts.quantize(block, f"{self.spec.blocks}.{index}.", h_q, self.model.config))
+        with self.clock.timed("solve"):
+            self.report.experts.extend(experts.quantize(block, f"{self.spec.blocks}.{index}.", h_q, self.model.config))
         block_report = BlockReport(index=index, seconds=0.0)
         if self.auto:
-            self._choose_block(block, h_q, next_fp, block_report, device)
-        next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
+            with self.clock.timed("bc"):
+                self._choose_block(block, h_q, next_fp, block_report, device)
+        if self.bc:
+            # The next block's inputs, and beside them the float block's Linear outputs: the report's MSEs.
+            next_q = self._measure_layers(index, block, fblock, h_q, h_fp, device, store)
+        else:
+            with self.clock.timed("forward"):
+                self.clock.count_pass()
+                next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
+        del fblock  # its last use was the measurement: free it before the guard's and layer-level BC's passes
         if self.off_stream is not None:
-            next_q = self._guard(index, block, next_q, next_fp, block_report, device, store)
+            with self.clock.timed("bc"):
+                next_q = self._guard(index, block, next_q, next_fp, block_report, device, store)
         if self.config.bc_layer:
-            self._compensate_block(index, block, layout.bias_target, h_fp, next_q, next_fp, block_report, device)
+            with self.clock.timed("bc"):
+                self._compensate_block(index, block, layout.bias_target, h_fp, next_q, next_fp, block_report, device)
         block_report.seconds = time.perf_counter() - t0
+        self.clock.fill(block_report)
         self.report.blocks.append(block_report)
         return next_q, next_fp
 
@@ -336,7 +354,8 @@ class BlockCalibrator(BlockCompensation):
                 moments[group[0]].reduce()
             if group[0] in fold_sums:
                 fold_sums[group[0]].reduce()
-            stacked = quantizer.quantize(torch.cat(weights))
+            with self.clock.timed("solve"):
+                stacked = quantizer.quantize(torch.cat(weights))
             quantizer.free()
             share = (time.perf_counter() - t0) / stacked.codes.shape[0]
             start = 0
@@ -349,7 +368,7 @@ class BlockCalibrator(BlockCompensation):
                 base = bias if self.positions is None else None  # folded in float32, rounded once
                 comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype, base) if self.bc else None
                 if comp is not None:
-                    row.mse_before, row.mse_after = comp.mse_before, comp.mse_after
+                    self.measured.append((rel, row))  # its MSEs come from the residual pass at the block's end
                     if self.positions is None:
                         bias = comp.bias
                         self.compensated.append(prefix + rel)
@@ -363,8 +382,7 @@ class BlockCalibrator(BlockCompensation):
                 if group[0] in fold_sums:
                     sums = fold_sums[group[0]].residual_sums(W, qw.dequantize())
                     base = linear.bias.detach().float() if linear.bias is not None else torch.zeros(W.shape[0])
-                    power = moments[group[0]].residual_power(W, qw.dequantize())
-                    auto = AutoLayer(prefix + rel, qlinear, sums, base.to(sums.count.device), power)
+                    auto = AutoLayer(prefix + rel, qlinear, sums, base.to(sums.count.device))
                     self.auto_layers.append(auto)
                 parent_name, _, child = rel.rpartition(".")
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, qlinear)

@@ -1,5 +1,8 @@
 """``QuantizationReport``: per-layer and per-block numbers of one quantization run, returned as data."""
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,6 +49,55 @@ class BlockReport:
         None  # why the held-out choice did not decide: nothing held out, or the guard took BC back
     )
     bc_choice_seconds: float = 0.0  # time the held-out choice took (the extra block forwards)
+    # Where the block's time went (BlockClock): block forwards of the stage passes, the float pass and the pass to
+    # the next block; statistics (Hessians, BC input sums); solve (the quantization algorithm and packing); BC (the
+    # auto choice, the guard, the report's residual pass, layer-level BC, each with its own forwards).
+    forward_seconds: float = 0.0
+    statistics_seconds: float = 0.0
+    solve_seconds: float = 0.0
+    bc_seconds: float = 0.0
+    # Block-forward passes over the calibration tokens: whole passes, and passes stopped once a stage's inputs were
+    # seen (each counted as one, however early it stopped).
+    block_passes: float = 0.0
+    stopped_passes: float = 0.0
+
+
+#: The BlockReport fields that split a block's time.
+TIME_SPLIT = ("forward_seconds", "statistics_seconds", "solve_seconds", "bc_seconds")
+
+
+class BlockClock:
+    """Times the parts of one block's calibration (:data:`TIME_SPLIT`) and counts its block-forward passes.
+
+    Nested ``timed`` sections count for the outermost one only (the auto choice's forwards are BC time)."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = max(batches, 1)
+        self.seconds = dict.fromkeys(TIME_SPLIT, 0.0)
+        self.passes = [0.0, 0.0]  # whole, stopped
+        self._depth = 0
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the time spent inside to ``part`` ("forward", "statistics", "solve" or "bc")."""
+        self._depth += 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.seconds[f"{part}_seconds"] += time.perf_counter() - start
+
+    def count_pass(self, stopped: bool = False) -> None:
+        """Count one block forward on one calibration batch (a pass is one forward on every batch)."""
+        self.passes[int(stopped)] += 1 / self.batches
+
+    def fill(self, report: "BlockReport") -> None:
+        """Write the split and the pass counts into ``report``."""
+        for name, seconds in self.seconds.items():
+            setattr(report, name, seconds)
+        report.block_passes, report.stopped_passes = self.passes
 
 
 @dataclass
@@ -65,6 +117,8 @@ class QuantizationReport:
             row.seconds = 0.0
         for block in quiet.blocks:
             block.bc_choice_seconds = 0.0
+            for name in TIME_SPLIT:
+                setattr(block, name, 0.0)
         quiet.total_seconds = 0.0
         return quiet
 
@@ -76,6 +130,15 @@ class QuantizationReport:
             column.extend([0] * (row.expert + 1 - len(column)))
             column[row.expert] = row.tokens
         return counts
+
+    def time_split(self) -> str:
+        """One line: the blocks' time split summed over blocks and the block-forward passes per block."""
+        parts = ", ".join(
+            f"{n.removesuffix('_seconds')} {sum(getattr(b, n) for b in self.blocks):.1f} s" for n in TIME_SPLIT
+        )
+        whole = sum(b.block_passes for b in self.blocks) / len(self.blocks)
+        stopped = sum(b.stopped_passes for b in self.blocks) / len(self.blocks)
+        return f"time split: {parts}; per block {whole:.2f} whole + {stopped:.2f} stopped block-forward passes"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict."""
@@ -122,4 +185,6 @@ class QuantizationReport:
             f"{len(self.layers)} layers, {len(self.blocks)} blocks, {self.calibration_tokens} calibration tokens,"
             f" {self.total_seconds:.1f} s"
         )
+        if self.blocks:
+            lines.append(self.time_split())
         return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""What bias compensation costs: quantization wall time with and without BC, against one plain float forward.
+
+On the packaged SmolLM2-135M (fp32), side by side in one run (the machine is shared: compare the ratios, not the
+seconds): one plain forward of the float model over the calibration tokens, RTN alone, RTN + BC (the default
+``bc_target="auto"``), GPTQ alone and GPTQ + BC, all on the same ``--num-samples`` x ``--seq-len`` wiki-vital
+calibration windows. Prints the seconds, the ratios the issue's targets are stated in (#16: GPTQ + BC <= 1.3x GPTQ,
+RTN + BC <= 2x one float forward; #15: BC adds <= 50 % to GPTQ) and, from each report, the per-block split
+(forwards, statistics, solve, BC choice / report) and the block-forward passes over the calibration tokens, and,
+with ``--eval-samples``, the perplexity of every quantized model (held-out wiki-vital windows).
+
+    OMP_NUM_THREADS=1 nice python benchmarks/bc_cost.py --num-samples 8 --bits 3 --group-size 128
+"""
+
+import argparse
+import time
+
+import torch
+from packaged_eval import packaged_model, quantize_packaged
+from transformers.utils import logging as hf_logging
+
+from optimum_bc import QuantizationReport
+from optimum_bc.calibration import set_progress_bars
+from optimum_bc.data.calibration_data import build_calibration_set
+
+
+RUNS: dict[str, dict] = {
+    "rtn": {"method": "rtn", "bias_compensation": False},
+    "rtn + bc": {"method": "rtn"},
+    "gptq": {"method": "gptq", "bias_compensation": False},
+    "gptq + bc": {"method": "gptq"},
+}
+SPLIT = ("forward_seconds", "statistics_seconds", "solve_seconds", "bc_seconds")
+
+
+@torch.no_grad()
+def float_forward_seconds(model: torch.nn.Module, tokenizer: object, num_samples: int, seq_len: int) -> float:
+    """Seconds of one plain forward of ``model`` over the calibration windows, in batches of 4 like calibration."""
+    samples = build_calibration_set("wiki-vital", tokenizer, num_samples=num_samples, seq_len=seq_len)
+    ids = torch.cat([s["input_ids"] for s in samples])
+    start = time.perf_counter()
+    for chunk in ids.split(4):
+        model(input_ids=chunk)
+    return time.perf_counter() - start
+
+
+def split_line(report: QuantizationReport) -> str:
+    """The report's time split summed over blocks and the mean block-forward passes per block."""
+    blocks = report.blocks
+    parts = [f"{name.removesuffix('_seconds')} {sum(getattr(b, name, 0.0) for b in blocks):.1f} s" for name in SPLIT]
+    passes = sum(getattr(b, "block_passes", 0.0) for b in blocks) / max(len(blocks), 1)
+    partial = sum(getattr(b, "stopped_passes", 0.0) for b in blocks) / max(len(blocks), 1)
+    total = sum(b.seconds for b in blocks)
+    return (
+        f"blocks {total:.1f} s: " + ", ".join(parts) + f"; per block {passes:.2f} full + {partial:.2f} stopped passes"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=int, default=8, help="calibration windows (8)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {list(RUNS)}")
+    parser.add_argument("--eval-samples", type=int, default=0, help="perplexity windows per model (0: none)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leave cores to others)")
+    args = parser.parse_args()
+    runs = args.runs.split(",")
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; known: {list(RUNS)}")
+    torch.set_num_threads(args.threads)
+    set_progress_bars(False)
+    hf_logging.disable_progress_bar()
+    tokenizer, load, perplexity = packaged_model(args.seq_len, max(args.eval_samples, 1))
+    fp = float_forward_seconds(load(), tokenizer, args.num_samples, args.seq_len)
+    print(f"float forward over {args.num_samples} x {args.seq_len} tokens: {fp:.1f} s", flush=True)
+    seconds: dict[str, float] = {}
+    for name in runs:
+        model, report, seconds[name] = quantize_packaged(
+            load, tokenizer, args.num_samples, args.seq_len, bits=args.bits, group_size=args.group_size, **RUNS[name]
+        )
+        ppl = f", perplexity {perplexity(model):.3f}" if args.eval_samples else ""
+        choices = [b.bc_choice for b in report.blocks if b.bc_choice]
+        print(f"{name}: {seconds[name]:.1f} s ({seconds[name] / fp:.2f}x float forward){ppl}", flush=True)
+        print(f"  {split_line(report)}", flush=True)
+        if choices:
+            print(f"  choices: {choices}", flush=True)
+        del model
+    for method in ("rtn", "gptq"):
+        if method in seconds and f"{method} + bc" in seconds:
+            ratio = seconds[f"{method} + bc"] / seconds[method]
+            print(f"{method} + bc / {method} alone: {ratio:.2f}x")
+    if "rtn + bc" in seconds:
+        print(f"rtn + bc / float forward: {seconds['rtn + bc'] / fp:.2f}x (target <= 2)")
+
+
+if __name__ == "__main__":
+    main()
