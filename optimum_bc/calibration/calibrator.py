@@ -313,8 +313,9 @@ class BlockCalibrator(BlockCompensation):
             next_q = self._measure_layers(index, block, fblock, h_q, h_fp, device, store)
         else:
             with self.clock.timed("forward"):
-                self.clock.count_pass()
-                next_q = [b.with_hidden(_run_block(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q]
+                next_q = [
+                    b.with_hidden(self._counted_run(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q
+                ]
         del fblock  # its last use was the measurement: free it before the guard's and layer-level BC's passes
         if self.off_stream is not None:
             with self.clock.timed("bc"):
