@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from optimum_bc import BCQuantizationConfig, QuantLinear
 from optimum_bc.calibration.offload import (
     OffloadedCalibration,
+    block_calibration_bytes,
     check_device_map,
     check_offload_folder,
     device_for,
@@ -147,15 +148,23 @@ def test_auto_device_map_with_small_max_memory_goes_to_disk_and_matches(calib_id
 
 
 def test_max_memory_smaller_than_one_block_fails_before_loading(calib_ids, tmp_path) -> None:
-    tiny_llama().save_pretrained(tmp_path / "float")
-    with pytest.raises(ValueError, match=r"too small to calibrate even one decoder block: one block needs about"):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "float")
+    block = model.model.layers[0]
+    linears = [[name] for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    needed = block_calibration_bytes(block, linears, True)
+    with pytest.raises(
+        ValueError, match=r"too small to calibrate even one decoder block: one block needs about"
+    ) as err:
         AutoModelForCausalLM.from_pretrained(
             tmp_path / "float",
             quantization_config=_cfg(calib_ids),
             device_map="auto",
-            max_memory={"cpu": "50KB"},
+            max_memory={"cpu": needed - 1024},
             offload_folder=str(tmp_path / "offload"),
         )
+    assert f"needs about {needed / 2**20:.1f} MiB" in str(err.value)
+    assert f"at least {-(-needed // 2**20)}MiB" in str(err.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -151,11 +151,19 @@ def group_calibration_bytes(in_features: int, stacked_out: int) -> int:
     return max(accumulate, solve)
 
 
+#: Peak bytes per weight of computing a packed layer's dense weight, which the quantized stream does on the layer's
+#: first forward (``QuantLinear.dequantize_weight``: the int64 temporaries of ``formats.packing.unpack_int32`` and
+#: the float32 gathers of scales and zeros). Measured on 4-bit layers: 8.25 float32 weights' worth.
+DENSE_WEIGHT_BYTES_PER_WEIGHT = 33
+
+
 def block_calibration_bytes(block: nn.Module, groups: list[list[str]], float_copy: bool) -> int:
     """Memory one block needs on its execution device while calibrated (activations not included).
 
-    The block's weights, plus the largest need of its groups of Linears quantized together: the stacked float32
-    weights handed to the algorithm (``4 · out · in``) and :func:`group_calibration_bytes`. With bias compensation
+    The block's weights (float, then the dense caches of its packed layers), plus the larger of: the largest need of
+    its groups of Linears quantized together (the stacked float32 weights handed to the algorithm, ``4 · out · in``,
+    and :func:`group_calibration_bytes`), and the temporaries of making the largest packed layer's dense weight
+    (:data:`DENSE_WEIGHT_BYTES_PER_WEIGHT`; it happens in a forward, never during a solve). With bias compensation
     the float copy shares the block's tensors, or streams them from the offload store one module at a time
     (:meth:`OffloadedCalibration.float_copy`): the largest Linear's weight on top. (BC's own in×in input moments,
     :mod:`optimum_bc.algorithms.compensation`, are not counted.)
@@ -176,8 +184,9 @@ def block_calibration_bytes(block: nn.Module, groups: list[list[str]], float_cop
         dims = [layer_features(linear) for linear in linears]
         stacked = sum(out for _, out in dims)
         work = max(work, 4 * stacked * dims[0][0] + group_calibration_bytes(dims[0][0], stacked))
-        largest = max([largest] + [linear.weight.numel() * linear.weight.element_size() for linear in linears])
-    return weights + (largest if float_copy else 0) + work
+        largest = max([largest] + [linear.weight.numel() for linear in linears])
+    streamed = largest * next(block.parameters()).element_size() if float_copy else 0
+    return weights + streamed + max(work, DENSE_WEIGHT_BYTES_PER_WEIGHT * largest)
 
 
 def check_max_memory(max_memory: Mapping[Device, int], needed: int) -> None:
