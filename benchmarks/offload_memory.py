@@ -1,22 +1,24 @@
 """Peak host memory of quantizing a model that is mostly offloaded to disk, against the model's fp32 size.
 
 Builds a LLaMA-shaped model with random weights from a ``LlamaConfig`` (>= 3 GB in fp32), saves it as safetensors to
-a temporary folder, then quantizes it (GPTQ 4-bit, group 128, bias compensation) twice, each in its own child process
-so the peaks do not mix:
+a temporary folder, then quantizes it (GPTQ 4-bit, group 128) three times, each in its own child process so the peaks
+do not mix:
 
 * ``offload``: ``from_pretrained(..., device_map="auto", max_memory={"cpu": ...}, offload_folder=...)`` with a CPU
-  budget that leaves room for about one block, so most blocks live on disk;
+  budget that leaves room for about one block, so most blocks live on disk, with bias compensation;
+* ``offload-nobc``: the same without bias compensation (no float stream, no BC input moments);
 * ``memory``: the model loaded in RAM (no device map). With ``--memory-layers K`` only its first K blocks are
   loaded (``num_hidden_layers=K``: the same checkpoint and block weights), which keeps this reference run short on a
   small shared machine; time per block is what is compared.
 
-Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on Linux), the ratio peak / model size
-(target <= 0.35 with offload) and the calibration time per block of both runs side by side.
+Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on Linux), its RSS after the imports
+(the process's own share of the peak), the ratio peak / model size (target <= 0.35 with offload) and the calibration
+time per block of the runs side by side.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]``
 (``--memory-layers 0``: the whole model in the reference run). ``--hidden/--intermediate/--heads`` pick the block
 shape; the wide-MLP shape of issue #16 (intermediate 2.7x hidden, where ``down_proj``'s in×in statistics dominate a
-block's memory) is ``--layers 12 --hidden 2048 --intermediate 5504 --heads 16 --memory-layers 1``.
+block's memory) is ``--layers 12 --hidden 2048 --intermediate 5504 --heads 16 --memory-layers 1 --cpu-budget 800MB``
 """
 
 import argparse
@@ -66,13 +68,21 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
 
     set_progress_bars(False)
     torch.set_num_threads(1)
+    imports_rss = _rss()
     ids = torch.randint(0, VOCAB, (samples, tokens), generator=torch.Generator().manual_seed(1))
     config = BCQuantizationConfig(
-        method="gptq", bits=4, group_size=128, dataset=ids, num_samples=samples, seq_len=tokens, batch_size=samples
+        method="gptq",
+        bits=4,
+        group_size=128,
+        dataset=ids,
+        num_samples=samples,
+        seq_len=tokens,
+        batch_size=samples,
+        bias_compensation=mode != "offload-nobc",
     )
     kwargs: dict = {}
     offload_dir = None
-    if mode == "offload":
+    if mode.startswith("offload"):
         offload_dir = tempfile.mkdtemp(prefix="offload_", dir=os.path.dirname(folder))
         kwargs = {"device_map": "auto", "max_memory": {"cpu": cpu_budget}, "offload_folder": offload_dir}
     elif memory_layers > 0:
@@ -91,12 +101,18 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     del model
     return {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "imports_rss_bytes": imports_rss,
         "seconds_per_block": report.total_seconds / blocks,
         "load_and_quantize_seconds": wall,
         "blocks": blocks,
         "blocks_on_disk": on_disk,
         "finite_logits": bool(logits.isfinite().all()),
     }
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _placement(device_map: dict, name: str) -> object:
@@ -122,7 +138,7 @@ def main() -> None:
     parser.add_argument("--cpu-budget", default="200MB", help="max_memory['cpu'] of the offload run")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--child", choices=["build", "offload", "memory"])
+    parser.add_argument("--child", choices=["build", "offload", "offload-nobc", "memory"])
     parser.add_argument("--folder")
     args = parser.parse_args()
     if args.hidden <= 0 or args.intermediate <= 0 or args.heads <= 0 or args.hidden % args.heads:
@@ -150,7 +166,7 @@ def main() -> None:
             check=True,
         )
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
-        runs = {mode: _child(folder, mode, args) for mode in ("offload", "memory")}
+        runs = {mode: _child(folder, mode, args) for mode in ("offload", "offload-nobc", "memory")}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     off, mem = runs["offload"], runs["memory"]
@@ -160,17 +176,20 @@ def main() -> None:
         f"(tied), fp32 size {size / 2**30:.2f} GiB"
     )
     print(
-        f"quantization: GPTQ 4-bit g128 + BC, calibration {args.samples} x {args.tokens} tokens, 1 thread; "
+        f"quantization: GPTQ 4-bit g128 (with and without BC), calibration {args.samples} x {args.tokens} tokens, 1 thread; "
         f"offload run: device_map='auto', max_memory={{'cpu': '{args.cpu_budget}'}}, "
         f"{off['blocks_on_disk']}/{off['blocks']} blocks on disk"
     )
-    print(f"{'run':<10}{'blocks':>8}{'peak RSS GiB':>14}{'peak / model':>14}{'s / block':>12}")
+    print(f"{'run':<14}{'blocks':>8}{'imports GiB':>13}{'peak RSS GiB':>14}{'peak / model':>14}{'s / block':>12}")
     for mode, run in runs.items():
-        peak = run["peak_rss_bytes"]
-        row = f"{mode:<10}{run['blocks']:>8}{peak / 2**30:>14.2f}{peak / size:>14.3f}{run['seconds_per_block']:>12.2f}"
-        print(row)
+        peak, base = run["peak_rss_bytes"], run["imports_rss_bytes"]
+        print(
+            f"{mode:<14}{run['blocks']:>8}{base / 2**30:>13.2f}{peak / 2**30:>14.2f}{peak / size:>14.3f}"
+            f"{run['seconds_per_block']:>12.2f}"
+        )
     print(
-        f"offload peak RSS / model size: {off['peak_rss_bytes'] / size:.3f} (target <= 0.35); "
+        f"offload peak RSS / model size: {off['peak_rss_bytes'] / size:.3f}, without BC "
+        f"{runs['offload-nobc']['peak_rss_bytes'] / size:.3f} (target <= 0.35); "
         f"time per block offload / memory: {off['seconds_per_block'] / mem['seconds_per_block']:.2f}x; "
         f"logits finite: {off['finite_logits'] and mem['finite_logits']}"
     )

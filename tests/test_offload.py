@@ -7,10 +7,18 @@ import torch
 from accelerate.hooks import AlignDevicesHook
 from accelerate.utils import named_module_tensors
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear
-from optimum_bc.calibration.offload import check_device_map, check_offload_folder, device_for
+from optimum_bc.calibration.offload import (
+    OffloadedCalibration,
+    block_calibration_bytes,
+    check_device_map,
+    check_offload_folder,
+    device_for,
+    float_copy,
+    shared_float_copy,
+)
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
 
@@ -120,14 +128,18 @@ def test_reload_with_disk_device_map_identical_logits(family, calib_ids, tmp_pat
 def test_auto_device_map_with_small_max_memory_goes_to_disk_and_matches(calib_ids, tmp_path) -> None:
     # A narrow MLP: the tiny model's default one needs more memory to calibrate a block (its down_proj's float64
     # in×in statistics) than the whole model holds, so nothing would go to disk.
-    tiny_llama(intermediate_size=64).save_pretrained(tmp_path / "float")
+    # Five blocks, so that a budget holding one block's calibration leaves most of them for the disk.
+    config = tiny_llama(intermediate_size=64).config
+    config.num_hidden_layers = 5
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "float")
     cfg = {"bias_compensation": False}  # the tiny model is smaller than a block's BC working set
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=_cfg(calib_ids, **cfg))
     model = AutoModelForCausalLM.from_pretrained(
         tmp_path / "float",
         quantization_config=_cfg(calib_ids, **cfg),
         device_map="auto",
-        max_memory={"cpu": "200KB"},
+        max_memory={"cpu": "300KB"},
         offload_folder=str(tmp_path / "offload"),
     )
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
@@ -136,15 +148,23 @@ def test_auto_device_map_with_small_max_memory_goes_to_disk_and_matches(calib_id
 
 
 def test_max_memory_smaller_than_one_block_fails_before_loading(calib_ids, tmp_path) -> None:
-    tiny_llama().save_pretrained(tmp_path / "float")
-    with pytest.raises(ValueError, match=r"too small to calibrate even one decoder block: one block needs about"):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "float")
+    block = model.model.layers[0]
+    linears = [[name] for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    needed = block_calibration_bytes(block, linears, True)
+    with pytest.raises(
+        ValueError, match=r"too small to calibrate even one decoder block: one block needs about"
+    ) as err:
         AutoModelForCausalLM.from_pretrained(
             tmp_path / "float",
             quantization_config=_cfg(calib_ids),
             device_map="auto",
-            max_memory={"cpu": "50KB"},
+            max_memory={"cpu": needed - 1024},
             offload_folder=str(tmp_path / "offload"),
         )
+    assert f"needs about {needed / 2**20:.1f} MiB" in str(err.value)
+    assert f"at least {-(-needed // 2**20)}MiB" in str(err.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -232,3 +252,34 @@ def test_offloaded_activations_on_gpu_give_the_same_model(calib_ids, monkeypatch
         logits[offload] = model(calib_ids[:2].cuda()).logits
     assert stores[:2] == [{"cuda"}, {"cuda"}] and stores[2:] == [{"cpu"}, {"cpu"}]
     torch.testing.assert_close(logits[True], logits[False])
+
+
+def test_float_copy_shares_or_streams_the_block_weights(tmp_path) -> None:
+    """BC's float copy costs no weight memory: it shares a resident block's tensors, and for a block on disk holds
+    only meta tensors and loads each module's weights from the offload store for its forward (same outputs)."""
+    tiny_llama().save_pretrained(tmp_path / "float")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", device_map=DEVICE_MAPS["llama"], offload_folder=str(tmp_path / "offload")
+    )
+    placement = OffloadedCalibration(model)
+    blocks = model.model.layers
+    placement.onload(blocks[0], "model.layers.0.")
+    shared = placement.float_copy(blocks[0], "model.layers.0.")
+    assert shared is not blocks[0]
+    assert [p.data_ptr() for p in shared.parameters()] == [p.data_ptr() for p in blocks[0].parameters()]
+    assert shared_float_copy(blocks[0]).mlp.down_proj is not blocks[0].mlp.down_proj
+    placement.onload(blocks[1], "model.layers.1.")
+    streamed = placement.float_copy(blocks[1], "model.layers.1.")
+    assert all(p.device.type == "meta" for p in streamed.parameters())
+    x = torch.randn(2, 5, ref.config.hidden_size)
+    pos = torch.arange(5).expand(2, 5)
+    emb = ref.model.rotary_emb(x, pos)
+    with torch.no_grad():
+        expected = ref.model.layers[1](x, position_embeddings=emb)
+        got = streamed(x, position_embeddings=emb)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    got = got[0] if isinstance(got, tuple) else got
+    assert torch.equal(got, expected)
+    assert all(p.device.type == "meta" for p in streamed.parameters()), "weights are dropped after the forward"
+    assert float_copy(blocks[0], None, "model.layers.0.").mlp.up_proj.weight is blocks[0].mlp.up_proj.weight

@@ -106,6 +106,44 @@ class WeightQuantizer:
 GRAM_ROW_BLOCK = 256
 
 
+class LowerRows:
+    """A symmetric float32 ``n × n`` matrix kept as its lower triangle: row blocks ``[rows, :rows.stop]``.
+
+    Half the memory of the full matrix; :meth:`fill` writes the full (exactly symmetric) matrix into a given one.
+    """
+
+    def __init__(self, blocks: list[torch.Tensor], n: int) -> None:
+        self.blocks = blocks
+        self.n = n
+
+    def slices(self) -> list[slice]:
+        """The row range of each block."""
+        return row_slices(self.n)
+
+    def diagonal(self) -> torch.Tensor:
+        """The diagonal (a new vector)."""
+        return torch.cat([b[:, s].diagonal() for s, b in zip(self.slices(), self.blocks, strict=True)])
+
+    def all_finite(self) -> bool:
+        """Whether every stored entry is finite."""
+        return all(bool(torch.isfinite(b).all()) for b in self.blocks)
+
+    def fill(self, out: torch.Tensor) -> torch.Tensor:
+        """Write the full symmetric matrix into ``out`` (``n × n``): the lower triangle as stored, the upper one
+        mirrored, tile by tile (no whole-matrix temporary). Returns ``out``."""
+        for rows, block in zip(self.slices(), self.blocks, strict=True):
+            out[rows, : rows.stop] = block
+            diag = out[rows, rows]
+            diag.copy_(diag.tril() + diag.tril(-1).T)
+            out[: rows.start, rows] = block[:, : rows.start].T
+        return out
+
+
+def row_slices(n: int) -> list[slice]:
+    """The :data:`GRAM_ROW_BLOCK` row ranges of an ``n``-row matrix."""
+    return [slice(r, min(r + GRAM_ROW_BLOCK, n)) for r in range(0, n, GRAM_ROW_BLOCK)]
+
+
 class GramQuantizer(WeightQuantizer):
     """Base for algorithms that need only the input Gram matrix ``H = 2 Σ x xᵀ / N`` (the GPTQ Hessian).
 
@@ -113,10 +151,10 @@ class GramQuantizer(WeightQuantizer):
     sum then hardly depends on the order of the batches, so data-parallel ranks (:mod:`optimum_bc.distributed`),
     which add the same batch products in another order, get the same float32 Hessian and the same codes.
 
-    Memory: the float64 sum is kept as blocks of :data:`GRAM_ROW_BLOCK` rows, each batch product is formed one row
-    block at a time, and :meth:`take_hessian` converts and frees block by block. So at most one float64 in×in sum
-    (the size of two float32 ones) plus one float32 row block lives at any time, and after :meth:`take_hessian` only
-    the float32 Hessian.
+    Memory: the matrix is symmetric, so only its lower triangle is summed, as blocks of :data:`GRAM_ROW_BLOCK` rows
+    (``[rows, :rows.stop]``), each batch product formed one row block at a time: the float64 sum takes the bytes of
+    one float32 in×in matrix. :meth:`take_lower` converts it to the float32 triangle (:class:`LowerRows`) block by
+    block, freeing each float64 block as it goes, so the two never exceed that size together.
     """
 
     needs_inputs = True
@@ -127,19 +165,17 @@ class GramQuantizer(WeightQuantizer):
         self.num_tokens = 0
 
     def _row_slices(self) -> list[slice]:
-        n = self.in_features
-        return [slice(r, min(r + GRAM_ROW_BLOCK, n)) for r in range(0, n, GRAM_ROW_BLOCK)]
+        return row_slices(self.in_features)
 
     def _zero_blocks(self, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        n = self.in_features
-        return [torch.zeros(s.stop - s.start, n, dtype=torch.float64, device=device) for s in self._row_slices()]
+        return [torch.zeros(s.stop - s.start, s.stop, dtype=torch.float64, device=device) for s in self._row_slices()]
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.in_features).float()
         if self.gram_blocks is None:
             self.gram_blocks = self._zero_blocks(x.device)
         for rows, block in zip(self._row_slices(), self.gram_blocks, strict=True):
-            block += x[:, rows].T @ x
+            block += x[:, rows].T @ x[:, : rows.stop]
         self.num_tokens += x.shape[0]
 
     def reduce(self) -> None:
@@ -161,22 +197,26 @@ class GramQuantizer(WeightQuantizer):
         """``2 Σ x xᵀ / N`` on ``device`` (a new float32 matrix; the statistics are kept); raises when no token was
         observed."""
         blocks = self._check_observed()
-        H = torch.empty(self.in_features, self.in_features, device=device)
-        for rows, block in zip(self._row_slices(), blocks, strict=True):
-            H[rows] = block.float().to(device) * (2.0 / self.num_tokens)
-        return H
+        scale = 2.0 / self.num_tokens
+        lower = LowerRows([b.float().to(device) * scale for b in blocks], self.in_features)
+        return lower.fill(torch.empty(self.in_features, self.in_features, device=device))
 
-    def take_hessian(self, device: torch.device) -> torch.Tensor:
-        """:meth:`hessian`, freeing each float64 row block as soon as it is converted: the statistics are gone
-        afterwards (call once, right before the solve)."""
+    def take_lower(self, device: torch.device) -> LowerRows:
+        """The lower triangle of :meth:`hessian`, freeing each float64 row block as soon as it is converted: the
+        statistics are gone afterwards (call once, right before the solve)."""
         blocks = self._check_observed()
-        H = torch.empty(self.in_features, self.in_features, device=device)
         scale = 2.0 / self.num_tokens
         self.gram_blocks = None
-        for rows in self._row_slices():
-            H[rows] = blocks.pop(0).float().to(device) * scale
+        rows = []
+        while blocks:
+            rows.append(blocks.pop(0).float().to(device) * scale)
         self.num_tokens = 0
-        return H
+        return LowerRows(rows, self.in_features)
+
+    def take_hessian(self, device: torch.device) -> torch.Tensor:
+        """:meth:`hessian` from :meth:`take_lower` (the statistics are gone afterwards)."""
+        lower = self.take_lower(device)
+        return lower.fill(torch.empty(self.in_features, self.in_features, device=device))
 
     def free(self) -> None:
         self.gram_blocks = None

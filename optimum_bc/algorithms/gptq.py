@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..formats.formats import INT_FORMAT, get_format, is_mx
-from .base import GramQuantizer, QuantizedWeight
+from .base import GramQuantizer, LowerRows, QuantizedWeight
 from .registry import register_algorithm
 from .rtn import rtn_quantize
 
@@ -82,13 +82,38 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor
     return None, damp
 
 
-def _fill_permuted(work: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor) -> None:
+def _permute_rows_in_place(M: torch.Tensor, perm: list[int]) -> None:
+    """``M = M[perm]``, following the permutation's cycles with one row of temporary (exact: rows only move)."""
+    seen = [False] * len(perm)
+    for start in range(len(perm)):
+        if seen[start]:
+            continue
+        first = M[start].clone()
+        i = start
+        while True:
+            seen[i] = True
+            j = perm[i]
+            if j == start:
+                M[i] = first
+                break
+            M[i] = M[j]
+            i = j
+
+
+def _fill_permuted(
+    work: torch.Tensor, H: torch.Tensor | LowerRows, perm: torch.Tensor | None, dead: torch.Tensor
+) -> None:
     """``work = H[perm][:, perm]`` with the dead diagonal set to 1, built in ``work`` one row block at a time (no
-    whole-matrix temporary)."""
-    if perm is None:
+    whole-matrix temporary); ``H`` may be given as its lower triangle."""
+    if isinstance(H, LowerRows):
+        H.fill(work)
+        if perm is not None:
+            _permute_rows_in_place(work, perm.tolist())
+    elif perm is None:
         work.copy_(H)
     else:
         torch.index_select(H, 0, perm, out=work)
+    if perm is not None:
         for r in range(0, work.shape[0], BLOCK_SIZE):
             work[r : r + BLOCK_SIZE] = work[r : r + BLOCK_SIZE][:, perm]
         dead = dead[perm]
@@ -96,11 +121,12 @@ def _fill_permuted(work: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | Non
 
 
 def _solve_factor(
-    H: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None, damp_percent: float
+    H: torch.Tensor | LowerRows, dead: torch.Tensor, perm: torch.Tensor | None, damp_percent: float
 ) -> tuple[torch.Tensor | None, float]:
     """The upper Cholesky factor of the permuted, dampened ``H⁻¹`` in one new in×in matrix (``H`` untouched)."""
     damp = damp_percent
-    work = torch.empty_like(H)
+    device = H.device if isinstance(H, torch.Tensor) else H.blocks[0].device
+    work = torch.empty(H.shape if isinstance(H, torch.Tensor) else (H.n, H.n), device=device)
     for _ in range(MAX_DAMP_TRIES):
         _fill_permuted(work, H, perm, dead)
         if factor_in_place(work, damp):
@@ -111,7 +137,7 @@ def _solve_factor(
 
 def gptq_quantize(
     weight: torch.Tensor,
-    H: torch.Tensor | Callable[[], torch.Tensor],
+    H: torch.Tensor | Callable[[], torch.Tensor | LowerRows],
     *,
     bits: int,
     group_size: int,
@@ -122,14 +148,16 @@ def gptq_quantize(
     format: str = INT_FORMAT,
 ) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` given the input Hessian ``H`` ``[in, in]`` (not modified), or a function that
-    returns it (then this call holds its only reference and frees it once its inverse factor exists).
+    returns it or its lower triangle (:class:`~optimum_bc.algorithms.base.LowerRows`; then this call holds its only
+    reference and frees it once its inverse factor exists).
 
     ``format`` picks the grid (:mod:`optimum_bc.formats`); each group's grid is fitted when the loop reaches the
     group's first column, on the already-updated columns. MX formats need ``group_size`` = the MX block size and
     no act-order, so that a group is a block of consecutive input columns.
 
-    Memory: besides ``H`` only one in×in matrix is made (the factor ``U``, computed in place by LAPACK), so at most
-    two are alive while factoring, and one (``U``) in the column loop when ``H`` was passed as a function.
+    Memory: besides ``H`` only one in×in matrix is made (the factor ``U``, computed in place by LAPACK), so while
+    factoring at most 1.5 in×in matrices are alive when ``H`` comes as its lower triangle, and one (``U``) in the
+    column loop; the float32 working copy of the weights is made only after ``H`` is freed, and the codes are uint8.
     """
     fmt = get_format(format, bits, sym)
     if is_mx(fmt.name) and (group_size != fmt.block_size or desc_act):
@@ -137,38 +165,40 @@ def gptq_quantize(
             f"GPTQ with format={fmt.name!r} needs group_size={fmt.block_size} and desc_act=False, got "
             f"group_size={group_size}, desc_act={desc_act}"
         )
-    W = weight.float().clone()
-    H = (H() if callable(H) else H).float()
-    rows, n = W.shape
-    if not all_finite(H):
+    H = H() if callable(H) else H
+    if isinstance(H, torch.Tensor):
+        H = H.float()
+    rows, n = weight.shape
+    if not (all_finite(H) if isinstance(H, torch.Tensor) else H.all_finite()):
         logger.warning("GPTQ: the Hessian has non-finite entries; falling back to RTN for this layer")
         return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
 
-    dead = torch.diagonal(H) == 0
-    W[:, dead] = 0.0
+    diag = torch.diagonal(H).clone() if isinstance(H, torch.Tensor) else H.diagonal()
+    dead = diag == 0
     if desc_act:
-        diag = torch.diagonal(H).clone()
         diag[dead] = 1.0
         perm = torch.argsort(diag, descending=True)
-        W = W[:, perm]
     else:
-        perm = torch.arange(n, device=W.device)
+        perm = torch.arange(n, device=weight.device)
 
     U, damp = _solve_factor(H, dead, perm if desc_act else None, damp_percent)
     del H
     if U is None:
         logger.warning("GPTQ: Hessian not factorisable even with damp=%.3g; falling back to RTN for this layer", damp)
         return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
+    # The working copy of the weights only after the Hessian is gone: the two are never held together.
+    W = weight.float()[:, perm] if desc_act else weight.float().clone()
+    W[:, dead[perm] if desc_act else dead] = 0.0
 
     size = n if group_size == -1 else group_size
     # Blocks are whole multiples of the group size, so every group is fitted on its current, updated columns.
     B = block_size if group_size == -1 else size * max(1, block_size // size)
     num_groups = -(-n // size)
-    codes = torch.zeros_like(W)
+    codes = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(rows, num_groups, device=W.device)
     zeros = torch.zeros(rows, num_groups, device=W.device)
     losses = torch.zeros(rows, device=W.device)
-    grid = fmt.fit(W)
+    grid = fmt.fit(W) if group_size == -1 else None  # else fitted per group, at its first column
 
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
@@ -189,13 +219,13 @@ def gptq_quantize(
             losses += err[:, 0] ** 2 / 2
             W1[:, i:] -= err @ U1[i : i + 1, i:]
             Err1[:, i] = err[:, 0]
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # in place: no temporary the size of W
 
     invperm = torch.argsort(perm)
     g_idx = torch.empty(n, dtype=torch.int32, device=W.device)
     g_idx[perm] = (torch.arange(n, device=W.device) // size).to(torch.int32)
     return QuantizedWeight(
-        codes=codes[:, invperm].to(torch.uint8),
+        codes=codes[:, invperm],
         scales=scales,
         zeros=zeros.to(torch.uint8),
         g_idx=g_idx,
@@ -209,8 +239,9 @@ def gptq_quantize(
 class GPTQQuantizer(GramQuantizer):
     """Accumulates ``H = 2 Σ x xᵀ / N`` over calibration tokens, then runs :func:`gptq_quantize`.
 
-    ``quantize`` hands over its statistics (``take_hessian``): the float64 sum becomes the float32 Hessian block by
-    block, and the Hessian is freed once its inverse factor exists, so the column loop holds one in×in matrix.
+    ``quantize`` hands over its statistics (``take_lower``): the float64 lower triangle becomes the float32 one block
+    by block (the factor is filled from it, and refilled on a dampening retry), and it is freed once the inverse
+    factor exists, so the column loop holds one in×in matrix.
     """
 
     supports_mx = True
@@ -225,7 +256,7 @@ class GPTQQuantizer(GramQuantizer):
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         return gptq_quantize(
             weight,
-            lambda: self.take_hessian(weight.device),
+            lambda: self.take_lower(weight.device),
             bits=self.bits,
             group_size=self.group_size,
             sym=self.sym,

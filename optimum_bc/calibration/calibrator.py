@@ -8,7 +8,6 @@ Inside a block the Linears are quantized stage by stage (``true_sequential``): e
 with the earlier stages already quantized and compensated. Padding tokens never enter any statistic.
 """
 
-import copy
 import logging
 import time
 
@@ -33,7 +32,7 @@ from .block_compensation import BlockCompensation
 from .block_inputs import _Batch
 from .discovery import BlockLayout, dense_weight, find_output_bias, fused_expert_weights, layer_features, observe_block
 from .expert_calibration import ExpertCalibrator
-from .offload import OffloadedCalibration
+from .offload import OffloadedCalibration, float_copy
 from .report import BlockClock, BlockReport, LayerReport, QuantizationReport
 from .skeleton import packed_layer
 from .streams import _capture_inputs, _run_block, _valid_positions, _valid_rows
@@ -221,7 +220,7 @@ class BlockCalibrator(BlockCompensation):
         layout = self.observe(index, block, h_q[0] if h_q else None, device)
         # Each data-parallel rank observed its own first batch: the layouts must agree, or the sums would not match.
         distributed.check_agree((layout.groups, sorted(layout.left_out)), f"layer layout of block {index}")
-        fblock = copy.deepcopy(block) if self.float_stream else None
+        fblock = float_copy(block, self.placement, f"{self.spec.blocks}.{index}.") if self.float_stream else None
         stages = self.stages(layout)
         # BC needs first moments only: per Linear group the sums of the float inputs (all taken in the one float pass
         # of stage 0) and, for the sequential target, of the quantized prefix's inputs (each stage's own pass).

@@ -8,16 +8,23 @@ the model is dispatched again (``accelerate.dispatch_model``) with ``offload_buf
 offloaded blocks stay in the offload store, never all resident at once.
 """
 
+import copy
 import ctypes
 import ctypes.util
 import functools
 import gc
+import itertools
 import os
 from collections.abc import Iterator, Mapping
 
 import torch
 from accelerate import dispatch_model
-from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
+from accelerate.hooks import (
+    AlignDevicesHook,
+    add_hook_to_module,
+    attach_align_device_hook,
+    remove_hook_from_submodules,
+)
 from accelerate.utils import (
     OffloadedWeightsLoader,
     PrefixedDataset,
@@ -131,32 +138,55 @@ def check_device_map(device_map: object) -> None:
 def group_calibration_bytes(in_features: int, stacked_out: int) -> int:
     """Peak bytes of observing and quantizing one group of Linears sharing an input (``stacked_out`` rows in all).
 
-    Accumulating: the float64 Gram sum (``8 · in²``, float64 so that data-parallel sums are exact) plus one row block
-    of the batch product in float32 and float64. Solving (GPTQ, :mod:`optimum_bc.algorithms.gptq`): the float32
-    Hessian and its inverse factor computed in place (again ``8 · in²``) with three float32 copies of the weights (the
-    working copy, the codes, the grid fit's temporaries), then, after the Hessian is freed, the factor with four
-    (the reordered codes too). Measured within 20 % (tests/test_gptq_memory.py).
+    Accumulating: the float64 lower triangle of the Gram sum (row blocks of
+    :data:`~optimum_bc.algorithms.base.GRAM_ROW_BLOCK`: ``4 · in · (in + block)``) plus one row block of the batch
+    product in float32 and float64. Solving (GPTQ, :mod:`optimum_bc.algorithms.gptq`): the float32 lower triangle
+    (half an in×in matrix) beside the in×in factor computed in place; then, once the triangle is freed, the factor
+    with the float32 working copy of the weights, the uint8 codes and their reordered copy (8 bytes a weight).
+    Measured within 20 % (tests/test_gptq_memory.py).
     """
-    accumulate = 8 * in_features * in_features + 12 * min(GRAM_ROW_BLOCK, in_features) * in_features
-    stacked = stacked_out * in_features
-    solve = max(8 * in_features * in_features + 12 * stacked, 4 * in_features * in_features + 16 * stacked)
+    n, block = in_features, min(GRAM_ROW_BLOCK, in_features)
+    accumulate = 4 * n * (n + block) + 12 * block * n
+    solve = max(4 * n * n + 2 * n * (n + block) + 2 * block * n, 4 * n * n + 8 * stacked_out * n)
     return max(accumulate, solve)
+
+
+#: Peak bytes per weight of computing a packed layer's dense weight, which the quantized stream does on the layer's
+#: first forward (``QuantLinear.dequantize_weight``: the int64 temporaries of ``formats.packing.unpack_int32`` and
+#: the float32 gathers of scales and zeros). Measured on 4-bit layers: 8.25 float32 weights' worth.
+DENSE_WEIGHT_BYTES_PER_WEIGHT = 33
 
 
 def block_calibration_bytes(block: nn.Module, groups: list[list[str]], float_copy: bool) -> int:
     """Memory one block needs on its execution device while calibrated (activations not included).
 
-    The block's weights (twice with bias compensation, which keeps a float copy beside the quantized block), plus
-    the largest :func:`group_calibration_bytes` of its groups of Linears quantized together.
+    The block's weights (float, then the dense caches of its packed layers), plus the larger of: the largest need of
+    its groups of Linears quantized together (the stacked float32 weights handed to the algorithm, ``4 · out · in``,
+    and :func:`group_calibration_bytes`), and the temporaries of making the largest packed layer's dense weight
+    (:data:`DENSE_WEIGHT_BYTES_PER_WEIGHT`; it happens in a forward, never during a solve). With bias compensation
+    the float copy shares the block's tensors, or streams them from the offload store one module at a time
+    (:meth:`OffloadedCalibration.float_copy`): the largest Linear's weight on top. (BC's own in×in input moments,
+    :mod:`optimum_bc.algorithms.compensation`, are not counted.)
+
+    Before loading the groups are not observed yet: Linears of ``groups`` under one parent module with the same
+    input width are counted as one group (q/k/v, gate/up), which over-counts only a sibling that has its own input.
     """
     weights = sum(
         t.numel() * t.element_size() for _, t in named_module_tensors(block, include_buffers=True, recurse=True)
     )
-    work = 0
-    for group in groups:
-        dims = [layer_features(block.get_submodule(name)) for name in group]
-        work = max(work, group_calibration_bytes(dims[0][0], sum(out for _, out in dims)))
-    return weights * (2 if float_copy else 1) + work
+    merged: dict[tuple[str, int], list[str]] = {}
+    for name in (n for group in groups for n in group):
+        key = (name.rpartition(".")[0], layer_features(block.get_submodule(name))[0])
+        merged.setdefault(key, []).append(name)
+    work, largest = 0, 0
+    for group in merged.values():
+        linears = [block.get_submodule(name) for name in group]
+        dims = [layer_features(linear) for linear in linears]
+        stacked = sum(out for _, out in dims)
+        work = max(work, 4 * stacked * dims[0][0] + group_calibration_bytes(dims[0][0], stacked))
+        largest = max([largest] + [linear.weight.numel() for linear in linears])
+    streamed = largest * next(block.parameters()).element_size() if float_copy else 0
+    return weights + streamed + max(work, DENSE_WEIGHT_BYTES_PER_WEIGHT * largest)
 
 
 def check_max_memory(max_memory: Mapping[Device, int], needed: int) -> None:
@@ -167,9 +197,9 @@ def check_max_memory(max_memory: Mapping[Device, int], needed: int) -> None:
     if budget < needed:
         raise ValueError(
             f"max_memory[{device!r}] = {budget / 2**20:.1f} MiB is too small to calibrate even one decoder block: "
-            f"one block needs about {needed / 2**20:.1f} MiB on its execution device (its weights, their float copy "
-            "for bias compensation, the in×in statistics and float32 weights of its largest Linear group; calibration "
-            f"activations come on top). Fix: raise max_memory[{device!r}] to at least {needed / 2**20:.0f}MiB."
+            f"one block needs about {needed / 2**20:.1f} MiB on its execution device (its weights, the in×in "
+            "statistics and float32 weights of its largest Linear group, a streamed float Linear for bias "
+            f"compensation; calibration activations come on top). Fix: raise max_memory[{device!r}] to at least {-(-needed // 2**20)}MiB."
         )
 
 
@@ -241,6 +271,27 @@ class OffloadedCalibration:
                 set_module_tensor_to_device(module, name, target)
         _return_freed_memory()
 
+    def float_copy(self, block: nn.Module, prefix: str) -> nn.Module:
+        """The float copy of ``block`` (named ``prefix`` in the model) that bias compensation runs beside it.
+
+        A block on ``"disk"`` gets a copy that streams its weights from the offload store: each module loads its
+        tensors for its forward and drops them after (Accelerate's offloading hook), so the copy holds about one
+        Linear at a time and the quantized block's replaced float Linears are freed as soon as they are packed.
+        Any other block gets :func:`shared_float_copy`.
+        """
+        names = [prefix + name for name, _ in block.named_parameters()]
+        on_disk = device_for(self.device_map, prefix.rstrip(".")) == "disk"
+        if not on_disk or self.loader is None or not all(name in self.loader for name in names):
+            return shared_float_copy(block)
+        memo: dict[int, object] = {id(b): b for b in block.buffers()}
+        for p in block.parameters():
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        fblock = copy.deepcopy(block, memo)
+        attach_align_device_hook(
+            fblock, self.execution_device, offload=True, weights_map=self.loader, module_name=prefix.rstrip(".")
+        )
+        return fblock
+
     def dispatch(self) -> None:
         """Attach fresh Accelerate hooks with the original device map; packed buffers stay offloaded too."""
         live = set(self.model.state_dict())
@@ -259,6 +310,22 @@ class OffloadedCalibration:
             hook = getattr(module, "_hf_hook", None)
             if hasattr(module, "reset_cache") and isinstance(hook, AlignDevicesHook) and hook.offload:
                 add_hook_to_module(module, OffloadedCacheHook.like(hook))
+
+
+def shared_float_copy(block: nn.Module) -> nn.Module:
+    """A copy of ``block``'s modules that shares its tensors: a float copy that costs no weight memory.
+
+    Calibration replaces the block's Linears by new packed modules and never writes the float tensors in place, so
+    the copy keeps computing the float block; the replaced float weights live on in it until it is freed.
+    """
+    memo: dict[int, object] = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
+    return copy.deepcopy(block, memo)
+
+
+def float_copy(block: nn.Module, placement: "OffloadedCalibration | None", prefix: str) -> nn.Module:
+    """The float copy of ``block`` for the float stream: streamed from the offload store for a block on disk
+    (:meth:`OffloadedCalibration.float_copy`), else sharing the block's tensors (:func:`shared_float_copy`)."""
+    return placement.float_copy(block, prefix) if placement is not None else shared_float_copy(block)
 
 
 class OffloadedCacheHook(AlignDevicesHook):
