@@ -168,11 +168,11 @@ def _sweep_block(
     Jf = Jt.to(torch.int32) if n * n < 2**31 else Jt
     rows_of_H = Jf * n
     H_flat = H.view(-1)
-    h = diag[Jt]
+    h = diag.index_select(0, Jt.view(-1)).view(Jt.shape)
     # Per block, not per step: the grid at the visited columns, and the parts of the target that do not change
     # inside the block (a column's own residual only changes when it is visited). A dead input (H_jj <= 0) does not
     # affect the error: dividing by inf leaves its target at w, the nearest grid point.
-    groups = grid.g_idx[Jt]
+    groups = grid.g_idx.index_select(0, Jt.view(-1)).view(Jt.shape)
     scales, zeros = grid.scales.T.gather(0, groups), grid.zeros.T.gather(0, groups)
     hr = h * r
     hc = torch.where(h > 0, h.clamp(min=1e-30), torch.inf)
