@@ -9,22 +9,27 @@ problem in ``q_j`` is a 1-D convex quadratic whose minimiser is
 so the best grid value is the grid point nearest to ``t*``. Before the first sweep ``q = w`` (zero residual), so
 coordinates not yet visited still hold their float value. Each row visits its coordinates in its own greedy order,
 decreasing ``|w_j| · ||x_j||`` (the released code's ``--greedy``). ``G = (W - Q) H`` supplies the sums; it is updated
-lazily in blocks of ``b`` steps:
+lazily in blocks of ``b`` steps (``n = in``):
 
-- inside a block, only the visited entries: ``b x b`` entries of ``H`` per row, gathered once per block, so
-  ``O(rows · in · b)`` per sweep;
+- inside a block, step ``t`` adds its change times ``H[j_t, j_s]`` to the ``b - t - 1`` targets of the block still to
+  come: ``rows · n · (b - 1) / 2`` scattered reads of ``H`` per sweep and ``n`` steps of ``O(rows)`` vector work;
 - after the block, the rest of ``G``: row ``r``'s residual changed at its ``b`` visited columns only, so its row of
-  ``G`` gains ``Σ_t d_t H[j_t, :]``, ``O(b · in)`` per row (a weighted sum of ``b`` rows of ``H``,
-  :func:`torch.nn.functional.embedding_bag`, over column tiles of ``H`` that stay in cache), ``O(rows · in²)`` per
-  sweep. The tiles are one copy of ``H``.
+  ``G`` gains ``Σ_t d_t H[j_t, :]``, a weighted sum of ``b`` rows of ``H``
+  (:func:`torch.nn.functional.embedding_bag`, one column tile of ``H`` and of ``G`` at a time, so both stay in
+  cache): ``rows · n²`` multiply-adds per sweep, plus one pass over ``G`` per block (``rows · n² / b`` memory
+  traffic).
 
-A sweep therefore costs ``O(rows · in²)`` multiply-adds, the order of GPTQ's, plus one ``rows x in x in`` product per
-extra sweep (``G`` recomputed from the residual) and one for the final losses. The rows visit their columns in
-different orders, so the update cannot be one shared matrix product as in GPTQ: it reads ``rows · in²`` entries of
-``H`` with little reuse and runs at memory speed, not matmul speed (see ``benchmarks/algorithm_speed.py``). Multiplying
-by the dense ``rows x in`` block of changes instead, the earlier implementation, costs ``O(rows · in³ / b)``.
-Both sum the same terms of ``G`` in a different order, so their codes can differ only where a target lies within
-float32 rounding of a decision boundary (a tie); such a flip then changes the rest of that row's sweep.
+Weights, residuals and codes are kept in visiting order, so a block is a slice; the greedy order costs one sort,
+``O(rows · n log n)``. The losses come from the ``G`` kept current (no further product); each extra sweep and each
+scale update recompute ``G`` with one ``rows x n x n`` matrix product, so rounding drift does not accumulate.
+
+A sweep is therefore ``O(rows · n²)``, the order of GPTQ's column loop, but not at matrix-product speed: the rows
+visit their columns in different orders, so the update of ``G`` cannot be one shared product as in GPTQ (multiplying
+by the dense ``rows x n`` block of changes instead would cost ``O(rows · n³ / b)``). Each row reads its own rows of
+``H``, with little reuse between rows, so the update runs at memory speed; ``benchmarks/algorithm_speed.py`` measures
+the ratio to GPTQ. The blocked sums add the same terms as a step-by-step update in another order, so codes can differ
+only where a target lies within float32 rounding of a decision boundary (a tie); such a flip then changes the rest of
+that row's sweep.
 
 The grid (min-max per row and per group, or an MX format's shared power-of-two scale per block of 32 columns) is
 fitted once on the float weights and kept fixed, as in the reference code; "nearest grid point" is the format's own
@@ -34,6 +39,7 @@ nearest float16; for MX the better of the two neighbouring powers of two), and i
 """
 
 import logging
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -49,9 +55,13 @@ from .rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
 
-# Coordinates per lazy block. Keeping g current inside a block reads O(rows · in · b) scattered entries of H per sweep,
-# while each block's update of G streams all of G once (O(rows · in² / b) memory traffic): 32 balances the two.
+# Coordinates per lazy block, for as many rows as inputs. Keeping g current inside a block reads rows · in · b / 2
+# scattered entries of H per sweep, while each block's update of G streams all of G and, once rows · b >= in, all of
+# H (in / b passes per sweep): for rows = in, 32 balances the two (measured for in = 1024 and 4096). With fewer rows
+# than inputs the scattered reads shrink and the passes over H dominate, so the block grows with sqrt(in / rows)
+# (512 x 11008: 128-column blocks take 0.7x the time of 32-column ones).
 BLOCK_SIZE = 32
+MAX_BLOCK_SIZE = 256
 # Columns per tile in the update of G: a tile of H (in x 64) and the matching tile of G stay in cache while the rows
 # of H are summed.
 TILE = 64
@@ -66,13 +76,15 @@ def comq_quantize(
     sym: bool,
     sweeps: int = 1,
     update_scale: bool = False,
-    block_size: int = BLOCK_SIZE,
+    block_size: int | None = None,
     format: str = INT_FORMAT,
 ) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` given the input Gram matrix ``H`` ``[in, in]`` (neither is modified).
 
     ``format`` picks the grid (MX formats need ``group_size`` = the MX block size). ``row_losses`` holds
     ``(w - q)ᵀ H (w - q) / 2`` per row: the mean squared output error per token when ``H = 2 XᵀX / N``.
+    ``block_size`` (steps per lazy block) only changes the speed and the float summation order; None picks it from
+    the shape (:func:`default_block_size`).
     """
     check_group_size("COMQ", format, bits, sym, group_size)
     W = weight.float()
@@ -82,6 +94,7 @@ def comq_quantize(
         return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
     H = H.contiguous()
     rows, n = W.shape
+    block_size = block_size or default_block_size(rows, n)
     grid = GroupGrid.fit(W, bits=bits, group_size=group_size, sym=sym, format=format)
     diag = torch.diagonal(H).contiguous()
     order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
@@ -112,6 +125,11 @@ def comq_quantize(
     residual = W - grid.value(codes, grid.all_columns(rows))
     row_losses = (_untile(G, n) * residual).sum(dim=1) / 2
     return grid.result(codes, row_losses)
+
+
+def default_block_size(rows: int, n: int) -> int:
+    """``BLOCK_SIZE · sqrt(n / rows)``, kept within ``[BLOCK_SIZE, MAX_BLOCK_SIZE]`` (see ``BLOCK_SIZE``)."""
+    return int(min(MAX_BLOCK_SIZE, max(BLOCK_SIZE, round(BLOCK_SIZE * math.sqrt(n / max(rows, 1))))))
 
 
 def _tiles(M: torch.Tensor, width: int) -> torch.Tensor:
@@ -181,7 +199,7 @@ def _sweep_block(
     columns = (w, r, g, hr, hc, scales, zeros)
     steps = zip(*(x.unbind() for x in columns), strict=True)
     for t, (w_t, r_t, g_t, hr_t, hc_t, scale, zero) in enumerate(steps):
-        code = fmt.grid(scale, zero).quantize(w_t + (g_t - hr_t) / hc_t)
+        code = fmt.grid(scale, zero).quantize(torch.addcdiv(w_t, g_t - hr_t, hc_t))
         d = w_t - fmt.decode(code, scale, zero) - r_t
         codes.append(code)
         deltas.append(d)
