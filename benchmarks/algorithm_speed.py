@@ -6,10 +6,16 @@ method quantizes the same layer (4-bit, group 128, asymmetric) once; the table g
 the layer error ``Σ_rows (w - q)ᵀ H (w - q) / 2`` against the float weight (ERQ targets its Aqer-corrected weight,
 so its error here includes that correction). Building the statistics and measuring the error are not timed.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 nice python benchmarks/algorithm_speed.py --rows 1024
+Seconds are the process's CPU time (``time.process_time``) and, beside it, wall time. With one thread the two agree
+on an idle machine; on a shared one the wall time also counts the time other processes held the core, so the ratios
+are taken from CPU time.
 
-``--rows`` overrides the output rows of every shape (all four methods are linear in the rows, apart from GPTQ's and
-ERQ's ``O(in³)`` factorisations, which do not depend on them: fewer rows favour COMQ in the ratio to GPTQ).
+    PYTHONPATH=. OMP_NUM_THREADS=1 nice python benchmarks/algorithm_speed.py
+
+The default shapes are the ones the per-layer targets are stated for: ``rows = in`` and ``rows = 4 in`` at
+``in = 1024``, ``rows = in`` at 4096 and 512 rows at 11008. ``--rows`` overrides the output rows of every shape (all
+four methods are linear in the rows, apart from GPTQ's and ERQ's ``O(in³)`` factorisations, which do not depend on
+them: fewer rows favour COMQ in the ratio to GPTQ).
 """
 
 import argparse
@@ -57,11 +63,11 @@ def statistics(n: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="4096x1024,4096x4096,11008x4096,4096x11008")
+    parser.add_argument("--shapes", default="1024x1024,4096x1024,4096x4096,512x11008")
     parser.add_argument("--rows", type=int, default=None, help="output rows of every shape (default: the shape's)")
     parser.add_argument("--tokens", type=int, default=2048, help="calibration tokens behind H")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default="benchmarks/algorithm_speed.json")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -83,17 +89,18 @@ def main() -> None:
         w = 0.02 * torch.randn(rows, n, generator=torch.Generator().manual_seed(rows))
         timed = {}
         for name in methods:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             qw = METHODS[name](w, H, C)
-            seconds = time.perf_counter() - start
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             residual = w - qw.dequantize()
-            timed[name] = (seconds, float(((residual @ H) * residual).sum() / 2))
-        for name, (seconds, error) in timed.items():
-            ratio = seconds / timed["gptq"][0]
-            results.append({"shape": f"{out}x{n}", "rows": rows, "in": n, "method": name, "seconds": seconds,
-                            "ratio_to_gptq": ratio, "error": error})  # fmt: skip
+            timed[name] = (cpu, wall, float(((residual @ H) * residual).sum() / 2))
+        for name, (cpu, wall, error) in timed.items():
+            ratio = cpu / timed["gptq"][0]
+            results.append({"shape": f"{out}x{n}", "rows": rows, "in": n, "method": name, "cpu_seconds": cpu,
+                            "wall_seconds": wall, "ratio_to_gptq": ratio, "error": error})  # fmt: skip
             print(
-                f"{out}x{n} rows={rows:<5} {name:<5} {seconds:8.2f} s {ratio:6.2f}x GPTQ  error {error:.4g}",
+                f"{out}x{n} rows={rows:<5} {name:<5} {cpu:8.2f} s cpu {wall:8.2f} s wall {ratio:6.2f}x GPTQ"
+                f"  error {error:.4g}",
                 flush=True,
             )
 

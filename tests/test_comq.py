@@ -156,9 +156,10 @@ def _dense_update_comq(
 def test_comq_equals_the_dense_update_implementation(
     rows: int, n: int, bits: int, group_size: int, format: str, update_scale: bool, sweeps: int
 ) -> None:
-    """The sparse update of G changes only the summation order of G's entries, which can flip a code only where the
-    target sits within float32 rounding of a decision boundary; on these problems no such tie occurs, so codes,
-    scales and losses are identical."""
+    """The blocked implementation sums the terms of ``G`` in another order than the dense one, which can flip a code
+    only where a target sits within float32 rounding of a decision boundary (a tie). Codes and scales must agree in
+    at least 99.9 % of the entries and the layer loss to 1e-5 relative; each row's loss to rounding (the blocked
+    losses come from the ``G`` kept current, not from a new product)."""
     X = correlated_inputs(4 * n, n, seed=n)
     X[:, ::37] *= 20  # outlier channels: the greedy order then differs strongly between rows
     H = gram(X)
@@ -169,9 +170,27 @@ def test_comq_equals_the_dense_update_implementation(
     codes, scales, losses = _dense_update_comq(w, H, **options)
     for block_size in (32, 64, 7):
         qw = comq_quantize(w, H, block_size=block_size, **options)
-        assert torch.equal(qw.codes.float(), codes)
-        assert torch.equal(qw.scales, scales)
-        torch.testing.assert_close(qw.row_losses, losses, rtol=0, atol=0)
+        assert float((qw.codes.float() == codes).float().mean()) >= 0.999
+        assert float((qw.scales == scales).float().mean()) >= 0.999
+        assert abs(float(qw.row_losses.sum()) / float(losses.sum()) - 1) <= 1e-5
+        torch.testing.assert_close(qw.row_losses, losses, rtol=1e-4, atol=1e-6)
+
+
+def test_comq_blocked_update_matches_dense_on_a_large_random_layer() -> None:
+    """The same agreement on a layer big enough for many blocks and tiles (several 64-column tiles of ``H``, 32 steps
+    per block, rows in the hundreds), with random inputs that have outlier channels."""
+    X = correlated_inputs(1024, 320, seed=11)
+    X[:, ::29] *= 15
+    H = gram(X)
+    w = torch.randn(200, 320, generator=torch.Generator().manual_seed(12))
+    options = {"bits": 4, "group_size": 64, "sym": False, "sweeps": 1, "update_scale": False, "format": "int"}
+    codes, _, losses = _dense_update_comq(w, H, **options)
+    qw = comq_quantize(w, H, **options)
+    assert float((qw.codes.float() == codes).float().mean()) >= 0.999
+    assert abs(float(qw.row_losses.sum()) / float(losses.sum()) - 1) <= 1e-5
+    residual = (w - qw.dequantize()).double()
+    exact = ((residual @ H.double()) * residual).sum(dim=1) / 2  # the losses kept in G equal a fresh product
+    torch.testing.assert_close(qw.row_losses.double(), exact, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["mxfp4", "mxint4"])
@@ -188,7 +207,7 @@ def test_comq_mx_beats_rtn_and_scale_update_stays_on_powers_of_two(name: str) ->
     fixed = comq_quantize(w, H, bits=bits, group_size=32, sym=True, sweeps=2, format=name)
     updated = comq_quantize(w, H, bits=bits, group_size=32, sym=True, sweeps=2, update_scale=True, format=name)
     assert err(fixed) < 0.9 * err(rtn)
-    assert updated.loss <= fixed.loss
+    assert updated.loss <= fixed.loss * (1 + 1e-6)  # equal scales: the two losses differ only in summation order
     assert torch.equal(e8m0_to_scale(scale_to_e8m0(updated.scales)), updated.scales)  # still 2^E: E8M0 storable
 
 

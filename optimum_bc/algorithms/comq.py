@@ -9,22 +9,27 @@ problem in ``q_j`` is a 1-D convex quadratic whose minimiser is
 so the best grid value is the grid point nearest to ``t*``. Before the first sweep ``q = w`` (zero residual), so
 coordinates not yet visited still hold their float value. Each row visits its coordinates in its own greedy order,
 decreasing ``|w_j| · ||x_j||`` (the released code's ``--greedy``). ``G = (W - Q) H`` supplies the sums; it is updated
-lazily in blocks of ``b`` steps:
+lazily in blocks of ``b`` steps (``n = in``):
 
-- inside a block, only the visited entries: ``b x b`` entries of ``H`` per row, gathered once per block, so
-  ``O(rows · in · b)`` per sweep;
+- inside a block, step ``t`` adds its change times ``H[j_t, j_s]`` to the ``b - t - 1`` targets of the block still to
+  come: ``rows · n · (b - 1) / 2`` scattered reads of ``H`` per sweep and ``n`` steps of ``O(rows)`` vector work;
 - after the block, the rest of ``G``: row ``r``'s residual changed at its ``b`` visited columns only, so its row of
-  ``G`` gains ``Σ_t d_t H[j_t, :]``, ``O(b · in)`` per row (a weighted sum of ``b`` rows of ``H``,
-  :func:`torch.nn.functional.embedding_bag`, over column tiles of ``H`` that stay in cache), ``O(rows · in²)`` per
-  sweep. The tiles are one copy of ``H``.
+  ``G`` gains ``Σ_t d_t H[j_t, :]``, a weighted sum of ``b`` rows of ``H``
+  (:func:`torch.nn.functional.embedding_bag`, one column tile of ``H`` and of ``G`` at a time, so both stay in
+  cache): ``rows · n²`` multiply-adds per sweep, plus one pass over ``G`` per block (``rows · n² / b`` memory
+  traffic).
 
-A sweep therefore costs ``O(rows · in²)`` multiply-adds, the order of GPTQ's, plus one ``rows x in x in`` product per
-extra sweep (``G`` recomputed from the residual) and one for the final losses. The rows visit their columns in
-different orders, so the update cannot be one shared matrix product as in GPTQ: it reads ``rows · in²`` entries of
-``H`` with little reuse and runs at memory speed, not matmul speed (see ``benchmarks/algorithm_speed.py``). Multiplying
-by the dense ``rows x in`` block of changes instead, the earlier implementation, costs ``O(rows · in³ / b)``.
-Both sum the same terms of ``G`` in a different order, so their codes can differ only where a target lies within
-float32 rounding of a decision boundary (a tie); such a flip then changes the rest of that row's sweep.
+Weights, residuals and codes are kept in visiting order, so a block is a slice; the greedy order costs one sort,
+``O(rows · n log n)``. The losses come from the ``G`` kept current (no further product); each extra sweep and each
+scale update recompute ``G`` with one ``rows x n x n`` matrix product, so rounding drift does not accumulate.
+
+A sweep is therefore ``O(rows · n²)``, the order of GPTQ's column loop, but not at matrix-product speed: the rows
+visit their columns in different orders, so the update of ``G`` cannot be one shared product as in GPTQ (multiplying
+by the dense ``rows x n`` block of changes instead would cost ``O(rows · n³ / b)``). Each row reads its own rows of
+``H``, with little reuse between rows, so the update runs at memory speed; ``benchmarks/algorithm_speed.py`` measures
+the ratio to GPTQ. The blocked sums add the same terms as a step-by-step update in another order, so codes can differ
+only where a target lies within float32 rounding of a decision boundary (a tie); such a flip then changes the rest of
+that row's sweep.
 
 The grid (min-max per row and per group, or an MX format's shared power-of-two scale per block of 32 columns) is
 fitted once on the float weights and kept fixed, as in the reference code; "nearest grid point" is the format's own
@@ -34,6 +39,7 @@ nearest float16; for MX the better of the two neighbouring powers of two), and i
 """
 
 import logging
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -49,12 +55,16 @@ from .rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
 
-# Coordinates per lazy block. The within-block gather grows with it (O(rows · in · b) per sweep) while the update of G
-# does not (O(rows · in²) per sweep), so blocks are kept short; below ~16 the per-block Python overhead shows.
+# Coordinates per lazy block, for as many rows as inputs. Keeping g current inside a block reads rows · in · b / 2
+# scattered entries of H per sweep, while each block's update of G streams all of G and, once rows · b >= in, all of
+# H (in / b passes per sweep): for rows = in, 32 balances the two (measured for in = 1024 and 4096). With fewer rows
+# than inputs the scattered reads shrink and the passes over H dominate, so the block grows with sqrt(in / rows)
+# (512 x 11008: 128-column blocks take 0.7x the time of 32-column ones).
 BLOCK_SIZE = 32
-# Columns of H per tile in the update of G: a tile of H (in x 128) and of G stay in cache while the rows are summed
-# (twice as fast as summing whole rows of H for in = 4096).
-TILE = 128
+MAX_BLOCK_SIZE = 256
+# Columns per tile in the update of G: a tile of H (in x 64) and the matching tile of G stay in cache while the rows
+# of H are summed.
+TILE = 64
 
 
 def comq_quantize(
@@ -66,13 +76,15 @@ def comq_quantize(
     sym: bool,
     sweeps: int = 1,
     update_scale: bool = False,
-    block_size: int = BLOCK_SIZE,
+    block_size: int | None = None,
     format: str = INT_FORMAT,
 ) -> QuantizedWeight:
     """Quantize ``weight`` ``[out, in]`` given the input Gram matrix ``H`` ``[in, in]`` (neither is modified).
 
     ``format`` picks the grid (MX formats need ``group_size`` = the MX block size). ``row_losses`` holds
     ``(w - q)ᵀ H (w - q) / 2`` per row: the mean squared output error per token when ``H = 2 XᵀX / N``.
+    ``block_size`` (steps per lazy block) only changes the speed and the float summation order; None picks it from
+    the shape (:func:`default_block_size`).
     """
     check_group_size("COMQ", format, bits, sym, group_size)
     W = weight.float()
@@ -80,82 +92,121 @@ def comq_quantize(
     if not bool(torch.isfinite(H).all()):
         logger.warning("COMQ: the Gram matrix has non-finite entries; falling back to RTN for this layer")
         return rtn_quantize(weight, bits=bits, group_size=group_size, sym=sym, format=format)
+    H = H.contiguous()
     rows, n = W.shape
+    block_size = block_size or default_block_size(rows, n)
     grid = GroupGrid.fit(W, bits=bits, group_size=group_size, sym=sym, format=format)
-    diag = torch.diagonal(H)
+    diag = torch.diagonal(H).contiguous()
     order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
-    codes = torch.zeros(rows, n, device=W.device)
-    residual = torch.zeros_like(W)  # W - Q; Q starts at W
-    tiles = _column_tiles(H, TILE)
+    # Weights, residuals W - Q and codes are kept in visiting order and transposed ([t, r] is column order[r, t] of
+    # row r), so that a block is a slice of contiguous rows.
+    visits = order.T.contiguous()
+    w_seq = W.gather(1, order).T.contiguous()
+    r_seq = torch.zeros_like(w_seq)  # Q starts at W
+    codes_seq = torch.empty_like(w_seq)
+    H_tiles = _tiles(H, TILE)
+    G = torch.zeros(H_tiles.shape[0], rows, TILE, device=W.device)  # G = (W - Q) H in tiles, like H
     for sweep in range(sweeps):
-        # Recomputed each sweep so rounding drift does not accumulate; the first sweep starts from a zero residual.
-        G = residual @ H if sweep > 0 else torch.zeros_like(W)
         for t0 in range(0, n, block_size):
-            J = order[:, t0 : t0 + block_size]  # (rows, b): the columns each row visits in this block
-            codes_b, delta = _sweep_block(W.gather(1, J), residual.gather(1, J), G.gather(1, J), H, J, grid)
-            codes.scatter_(1, J, codes_b)
-            residual.scatter_add_(1, J, delta)
-            _add_selected_rows(G, J, delta, tiles)
+            seq = slice(t0, t0 + block_size)
+            Jt = visits[seq]  # (b, rows): the columns each row visits in this block
+            g = G.view(-1).index_select(0, _tile_positions(Jt, TILE).view(-1)).view(Jt.shape)
+            codes_seq[seq], delta = _sweep_block(w_seq[seq], r_seq[seq], g, H, diag, Jt, grid)
+            r_seq[seq] += delta
+            _add_selected_rows(G, Jt.T.contiguous(), delta.T.contiguous(), H_tiles)
+        codes = torch.empty_like(W).scatter_(1, order, codes_seq.T.contiguous())
         if update_scale:
             grid = _update_scales(W, H, grid, codes)
+        if update_scale or sweep + 1 < sweeps:  # recomputed so that rounding drift does not accumulate
             residual = W - grid.value(codes, grid.all_columns(rows))
-    row_losses = ((residual @ H) * residual).sum(dim=1) / 2
+            r_seq = residual.gather(1, order).T.contiguous()
+            G = _tiles(residual @ H, TILE)
+    # G = (W - Q) H is current, so the losses need no further product.
+    residual = W - grid.value(codes, grid.all_columns(rows))
+    row_losses = (_untile(G, n) * residual).sum(dim=1) / 2
     return grid.result(codes, row_losses)
 
 
-def _column_tiles(H: torch.Tensor, width: int) -> torch.Tensor:
-    """``H`` as ``(tiles, in, width)`` contiguous column tiles, the last one zero-padded (a copy of ``H``)."""
-    n = H.shape[1]
+def default_block_size(rows: int, n: int) -> int:
+    """``BLOCK_SIZE · sqrt(n / rows)``, kept within ``[BLOCK_SIZE, MAX_BLOCK_SIZE]`` (see ``BLOCK_SIZE``)."""
+    return int(min(MAX_BLOCK_SIZE, max(BLOCK_SIZE, round(BLOCK_SIZE * math.sqrt(n / max(rows, 1))))))
+
+
+def _tiles(M: torch.Tensor, width: int) -> torch.Tensor:
+    """``M`` ``(m, n)`` as ``(tiles, m, width)`` contiguous column tiles, the last one zero-padded (a copy)."""
+    m, n = M.shape
     count = -(-n // width)
-    padded = torch.zeros(H.shape[0], count * width, dtype=H.dtype, device=H.device)
-    padded[:, :n] = H
-    return padded.view(H.shape[0], count, width).transpose(0, 1).contiguous()
+    padded = torch.zeros(m, count * width, dtype=M.dtype, device=M.device)
+    padded[:, :n] = M
+    return padded.view(m, count, width).transpose(0, 1).contiguous()
 
 
-def _add_selected_rows(G: torch.Tensor, J: torch.Tensor, delta: torch.Tensor, tiles: torch.Tensor) -> None:
-    """``G[r] += Σ_t delta[r, t] H[J[r, t], :]`` in place: the rows of ``H`` that each row's changes select.
+def _untile(T: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``(m, n)`` matrix whose :func:`_tiles` is ``T``."""
+    count, m, width = T.shape
+    return T.transpose(0, 1).reshape(m, count * width)[:, :n]
+
+
+def _tile_positions(Jt: torch.Tensor, width: int) -> torch.Tensor:
+    """Flat positions in a ``(tiles, rows, width)`` tiling of entries ``[r, Jt[t, r]]`` (``Jt`` is ``(b, rows)``)."""
+    rows = Jt.shape[1]
+    tile = torch.div(Jt, width, rounding_mode="floor")
+    row_start = torch.arange(rows, device=Jt.device) * width
+    return tile * (rows * width) + (Jt - tile * width) + row_start
+
+
+def _add_selected_rows(G: torch.Tensor, J: torch.Tensor, delta: torch.Tensor, H_tiles: torch.Tensor) -> None:
+    """``G[r] += Σ_t delta[r, t] H[J[r, t], :]`` in place, tile by tile (``G`` and ``H`` as :func:`_tiles`).
 
     ``O(rows · b · in)``: a weighted sum of ``b`` rows of ``H`` per row (:func:`torch.nn.functional.embedding_bag`),
-    one column tile of ``H`` at a time.
+    one column tile of ``H`` and of ``G`` at a time.
     """
-    n = G.shape[1]
-    width = tiles.shape[2]
-    for k in range(tiles.shape[0]):
-        stop = min((k + 1) * width, n)
-        part = F.embedding_bag(J, tiles[k], per_sample_weights=delta, mode="sum")
-        G[:, k * width : stop] += part[:, : stop - k * width]
+    for G_k, H_k in zip(G, H_tiles, strict=True):
+        G_k += F.embedding_bag(J, H_k, per_sample_weights=delta, mode="sum")
 
 
 def _sweep_block(
-    w: torch.Tensor, r: torch.Tensor, g: torch.Tensor, H: torch.Tensor, J: torch.Tensor, grid: GroupGrid
+    w: torch.Tensor,
+    r: torch.Tensor,
+    g: torch.Tensor,
+    H: torch.Tensor,
+    diag: torch.Tensor,
+    Jt: torch.Tensor,
+    grid: GroupGrid,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Visit columns ``J[:, t]`` (one per row) for ``t = 0..b-1``; return their codes and residual changes.
+    """Visit columns ``Jt[t]`` (one per row) for ``t = 0..b-1``; return their codes and residual changes.
 
-    ``w``, ``r``, ``g`` are the weights, residuals ``w - q`` and ``G = (W - Q) H`` at ``J`` when the block starts; ``g``
-    is kept current inside the block from the ``b x b`` sub-matrices ``H[J_r, J_r]`` of each row.
+    Every argument and result is laid out ``(b, rows)``, so that each step works on contiguous vectors of length
+    ``rows``: ``w``, ``r``, ``g`` are the weights, residuals ``w - q`` and ``G = (W - Q) H`` at the visited columns
+    when the block starts. ``g`` is kept current inside the block: step ``t`` adds its change times
+    ``H[Jt[t, r], Jt[s, r]]`` to the targets ``s > t`` still to come.
     """
-    rows, b = J.shape
-    n = H.shape[0]
-    flat = (J.unsqueeze(2) * n + J.unsqueeze(1)).reshape(-1)
-    Hb = H.reshape(-1).index_select(0, flat).view(rows, b, b)  # H[J_r][:, J_r] per row
-    h = torch.diagonal(Hb, dim1=1, dim2=2)
+    b, n = Jt.shape[0], H.shape[0]
+    # Flat indices into H (int32 where they fit: half the memory traffic of int64).
+    Jf = Jt.to(torch.int32) if n * n < 2**31 else Jt
+    rows_of_H = Jf * n
+    H_flat = H.view(-1)
+    h = diag.index_select(0, Jt.view(-1)).view(Jt.shape)
     # Per block, not per step: the grid at the visited columns, and the parts of the target that do not change
-    # inside the block (a column's own residual only changes when it is visited).
-    scales, zeros = grid.params(J)
-    live, hr, hc = h > 0, h * r, h.clamp(min=1e-30)
-    g = g.clone()
-    codes = torch.zeros_like(w)
-    delta = torch.zeros_like(w)
-    for t in range(b):
-        # Dead input (H_jj == 0): the coordinate does not affect the error; round to nearest.
-        target = torch.where(live[:, t], w[:, t] + (g[:, t] - hr[:, t]) / hc[:, t], w[:, t])
-        scale, zero = scales[:, t : t + 1], zeros[:, t : t + 1]
-        code = grid.fmt.grid(scale, zero).quantize(target.unsqueeze(1))
-        d = w[:, t] - grid.fmt.decode(code, scale, zero)[:, 0] - r[:, t]
-        codes[:, t] = code[:, 0]
-        delta[:, t] = d
-        g += d.unsqueeze(1) * Hb[:, t]
-    return codes, delta
+    # inside the block (a column's own residual only changes when it is visited). A dead input (H_jj <= 0) does not
+    # affect the error: dividing by inf leaves its target at w, the nearest grid point.
+    groups = grid.g_idx.index_select(0, Jt.view(-1)).view(Jt.shape)
+    scales, zeros = grid.scales.T.gather(0, groups), grid.zeros.T.gather(0, groups)
+    hr = h * r
+    hc = torch.where(h > 0, h.clamp(min=1e-30), torch.inf)
+    fmt = grid.fmt
+    codes, deltas = [], []
+    columns = (w, r, g, hr, hc, scales, zeros)
+    steps = zip(*(x.unbind() for x in columns), strict=True)
+    for t, (w_t, r_t, g_t, hr_t, hc_t, scale, zero) in enumerate(steps):
+        code = fmt.grid(scale, zero).quantize(torch.addcdiv(w_t, g_t - hr_t, hc_t))
+        d = w_t - fmt.decode(code, scale, zero) - r_t
+        codes.append(code)
+        deltas.append(d)
+        if t + 1 < b:  # only the columns still to come in this block need the change
+            flat = rows_of_H[t] + Jf[t + 1 :]
+            g[t + 1 :].addcmul_(H_flat.index_select(0, flat.view(-1)).view(flat.shape), d)
+    return torch.stack(codes), torch.stack(deltas)
 
 
 def _update_scales(W: torch.Tensor, H: torch.Tensor, grid: GroupGrid, codes: torch.Tensor) -> GroupGrid:
