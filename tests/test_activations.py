@@ -114,8 +114,10 @@ def test_dynamic_per_token_w4a8_runs_and_is_between(calib_ids) -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_bc_targets_the_quantized_activations(calib_ids) -> None:
-    """The first layer's compensation is mean(W x - W_q Q_a(x)) over the calibration tokens."""
+@pytest.mark.parametrize("target", ["auto", "sequential", "float"])
+def test_bc_targets_the_quantized_activations(calib_ids, target) -> None:
+    """The first layer's compensation is mean(W x - W_q Q_a(x)) over the calibration tokens, for every target (the
+    float target's quantized layer also sees the float input through its input quantizer)."""
     float_model = tiny_llama()
     seen = {}
     block = float_model.model.layers[0]
@@ -126,7 +128,7 @@ def test_bc_targets_the_quantized_activations(calib_ids) -> None:
     x = seen["x"].reshape(-1, 64)
     W = block.self_attn.q_proj.weight.detach()
     model = tiny_llama()
-    config = _cfg(calib_ids, bits=4, act_bits=4, bc_sink_tokens=0, method="rtn")
+    config = _cfg(calib_ids, bits=4, act_bits=4, bc_sink_tokens=0, method="rtn", bc_target=target)
     quantize_model(model, config)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, QuantLinear) and layer.input_scale.shape == (1,)

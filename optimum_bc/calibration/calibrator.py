@@ -91,7 +91,10 @@ class BlockCalibrator(BlockCompensation):
         # The float stream runs beside the quantized one for BC's target and for algorithms that use float inputs.
         self.float_stream = config.needs_float_stream
         # Whether each stage pairs its quantized inputs with the float inputs of the same Linears.
-        self.paired = self.sequential_target or self.algorithm.needs_float_inputs
+        # With activation quantization the float target's quantized layer sees the float input through its input
+        # quantizer, whose scale each stage fits just before it runs: so that stage's float inputs are paired too.
+        self.act_float_target = self.bc and self.target == "float" and config.act_bits is not None
+        self.paired = self.sequential_target or self.algorithm.needs_float_inputs or self.act_float_target
         self.report = QuantizationReport()
         self.compensated: list[str] = []
         # Float modules that layer-level BC gave a bias they had no slot for (recorded so a reload creates it).
@@ -253,7 +256,7 @@ class BlockCalibrator(BlockCompensation):
                     fold_sums[key] = FoldInputSums(in_features, self.config.layer_sink_tokens, device)
                 moments[key] = InputMoments(
                     in_features,
-                    self.target,
+                    "sequential" if self.act_float_target else self.target,  # r = W x - Q Q_a(x): δ = x - Q_a(x)
                     device,
                     positions=self.positions,
                     sink_tokens=self.config.layer_sink_tokens,
@@ -282,6 +285,8 @@ class BlockCalibrator(BlockCompensation):
                                 quantizers[key].add_float_batch(_valid_rows(seen_q[key], valid), x_fp)
                             if self.bc:
                                 x_q = _valid_rows(seen_q[key], valid) if self.sequential_target else None
+                                if self.act_float_target:
+                                    x_q = acts.apply(key, x_fp)
                                 moments[key].add_batch(x_fp, x_q, _valid_positions(valid))
                             if key in fold_sums:
                                 fold_sums[key].add_batch(
