@@ -133,7 +133,9 @@ def test_vit_classifier_from_pretrained_with_images_save_reload_exact(tmp_path) 
     config = _cfg(bits=8, act_bits=8, method="gptq", dataset=_images(16))
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "float", quantization_config=config)
     assert isinstance(model.vit.layers[0].mlp.fc1, QuantLinear)
-    assert model.config.quantization_config.bc_sink_tokens == 0
+    # the CLS token (position 0) gets its own compensation bias; the reload must publish the positions again
+    assert model.config.quantization_config.bc_sink_tokens == 1
+    assert model.vit.layers[0].mlp.fc1.sink_bias.shape == (1, 128)
     model.save_pretrained(tmp_path / "q")
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "q")
     pixels = torch.cat(
@@ -214,3 +216,21 @@ def test_hierarchical_swin_is_refused_before_calibration() -> None:
     calib = [{"pixel_values": torch.randn(1, 3, 32, 32)}]
     with pytest.raises(ValueError, match="model_type 'swin'.*input_dimensions.*Fix: use a plain ViT"):
         quantize_model(model, _cfg(), calibration=calib)
+
+
+def test_top1_on_a_local_labelled_dataset_like_imagenet() -> None:
+    """The ImageNet path's data plumbing (benchmarks/vision.py --imagenet) on a tiny local datasets.Dataset."""
+    import datasets
+
+    from optimum_bc.vision.evaluate import top1_accuracy
+
+    model, processor = tiny_vit(), BitImageProcessor(**PROCESSOR)
+    images = _images(10, seed=4) + [Image.new("L", (40, 48), 128)]  # a grey image is converted like calibration
+    pixels = processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        predicted = model(pixel_values=pixels).logits.argmax(-1)
+    labels = [int(p) if i % 3 else (int(p) + 1) % 5 for i, p in enumerate(predicted)]  # every third one wrong
+    dataset = datasets.Dataset.from_dict({"image": images, "label": labels}).cast_column("image", datasets.Image())
+    assert top1_accuracy(model, dataset, processor, batch_size=4) == pytest.approx(7 / 11)
+    with pytest.raises(ValueError, match="no label column 'labels'.*Fix"):
+        top1_accuracy(model, dataset, processor, label_column="labels")

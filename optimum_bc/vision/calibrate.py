@@ -3,9 +3,9 @@ causal LMs, fed with the inputs of the first encoder block recorded from ``pixel
 
 Differences from the text path, all decided here:
 
-* every token is valid (no padding), and the CLS / register tokens share the per-channel compensation mean with the
-  patch tokens: ``bc_sink_tokens`` is set to 0 (the attention-sink bias of LLMs needs published token positions,
-  which image models do not have);
+* every token is valid (no padding); the blocks publish ``arange(tokens)`` as token positions, so
+  ``bc_sink_tokens`` (default 1) gives the first tokens their own compensation bias: token 0 is the CLS token, whose
+  features differ from the patch tokens' (add the register tokens of DINOv2-with-registers: ``1 + registers``);
 * ``bc_granularity="position"`` (the reference's per-(token, channel) table) works because every image gives the
   same number of tokens: the blocks publish ``arange(tokens)`` as positions
   (:func:`optimum_bc.layers.positions.attach_position_hooks` with ``numbered=True``);
@@ -41,9 +41,6 @@ def is_vision_model(model: nn.Module) -> bool:
 
 def prepare_vision_config(config: BCQuantizationConfig) -> None:
     """Settings that differ for image models (see the module docstring); refuse what cannot work, before loading."""
-    if config.bc_sink_tokens:
-        logger.info("optimum-bc: image model: bc_sink_tokens=%d -> 0 (no attention-sink bias)", config.bc_sink_tokens)
-        config.bc_sink_tokens = 0
     if config.bc_layer:
         raise ValueError(
             "bc_layer=True is not available for image models: their blocks end with a layer scale or norm, so the "
