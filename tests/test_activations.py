@@ -161,3 +161,19 @@ def test_export_to_weight_only_formats_is_refused() -> None:
     for save_format in (COMPRESSED_TENSORS, GPTQ):
         with pytest.raises(ValueError, match="act_bits=8: activation quantization.*Fix"):
             check_config_exportable(config, save_format)
+
+
+def test_fused_experts_refuse_activation_quantization_before_calibration(monkeypatch) -> None:
+    from optimum_bc.calibration.calibrator import BlockCalibrator
+
+    from .tiny_families import SEQ_LEN, tiny_model
+    from .tiny_families import VOCAB as FAMILY_VOCAB
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a block was quantized before the refusal")
+
+    monkeypatch.setattr(BlockCalibrator, "_finish_stage", never)
+    ids = list(torch.randint(3, FAMILY_VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1)))
+    config = BCQuantizationConfig(bits=4, group_size=-1, act_bits=8, dataset=ids, num_samples=2, seq_len=SEQ_LEN)
+    with pytest.raises(ValueError, match="act_bits=8 is not available for model_type 'mixtral'.*Fix: act_bits=None"):
+        quantize_model(tiny_model("mixtral"), config)

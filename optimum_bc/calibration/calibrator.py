@@ -124,6 +124,12 @@ class BlockCalibrator(BlockCompensation):
             return BlockLayout(groups=[(n,) for n in names], order=names)
         hidden = batch.hidden.to(device)
         layout = observe_block(block, names, hidden, batch.kwargs, run=_run_block)
+        if self.config.act_bits is not None and fused_expert_weights(block):
+            raise ValueError(
+                f"act_bits={self.config.act_bits} is not available for model_type {self.model.config.model_type!r}: "
+                "its fused experts have no input quantizer, so their inputs would silently stay in float. Fix: "
+                "act_bits=None (weight-only quantization)."
+            )
         if self.positions is not None and fused_expert_weights(block):
             raise ValueError(
                 f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: its "
