@@ -127,6 +127,25 @@ def test_position_granularity_is_a_token_table(data) -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_cls_token_own_bias_lowers_the_error(data) -> None:
+    """Token 0 (CLS) differs from the patch tokens: its own compensation bias (bc_sink_tokens=1) lowers the error of
+    the held-out images' features, the CLS features most."""
+    calib, held = data
+    with torch.no_grad():
+        ref = tiny_dinov2()(pixel_values=held).last_hidden_state
+    errors = {}
+    for sink in (0, 1):
+        model = tiny_dinov2()
+        quantize_model(model, _cfg(bc_sink_tokens=sink, bc_target="sequential"), calibration=calib)
+        with torch.no_grad():
+            out = model(pixel_values=held).last_hidden_state
+        errors[sink] = [float((out - ref)[:, t].square().mean() / ref[:, t].square().mean()) for t in (slice(None), 0)]
+    assert model.encoder.layer[0].mlp.fc1.sink_bias.shape == (1, 256)  # Dinov2 fc1: 4 x hidden
+    assert errors[1][0] < errors[0][0], errors
+    assert errors[1][1] < 0.9 * errors[0][1], errors
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_vit_classifier_from_pretrained_with_images_save_reload_exact(tmp_path) -> None:
     tiny_vit().save_pretrained(tmp_path / "float")
     BitImageProcessor(**PROCESSOR).save_pretrained(tmp_path / "float")
