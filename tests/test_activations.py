@@ -114,8 +114,10 @@ def test_dynamic_per_token_w4a8_runs_and_is_between(calib_ids) -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_bc_targets_the_quantized_activations(calib_ids) -> None:
-    """The first layer's compensation is mean(W x - W_q Q_a(x)) over the calibration tokens."""
+@pytest.mark.parametrize("target", ["auto", "sequential", "float"])
+def test_bc_targets_the_quantized_activations(calib_ids, target) -> None:
+    """The first layer's compensation is mean(W x - W_q Q_a(x)) over the calibration tokens, for every target (the
+    float target's quantized layer also sees the float input through its input quantizer)."""
     float_model = tiny_llama()
     seen = {}
     block = float_model.model.layers[0]
@@ -126,7 +128,7 @@ def test_bc_targets_the_quantized_activations(calib_ids) -> None:
     x = seen["x"].reshape(-1, 64)
     W = block.self_attn.q_proj.weight.detach()
     model = tiny_llama()
-    config = _cfg(calib_ids, bits=4, act_bits=4, bc_sink_tokens=0, method="rtn")
+    config = _cfg(calib_ids, bits=4, act_bits=4, bc_sink_tokens=0, method="rtn", bc_target=target)
     quantize_model(model, config)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, QuantLinear) and layer.input_scale.shape == (1,)
@@ -159,3 +161,19 @@ def test_export_to_weight_only_formats_is_refused() -> None:
     for save_format in (COMPRESSED_TENSORS, GPTQ):
         with pytest.raises(ValueError, match="act_bits=8: activation quantization.*Fix"):
             check_config_exportable(config, save_format)
+
+
+def test_fused_experts_refuse_activation_quantization_before_calibration(monkeypatch) -> None:
+    from optimum_bc.calibration.calibrator import BlockCalibrator
+
+    from .tiny_families import SEQ_LEN, tiny_model
+    from .tiny_families import VOCAB as FAMILY_VOCAB
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a block was quantized before the refusal")
+
+    monkeypatch.setattr(BlockCalibrator, "_finish_stage", never)
+    ids = list(torch.randint(3, FAMILY_VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1)))
+    config = BCQuantizationConfig(bits=4, group_size=-1, act_bits=8, dataset=ids, num_samples=2, seq_len=SEQ_LEN)
+    with pytest.raises(ValueError, match="act_bits=8 is not available for model_type 'mixtral'.*Fix: act_bits=None"):
+        quantize_model(tiny_model("mixtral"), config)

@@ -7,8 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear
-from optimum_bc.algorithms.erq import ERQQuantizer, aqer_correction, erq_quantize
+from optimum_bc.algorithms.aqer import aqer, aqer_correction, input_statistics
+from optimum_bc.algorithms.erq import ERQQuantizer, erq_quantize
 from optimum_bc.algorithms.rtn import rtn_quantize
+from optimum_bc.formats.activations import ActSpec, quantize_input
 from optimum_bc.formats.formats import MX_ELEMENTS, get_format, mx_scale
 from optimum_bc.formats.primitives import compute_qparams
 from optimum_bc.layers.mxlinear import MXLinear
@@ -160,6 +162,43 @@ def test_aqer_lowers_error_against_float_outputs() -> None:
     with_aqer = erq_quantize(w, gram(A), gram(A, X), bits=4, group_size=-1, sym=False)
     without = erq_quantize(w, gram(A), None, bits=4, group_size=-1, sym=False)
     assert err(with_aqer) < 0.95 * err(without)
+
+
+@pytest.mark.parametrize("act_bits", [4, 6])
+def test_aqer_then_wqer_beats_wqer_alone_with_activation_quantization(act_bits: int) -> None:
+    """Inputs fake-quantized per tensor (the packed layer's input quantizer); the error is measured against the float
+    output on the calibration tokens and on held-out tokens of the same distribution."""
+    X = correlated_inputs(4096, 64, seed=7) + 0.5  # a shifted input, as after a LayerNorm with a bias
+    spec = ActSpec(act_bits, sym=False, granularity="tensor", dynamic=True)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(8))
+    calib, held = X[:2048], X[2048:]
+    H, C = input_statistics(calib, quantize_input(calib, spec))
+
+    def err(qw, x: torch.Tensor) -> float:
+        return float(((quantize_input(x, spec) @ qw.dequantize().T - x @ w.T) ** 2).mean())
+
+    with_aqer = erq_quantize(w, H, C, bits=4, group_size=-1, sym=False)
+    wqer_only = erq_quantize(w, H, None, bits=4, group_size=-1, sym=False)
+    for x in (calib, held):
+        assert err(with_aqer, x) < 0.95 * err(wqer_only, x)
+
+
+def test_aqer_with_infinite_ridge_is_the_identity() -> None:
+    X = correlated_inputs(512, 32, seed=9)
+    Xq = quantize_input(X, ActSpec(4, sym=False, granularity="tensor", dynamic=True))
+    H, C = input_statistics(X, Xq)
+    w = torch.randn(8, 32)
+    assert float((aqer(w, H, C, lam=1e-2) - w).abs().max()) > 1e-3  # it does move the weight at the default
+    torch.testing.assert_close(aqer(w, H, C, lam=1e12), w, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="erq_lambda > 0"):
+        aqer_correction(w, H, C, 0.0)
+
+
+def test_aqer_input_statistics_are_the_gram_matrices() -> None:
+    X, Xq = torch.randn(3, 40, 8), torch.randn(3, 40, 8)
+    H, C = input_statistics(X, Xq)
+    torch.testing.assert_close(H, gram(Xq.reshape(-1, 8)))
+    torch.testing.assert_close(C, gram(Xq.reshape(-1, 8), X.reshape(-1, 8)))
 
 
 def test_erq_quantizer_accumulates_the_cross_gram() -> None:

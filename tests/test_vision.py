@@ -127,13 +127,34 @@ def test_position_granularity_is_a_token_table(data) -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_cls_token_own_bias_lowers_the_error(data) -> None:
+    """Token 0 (CLS) differs from the patch tokens: its own compensation bias (bc_sink_tokens=1) lowers the error of
+    the held-out images' features, the CLS features most."""
+    calib, held = data
+    with torch.no_grad():
+        ref = tiny_dinov2()(pixel_values=held).last_hidden_state
+    errors = {}
+    for sink in (0, 1):
+        model = tiny_dinov2()
+        quantize_model(model, _cfg(bc_sink_tokens=sink, bc_target="sequential"), calibration=calib)
+        with torch.no_grad():
+            out = model(pixel_values=held).last_hidden_state
+        errors[sink] = [float((out - ref)[:, t].square().mean() / ref[:, t].square().mean()) for t in (slice(None), 0)]
+    assert model.encoder.layer[0].mlp.fc1.sink_bias.shape == (1, 256)  # Dinov2 fc1: 4 x hidden
+    assert errors[1][0] < errors[0][0], errors
+    assert errors[1][1] < 0.9 * errors[0][1], errors
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_vit_classifier_from_pretrained_with_images_save_reload_exact(tmp_path) -> None:
     tiny_vit().save_pretrained(tmp_path / "float")
     BitImageProcessor(**PROCESSOR).save_pretrained(tmp_path / "float")
     config = _cfg(bits=8, act_bits=8, method="gptq", dataset=_images(16))
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "float", quantization_config=config)
     assert isinstance(model.vit.layers[0].mlp.fc1, QuantLinear)
-    assert model.config.quantization_config.bc_sink_tokens == 0
+    # the CLS token (position 0) gets its own compensation bias; the reload must publish the positions again
+    assert model.config.quantization_config.bc_sink_tokens == 1
+    assert model.vit.layers[0].mlp.fc1.sink_bias.shape == (1, 128)
     model.save_pretrained(tmp_path / "q")
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "q")
     pixels = torch.cat(
@@ -214,3 +235,21 @@ def test_hierarchical_swin_is_refused_before_calibration() -> None:
     calib = [{"pixel_values": torch.randn(1, 3, 32, 32)}]
     with pytest.raises(ValueError, match="model_type 'swin'.*input_dimensions.*Fix: use a plain ViT"):
         quantize_model(model, _cfg(), calibration=calib)
+
+
+def test_top1_on_a_local_labelled_dataset_like_imagenet() -> None:
+    """The ImageNet path's data plumbing (benchmarks/vision.py --imagenet) on a tiny local datasets.Dataset."""
+    import datasets
+
+    from optimum_bc.vision.evaluate import top1_accuracy
+
+    model, processor = tiny_vit(), BitImageProcessor(**PROCESSOR)
+    images = _images(10, seed=4) + [Image.new("L", (40, 48), 128)]  # a grey image is converted like calibration
+    pixels = processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        predicted = model(pixel_values=pixels).logits.argmax(-1)
+    labels = [int(p) if i % 3 else (int(p) + 1) % 5 for i, p in enumerate(predicted)]  # every third one wrong
+    dataset = datasets.Dataset.from_dict({"image": images, "label": labels}).cast_column("image", datasets.Image())
+    assert top1_accuracy(model, dataset, processor, batch_size=4) == pytest.approx(7 / 11)
+    with pytest.raises(ValueError, match="no label column 'labels'.*Fix"):
+        top1_accuracy(model, dataset, processor, label_column="labels")

@@ -4,8 +4,9 @@ Notation: ``A`` holds the inputs the quantized layer sees (tokens as rows: the c
 quantized blocks), ``X`` the float model's inputs of the same layer and tokens, ``W`` the ``[out, in]`` weight. Only
 Gram matrices are used: ``H = 2 AᵀA / N`` and ``C = 2 AᵀX / N``.
 
-1. **Aqer** (ridge regression, closed form). In ERQ the layer input carries activation-quantization error; here it
-   carries the error of the quantized blocks upstream. The float weight is corrected so that the layer fed by ``A``
+1. **Aqer** (ridge regression, closed form, :mod:`optimum_bc.algorithms.aqer`). The layer input carries the
+   activation-quantization error (with ``act_bits``: ``A`` is the fake-quantized input the packed layer will see)
+   and the error of the quantized blocks upstream. The float weight is corrected so that the layer fed by ``A``
    reproduces the float output ``Y = X Wᵀ``::
 
        ΔWᵀ = (AᵀA + λI)⁻¹ Aᵀ(Y - A Wᵀ) = (H + λI)⁻¹ (C - H) Wᵀ
@@ -49,6 +50,7 @@ import torch
 
 from ..distributed import all_reduce_sum, is_distributed
 from ..formats.formats import INT_FORMAT
+from .aqer import aqer_correction, ridge_solve
 from .base import GramQuantizer, QuantizedWeight
 from .grid import GroupGrid, check_group_size
 from .registry import register_algorithm
@@ -58,21 +60,6 @@ from .rtn import rtn_quantize
 logger = logging.getLogger(__name__)
 
 REFINE_ITERS = 100
-
-
-def ridge_solve(H: torch.Tensor, B: torch.Tensor, lam: float) -> torch.Tensor:
-    """``(H + λI)⁻¹ B`` with ``H`` symmetric positive semi-definite and ``λ > 0``."""
-    Hd = H.clone()
-    Hd.diagonal().add_(lam)
-    L, info = torch.linalg.cholesky_ex(Hd)
-    if info.item() != 0:
-        return torch.linalg.lstsq(Hd, B).solution
-    return torch.cholesky_solve(B, L)
-
-
-def aqer_correction(weight: torch.Tensor, H: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
-    """Aqer's ``ΔW`` ``[out, in]`` = ``((H + λI)⁻¹ (C - H) Wᵀ)ᵀ`` (absolute ``λ``)."""
-    return ridge_solve(H, (C - H) @ weight.to(H.dtype).T, lam).T
 
 
 def erq_quantize(

@@ -93,6 +93,10 @@ class BlockCalibrator(BlockCompensation):
         # the block's end measures their MSEs.
         self.measured: list[tuple[str, LayerReport]] = []
         self.clock = BlockClock(0)
+        # With activation quantization the float target's quantized layer sees the float input through its input
+        # quantizer, whose scale each stage fits just before it runs: so that stage's float inputs are paired, and its
+        # moments are the sequential target's with x̂ = Q_a(x) (r = W x - Q Q_a(x)).
+        self.act_float_target = self.bc and self.target == "float" and config.act_bits is not None
         self.report = QuantizationReport()
         self.compensated: list[str] = []
         # Float modules that layer-level BC gave a bias they had no slot for (recorded so a reload creates it).
@@ -122,6 +126,12 @@ class BlockCalibrator(BlockCompensation):
             return BlockLayout(groups=[(n,) for n in names], order=names)
         hidden = batch.hidden.to(device)
         layout = observe_block(block, names, hidden, batch.kwargs, run=_run_block)
+        if self.config.act_bits is not None and fused_expert_weights(block):
+            raise ValueError(
+                f"act_bits={self.config.act_bits} is not available for model_type {self.model.config.model_type!r}: "
+                "its fused experts have no input quantizer, so their inputs would silently stay in float. Fix: "
+                "act_bits=None (weight-only quantization)."
+            )
         if self.positions is not None and fused_expert_weights(block):
             raise ValueError(
                 f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: its "
@@ -230,12 +240,13 @@ class BlockCalibrator(BlockCompensation):
         fold_sums: dict[str, FoldInputSums] = {}
         for key in bc_keys:
             in_features = layer_features(block.get_submodule(key))[0]
-            moments[key] = InputMoments(in_features, self.target, device, self.positions, sink_tokens)
+            target = "sequential" if self.act_float_target else self.target  # δ = x - Q_a(x)
+            moments[key] = InputMoments(in_features, target, device, self.positions, sink_tokens)
             if self.auto:
                 fold_sums[key] = FoldInputSums(in_features, sink_tokens, device)
         self.auto_layers, self.measured = [], []
         next_fp: list[_Batch] | None = [] if self.float_stream else None
-        pair = self.algorithm.needs_float_inputs
+        pair = self.algorithm.needs_float_inputs or self.act_float_target
         for s, stage in enumerate(stages):
             keys = [g[0] for g in stage]
             need_q = self.algorithm.needs_inputs or self.sequential_target
@@ -287,10 +298,12 @@ class BlockCalibrator(BlockCompensation):
                         with self.clock.timed("statistics"):
                             for key in float_keys:
                                 x_fp = _valid_rows(seen_fp[key], valid)
-                                if pair and key in quantizers:
+                                if self.algorithm.needs_float_inputs and key in quantizers:
                                     quantizers[key].add_float_batch(seen_q[key], x_fp)
                                 if s == 0 and key in moments:
                                     moments[key].add_float(x_fp, positions)
+                                if self.act_float_target and key in quantizers:
+                                    moments[key].add_quant(acts.apply(key, x_fp), positions)
                                 if s == 0 and key in fold_sums:
                                     fold_sums[key].add_float(fold, x_fp, positions)
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)

@@ -26,7 +26,7 @@ from ..layers import kernels, validation
 from ..layers.packed_base import PackedLinearBase, packed_layers
 from ..layers.positions import attach_position_hooks
 from ..vision import build_image_calibration, is_vision_model
-from ..vision.calibrate import attach_token_positions, prepare_vision_config
+from ..vision.calibrate import prepare_vision_config
 from . import conversions
 from .metadata import PROVENANCE_METADATA_KEY, REPORT_METADATA_KEY
 from .save_hooks import attach
@@ -131,9 +131,10 @@ class BCHfQuantizer(HfQuantizer):
                     del module.__dict__["weight"]
             validation.check_loaded_values(model, self.quantization_config)
             blocks = get_blocks(model, resolve_spec(model, self.quantization_config))
-            attach_position_hooks(blocks, model)
             if is_vision_model(model):
-                attach_token_positions(blocks)
+                attach_position_hooks(blocks, numbered=True)
+            else:
+                attach_position_hooks(blocks, model)
         if self.quantization_config.backend is not None:
             kernels.set_model_backend(model, self.quantization_config.backend)
         _prepare_for_hub(model, self._checkpoint_files if self.pre_quantized else None)

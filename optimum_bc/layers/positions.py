@@ -4,7 +4,9 @@ A Linear layer never sees token positions, but two BC variants need them: the si
 sequence, whose activations are outliers in LLaMA-family models, get their own compensation) and the reference
 code's per-position table. Every decoder block receives ``position_ids`` from the model (also during generation
 with a KV cache, where they continue after the cached tokens, and with left padding, where the first real token
-has position 0), so a forward pre-hook on each block publishes them for the layers inside it to read.
+has position 0), so a forward pre-hook on each block publishes them for the layers inside it to read. The encoder
+blocks of image models (ViT, DeiT, DINOv2) get no ``position_ids``: every image gives the same tokens (CLS, registers,
+patches), so their blocks publish ``arange(tokens)`` (``attach_position_hooks(blocks, numbered=True)``).
 """
 
 import threading
@@ -56,6 +58,14 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     _set(positions.reshape(-1, positions.shape[-1])[:, -tokens:].expand(batch, tokens))
 
 
+def _numbered_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """An encoder block of an image model publishes ``arange(tokens)`` for every image of its input."""
+    _stack().append(current_positions())
+    hidden = args[0] if args else kwargs["hidden_states"]
+    batch, tokens = hidden.shape[0], hidden.shape[1]
+    _set(torch.arange(tokens, device=hidden.device).expand(batch, tokens))
+
+
 def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
     stack = _stack()
     _set(stack.pop() if stack else None)
@@ -90,9 +100,12 @@ def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     _set(_model_positions(args, kwargs))
 
 
-def attach_position_hooks(blocks: Iterable[nn.Module], model: nn.Module | None = None) -> None:
+def attach_position_hooks(
+    blocks: Iterable[nn.Module], model: nn.Module | None = None, *, numbered: bool = False
+) -> None:
     """Publish each block's ``position_ids`` while it runs, and with ``model`` the positions of every top-level call
-    (for blocks that receive none, e.g. BLOOM and MPT). Idempotent."""
+    (for blocks that receive none, e.g. BLOOM and MPT). ``numbered``: the blocks publish ``arange(tokens)`` instead
+    (encoder blocks of image models; give no ``model``). Idempotent."""
     if model is not None and not getattr(model, _HOOK_ATTR, None):
         handles = (
             model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True),
@@ -103,7 +116,7 @@ def attach_position_hooks(blocks: Iterable[nn.Module], model: nn.Module | None =
         if getattr(block, _HOOK_ATTR, None):
             continue
         handles = (
-            block.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+            block.register_forward_pre_hook(_numbered_pre_hook if numbered else _pre_hook, with_kwargs=True),
             block.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
         )
         setattr(block, _HOOK_ATTR, handles)

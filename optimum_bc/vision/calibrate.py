@@ -3,11 +3,12 @@ causal LMs, fed with the inputs of the first encoder block recorded from ``pixel
 
 Differences from the text path, all decided here:
 
-* every token is valid (no padding), and the CLS / register tokens share the per-channel compensation mean with the
-  patch tokens: ``bc_sink_tokens`` is set to 0 (the attention-sink bias of LLMs needs published token positions,
-  which image models do not have);
+* every token is valid (no padding); the blocks publish ``arange(tokens)`` as token positions, so
+  ``bc_sink_tokens`` (default 1) gives the first tokens their own compensation bias: token 0 is the CLS token, whose
+  features differ from the patch tokens' (add the register tokens of DINOv2-with-registers: ``1 + registers``);
 * ``bc_granularity="position"`` (the reference's per-(token, channel) table) works because every image gives the
-  same number of tokens: the blocks publish ``arange(tokens)`` as positions;
+  same number of tokens: the blocks publish ``arange(tokens)`` as positions
+  (:func:`optimum_bc.layers.positions.attach_position_hooks` with ``numbered=True``);
 * only the Linears inside the encoder blocks are quantized; the patch embedding (a Conv2d), the final norm and any
   classifier head stay in float, as do the attention's batched MatMuls (their inputs are not quantized);
 * hierarchical models (Swin) are refused before calibration: their stages take the token grid's size, which
@@ -25,14 +26,12 @@ from ..calibration.block_inputs import _Batch, _StopForward
 from ..calibration.calibrator import BlockCalibrator
 from ..calibration.report import QuantizationReport
 from ..config import BCQuantizationConfig
-from ..layers.positions import token_positions
+from ..layers.positions import attach_position_hooks
 from ..layers.validation import check_quantizable
 from .data import build_image_calibration
 
 
 logger = logging.getLogger(__name__)
-
-_VISION_HOOK_ATTR = "_optimum_bc_vision_positions"
 
 
 def is_vision_model(model: nn.Module) -> bool:
@@ -42,40 +41,11 @@ def is_vision_model(model: nn.Module) -> bool:
 
 def prepare_vision_config(config: BCQuantizationConfig) -> None:
     """Settings that differ for image models (see the module docstring); refuse what cannot work, before loading."""
-    if config.bc_sink_tokens:
-        logger.info("optimum-bc: image model: bc_sink_tokens=%d -> 0 (no attention-sink bias)", config.bc_sink_tokens)
-        config.bc_sink_tokens = 0
     if config.bc_layer:
         raise ValueError(
             "bc_layer=True is not available for image models: their blocks end with a layer scale or norm, so the "
             "block bias has no exact place. Fix: bc_layer=False (per-layer BC stays on)."
         )
-
-
-def _publish_positions(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    hidden = args[0] if args else kwargs["hidden_states"]
-    positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], hidden.shape[1])
-    module._optimum_bc_position_context = token_positions(positions)
-    module._optimum_bc_position_context.__enter__()
-
-
-def _unpublish_positions(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-    context = module.__dict__.pop("_optimum_bc_position_context", None)
-    if context is not None:
-        context.__exit__(None, None, None)
-
-
-def attach_token_positions(blocks: nn.ModuleList) -> None:
-    """Make every encoder block publish ``arange(tokens)`` as token positions while it runs (for the per-position
-    compensation table). Idempotent."""
-    for block in blocks:
-        if getattr(block, _VISION_HOOK_ATTR, None):
-            continue
-        handles = (
-            block.register_forward_pre_hook(_publish_positions, with_kwargs=True),
-            block.register_forward_hook(_unpublish_positions, with_kwargs=True, always_call=True),
-        )
-        setattr(block, _VISION_HOOK_ATTR, handles)
 
 
 def check_encoder_blocks(model: nn.Module, path: str, blocks: nn.ModuleList) -> None:
@@ -166,7 +136,7 @@ def quantize_vision_model(
     model.eval()
     blocks = get_blocks(model, spec)
     check_encoder_blocks(model, spec.blocks, blocks)
-    attach_token_positions(blocks)
+    attach_position_hooks(blocks, numbered=True)
     batches = collate_images(calibration or [], config.batch_size)
     inputs = capture_encoder_inputs(model, blocks, batches) if batches else []
     if config.bc_granularity == "position" and inputs:
