@@ -189,3 +189,18 @@ def test_model_without_attention_interface_refused(calib_ids, monkeypatch) -> No
     monkeypatch.setattr(type(model), "_supports_attention_backend", False)
     with pytest.raises(ValueError, match="does not route its attention through.*Fix: act_attention=False"):
         quantize_model(model, _cfg(calib_ids))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_dequantize_goes_back_to_float_attention(calib_ids, tmp_path) -> None:
+    tiny_llama().save_pretrained(tmp_path / "float")
+    config = _cfg(calib_ids, bc_sink_tokens=0)  # no sink biases: the dense save is a plain float checkpoint
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    model.dequantize()
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(isinstance(m, AttentionQuantizer) for m in model.modules())
+    model.save_pretrained(tmp_path / "dense")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

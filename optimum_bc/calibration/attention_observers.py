@@ -84,3 +84,18 @@ def attach_skeletons(model: nn.Module, config: object) -> int:
     for name in names:
         attention_quant.attach(model.get_submodule(name), AttentionQuantizer(spec))
     return len(names)
+
+
+def remove(model: nn.Module) -> int:
+    """``model.dequantize()``: drop the attention quantizers and go back to float ``sdpa`` attention, as the dense
+    Linears drop their input quantizers; returns how many were removed."""
+    names = [
+        name for name, module in model.named_modules() if isinstance(getattr(module, QUANT_ATTR, None), nn.Module)
+    ]
+    for name in names:
+        delattr(model.get_submodule(name), QUANT_ATTR)
+    if getattr(model.config, "_attn_implementation", None) == attention_quant.ATTN_IMPLEMENTATION:
+        model.set_attn_implementation("sdpa")
+    if hasattr(model.config, ATTENTION_MODULES_ATTR):
+        delattr(model.config, ATTENTION_MODULES_ATTR)
+    return len(names)

@@ -182,6 +182,7 @@ class BCHfQuantizer(HfQuantizer):
         from .dense import check_in_memory, dense_linear
 
         experts.dequantize_experts(model)  # first: the per-expert packed layers are not model Linears
+        attention_observers.remove(model)  # act_attention: float attention again, like the dense Linears
         packed = list(packed_layers(model).items())
         if isinstance(dtype, str):  # transformers passes config.dtype, which a loaded config may hold as a string
             dtype = getattr(torch, dtype, dtype)
