@@ -204,3 +204,19 @@ def test_dequantize_goes_back_to_float_attention(calib_ids, tmp_path) -> None:
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_w8a8_w4a8_w4a4_with_attention_run_end_to_end_in_order(calib_ids, method) -> None:
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = tiny_llama()(ids).logits
+    errors = {}
+    for scheme, bits, group_size, act_bits in (("W8A8", 8, -1, 8), ("W4A8", 4, 32, 8), ("W4A4", 4, 32, 4)):
+        model = tiny_llama()
+        quantize_model(model, _cfg(calib_ids, bits=bits, group_size=group_size, act_bits=act_bits, method=method))
+        assert model.model.layers[0].self_attn.attn_quant.specs["query"].bits == act_bits
+        with torch.no_grad():
+            errors[scheme] = float((model(ids).logits - ref).square().mean() / ref.square().mean())
+    assert errors["W8A8"] < errors["W4A8"] < errors["W4A4"]
