@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .calibration import attention_observers
 from .calibration.architectures import ArchitectureSpec, first_param_device, get_blocks, resolve_spec, target_linears
 from .calibration.block_inputs import capture_block_inputs, collate
 from .calibration.calibrator import BlockCalibrator
@@ -151,8 +152,11 @@ def quantize_model(
     """
     from .vision import is_vision_model, quantize_vision_model
 
+    attention_observers.enable(model, config)  # act_attention: checked and switched before any mask is built
     if is_vision_model(model):
-        return quantize_vision_model(model, config, calibration)
+        report = quantize_vision_model(model, config, calibration)
+        attention_observers.record(model)
+        return report
     spec = resolve_spec(model, config)
     if config.modules_to_not_convert is None:
         config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
@@ -185,5 +189,6 @@ def quantize_model(
         placement.dispatch()
     model.train(was_training)
     model.quantization_report = report
+    attention_observers.record(model)
     logger.info("optimum-bc: quantized %d layers in %.1f s", len(report.layers), report.total_seconds)
     return report

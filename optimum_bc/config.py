@@ -135,6 +135,12 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         act_scale: ``"minmax"``, ``"percentile"`` or ``"mse"`` (static scales fitted on the calibration inputs of the
             quantized stream, stored as ``input_scale`` / ``input_zero``; default ``"mse"``) or ``"dynamic"``.
         act_sym: symmetric activation grid (zero point 0) instead of asymmetric min-max (default False).
+        act_attention: also fake-quantize the inputs of attention's two batched MatMuls (query and key for QKᵀ,
+            softmax probabilities and value for PV) with ``act_bits``: per-tensor scales per attention module, fitted
+            with ``act_scale`` on the quantized calibration stream (or dynamic), the probabilities on an unsigned
+            grid (``optimum_bc.layers.attention_quant``). Needs ``act_bits`` and a model whose attention goes through
+            transformers' ``AttentionInterface`` with ``attn_implementation`` ``"sdpa"`` or ``"eager"``
+            (default False).
         config_version: layout version of this config, for forward compatibility.
     """
 
@@ -172,6 +178,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         act_granularity: str = "tensor",
         act_scale: str = "mse",
         act_sym: bool = False,
+        act_attention: bool = False,
         config_version: int = CONFIG_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -224,6 +231,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         self.act_granularity = act_granularity
         self.act_scale = act_scale
         self.act_sym = act_sym
+        self.act_attention = act_attention
         self.config_version = config_version
         self.post_init()
 

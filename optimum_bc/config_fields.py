@@ -301,6 +301,20 @@ def check_common(config: Any) -> None:
     from .formats.activations import check_activation_fields
 
     check_activation_fields(config)
+    check_act_attention(config)
+
+
+def check_act_attention(config: Any) -> None:
+    """``act_attention`` is a bool and needs activation bits (the attention MatMuls use ``act_bits``)."""
+    value = getattr(config, "act_attention", False)
+    check(isinstance(value, bool), "act_attention", value, "True or False", "act_attention=False")
+    check(
+        not value or config.act_bits is not None,
+        "act_attention",
+        value,
+        "True only with act_bits set (the attention MatMul inputs take act_bits)",
+        "act_bits=8 with act_attention=True, or act_attention=False",
+    )
 
 
 def check_dataset(config: Any) -> None:

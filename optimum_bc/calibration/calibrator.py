@@ -28,6 +28,7 @@ from ..formats.activations import StageActivations
 from ..layers import kernels
 from ..layers.packed_base import PackedLinearBase
 from .architectures import ArchitectureSpec, bias_flags, block_layers, first_param_device, get_blocks
+from .attention_observers import calibrate_block_attention
 from .block_compensation import BlockCompensation
 from .block_inputs import _Batch
 from .discovery import BlockLayout, dense_weight, find_output_bias, fused_expert_weights, layer_features, observe_block
@@ -307,6 +308,7 @@ class BlockCalibrator(BlockCompensation):
                                 if s == 0 and key in fold_sums:
                                     fold_sums[key].add_float(fold, x_fp, positions)
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
+        calibrate_block_attention(block, h_q, lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs), self.config)
         experts = ExpertCalibrator(
             self.config,
             self._options(),

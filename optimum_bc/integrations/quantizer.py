@@ -15,7 +15,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from .. import api
 from ..api import build_calibration, check_layers, resolve_modules_to_not_convert
-from ..calibration import experts
+from ..calibration import attention_observers, experts
 from ..calibration.architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
 from ..calibration.calibrator import FLOAT_BIASES_ATTR
 from ..calibration.offload import block_calibration_bytes, check_device_map, check_max_memory
@@ -71,6 +71,7 @@ class BCHfQuantizer(HfQuantizer):
         if config.modules_to_not_convert is None:
             config.modules_to_not_convert = resolve_modules_to_not_convert(model, config)
         check_layers(model, spec, config, list(config.modules_to_not_convert))
+        attention_observers.check(model, config)
         if self.pre_quantized:
             self._checkpoint_files = [str(f) for f in kwargs.get("checkpoint_files") or []]
             self._swap_in_skeletons(model)
@@ -108,6 +109,7 @@ class BCHfQuantizer(HfQuantizer):
             set_module(model, name, skeleton)
         # Fused mixture-of-experts weights packed per expert (recorded in the config at quantization).
         experts.swap_in_skeletons(model, config, self.dtype)
+        attention_observers.attach_skeletons(model, config)  # act_attention: the attention scales' buffers
         # Float modules that layer-level BC gave a bias: create the slot so the checkpoint's bias loads into it.
         for name in getattr(model.config, FLOAT_BIASES_ATTR, None) or []:
             module = model.get_submodule(name)
@@ -130,6 +132,7 @@ class BCHfQuantizer(HfQuantizer):
                 if isinstance(module, PackedLinearBase) and "weight" in module.__dict__:
                     del module.__dict__["weight"]
             validation.check_loaded_values(model, self.quantization_config)
+            attention_observers.enable(model, self.quantization_config)
             blocks = get_blocks(model, resolve_spec(model, self.quantization_config))
             if is_vision_model(model):
                 attach_position_hooks(blocks, numbered=True)
@@ -180,6 +183,7 @@ class BCHfQuantizer(HfQuantizer):
         from .dense import check_in_memory, dense_linear
 
         experts.dequantize_experts(model)  # first: the per-expert packed layers are not model Linears
+        attention_observers.remove(model)  # act_attention: float attention again, like the dense Linears
         packed = list(packed_layers(model).items())
         if isinstance(dtype, str):  # transformers passes config.dtype, which a loaded config may hold as a string
             dtype = getattr(torch, dtype, dtype)
