@@ -108,15 +108,15 @@ class BlockCompensation:
         classes = self.positions or self.config.layer_sink_tokens + 1
         autos = {layer.name: layer for layer in self.auto_layers}
         targets, base, applied, dense, residuals = {}, {}, {}, {}, {}
-        for rel, _ in self.measured:
-            module, twin = block.get_submodule(rel), fblock.get_submodule(rel)
+        for rel, _, float_bias in self.measured:
+            module = block.get_submodule(rel)
             auto = autos.get(prefix + rel)
             if auto is None:
                 targets[rel] = {self.target}
             else:
                 targets[rel] = {"sequential"} | ({"float"} if auto.bc_mode.startswith("float") else set())
             out = module.bias.shape[0]
-            base[rel] = twin.bias.detach().float() if twin.bias is not None else torch.zeros(out, device=device)
+            base[rel] = float_bias.to(device) if float_bias is not None else torch.zeros(out, device=device)
             applied[rel] = applied_bias(module, base[rel], classes)
             if "float" in targets[rel]:
                 dense[rel] = module.dequantize_weight(torch.float32)
@@ -150,7 +150,7 @@ class BlockCompensation:
                     self.clock.count_pass()
                     out = _run_block(block, batch.hidden.to(device), batch.kwargs)
                 next_q.append(batch.with_hidden(out.to(store)))
-        for rel, row in self.measured:  # the same order on every data-parallel rank
+        for rel, row, _ in self.measured:  # the same order on every data-parallel rank
             for moments in residuals[rel].values():
                 moments.reduce()
             auto = autos.get(prefix + rel)

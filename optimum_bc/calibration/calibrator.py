@@ -92,7 +92,7 @@ class BlockCalibrator(BlockCompensation):
         self.float_stream = config.needs_float_stream
         # The compensated Linears of the block being calibrated (relative name, report row): the residual pass at
         # the block's end measures their MSEs.
-        self.measured: list[tuple[str, LayerReport]] = []
+        self.measured: list[tuple[str, LayerReport, torch.Tensor | None]] = []
         self.clock = BlockClock(0)
         # With activation quantization the float target's quantized layer sees the float input through its input
         # quantizer, whose scale each stage fits just before it runs: so that stage's float inputs are paired, and its
@@ -383,7 +383,10 @@ class BlockCalibrator(BlockCompensation):
                 base = bias if self.positions is None else None  # folded in float32, rounded once
                 comp = moments[group[0]].compensate(W, qw.dequantize(), W.dtype, base) if self.bc else None
                 if comp is not None:
-                    self.measured.append((rel, row))  # its MSEs come from the residual pass at the block's end
+                    # Its MSEs come from the residual pass at the block's end, which needs the float bias (read here:
+                    # a float copy streamed from disk holds its tensors only during its forward).
+                    float_bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+                    self.measured.append((rel, row, float_bias))
                     if self.positions is None:
                         bias = comp.bias
                         self.compensated.append(prefix + rel)
