@@ -12,8 +12,10 @@ do not mix:
   small shared machine; time per block is what is compared.
 
 Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on Linux), its RSS after the imports
-(the process's own share of the peak), the ratio peak / model size (target <= 0.35 with offload) and the calibration
-time per block of the runs side by side.
+(the process's own share of the peak), the ratio peak / model size (target <= 0.35 with offload), the calibration
+time per block of the runs side by side, and per run the phases holding the highest RSS (an RSS timeline sampled every
+5 ms, attributed to the innermost running step: ``block/forward`` a calibration forward, ``gptq`` the solve, ``gram``
+the Hessian accumulation, ``bc-moments`` / ``bc-solve`` bias compensation's statistics).
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]``
 (``--memory-layers 0``: the whole model in the reference run). ``--hidden/--intermediate/--heads`` pick the block
@@ -22,6 +24,7 @@ block's memory) is ``--layers 12 --hidden 2048 --intermediate 5504 --heads 16 --
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -29,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 
@@ -58,8 +62,57 @@ def build(
     model.save_pretrained(folder, max_shard_size="1GB")
 
 
+class PhaseTimeline:
+    """Samples RSS in a thread and keeps the peak per phase, the phase being the innermost wrapped call running
+    (``phase/sub-phase``): says which step of a block's calibration holds the peak."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.stack = ["load"]
+        self.peaks: dict[str, int] = {}
+        self.running = True
+        self.period = period
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while self.running:
+            phase, rss = "/".join(self.stack[-2:]), _rss()
+            self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
+            time.sleep(self.period)
+
+    def wrap(self, owner: object, attr: str, label: str) -> None:
+        """Make every call of ``owner.attr`` a phase named ``label``."""
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def wrapped(*args: object, **kwargs: object) -> object:
+            self.stack.append(label)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stack.pop()
+
+        setattr(owner, attr, wrapped)
+
+
+def _timeline() -> PhaseTimeline:
+    from optimum_bc.algorithms import base, compensation, gptq
+    from optimum_bc.calibration import calibrator, offload
+
+    timeline = PhaseTimeline()
+    timeline.wrap(offload.OffloadedCalibration, "onload", "onload")
+    timeline.wrap(offload.OffloadedCalibration, "offload", "offload")
+    timeline.wrap(calibrator.BlockCalibrator, "quantize_block", "block")
+    timeline.wrap(calibrator, "_run_block", "forward")
+    timeline.wrap(base.GramQuantizer, "add_batch", "gram")
+    timeline.wrap(gptq.GPTQQuantizer, "quantize", "gptq")
+    timeline.wrap(compensation.InputMoments, "add_batch", "bc-moments")
+    timeline.wrap(compensation.InputMoments, "compensate", "bc-solve")
+    timeline.wrap(calibrator, "packed_layer", "pack")
+    return timeline
+
+
 def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int, memory_layers: int) -> dict:
-    """Quantize the saved model in this process; return peak RSS and timings."""
+    """Quantize the saved model in this process; return peak RSS, the peak per phase and timings."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -69,6 +122,7 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     set_progress_bars(False)
     torch.set_num_threads(1)
     imports_rss = _rss()
+    timeline = _timeline()
     ids = torch.randint(0, VOCAB, (samples, tokens), generator=torch.Generator().manual_seed(1))
     config = BCQuantizationConfig(
         method="gptq",
@@ -90,6 +144,7 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, **kwargs)
     wall = time.perf_counter() - start
+    timeline.running = False
     report = model.quantization_report
     device_map = getattr(model, "hf_device_map", {"": "cpu"})
     blocks = len(report.blocks)
@@ -102,6 +157,7 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     return {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "imports_rss_bytes": imports_rss,
+        "phase_peaks": sorted(timeline.peaks.items(), key=lambda kv: -kv[1])[:6],
         "seconds_per_block": report.total_seconds / blocks,
         "load_and_quantize_seconds": wall,
         "blocks": blocks,
@@ -187,6 +243,9 @@ def main() -> None:
             f"{mode:<14}{run['blocks']:>8}{base / 2**30:>13.2f}{peak / 2**30:>14.2f}{peak / size:>14.3f}"
             f"{run['seconds_per_block']:>12.2f}"
         )
+    for mode, run in runs.items():
+        phases = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in run["phase_peaks"])
+        print(f"{mode} peak RSS (GiB) by phase: {phases}")
     print(
         f"offload peak RSS / model size: {off['peak_rss_bytes'] / size:.3f}, without BC "
         f"{runs['offload-nobc']['peak_rss_bytes'] / size:.3f} (target <= 0.35); "

@@ -316,7 +316,8 @@ def shared_float_copy(block: nn.Module) -> nn.Module:
     """A copy of ``block``'s modules that shares its tensors: a float copy that costs no weight memory.
 
     Calibration replaces the block's Linears by new packed modules and never writes the float tensors in place, so
-    the copy keeps computing the float block; the replaced float weights live on in it until it is freed.
+    the copy keeps computing the float block. The replaced float weights live on in it until it is freed, beside the
+    packed layers' dense caches: it saves a deep copy's bytes only until those caches build up.
     """
     memo: dict[int, object] = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
     return copy.deepcopy(block, memo)
