@@ -62,9 +62,10 @@ logger = logging.getLogger(__name__)
 # (512 x 11008: 128-column blocks take 0.7x the time of 32-column ones).
 BLOCK_SIZE = 32
 MAX_BLOCK_SIZE = 256
-# Columns per tile in the update of G: a tile of H (in x 64) and the matching tile of G stay in cache while the rows
-# of H are summed.
-TILE = 64
+# Columns per tile in the update of G (a power of two, so a column's tile is a shift): a tile of H (in x 64) and the
+# matching tile of G stay in cache while the rows of H are summed.
+TILE_SHIFT = 6
+TILE = 1 << TILE_SHIFT
 
 
 def comq_quantize(
@@ -106,11 +107,12 @@ def comq_quantize(
     codes_seq = torch.empty_like(w_seq)
     H_tiles = _tiles(H, TILE)
     G = torch.zeros(H_tiles.shape[0], rows, TILE, device=W.device)  # G = (W - Q) H in tiles, like H
+    positions = _tile_positions(visits)  # where each visit's entry of G lies in G's tiles
     for sweep in range(sweeps):
         for t0 in range(0, n, block_size):
             seq = slice(t0, t0 + block_size)
             Jt = visits[seq]  # (b, rows): the columns each row visits in this block
-            g = G.view(-1).index_select(0, _tile_positions(Jt, TILE).view(-1)).view(Jt.shape)
+            g = G.view(-1).index_select(0, positions[seq].reshape(-1)).view(Jt.shape)
             codes_seq[seq], delta = _sweep_block(w_seq[seq], r_seq[seq], g, H, diag, Jt, grid)
             r_seq[seq] += delta
             _add_selected_rows(G, Jt.T.contiguous(), delta.T.contiguous(), H_tiles)
@@ -122,7 +124,7 @@ def comq_quantize(
             r_seq = residual.gather(1, order).T.contiguous()
             G = _tiles(residual @ H, TILE)
     # G = (W - Q) H is current, so the losses need no further product.
-    residual = W - grid.value(codes, grid.all_columns(rows))
+    residual = torch.empty_like(W).scatter_(1, order, r_seq.T.contiguous())
     row_losses = (_untile(G, n) * residual).sum(dim=1) / 2
     return grid.result(codes, row_losses)
 
@@ -147,12 +149,11 @@ def _untile(T: torch.Tensor, n: int) -> torch.Tensor:
     return T.transpose(0, 1).reshape(m, count * width)[:, :n]
 
 
-def _tile_positions(Jt: torch.Tensor, width: int) -> torch.Tensor:
-    """Flat positions in a ``(tiles, rows, width)`` tiling of entries ``[r, Jt[t, r]]`` (``Jt`` is ``(b, rows)``)."""
-    rows = Jt.shape[1]
-    tile = torch.div(Jt, width, rounding_mode="floor")
-    row_start = torch.arange(rows, device=Jt.device) * width
-    return tile * (rows * width) + (Jt - tile * width) + row_start
+def _tile_positions(visits: torch.Tensor) -> torch.Tensor:
+    """Flat positions, in a ``(tiles, rows, TILE)`` tiling of ``G``, of the entries ``[r, visits[t, r]]``."""
+    rows = visits.shape[1]
+    row_start = torch.arange(rows, device=visits.device) * TILE
+    return ((visits >> TILE_SHIFT) * (rows * TILE)).add_(visits & (TILE - 1)).add_(row_start)
 
 
 def _add_selected_rows(G: torch.Tensor, J: torch.Tensor, delta: torch.Tensor, H_tiles: torch.Tensor) -> None:
