@@ -100,14 +100,14 @@ def comq_quantize(
     diag = torch.diagonal(H).contiguous()
     order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
     # Weights, residuals W - Q and codes are kept in visiting order and transposed ([t, r] is column order[r, t] of
-    # row r), so that a block is a slice of contiguous rows.
-    visits = order.T.contiguous()
+    # row r), so that a block is a slice of contiguous rows. Indices into them are int32 (half the memory of int64).
+    visits = order.T.to(torch.int32).contiguous()
     w_seq = W.gather(1, order).T.contiguous()
     r_seq = torch.zeros_like(w_seq)  # Q starts at W
     codes_seq = torch.empty_like(w_seq)
     H_tiles = _tiles(H, TILE)
     G = torch.zeros(H_tiles.shape[0], rows, TILE, device=W.device)  # G = (W - Q) H in tiles, like H
-    positions = _tile_positions(visits)  # where each visit's entry of G lies in G's tiles
+    positions = _tile_positions(visits if G.numel() < 2**31 else visits.long())  # each visit's entry in G's tiles
     for sweep in range(sweeps):
         for t0 in range(0, n, block_size):
             seq = slice(t0, t0 + block_size)
@@ -153,7 +153,7 @@ def _untile(T: torch.Tensor, n: int) -> torch.Tensor:
 def _tile_positions(visits: torch.Tensor) -> torch.Tensor:
     """Flat positions, in a ``(tiles, rows, TILE)`` tiling of ``G``, of the entries ``[r, visits[t, r]]``."""
     rows = visits.shape[1]
-    row_start = torch.arange(rows, device=visits.device) * TILE
+    row_start = torch.arange(rows, dtype=visits.dtype, device=visits.device) * TILE
     return ((visits >> TILE_SHIFT) * (rows * TILE)).add_(visits & (TILE - 1)).add_(row_start)
 
 
@@ -184,8 +184,7 @@ def _sweep_block(
     block: step ``t`` adds its change times ``H[Jt[t, r], Jt[s, r]]`` to the targets ``s > t`` still to come.
     """
     b, n = Jt.shape[0], H.shape[0]
-    # Flat indices into H (int32 where they fit: half the memory traffic of int64).
-    Jf = Jt.to(torch.int32) if n * n < 2**31 else Jt
+    Jf = Jt if n * n < 2**31 else Jt.long()  # flat indices into H
     rows_of_H = Jf * n
     H_flat = H.view(-1)
     h = diag.index_select(0, Jt.view(-1)).view(Jt.shape)
