@@ -15,9 +15,10 @@ lazily in blocks of ``b`` steps (``n = in``):
   come: ``rows · n · (b - 1) / 2`` scattered reads of ``H`` per sweep and ``n`` steps of ``O(rows)`` vector work;
 - after the block, the rest of ``G``: row ``r``'s residual changed at its ``b`` visited columns only, so its row of
   ``G`` gains ``Σ_t d_t H[j_t, :]``, a weighted sum of ``b`` rows of ``H``
-  (:func:`torch.nn.functional.embedding_bag`, one column tile of ``H`` and of ``G`` at a time, so both stay in
-  cache): ``rows · n²`` multiply-adds per sweep, plus one pass over ``G`` per block (``rows · n² / b`` memory
-  traffic).
+  (:func:`torch.nn.functional.embedding_bag`, one column tile of ``H`` and of ``G`` at a time): ``rows · n²``
+  multiply-adds per sweep, plus per block one pass over ``G`` and, once ``rows · b >= n``, over nearly all of ``H``
+  (``rows · n² / b + n³ / b`` memory traffic per sweep). The block size balances these passes against the scattered
+  reads above (``BLOCK_SIZE``).
 
 Weights, residuals and codes are kept in visiting order, so a block is a slice; the greedy order costs one sort,
 ``O(rows · n log n)``. The losses come from the ``G`` kept current (no further product); each extra sweep and each
