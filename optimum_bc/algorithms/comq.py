@@ -15,9 +15,10 @@ lazily in blocks of ``b`` steps (``n = in``):
   come: ``rows · n · (b - 1) / 2`` scattered reads of ``H`` per sweep and ``n`` steps of ``O(rows)`` vector work;
 - after the block, the rest of ``G``: row ``r``'s residual changed at its ``b`` visited columns only, so its row of
   ``G`` gains ``Σ_t d_t H[j_t, :]``, a weighted sum of ``b`` rows of ``H``
-  (:func:`torch.nn.functional.embedding_bag`, one column tile of ``H`` and of ``G`` at a time, so both stay in
-  cache): ``rows · n²`` multiply-adds per sweep, plus one pass over ``G`` per block (``rows · n² / b`` memory
-  traffic).
+  (:func:`torch.nn.functional.embedding_bag`, one column tile of ``H`` and of ``G`` at a time): ``rows · n²``
+  multiply-adds per sweep, plus per block one pass over ``G`` and, once ``rows · b >= n``, over nearly all of ``H``
+  (``rows · n² / b + n³ / b`` memory traffic per sweep). The block size balances these passes against the scattered
+  reads above (``BLOCK_SIZE``).
 
 Weights, residuals and codes are kept in visiting order, so a block is a slice; the greedy order costs one sort,
 ``O(rows · n log n)``. The losses come from the ``G`` kept current (no further product); each extra sweep and each
@@ -62,9 +63,10 @@ logger = logging.getLogger(__name__)
 # (512 x 11008: 128-column blocks take 0.7x the time of 32-column ones).
 BLOCK_SIZE = 32
 MAX_BLOCK_SIZE = 256
-# Columns per tile in the update of G: a tile of H (in x 64) and the matching tile of G stay in cache while the rows
-# of H are summed.
-TILE = 64
+# Columns per tile in the update of G (a power of two, so a column's tile is a shift): a tile of H (in x 64) and the
+# matching tile of G stay in cache while the rows of H are summed.
+TILE_SHIFT = 6
+TILE = 1 << TILE_SHIFT
 
 
 def comq_quantize(
@@ -99,19 +101,21 @@ def comq_quantize(
     diag = torch.diagonal(H).contiguous()
     order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
     # Weights, residuals W - Q and codes are kept in visiting order and transposed ([t, r] is column order[r, t] of
-    # row r), so that a block is a slice of contiguous rows.
-    visits = order.T.contiguous()
+    # row r), so that a block is a slice of contiguous rows. Indices into them are int32 (half the memory of int64).
+    visits = order.T.to(torch.int32).contiguous()
     w_seq = W.gather(1, order).T.contiguous()
     r_seq = torch.zeros_like(w_seq)  # Q starts at W
     codes_seq = torch.empty_like(w_seq)
     H_tiles = _tiles(H, TILE)
     G = torch.zeros(H_tiles.shape[0], rows, TILE, device=W.device)  # G = (W - Q) H in tiles, like H
+    positions = _tile_positions(visits if G.numel() < 2**31 else visits.long())  # each visit's entry in G's tiles
     for sweep in range(sweeps):
         for t0 in range(0, n, block_size):
             seq = slice(t0, t0 + block_size)
             Jt = visits[seq]  # (b, rows): the columns each row visits in this block
-            g = G.view(-1).index_select(0, _tile_positions(Jt, TILE).view(-1)).view(Jt.shape)
-            codes_seq[seq], delta = _sweep_block(w_seq[seq], r_seq[seq], g, H, diag, Jt, grid)
+            g = G.view(-1).index_select(0, positions[seq].reshape(-1)).view(Jt.shape)
+            r = r_seq[seq] if sweep > 0 else None  # the first sweep starts from a zero residual
+            codes_seq[seq], delta = _sweep_block(w_seq[seq], r, g, H, diag, Jt, grid)
             r_seq[seq] += delta
             _add_selected_rows(G, Jt.T.contiguous(), delta.T.contiguous(), H_tiles)
         codes = torch.empty_like(W).scatter_(1, order, codes_seq.T.contiguous())
@@ -122,7 +126,7 @@ def comq_quantize(
             r_seq = residual.gather(1, order).T.contiguous()
             G = _tiles(residual @ H, TILE)
     # G = (W - Q) H is current, so the losses need no further product.
-    residual = W - grid.value(codes, grid.all_columns(rows))
+    residual = torch.empty_like(W).scatter_(1, order, r_seq.T.contiguous())
     row_losses = (_untile(G, n) * residual).sum(dim=1) / 2
     return grid.result(codes, row_losses)
 
@@ -147,12 +151,11 @@ def _untile(T: torch.Tensor, n: int) -> torch.Tensor:
     return T.transpose(0, 1).reshape(m, count * width)[:, :n]
 
 
-def _tile_positions(Jt: torch.Tensor, width: int) -> torch.Tensor:
-    """Flat positions in a ``(tiles, rows, width)`` tiling of entries ``[r, Jt[t, r]]`` (``Jt`` is ``(b, rows)``)."""
-    rows = Jt.shape[1]
-    tile = torch.div(Jt, width, rounding_mode="floor")
-    row_start = torch.arange(rows, device=Jt.device) * width
-    return tile * (rows * width) + (Jt - tile * width) + row_start
+def _tile_positions(visits: torch.Tensor) -> torch.Tensor:
+    """Flat positions, in a ``(tiles, rows, TILE)`` tiling of ``G``, of the entries ``[r, visits[t, r]]``."""
+    rows = visits.shape[1]
+    row_start = torch.arange(rows, dtype=visits.dtype, device=visits.device) * TILE
+    return ((visits >> TILE_SHIFT) * (rows * TILE)).add_(visits & (TILE - 1)).add_(row_start)
 
 
 def _add_selected_rows(G: torch.Tensor, J: torch.Tensor, delta: torch.Tensor, H_tiles: torch.Tensor) -> None:
@@ -167,7 +170,7 @@ def _add_selected_rows(G: torch.Tensor, J: torch.Tensor, delta: torch.Tensor, H_
 
 def _sweep_block(
     w: torch.Tensor,
-    r: torch.Tensor,
+    r: torch.Tensor | None,
     g: torch.Tensor,
     H: torch.Tensor,
     diag: torch.Tensor,
@@ -178,12 +181,11 @@ def _sweep_block(
 
     Every argument and result is laid out ``(b, rows)``, so that each step works on contiguous vectors of length
     ``rows``: ``w``, ``r``, ``g`` are the weights, residuals ``w - q`` and ``G = (W - Q) H`` at the visited columns
-    when the block starts. ``g`` is kept current inside the block: step ``t`` adds its change times
-    ``H[Jt[t, r], Jt[s, r]]`` to the targets ``s > t`` still to come.
+    when the block starts (``r`` None: all zero, two operations fewer per step). ``g`` is kept current inside the
+    block: step ``t`` adds its change times ``H[Jt[t, r], Jt[s, r]]`` to the targets ``s > t`` still to come.
     """
     b, n = Jt.shape[0], H.shape[0]
-    # Flat indices into H (int32 where they fit: half the memory traffic of int64).
-    Jf = Jt.to(torch.int32) if n * n < 2**31 else Jt
+    Jf = Jt if n * n < 2**31 else Jt.long()  # flat indices into H
     rows_of_H = Jf * n
     H_flat = H.view(-1)
     h = diag.index_select(0, Jt.view(-1)).view(Jt.shape)
@@ -192,15 +194,16 @@ def _sweep_block(
     # affect the error: dividing by inf leaves its target at w, the nearest grid point.
     groups = grid.g_idx.index_select(0, Jt.view(-1)).view(Jt.shape)
     scales, zeros = grid.scales.T.gather(0, groups), grid.zeros.T.gather(0, groups)
-    hr = h * r
     hc = torch.where(h > 0, h.clamp(min=1e-30), torch.inf)
     fmt = grid.fmt
     codes, deltas = [], []
-    columns = (w, r, g, hr, hc, scales, zeros)
-    steps = zip(*(x.unbind() for x in columns), strict=True)
-    for t, (w_t, r_t, g_t, hr_t, hc_t, scale, zero) in enumerate(steps):
-        code = fmt.grid(scale, zero).quantize(torch.addcdiv(w_t, g_t - hr_t, hc_t))
-        d = w_t - fmt.decode(code, scale, zero) - r_t
+    rs, hrs = (r.unbind(), (h * r).unbind()) if r is not None else ((None,) * b, (None,) * b)
+    steps = zip(w.unbind(), g.unbind(), hc.unbind(), scales.unbind(), zeros.unbind(), rs, hrs, strict=True)
+    for t, (w_t, g_t, hc_t, scale, zero, r_t, hr_t) in enumerate(steps):
+        code = fmt.grid(scale, zero).quantize(torch.addcdiv(w_t, g_t if r_t is None else g_t - hr_t, hc_t))
+        d = w_t - fmt.decode(code, scale, zero)
+        if r_t is not None:
+            d -= r_t
         codes.append(code)
         deltas.append(d)
         if t + 1 < b:  # only the columns still to come in this block need the change

@@ -35,7 +35,8 @@ Cost per layer (``n = in``, ``chunk = c``, ``iters = refine_iters``; every step 
   ``H_RR`` (``m³ / 3``) and its solves (``2 rows · m²``). The remainder shrinks geometrically, so the chunks sum to
   ``O(rows · n²)`` (at ``c = 1/2``: ``rows · n² / 3`` for the refinement gradients, ``rows · n²`` for the ridge
   steps), ``O(iters · rows · n)`` for the flips and ``n³ (1 - c)³ / (3 (1 - (1 - c)³))`` for the factorisations
-  (``n³ / 21`` at ``c = 1/2``).
+  (``n³ / 21`` at ``c = 1/2``). A flip round works on the whole chunk, but a row leaves at its first rejected flip:
+  on the layers of ``benchmarks/algorithm_speed.py`` (4096 x 1024) 2 to 7 rounds ran per chunk, not ``iters``.
 - Losses: one ``rows · n²`` product.
 
 In total ``O(rows · n² + n³)``, the order of GPTQ (whose ``H⁻¹`` factorisation is also ``O(n³)``); nothing is above
