@@ -96,6 +96,7 @@ def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
         for name, config in (
             ("mismatch", _config("rtn", bits=4 if rank == 0 else 3)),
             ("too_few", _config("rtn", num_samples=1)),
+            ("static_act", _config("rtn", act_bits=8)),
         ):
             try:
                 quantize_model(tiny_llama(), config)
@@ -215,6 +216,14 @@ def test_more_ranks_than_windows_fails_on_every_rank(spawned) -> None:
         assert result["too_few"] is not None
         assert "2 processes but only 1 calibration windows in 1 batches" in result["too_few"]
         assert "num_samples >= 2" in result["too_few"]
+
+
+def test_static_activation_scales_refused_on_every_rank(spawned) -> None:
+    _, results, _ = spawned
+    for result in results:
+        assert result["static_act"] is not None
+        assert "not supported with data-parallel calibration (2 ranks)" in result["static_act"]
+        assert "act_scale='dynamic'" in result["static_act"]
 
 
 def test_layouts_that_differ_between_ranks_fail_on_every_rank(spawned) -> None:
