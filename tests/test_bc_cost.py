@@ -102,11 +102,11 @@ def test_auto_report_mse_equals_a_direct_measurement(calib_ids, method) -> None:
 
 def test_report_counts_block_passes_and_splits_time_and_round_trips(calib_ids) -> None:
     """The report says where each block's time went and how many block forwards it ran; save/load keeps it. With
-    auto BC on 4 batches: stage 0's float pass, 5 candidates on the held-out half, the residual pass (float and
+    auto BC on 4 batches: stage 0's float pass, 5 candidates (each half scored once), the residual pass (float and
     quantized blocks) and the guard's BC-off pass; the 4 true-sequential stages each stop after their inputs."""
     report = quantize_model(tiny_llama(), _cfg(calib_ids, method="gptq"))
     for block in report.blocks:
-        assert block.block_passes == pytest.approx(1 + 5 * 0.5 + 2 + 1)
+        assert block.block_passes == pytest.approx(1 + 5 + 2 + 1)
         assert block.stopped_passes == pytest.approx(4)
         split = block.forward_seconds + block.statistics_seconds + block.solve_seconds + block.bc_seconds
         assert 0 < split <= block.seconds and block.bc_seconds > 0 and block.solve_seconds > 0
