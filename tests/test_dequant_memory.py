@@ -135,6 +135,13 @@ def test_mx_dense_weight_is_bit_equal(small_blocks: None, fmt: str) -> None:
         assert torch.equal(bits_of(weight), bits_of(expected.to(dtype))), dtype
 
 
+def test_meta_layers_give_meta_weights() -> None:
+    """Layers on the meta device (built before loading) still report their dense weight's shape and dtype."""
+    for layer in (QuantLinear(64, 8, 4, 32, device="meta"), MXLinear(64, 8, "mxfp4", device="meta")):
+        weight = layer.dequantize_weight(torch.bfloat16)
+        assert weight.is_meta and weight.shape == (8, 64) and weight.dtype == torch.bfloat16
+
+
 def test_live_bytes_counts_temporaries() -> None:
     """The counter sees a dropped temporary in the peak but not in the live bytes, and ignores older storages."""
     old = torch.ones(1000)

@@ -226,7 +226,8 @@ class QuantLinear(PackedLinearBase):
             zeros = unpack_int32(self.qzeros, self._bits, groups)
             scales = self.scales.float()
             g_idx = self.g_idx.view(1, k)
-            g_idx = None if contiguous_groups(g_idx, groups) else g_idx
+            # Meta tensors (no values) take the gather path, which needs none.
+            g_idx = None if not g_idx.is_meta and contiguous_groups(g_idx, groups) else g_idx
             weight = torch.empty(self._out_features, k, dtype=target, device=self.qweight.device)
             for rows in row_blocks(self._out_features, k):
                 dequantize_int_rows(
