@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from optimum_bc.formats import packing
 from optimum_bc.formats.packing import pack_int32, packed_width, unpack_int32
 
 
@@ -167,3 +168,14 @@ def test_packed_too_narrow() -> None:
     packed = torch.zeros(2, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="packed has 3 words per row but 25 codes of 4 bits need 4"):
         unpack_int32(packed, 4, 25)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_unpack_in_blocks_of_rows_matches_one_block(monkeypatch: pytest.MonkeyPatch, bits: int) -> None:
+    """Rows unpacked a few at a time (a ragged last block too) give the codes of a one-block unpack."""
+    codes = torch.randint(0, 2**bits, (29, 77), generator=torch.Generator().manual_seed(bits))
+    packed = pack_int32(codes, bits)
+    monkeypatch.setattr(packing, "UNPACK_CODES", 4 * 77)
+    assert torch.equal(unpack_int32(packed, bits, 77), codes.to(torch.uint8))
+    monkeypatch.setattr(packing, "UNPACK_CODES", 1)  # below one row: one row per block
+    assert torch.equal(unpack_int32(packed, bits, 77), codes.to(torch.uint8))

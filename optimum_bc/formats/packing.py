@@ -6,6 +6,8 @@ significant bit. Codes may straddle two words (3, 5, 6 and 7 bits), so no bit is
 int32 (two's complement) because that is the dtype checkpoints of low-bit linear layers use.
 
 The work is done in int64 with whole-tensor ops (no Python loop over elements), so it is fast on CPU and GPU.
+:func:`unpack_int32` works through blocks of rows (:data:`UNPACK_CODES` codes at a time) into its uint8 result, so
+its int64 temporaries stay a few MiB whatever the tensor's size instead of ~30 bytes a code.
 """
 
 import torch
@@ -15,6 +17,8 @@ MIN_BITS = 2
 MAX_BITS = 8
 _WORD_BITS = 32
 _WORD_MASK = (1 << _WORD_BITS) - 1
+#: Codes unpacked per block of rows: the int64 temporaries of a block (about 32 bytes a code) stay near 8 MiB.
+UNPACK_CODES = 1 << 18
 
 
 def _check_bits(bits: int) -> None:
@@ -91,11 +95,19 @@ def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if have < need:
         raise ValueError(f"packed has {have} words per row but {n} codes of {bits} bits need {need}")
 
-    words = packed[:, :need].to(torch.int64) & _WORD_MASK
-    # A zero spare word lets every code read "its word and the next one" without bounds checks.
-    words = torch.cat([words, torch.zeros(rows, 1, dtype=torch.int64, device=packed.device)], dim=1)
+    codes = torch.empty(rows, n, dtype=torch.uint8, device=packed.device)
+    if rows == 0 or n == 0:
+        return codes
     word, offset = _code_positions(n, bits, packed.device)
-    low = words[:, word] >> offset
-    # Only the low ``bits - 1`` bits of the next word can belong to a code, so masking keeps the shift in range.
-    high = (words[:, word + 1] & 0xFF) << (_WORD_BITS - offset)
-    return ((low | high) & ((1 << bits) - 1)).to(torch.uint8)
+    high_shift = _WORD_BITS - offset
+    step = max(1, UNPACK_CODES // n)
+    for start in range(0, rows, step):
+        block = slice(start, min(rows, start + step))
+        words = packed[block, :need].to(torch.int64) & _WORD_MASK
+        # A zero spare word lets every code read "its word and the next one" without bounds checks.
+        words = torch.cat([words, words.new_zeros(words.shape[0], 1)], dim=1)
+        low = words[:, word] >> offset
+        # Only the low ``bits - 1`` bits of the next word can belong to a code, so masking keeps the shift in range.
+        high = (words[:, word + 1] & 0xFF) << high_shift
+        codes[block] = low.bitwise_or_(high).bitwise_and_((1 << bits) - 1)
+    return codes

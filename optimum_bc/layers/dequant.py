@@ -8,12 +8,15 @@ is ``CHUNK`` bf16 weights plus ``SERIAL`` float32 ones, reused by every block of
 The stacked paths (:func:`dequantize_int_rows`, :func:`dequantize_mx_rows`) rebuild the exact weights of several
 packed layers at once (the routed experts of a mixture-of-experts block, :mod:`optimum_bc.layers.experts`): one
 unpack over all their rows (:func:`unpack_rows`), a few whole-tensor ops, the result written into the caller's
-buffer.
+buffer. ``QuantLinear.dequantize_weight`` and ``MXLinear.dequantize_weight`` use them too, one block of rows at a time
+(:func:`row_blocks`) written into the result, so a layer's dense weight costs its own bytes plus a few MiB of
+temporaries, not ~8 float32 weights' worth of whole-layer int64 and float32 intermediates.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,16 @@ CHUNK = 1 << 24
 # matmuls are not affected.
 SERIAL = (1 << 15) - 1
 _MIN_ROWS = 16
+#: Weights dequantized per block of rows by :func:`row_blocks`: the block's temporaries (codes, ``code - zero``,
+#: gathered scales: at most ~20 bytes a weight) stay near 1 MiB.
+DENSE_BLOCK = 1 << 16
+
+
+def row_blocks(rows: int, k: int) -> Iterator[slice]:
+    """Slices of ``rows`` rows of ``k`` weights, about :data:`DENSE_BLOCK` weights each (at least one row)."""
+    step = max(1, DENSE_BLOCK // max(k, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
 
 
 def planes(bits: int, k: int) -> int:

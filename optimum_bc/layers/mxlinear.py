@@ -18,6 +18,7 @@ from torch import nn
 
 from ..formats.formats import MX_BLOCK_SIZE, MX_ELEMENTS, canonical_format, e8m0_to_scale, scale_to_e8m0
 from ..formats.packing import pack_int32, packed_width, unpack_int32
+from .dequant import dequantize_mx_rows, row_blocks
 from .packed_base import PackedLinearBase
 
 
@@ -98,11 +99,21 @@ class MXLinear(PackedLinearBase):
         return unpack_int32(self.qweight, self.bits, self.in_features), e8m0_to_scale(self.scales)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense weight ``[out, in]``: computed in float32, then cast to ``dtype`` (default: the bias dtype)."""
+        """Dense weight ``[out, in]`` in ``dtype`` (default: the bias dtype): element value times block scale.
+
+        Built a block of rows at a time into the result (:func:`optimum_bc.layers.dequant.dequantize_mx_rows`): the
+        float32 product rounded once to ``dtype``, as the whole-layer float32 formula cast to ``dtype``, with a few
+        MiB of temporaries beyond the result.
+        """
+        target = self.bias.dtype if dtype is None else dtype
         with torch.no_grad():
-            codes, scales = self.unpack()
-            weight = self.element.decode(codes) * scales.repeat_interleave(MX_BLOCK_SIZE, dim=1)
-        return weight.to(self.bias.dtype if dtype is None else dtype)
+            weight = torch.empty(self.out_features, self.in_features, dtype=target, device=self.qweight.device)
+            for rows in row_blocks(self.out_features, self.in_features):
+                scales = e8m0_to_scale(self.scales[rows])
+                dequantize_mx_rows(
+                    self.qweight[rows][None], scales[None], self.element.values, self.bits, weight[rows][None]
+                )
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` in ``x.dtype``."""

@@ -115,6 +115,8 @@ class PackedLinearBase(PositionBiases, nn.Linear):
             # Inference-mode tensors cannot be saved for backward outside inference mode.
             or (cached.is_inference() and not torch.is_inference_mode_enabled())
         ):
+            # Drop the stale cache first so it is not alive next to the new one (its bytes would add to the peak).
+            cached = self._cached_weight = None
             cached = self.dequantize_weight(x.dtype).to(x.device)
             self._cached_weight = cached
         return cached

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..formats.packing import MAX_BITS, MIN_BITS, pack_int32, packed_width, unpack_int32
 from . import int8_path
+from .dequant import contiguous_groups, dequantize_int_rows, row_blocks
 from .kernel_forms import KernelForm, build_form, check_form, matmul
 from .kernel_paths import _CUDA_CHECK_RTOL, REFERENCE, Plan, backend_of, plan, select_path
 from .kernel_paths import logger as kernel_logger
@@ -213,14 +214,32 @@ class QuantLinear(PackedLinearBase):
         return codes, zeros
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense weight ``[out, in]``: computed in float32, then cast to ``dtype`` (default: the bias dtype)."""
+        """Dense weight ``[out, in]`` in ``dtype`` (default: the bias dtype), ``scale * (code - zero)``.
+
+        Built a block of rows at a time into the result (:func:`optimum_bc.layers.dequant.dequantize_int_rows`):
+        the product is exact in float32 and rounded once to ``dtype``, so the values equal the float32 formula cast
+        to ``dtype`` bit for bit, while the temporaries stay a few MiB beyond the result.
+        """
         target = self.bias.dtype if dtype is None else dtype
+        k, groups = self._in_features, self.num_groups
         with torch.no_grad():
-            codes, zeros = self.unpack()
-            g = self.g_idx.long()
-            scales = self.scales.float()[:, g]
-            weight = scales * (codes.float() - zeros.float()[:, g])
-        return weight.to(target)
+            zeros = unpack_int32(self.qzeros, self._bits, groups)
+            scales = self.scales.float()
+            g_idx = self.g_idx.view(1, k)
+            # Meta tensors (no values) take the gather path, which needs none.
+            g_idx = None if not g_idx.is_meta and contiguous_groups(g_idx, groups) else g_idx
+            weight = torch.empty(self._out_features, k, dtype=target, device=self.qweight.device)
+            for rows in row_blocks(self._out_features, k):
+                dequantize_int_rows(
+                    self.qweight[rows][None],
+                    zeros[rows][None],
+                    scales[rows][None],
+                    self._bits,
+                    k,
+                    g_idx,
+                    weight[rows][None],
+                )
+        return weight
 
     def reset_cache(self) -> None:
         """Drop the cached dense weight and kernel forms so the next forward recomputes them from the buffers."""
