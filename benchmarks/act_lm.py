@@ -16,11 +16,10 @@ markdown table of everything in the JSON.
 
 import argparse
 import json
-import os
 import time
 
 import torch
-from packaged_eval import packaged_model, quantize_packaged
+from packaged_eval import load_results, packaged_model, quantize_packaged, save_results
 from transformers.utils import logging as hf_logging
 
 from optimum_bc.calibration import set_progress_bars
@@ -33,20 +32,6 @@ SCHEMES: dict[str, dict] = {
 }
 BC: dict[str, dict] = {"off": {"bias_compensation": False}, "default": {}}
 COLUMNS: dict[str, dict] = {"linears": {}, "+attention": {"act_attention": True}}
-
-
-def load_results(path: str) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"cells": {}}
-
-
-def save_results(path: str, results: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
 
 
 def table(results: dict) -> str:

@@ -10,12 +10,10 @@ in pieces, e.g. ``--methods rtn --formats mxfp4``). Prints the markdown table of
 """
 
 import argparse
-import json
-import os
 import time
 
 import torch
-from packaged_eval import packaged_model, quantize_packaged
+from packaged_eval import load_results, packaged_model, quantize_packaged, save_results
 from transformers.utils import logging as hf_logging
 
 from optimum_bc.algorithms import get_algorithm
@@ -42,20 +40,6 @@ VARIANTS: dict[str, dict] = {
     "float sink0": {"bc_target": "float", "bc_sink_tokens": 0},
 }
 MANUAL = ("seq sink1", "seq sink0", "float sink1", "float sink0")
-
-
-def load_results(path: str) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"cells": {}}
-
-
-def save_results(path: str, results: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
 
 
 def format_table(results: dict) -> str:

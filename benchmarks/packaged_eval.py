@@ -1,5 +1,7 @@
 """Shared by the benchmark scripts: load the packaged SmolLM2-135M in fp32 and score it on held-out wiki-vital."""
 
+import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,3 +45,19 @@ def quantize_packaged(
     start = time.perf_counter()
     report = quantize_model(model, config)
     return model, report, time.perf_counter() - start
+
+
+def load_results(path: str) -> dict:
+    """A resumable benchmark's JSON (``{"cells": {}}`` when it does not exist yet)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"cells": {}}
+
+
+def save_results(path: str, results: dict) -> None:
+    """Write the JSON atomically (a killed run leaves the previous file), so every finished cell survives."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
