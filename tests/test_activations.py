@@ -138,6 +138,11 @@ def test_bc_targets_the_quantized_activations(calib_ids, target) -> None:
     # Without the activation error in the target, the bias would be measurably different.
     weight_only = (x @ W.T - x @ layer.dequantize_weight(torch.float32).T).mean(0)
     assert float((weight_only - expected).abs().max()) > 1e-3
+    # The report's error before BC is measured against the same target: it includes the activation error too.
+    residual = x @ W.T - x_hat @ layer.dequantize_weight(torch.float32).T
+    (row,) = [r for r in model.quantization_report.layers if r.name == "model.layers.0.self_attn.q_proj"]
+    assert row.mse_before == pytest.approx(float(residual.square().mean()), rel=1e-3)
+    assert row.mse_after == pytest.approx(float((residual - expected).square().mean()), rel=1e-3)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -107,7 +107,7 @@ class BlockCompensation:
         prefix = f"{self.spec.blocks}.{index}."
         classes = self.positions or self.config.layer_sink_tokens + 1
         autos = {layer.name: layer for layer in self.auto_layers}
-        targets, base, applied, dense, residuals = {}, {}, {}, {}, {}
+        targets, base, applied, dense, residuals, quantize_input = {}, {}, {}, {}, {}, {}
         for rel, _, float_bias in self.measured:
             module = block.get_submodule(rel)
             auto = autos.get(prefix + rel)
@@ -120,6 +120,7 @@ class BlockCompensation:
             applied[rel] = applied_bias(module, base[rel], classes)
             if "float" in targets[rel]:
                 dense[rel] = module.dequantize_weight(torch.float32)
+                quantize_input[rel] = module._quantize_input  # the float target's residual is W x - Q Q_a(x)
             residuals[rel] = {t: ResidualMoments(out, classes, device) for t in sorted(targets[rel])}
         now: dict[str, torch.Tensor] = {}  # the batch being measured: valid mask, row positions, position classes
         float_out: dict[str, torch.Tensor] = {}
@@ -128,7 +129,7 @@ class BlockCompensation:
         def float_hook(module: nn.Module, args: tuple, output: torch.Tensor, rel: str) -> None:
             float_out[rel] = _valid_rows(output, now["valid"]).float()
             if rel in dense:
-                float_in[rel] = _valid_rows(args[0], now["valid"]).float()
+                float_in[rel] = _valid_rows(quantize_input[rel](args[0]), now["valid"]).float()
 
         def quant_hook(module: nn.Module, args: tuple, output: torch.Tensor, rel: str) -> None:
             if "sequential" in residuals[rel]:
