@@ -8,14 +8,20 @@ so its error here includes that correction). Building the statistics and measuri
 
 Seconds are the process's CPU time (``time.process_time``) and, beside it, wall time. With one thread the two agree
 on an idle machine; on a shared one the wall time also counts the time other processes held the core, so the ratios
-are taken from CPU time. ``--repeats`` runs every method that many times per shape and keeps its best time.
+are taken from CPU time. ``--repeats`` runs every method that many times per shape, the methods taking turns (so a
+change in the machine's load reaches all of them alike), and reports the median CPU time; the JSON also keeps the
+best. COMQ is bound by memory traffic (gathers of rows of ``H``), GPTQ mostly by matrix products, so other processes
+competing for memory bandwidth raise COMQ's ratio more than GPTQ's.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 nice python benchmarks/algorithm_speed.py
 
 The default shapes are the ones the per-layer targets are stated for: ``rows = in`` and ``rows = 4 in`` at
 ``in = 1024``, ``rows = in`` at 4096 and 512 rows at 11008. ``--rows`` overrides the output rows of every shape (all
 four methods are linear in the rows, apart from GPTQ's and ERQ's ``O(in³)`` factorisations, which do not depend on
-them: fewer rows favour COMQ in the ratio to GPTQ).
+them: fewer rows favour COMQ in the ratio to GPTQ). The large projections of 7B-class models are measured with
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 nice python benchmarks/algorithm_speed.py --shapes 11008x4096,4096x11008 \
+        --methods gptq,comq --repeats 3 --json benchmarks/algorithm_speed_large.json
 """
 
 import argparse
@@ -24,6 +30,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from statistics import median
 
 import torch
 
@@ -68,7 +75,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="calibration tokens behind H")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per method and shape; the best time is kept")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method and shape; the median is reported")
     parser.add_argument("--json", default="benchmarks/algorithm_speed.json")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -90,23 +97,28 @@ def main() -> None:
         rows = args.rows or out
         H, C = statistics(n, args.tokens, seed=n)
         w = 0.02 * torch.randn(rows, n, generator=torch.Generator().manual_seed(rows))
-        timed = {}
-        for name in methods:
-            best_cpu, best_wall = float("inf"), float("inf")
-            for _ in range(args.repeats):
+        cpu_times: dict[str, list[float]] = {name: [] for name in methods}
+        wall_times: dict[str, list[float]] = {name: [] for name in methods}
+        errors = {}
+        for _ in range(args.repeats):
+            for name in methods:
                 wall, cpu = time.perf_counter(), time.process_time()
                 qw = METHODS[name](w, H, C)
-                best_cpu = min(best_cpu, time.process_time() - cpu)
-                best_wall = min(best_wall, time.perf_counter() - wall)
-            residual = w - qw.dequantize()
-            timed[name] = (best_cpu, best_wall, float(((residual @ H) * residual).sum() / 2))
-        for name, (cpu, wall, error) in timed.items():
-            ratio = cpu / timed["gptq"][0]
+                cpu_times[name].append(time.process_time() - cpu)
+                wall_times[name].append(time.perf_counter() - wall)
+                residual = w - qw.dequantize()
+                errors[name] = float(((residual @ H) * residual).sum() / 2)
+                del qw, residual
+        gptq_cpu = median(cpu_times["gptq"])
+        for name in methods:
+            cpu, wall = median(cpu_times[name]), median(wall_times[name])
+            ratio, best_ratio = cpu / gptq_cpu, min(cpu_times[name]) / min(cpu_times["gptq"])
             results.append({"shape": f"{out}x{n}", "rows": rows, "in": n, "method": name, "cpu_seconds": cpu,
-                            "wall_seconds": wall, "ratio_to_gptq": ratio, "error": error})  # fmt: skip
+                            "wall_seconds": wall, "ratio_to_gptq": ratio, "cpu_seconds_all": cpu_times[name],
+                            "best_ratio_to_gptq": best_ratio, "error": errors[name]})  # fmt: skip
             print(
                 f"{out}x{n} rows={rows:<5} {name:<5} {cpu:8.2f} s cpu {wall:8.2f} s wall {ratio:6.2f}x GPTQ"
-                f"  error {error:.4g}",
+                f" (best {best_ratio:.2f}x)  error {errors[name]:.4g}",
                 flush=True,
             )
 

@@ -193,6 +193,97 @@ def test_comq_blocked_update_matches_dense_on_a_large_random_layer() -> None:
     torch.testing.assert_close(qw.row_losses.double(), exact, rtol=1e-4, atol=1e-6)
 
 
+def _tile64_comq(
+    weight: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, sym: bool, sweeps: int,
+    update_scale: bool, format: str, block_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The blocked implementation as it was before the tile width depended on ``in`` (always 64-column tiles of
+    ``H`` and ``G``), kept here only as the reference for it. Returns codes, scales and row losses."""
+    W, H = weight.float(), H.float().contiguous()
+    rows, n = W.shape
+    grid = GroupGrid.fit(W, bits=bits, group_size=group_size, sym=sym, format=format)
+    diag = torch.diagonal(H).contiguous()
+    order = torch.argsort(W.abs() * diag.clamp(min=0).sqrt(), dim=1, descending=True)
+    visits = order.T.to(torch.int32).contiguous()
+    w_seq, r_seq = W.gather(1, order).T.contiguous(), torch.zeros(n, rows)
+    codes_seq = torch.empty(n, rows)
+
+    def tiles(M: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(M.shape[0], -(-n // 64) * 64)
+        padded[:, :n] = M
+        return padded.view(M.shape[0], -1, 64).transpose(0, 1).contiguous()
+
+    H_tiles, G = tiles(H), torch.zeros(-(-n // 64), rows, 64)
+    positions = (visits >> 6) * (rows * 64) + (visits & 63) + torch.arange(rows, dtype=torch.int32) * 64
+    for sweep in range(sweeps):
+        for t0 in range(0, n, block_size):
+            Jt = visits[t0 : t0 + block_size]
+            b = Jt.shape[0]
+            g = G.view(-1).index_select(0, positions[t0 : t0 + block_size].reshape(-1)).view(Jt.shape)
+            r = r_seq[t0 : t0 + block_size] if sweep > 0 else None
+            h = diag.index_select(0, Jt.view(-1)).view(Jt.shape)
+            groups = grid.g_idx.index_select(0, Jt.view(-1)).view(Jt.shape)
+            scales, zeros = grid.scales.T.gather(0, groups), grid.zeros.T.gather(0, groups)
+            hc = torch.where(h > 0, h.clamp(min=1e-30), torch.inf)
+            hr = h * r if r is not None else None
+            deltas = []
+            for t in range(b):
+                g_t = g[t] if r is None else g[t] - hr[t]
+                code = grid.fmt.grid(scales[t], zeros[t]).quantize(torch.addcdiv(w_seq[t0 + t], g_t, hc[t]))
+                d = w_seq[t0 + t] - grid.fmt.decode(code, scales[t], zeros[t])
+                if r is not None:
+                    d -= r[t]
+                codes_seq[t0 + t] = code
+                deltas.append(d)
+                if t + 1 < b:
+                    flat = Jt[t] * n + Jt[t + 1 :]
+                    g[t + 1 :].addcmul_(H.view(-1).index_select(0, flat.view(-1)).view(flat.shape), d)
+            delta = torch.stack(deltas)
+            r_seq[t0 : t0 + block_size] += delta
+            J, dT = Jt.T.contiguous(), delta.T.contiguous()
+            for G_k, H_k in zip(G, H_tiles, strict=True):
+                G_k += torch.nn.functional.embedding_bag(J, H_k, per_sample_weights=dT, mode="sum")
+        codes = torch.empty_like(W).scatter_(1, order, codes_seq.T.contiguous())
+        if update_scale:
+            grid = _update_scales(W, H, grid, codes)
+        if update_scale or sweep + 1 < sweeps:
+            residual = W - grid.value(codes, grid.all_columns(rows))
+            r_seq, G = residual.gather(1, order).T.contiguous(), tiles(residual @ H)
+    residual = torch.empty_like(W).scatter_(1, order, r_seq.T.contiguous())
+    G_full = G.transpose(0, 1).reshape(rows, -1)[:, :n]
+    return codes, grid.scales, (G_full * residual).sum(dim=1) / 2
+
+
+@pytest.mark.parametrize(
+    "rows,n,bits,group_size,format,update_scale,sweeps",
+    [
+        (96, 1024, 4, 128, "int", False, 1),  # 256-column tiles
+        (64, 2000, 3, 128, "int", True, 2),  # 128-column tiles, the last one padded
+        (40, 100, 4, 20, "int", False, 2),  # one padded 128-column tile
+        (48, 512, 4, 32, "mxfp4", True, 1),
+        (33, 320, 8, 32, "mxint8", False, 1),
+    ],
+    ids=str,
+)
+def test_comq_equals_the_64_column_tile_implementation(
+    rows: int, n: int, bits: int, group_size: int, format: str, update_scale: bool, sweeps: int
+) -> None:
+    """The tile width only groups the columns of each update of ``G``; every entry adds the same terms in the same
+    order, so codes, scales and losses are bit-identical to the 64-column tiles, for every block size."""
+    X = correlated_inputs(2 * n, n, seed=n)
+    X[:, ::37] *= 20
+    H = gram(X)
+    w = torch.randn(rows, n, generator=torch.Generator().manual_seed(rows))
+    options = {"bits": bits, "group_size": group_size, "sym": format != "int", "sweeps": sweeps}
+    options |= {"update_scale": update_scale, "format": format}
+    for block_size in (32, 7):
+        codes, scales, losses = _tile64_comq(w, H, block_size=block_size, **options)
+        qw = comq_quantize(w, H, block_size=block_size, **options)
+        assert torch.equal(qw.codes.float(), codes)
+        assert torch.equal(qw.scales, scales)
+        assert torch.equal(qw.row_losses, losses)
+
+
 @pytest.mark.parametrize("name", ["mxfp4", "mxint4"])
 def test_comq_mx_beats_rtn_and_scale_update_stays_on_powers_of_two(name: str) -> None:
     X = correlated_inputs(2048, 64)

@@ -28,7 +28,11 @@ A sweep is therefore ``O(rows · n²)``, the order of GPTQ's column loop, but no
 visit their columns in different orders, so the update of ``G`` cannot be one shared product as in GPTQ (multiplying
 by the dense ``rows x n`` block of changes instead would cost ``O(rows · n³ / b)``). Each row reads its own rows of
 ``H``, with little reuse between rows, so the update runs at memory speed; ``benchmarks/algorithm_speed.py`` measures
-the ratio to GPTQ. The blocked sums add the same terms as a step-by-step update in another order, so codes can differ
+the ratio to GPTQ. At ``rows = n = 4096`` (one thread, per block of 32 steps) the update of ``G`` takes about 37 ms:
+22 ms of multiply-adds at about 24 G/s (a float32 matrix product reaches about 85 G/s), 7 ms of fixed cost per
+(row, tile) sum and 10 ms to read and write the 64 MB of ``G``; the in-block corrections take about 25 ms, 2 M
+scattered reads of ``H`` that each fetch a cache line for 4 bytes. Both parts are bound by memory traffic, not by
+arithmetic, and the block size trades one against the other. The blocked sums add the same terms as a step-by-step update in another order, so codes can differ
 only where a target lies within float32 rounding of a decision boundary (a tie); such a flip then changes the rest of
 that row's sweep.
 
@@ -63,10 +67,14 @@ logger = logging.getLogger(__name__)
 # (512 x 11008: 128-column blocks take 0.7x the time of 32-column ones).
 BLOCK_SIZE = 32
 MAX_BLOCK_SIZE = 256
-# Columns per tile in the update of G (a power of two, so a column's tile is a shift): a tile of H (in x 64) and the
-# matching tile of G stay in cache while the rows of H are summed.
-TILE_SHIFT = 6
-TILE = 1 << TILE_SHIFT
+# Columns per tile in the update of G (a power of two, so a column's tile is a shift): a tile of H (in x tile) and
+# the matching tile of G stay in cache while the rows of H are summed. The tile is the widest power of two up to
+# MAX_TILE_SHIFT whose tile of H fits in TILE_BYTES, and at least 2^MIN_TILE_SHIFT columns: wider tiles mean fewer
+# (row, tile) sums, each of which has a fixed cost (in = 1024: 256-column tiles take 0.9x the time of 64-column ones;
+# in = 11008: 64-column tiles beat 32- and 16-column ones although a tile of H then exceeds 1 MiB).
+TILE_BYTES = 1 << 20
+MIN_TILE_SHIFT = 6
+MAX_TILE_SHIFT = 8
 
 
 def comq_quantize(
@@ -106,9 +114,10 @@ def comq_quantize(
     w_seq = W.gather(1, order).T.contiguous()
     r_seq = torch.zeros_like(w_seq)  # Q starts at W
     codes_seq = torch.empty_like(w_seq)
-    H_tiles = _tiles(H, TILE)
-    G = torch.zeros(H_tiles.shape[0], rows, TILE, device=W.device)  # G = (W - Q) H in tiles, like H
-    positions = _tile_positions(visits if G.numel() < 2**31 else visits.long())  # each visit's entry in G's tiles
+    shift = tile_shift(n)
+    H_tiles = _tiles(H, 1 << shift)
+    G = torch.zeros(H_tiles.shape[0], rows, 1 << shift, device=W.device)  # G = (W - Q) H in tiles, like H
+    positions = _tile_positions(visits if G.numel() < 2**31 else visits.long(), shift)  # each visit's entry in G
     for sweep in range(sweeps):
         for t0 in range(0, n, block_size):
             seq = slice(t0, t0 + block_size)
@@ -124,7 +133,7 @@ def comq_quantize(
         if update_scale or sweep + 1 < sweeps:  # recomputed so that rounding drift does not accumulate
             residual = W - grid.value(codes, grid.all_columns(rows))
             r_seq = residual.gather(1, order).T.contiguous()
-            G = _tiles(residual @ H, TILE)
+            G = _tiles(residual @ H, 1 << shift)
     # G = (W - Q) H is current, so the losses need no further product.
     residual = torch.empty_like(W).scatter_(1, order, r_seq.T.contiguous())
     row_losses = (_untile(G, n) * residual).sum(dim=1) / 2
@@ -136,10 +145,18 @@ def default_block_size(rows: int, n: int) -> int:
     return int(min(MAX_BLOCK_SIZE, max(BLOCK_SIZE, round(BLOCK_SIZE * math.sqrt(n / max(rows, 1))))))
 
 
+def tile_shift(n: int) -> int:
+    """log2 of the columns per tile of ``H`` and ``G`` for ``n`` inputs (see ``TILE_BYTES``)."""
+    fits = (TILE_BYTES // (4 * max(n, 1))).bit_length() - 1  # the widest power of two whose in x tile float32 fits
+    return max(MIN_TILE_SHIFT, min(MAX_TILE_SHIFT, fits, (n - 1).bit_length()))  # no wider than n needs
+
+
 def _tiles(M: torch.Tensor, width: int) -> torch.Tensor:
     """``M`` ``(m, n)`` as ``(tiles, m, width)`` contiguous column tiles, the last one zero-padded (a copy)."""
     m, n = M.shape
     count = -(-n // width)
+    if n == count * width:  # no padding: one copy
+        return M.view(m, count, width).transpose(0, 1).contiguous()
     padded = torch.zeros(m, count * width, dtype=M.dtype, device=M.device)
     padded[:, :n] = M
     return padded.view(m, count, width).transpose(0, 1).contiguous()
@@ -151,11 +168,11 @@ def _untile(T: torch.Tensor, n: int) -> torch.Tensor:
     return T.transpose(0, 1).reshape(m, count * width)[:, :n]
 
 
-def _tile_positions(visits: torch.Tensor) -> torch.Tensor:
-    """Flat positions, in a ``(tiles, rows, TILE)`` tiling of ``G``, of the entries ``[r, visits[t, r]]``."""
-    rows = visits.shape[1]
-    row_start = torch.arange(rows, dtype=visits.dtype, device=visits.device) * TILE
-    return ((visits >> TILE_SHIFT) * (rows * TILE)).add_(visits & (TILE - 1)).add_(row_start)
+def _tile_positions(visits: torch.Tensor, shift: int) -> torch.Tensor:
+    """Flat positions, in a ``(tiles, rows, 2^shift)`` tiling of ``G``, of the entries ``[r, visits[t, r]]``."""
+    rows, width = visits.shape[1], 1 << shift
+    row_start = torch.arange(rows, dtype=visits.dtype, device=visits.device) * width
+    return ((visits >> shift) * (rows * width)).add_(visits & (width - 1)).add_(row_start)
 
 
 def _add_selected_rows(G: torch.Tensor, J: torch.Tensor, delta: torch.Tensor, H_tiles: torch.Tensor) -> None:
