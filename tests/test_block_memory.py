@@ -19,7 +19,7 @@ PROBE = textwrap.dedent(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from optimum_bc import BCQuantizationConfig, quantize_model
-    from optimum_bc.calibration.offload import block_calibration_bytes
+    from optimum_bc.calibration.memory import block_calibration_bytes
 
     def rss(key):
         for line in open("/proc/self/status"):
