@@ -311,6 +311,8 @@ class BlockCalibrator(BlockCompensation):
                                 if s == 0 and key in fold_sums:
                                     fold_sums[key].add_float(fold, x_fp, positions)
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
+            if self.placement is not None:  # the stage's replaced float Linears, before the next stage's solve
+                self.placement.release()
         calibrate_block_attention(block, h_q, lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs), self.config)
         experts = ExpertCalibrator(
             self.config,

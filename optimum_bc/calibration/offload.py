@@ -200,6 +200,11 @@ class OffloadedCalibration:
                 set_module_tensor_to_device(module, name, target)
         _return_freed_memory()
 
+    def release(self) -> None:
+        """Free what calibration no longer references (the float Linears a stage replaced sit in reference cycles)
+        and return the freed heap pages to the OS, so that the next stage's working memory does not add to them."""
+        _return_freed_memory()
+
     def float_copy(self, block: nn.Module, prefix: str) -> nn.Module:
         """The float copy of ``block`` (named ``prefix`` in the model) that bias compensation runs beside it.
 
