@@ -13,14 +13,19 @@ do not mix:
 
 Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on Linux), its RSS after the imports
 (the process's own share of the peak), the ratio peak / model size (target <= 0.35 with offload), the calibration
-time per block of the runs side by side, and per run the phases holding the highest RSS (an RSS timeline sampled every
+time per block of the runs side by side, per run the phases holding the highest RSS (an RSS timeline sampled every
 5 ms, attributed to the innermost running step: ``block/forward`` a calibration forward, ``gptq`` the solve, ``gram``
-the Hessian accumulation, ``bc-moments`` / ``bc-solve`` bias compensation's statistics).
+the Hessian accumulation, ``pack`` building a packed layer, ``bc-moments`` / ``bc-solve`` bias compensation's
+statistics), and per calibrated block the RSS at its start (what stays resident between blocks, anonymous and
+file-backed, e.g. pages of the memory-mapped checkpoint) and its peak inside.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]``
-(``--memory-layers 0``: the whole model in the reference run). ``--hidden/--intermediate/--heads`` pick the block
-shape; the wide-MLP shape of issue #16 (intermediate 2.7x hidden, where ``down_proj``'s in×in statistics dominate a
-block's memory) is ``--layers 12 --hidden 2048 --intermediate 5504 --heads 16 --memory-layers 1 --cpu-budget 800MB``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]
+[--modes offload,offload-nobc,memory]`` (``--memory-layers 0``: the whole model in the reference run).
+``--hidden/--intermediate/--heads`` pick the block shape; the wide-MLP shape of issue #16 (intermediate 2.7x hidden,
+where ``down_proj``'s in×in statistics and the stacked gate/up solve dominate a block's memory) is ``--layers 12
+--hidden 2048 --intermediate 5504 --heads 16 --cpu-budget 600MB --modes offload,offload-nobc`` (600 MB:
+above the smallest budget the pre-check accepts, 482 MB with BC and 448 MB without; the placement keeps the
+calibration working set free, so every module is on disk).
 """
 
 import argparse
