@@ -13,14 +13,19 @@ do not mix:
 
 Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on Linux), its RSS after the imports
 (the process's own share of the peak), the ratio peak / model size (target <= 0.35 with offload), the calibration
-time per block of the runs side by side, and per run the phases holding the highest RSS (an RSS timeline sampled every
+time per block of the runs side by side, per run the phases holding the highest RSS (an RSS timeline sampled every
 5 ms, attributed to the innermost running step: ``block/forward`` a calibration forward, ``gptq`` the solve, ``gram``
-the Hessian accumulation, ``bc-moments`` / ``bc-solve`` bias compensation's statistics).
+the Hessian accumulation, ``pack`` building a packed layer, ``bc-moments`` / ``bc-solve`` bias compensation's
+statistics), and per calibrated block the RSS at its start (what stays resident between blocks, anonymous and
+file-backed, e.g. pages of the memory-mapped checkpoint) and its peak inside.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]``
-(``--memory-layers 0``: the whole model in the reference run). ``--hidden/--intermediate/--heads`` pick the block
-shape; the wide-MLP shape of issue #16 (intermediate 2.7x hidden, where ``down_proj``'s in×in statistics dominate a
-block's memory) is ``--layers 12 --hidden 2048 --intermediate 5504 --heads 16 --memory-layers 1 --cpu-budget 800MB``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]
+[--modes offload,offload-nobc,memory]`` (``--memory-layers 0``: the whole model in the reference run).
+``--hidden/--intermediate/--heads`` pick the block shape; the wide-MLP shape of issue #16 (intermediate 2.7x hidden,
+where ``down_proj``'s in×in statistics and the stacked gate/up solve dominate a block's memory) is ``--layers 12
+--hidden 2048 --intermediate 5504 --heads 16 --cpu-budget 600MB --modes offload,offload-nobc`` (600 MB:
+above the smallest budget the pre-check accepts, 482 MB with BC and 448 MB without; the placement keeps the
+calibration working set free, so every module is on disk).
 """
 
 import argparse
@@ -37,6 +42,7 @@ import time
 
 
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 768, 2048, 12, 32000  # defaults of --hidden, --intermediate, --heads
+MODES = ("offload", "offload-nobc", "memory")
 
 
 def build(
@@ -69,6 +75,9 @@ class PhaseTimeline:
     def __init__(self, period: float = 0.005) -> None:
         self.stack = ["load"]
         self.peaks: dict[str, int] = {}
+        # Per calibrated block: RSS when it starts (what stays resident between blocks: anonymous, file-backed) and
+        # the highest RSS sampled while it runs.
+        self.blocks: list[dict[str, int]] = []
         self.running = True
         self.period = period
         threading.Thread(target=self._sample, daemon=True).start()
@@ -77,7 +86,20 @@ class PhaseTimeline:
         while self.running:
             phase, rss = "/".join(self.stack[-2:]), _rss()
             self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
+            if self.blocks and "block" in self.stack:
+                self.blocks[-1]["peak"] = max(self.blocks[-1]["peak"], rss)
             time.sleep(self.period)
+
+    def mark_blocks(self, owner: object, attr: str) -> None:
+        """Record the resident memory at the start of every call of ``owner.attr`` (one calibrated block)."""
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def wrapped(*args: object, **kwargs: object) -> object:
+            self.blocks.append({**_rss_parts(), "peak": _rss()})
+            return fn(*args, **kwargs)
+
+        setattr(owner, attr, wrapped)
 
     def wrap(self, owner: object, attr: str, label: str) -> None:
         """Make every call of ``owner.attr`` a phase named ``label``."""
@@ -102,6 +124,7 @@ def _timeline() -> PhaseTimeline:
     timeline.wrap(offload.OffloadedCalibration, "onload", "onload")
     timeline.wrap(offload.OffloadedCalibration, "offload", "offload")
     timeline.wrap(calibrator.BlockCalibrator, "quantize_block", "block")
+    timeline.mark_blocks(calibrator.BlockCalibrator, "quantize_block")
     timeline.wrap(calibrator, "_run_block", "forward")
     timeline.wrap(base.GramQuantizer, "add_batch", "gram")
     timeline.wrap(gptq.GPTQQuantizer, "quantize", "gptq")
@@ -158,10 +181,12 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "imports_rss_bytes": imports_rss,
         "phase_peaks": sorted(timeline.peaks.items(), key=lambda kv: -kv[1])[:6],
+        "block_timeline": timeline.blocks,
         "seconds_per_block": report.total_seconds / blocks,
         "load_and_quantize_seconds": wall,
         "blocks": blocks,
         "blocks_on_disk": on_disk,
+        "on_cpu": sorted(k for k, v in device_map.items() if v == "cpu"),
         "finite_logits": bool(logits.isfinite().all()),
     }
 
@@ -169,6 +194,16 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_parts() -> dict[str, int]:
+    """The process's resident memory split into anonymous (heap, tensors) and file-backed (mapped checkpoint) bytes."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                parts[line.split(":")[0][3:].lower()] = int(line.split()[1]) * 1024
+    return parts
 
 
 def _placement(device_map: dict, name: str) -> object:
@@ -194,7 +229,10 @@ def main() -> None:
     parser.add_argument("--cpu-budget", default="200MB", help="max_memory['cpu'] of the offload run")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--child", choices=["build", "offload", "offload-nobc", "memory"])
+    parser.add_argument(
+        "--modes", default="offload,offload-nobc,memory", help="runs to make, comma-separated (offload is needed)"
+    )
+    parser.add_argument("--child", choices=["build", *MODES])
     parser.add_argument("--folder")
     args = parser.parse_args()
     if args.hidden <= 0 or args.intermediate <= 0 or args.heads <= 0 or args.hidden % args.heads:
@@ -202,6 +240,9 @@ def main() -> None:
             f"--hidden {args.hidden} must be a positive multiple of --heads {args.heads}, --intermediate > 0; "
             "fix: e.g. --hidden 2048 --heads 16 --intermediate 5504"
         )
+    modes = args.modes.split(",")
+    if "offload" not in modes or not set(modes) <= set(MODES):
+        parser.error(f"--modes {args.modes!r}: a comma-separated subset of {','.join(MODES)} with 'offload' in it")
     if args.child == "build":
         build(args.folder, args.layers, args.hidden, args.intermediate, args.heads)
         return
@@ -222,10 +263,10 @@ def main() -> None:
             check=True,
         )
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
-        runs = {mode: _child(folder, mode, args) for mode in ("offload", "offload-nobc", "memory")}
+        runs = {mode: _child(folder, mode, args) for mode in modes}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    off, mem = runs["offload"], runs["memory"]
+    off = runs["offload"]
     print(
         f"model: LLaMA-shaped, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
         f"vocab {VOCAB} "
@@ -234,7 +275,7 @@ def main() -> None:
     print(
         f"quantization: GPTQ 4-bit g128 (with and without BC), calibration {args.samples} x {args.tokens} tokens, 1 thread; "
         f"offload run: device_map='auto', max_memory={{'cpu': '{args.cpu_budget}'}}, "
-        f"{off['blocks_on_disk']}/{off['blocks']} blocks on disk"
+        f"{off['blocks_on_disk']}/{off['blocks']} blocks on disk, on the CPU: {', '.join(off['on_cpu']) or 'nothing'}"
     )
     print(f"{'run':<14}{'blocks':>8}{'imports GiB':>13}{'peak RSS GiB':>14}{'peak / model':>14}{'s / block':>12}")
     for mode, run in runs.items():
@@ -246,12 +287,20 @@ def main() -> None:
     for mode, run in runs.items():
         phases = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in run["phase_peaks"])
         print(f"{mode} peak RSS (GiB) by phase: {phases}")
-    print(
-        f"offload peak RSS / model size: {off['peak_rss_bytes'] / size:.3f}, without BC "
-        f"{runs['offload-nobc']['peak_rss_bytes'] / size:.3f} (target <= 0.35); "
-        f"time per block offload / memory: {off['seconds_per_block'] / mem['seconds_per_block']:.2f}x; "
-        f"logits finite: {off['finite_logits'] and mem['finite_logits']}"
-    )
+        steps = ", ".join(
+            f"{b['anon'] / 2**30:.2f}+{b['file'] / 2**30:.2f}/{b['peak'] / 2**30:.2f}" for b in run["block_timeline"]
+        )
+        print(f"{mode} per block, RSS at its start anonymous+file-backed / peak inside (GiB): {steps}")
+    summary = f"offload peak RSS / model size: {off['peak_rss_bytes'] / size:.3f}"
+    if "offload-nobc" in runs:
+        summary += f", without BC {runs['offload-nobc']['peak_rss_bytes'] / size:.3f}"
+    summary += " (target <= 0.35)"
+    if "memory" in runs:
+        summary += (
+            f"; time per block offload / memory: {off['seconds_per_block'] / runs['memory']['seconds_per_block']:.2f}x"
+        )
+    finite = all(run["finite_logits"] for run in runs.values())
+    print(f"{summary}; logits finite: {finite}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from .calibration.calibrator import BlockCalibrator
 from .calibration.discovery import layer_features
 from .calibration.offload import OffloadedCalibration, is_dispatched
 from .calibration.report import QuantizationReport
-from .calibration.streams import activation_bytes, activation_store
+from .calibration.streams import activation_bytes, activation_store, activation_streams
 from .config import BCQuantizationConfig
 from .formats.formats import check_mx_shapes, is_mx
 from .layers import validation
@@ -124,7 +124,7 @@ def _activation_store(
 ) -> torch.device | None:
     """Where calibration activations are kept (None: with the blocks), from ``config.offload_activations``."""
     device = placement.execution_device if placement is not None else first_param_device(blocks[0])
-    streams = 2 if config.needs_float_stream else 1
+    streams = activation_streams(config)
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     dtype = model.get_input_embeddings().weight.dtype
     needed = activation_bytes(tokens, model.config.hidden_size, dtype, streams)

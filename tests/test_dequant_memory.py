@@ -187,3 +187,21 @@ def test_dense_weight_peak_bounded_by_weights(make: Any) -> None:
     result = weight.numel() * weight.element_size()
     assert counter.live == result  # nothing else survives the call
     assert counter.peak - result <= PEAK_BOUND * result, (counter.peak - result) / result
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_packing_a_layer_peak_bounded_by_its_packed_size(bits: int) -> None:
+    """Packing a 2048 x 5504 layer's uint8 codes (``QuantLinear.from_quantized``, as calibration does after each
+    solve): everything allocated, the layer included, stays within 1.5 bytes a weight (the packed codes are
+    ``bits / 8``; int64 copies of the whole layer were 26 bytes a weight). The packed weights round-trip."""
+    out, k, group = 2048, 5504, 128
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 1 << bits, (out, k), dtype=torch.uint8, generator=gen)
+    zeros = torch.randint(0, 1 << bits, (out, k // group), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(out, k // group, generator=gen) + 0.5
+    g_idx = torch.arange(k, dtype=torch.int32) // group
+    with LiveBytes() as counter:
+        layer = QuantLinear.from_quantized(codes, scales, zeros, g_idx, bits=bits, group_size=group)
+    assert counter.peak <= 1.5 * out * k, counter.peak / (out * k)
+    unpacked, unpacked_zeros = layer.unpack()
+    assert torch.equal(unpacked, codes) and torch.equal(unpacked_zeros, zeros)

@@ -15,7 +15,7 @@ import torch
 
 from optimum_bc.algorithms.base import GRAM_ROW_BLOCK, LowerRows, row_slices
 from optimum_bc.algorithms.gptq import GPTQQuantizer, _solve_factor, factor_in_place, gptq_quantize
-from optimum_bc.calibration.offload import group_calibration_bytes
+from optimum_bc.calibration.memory import group_calibration_bytes
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,15 +10,16 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear
+from optimum_bc.calibration.memory import block_calibration_bytes, reserve_calibration_memory
 from optimum_bc.calibration.offload import (
     OffloadedCalibration,
-    block_calibration_bytes,
     check_device_map,
     check_offload_folder,
     device_for,
     float_copy,
     shared_float_copy,
 )
+from optimum_bc.calibration.streams import activation_bytes, activation_streams
 
 from .conftest import VOCAB, tiny_llama, tiny_opt
 
@@ -128,7 +129,8 @@ def test_reload_with_disk_device_map_identical_logits(family, calib_ids, tmp_pat
 def test_auto_device_map_with_small_max_memory_goes_to_disk_and_matches(calib_ids, tmp_path) -> None:
     # A narrow MLP: the tiny model's default one needs more memory to calibrate a block (its down_proj's float64
     # in×in statistics) than the whole model holds, so nothing would go to disk.
-    # Five blocks, so that a budget holding one block's calibration leaves most of them for the disk.
+    # Five blocks, so that a budget holding one block's calibration (0.5 MiB with the activations, which the
+    # placement keeps free) leaves most of them for the disk.
     config = tiny_llama(intermediate_size=64).config
     config.num_hidden_layers = 5
     torch.manual_seed(0)
@@ -139,7 +141,7 @@ def test_auto_device_map_with_small_max_memory_goes_to_disk_and_matches(calib_id
         tmp_path / "float",
         quantization_config=_cfg(calib_ids, **cfg),
         device_map="auto",
-        max_memory={"cpu": "300KB"},
+        max_memory={"cpu": "700KB"},
         offload_folder=str(tmp_path / "offload"),
     )
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
@@ -147,18 +149,63 @@ def test_auto_device_map_with_small_max_memory_goes_to_disk_and_matches(calib_id
     assert torch.equal(model(x).logits, ref(x).logits)
 
 
+def test_smallest_accepted_max_memory_puts_embeddings_and_lm_head_on_disk_and_matches(calib_ids, tmp_path) -> None:
+    """A CPU budget just above one block's calibration need: the placement keeps that need free, so nothing else
+    fits on the CPU (embeddings, blocks, norm and the tied LM head all go to disk) and the result equals quantizing
+    in memory (packed weights, logits)."""
+    config = tiny_llama(intermediate_size=64).config
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    float_model = LlamaForCausalLM(config)
+    float_model.save_pretrained(tmp_path / "float")
+    cfg = _cfg(calib_ids, bias_compensation=False)
+    block = float_model.model.layers[0]
+    linears = [[name] for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    activations = activation_bytes(calib_ids.numel(), config.hidden_size, torch.float32, activation_streams(cfg))
+    needed = block_calibration_bytes(block, linears, False, bits=3, group_size=32) + activations
+    ref = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", quantization_config=_cfg(calib_ids, bias_compensation=False)
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float",
+        quantization_config=cfg,
+        device_map="auto",
+        max_memory={"cpu": needed + 1024},
+        offload_folder=str(tmp_path / "offload"),
+    )
+    assert set(model.hf_device_map.values()) == {"disk"}
+    assert device_for(model.hf_device_map, "model.embed_tokens") == "disk"
+    assert device_for(model.hf_device_map, "lm_head") == "disk"
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_placement_budget_keeps_the_calibration_working_set_free() -> None:
+    # The CPU calibrates (streamed float copy, activations counted): 1000 - (600 + 100 - 200) for the placement.
+    assert reserve_calibration_memory({"cpu": 1000, "disk": 0}, 600, 900, 100, 200) == {"cpu": 500, "disk": 0}
+    # GPU 0 calibrates blocks kept on the CPU (shared float copy; activations follow offload_activations).
+    assert reserve_calibration_memory({0: 2000, "cpu": 5000}, 600, 900, 100, 200) == {0: 1300, "cpu": 5000}
+    with pytest.raises(ValueError, match=r"max_memory\['cpu'\] .* too small .* at least 1MiB"):
+        reserve_calibration_memory({"cpu": 699}, 600, 900, 100, 200)
+
+
 def test_max_memory_smaller_than_one_block_fails_before_loading(calib_ids, tmp_path) -> None:
     model = tiny_llama()
     model.save_pretrained(tmp_path / "float")
     block = model.model.layers[0]
     linears = [[name] for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-    needed = block_calibration_bytes(block, linears, True)
+    config = _cfg(calib_ids)
+    streams = activation_streams(config)  # quantized, float and (bc_target="auto") the guard's BC-off stream
+    assert streams == 3
+    activations = activation_bytes(calib_ids.numel(), model.config.hidden_size, torch.float32, streams)
+    needed = block_calibration_bytes(block, linears, True, bits=3, group_size=32) + activations
     with pytest.raises(
         ValueError, match=r"too small to calibrate even one decoder block: one block needs about"
     ) as err:
         AutoModelForCausalLM.from_pretrained(
             tmp_path / "float",
-            quantization_config=_cfg(calib_ids),
+            quantization_config=config,
             device_map="auto",
             max_memory={"cpu": needed - 1024},
             offload_folder=str(tmp_path / "offload"),

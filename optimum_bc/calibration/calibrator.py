@@ -10,6 +10,7 @@ with the earlier stages already quantized and compensated. Padding tokens never 
 
 import logging
 import time
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from ..algorithms.compensation import InputMoments
 from ..config import BCQuantizationConfig
 from ..formats.activations import StageActivations
 from ..layers import kernels
-from ..layers.packed_base import PackedLinearBase
+from ..layers.packed_base import PackedLinearBase, transient_dense_weights
 from .architectures import ArchitectureSpec, bias_flags, block_layers, first_param_device, get_blocks
 from .attention_observers import calibrate_block_attention
 from .block_compensation import BlockCompensation
@@ -193,7 +194,9 @@ class BlockCalibrator(BlockCompensation):
         bar = tqdm(total=len(blocks), desc="optimum-bc", unit="block", disable=not _progress_bars)
         # The quantized stream runs the packed layers on the exact path (the fast kernels compute in bf16), and
         # their dense caches are dropped once a block is done, so the quantized model holds only packed weights.
-        with kernels.use_backend("reference"):
+        # Offloaded, they keep no dense cache at all: a block's quantized layers then hold only packed weights.
+        transient = transient_dense_weights() if self.placement is not None else nullcontext()
+        with kernels.use_backend("reference"), transient:
             for i in range(len(blocks)):
                 prefix = f"{self.spec.blocks}.{i}."
                 bar.set_description(f"optimum-bc {prefix[:-1]}")  # the block being worked on; the count is done ones
@@ -308,6 +311,8 @@ class BlockCalibrator(BlockCompensation):
                                 if s == 0 and key in fold_sums:
                                     fold_sums[key].add_float(fold, x_fp, positions)
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
+            if self.placement is not None:  # the stage's replaced float Linears, before the next stage's solve
+                self.placement.release()
         calibrate_block_attention(block, h_q, lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs), self.config)
         experts = ExpertCalibrator(
             self.config,

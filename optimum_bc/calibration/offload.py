@@ -35,9 +35,6 @@ from accelerate.utils import (
 )
 from torch import nn
 
-from ..algorithms.base import GRAM_ROW_BLOCK
-from .discovery import layer_features
-
 
 Device = int | str | torch.device
 
@@ -135,75 +132,6 @@ def check_device_map(device_map: object) -> None:
         check_device(device_map)
 
 
-def group_calibration_bytes(in_features: int, stacked_out: int) -> int:
-    """Peak bytes of observing and quantizing one group of Linears sharing an input (``stacked_out`` rows in all).
-
-    Accumulating: the float64 lower triangle of the Gram sum (row blocks of
-    :data:`~optimum_bc.algorithms.base.GRAM_ROW_BLOCK`: ``4 · in · (in + block)``) plus one row block of the batch
-    product in float32 and float64. Solving (GPTQ, :mod:`optimum_bc.algorithms.gptq`): the float32 lower triangle
-    (half an in×in matrix) beside the in×in factor computed in place; then, once the triangle is freed, the factor
-    with the float32 working copy of the weights, the uint8 codes and their reordered copy (8 bytes a weight).
-    Measured within 20 % (tests/test_gptq_memory.py).
-    """
-    n, block = in_features, min(GRAM_ROW_BLOCK, in_features)
-    accumulate = 4 * n * (n + block) + 12 * block * n
-    solve = max(4 * n * n + 2 * n * (n + block) + 2 * block * n, 4 * n * n + 8 * stacked_out * n)
-    return max(accumulate, solve)
-
-
-#: Peak bytes per weight of computing a packed layer's dense weight, which the quantized stream does on the layer's
-#: first forward (``QuantLinear.dequantize_weight``, built a block of rows at a time into the result): the float32
-#: result (4), the per-row scales / zeros (at most 0.17 at group size 32) and ~1-2 MiB of per-block temporaries.
-#: Measured with tests/test_dequant_memory.py's live-storage counter on 2048x5504 layers: 4.02-4.17 (was 33).
-DENSE_WEIGHT_BYTES_PER_WEIGHT = 5
-
-
-def block_calibration_bytes(block: nn.Module, groups: list[list[str]], float_copy: bool) -> int:
-    """Memory one block needs on its execution device while calibrated (activations not included).
-
-    The block's weights (float, then the dense caches of its packed layers), plus the larger of: the largest need of
-    its groups of Linears quantized together (the stacked float32 weights handed to the algorithm, ``4 · out · in``,
-    and :func:`group_calibration_bytes`), and the temporaries of making the largest packed layer's dense weight
-    (:data:`DENSE_WEIGHT_BYTES_PER_WEIGHT`; it happens in a forward, never during a solve). With bias compensation
-    the float copy shares the block's tensors, or streams them from the offload store one module at a time
-    (:meth:`OffloadedCalibration.float_copy`): the largest Linear's weight on top. (BC's own in×in input moments,
-    :mod:`optimum_bc.algorithms.compensation`, are not counted.)
-
-    Before loading the groups are not observed yet: Linears of ``groups`` under one parent module with the same
-    input width are counted as one group (q/k/v, gate/up), which over-counts only a sibling that has its own input.
-    """
-    weights = sum(
-        t.numel() * t.element_size() for _, t in named_module_tensors(block, include_buffers=True, recurse=True)
-    )
-    merged: dict[tuple[str, int], list[str]] = {}
-    for name in (n for group in groups for n in group):
-        key = (name.rpartition(".")[0], layer_features(block.get_submodule(name))[0])
-        merged.setdefault(key, []).append(name)
-    work, largest = 0, 0
-    for group in merged.values():
-        linears = [block.get_submodule(name) for name in group]
-        dims = [layer_features(linear) for linear in linears]
-        stacked = sum(out for _, out in dims)
-        work = max(work, 4 * stacked * dims[0][0] + group_calibration_bytes(dims[0][0], stacked))
-        largest = max([largest] + [linear.weight.numel() for linear in linears])
-    streamed = largest * next(block.parameters()).element_size() if float_copy else 0
-    return weights + streamed + max(work, DENSE_WEIGHT_BYTES_PER_WEIGHT * largest)
-
-
-def check_max_memory(max_memory: Mapping[Device, int], needed: int) -> None:
-    """Raise if the execution device's budget in ``max_memory`` cannot hold one block during calibration."""
-    devices = [d for d in max_memory if d not in ("cpu", "disk") and max_memory[d] > 0]
-    device = devices[0] if devices else "cpu"
-    budget = max_memory.get(device, 0)
-    if budget < needed:
-        raise ValueError(
-            f"max_memory[{device!r}] = {budget / 2**20:.1f} MiB is too small to calibrate even one decoder block: "
-            f"one block needs about {needed / 2**20:.1f} MiB on its execution device (its weights, the in×in "
-            "statistics and float32 weights of its largest Linear group, a streamed float Linear for bias "
-            f"compensation; calibration activations come on top). Fix: raise max_memory[{device!r}] to at least {-(-needed // 2**20)}MiB."
-        )
-
-
 class OffloadedCalibration:
     """Onloads and offloads parts of a dispatched model during calibration, then dispatches it again.
 
@@ -270,6 +198,11 @@ class OffloadedCalibration:
                 set_module_tensor_to_device(module, name, "meta")
             else:
                 set_module_tensor_to_device(module, name, target)
+        _return_freed_memory()
+
+    def release(self) -> None:
+        """Free what calibration no longer references (the float Linears a stage replaced sit in reference cycles)
+        and return the freed heap pages to the OS, so that the next stage's working memory does not add to them."""
         _return_freed_memory()
 
     def float_copy(self, block: nn.Module, prefix: str) -> nn.Module:

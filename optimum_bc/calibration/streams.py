@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..config import BCQuantizationConfig
 from ..layers.positions import token_positions
 from .block_inputs import _StopForward
 
@@ -26,6 +27,20 @@ def free_memory(device: torch.device) -> int | None:
     if backend is None or not hasattr(backend, "mem_get_info"):
         return None
     return int(backend.mem_get_info(device)[0])
+
+
+def activation_streams(config: BCQuantizationConfig) -> int:
+    """How many activation streams calibration keeps from block to block: the quantized stream, the float stream
+    (bias compensation's target, algorithms using float inputs) and, with ``bc_target="auto"`` (channel
+    granularity, no ``bc_layer``), the guard's BC-off quantized stream (:class:`BlockCalibrator`'s ``off_stream``)."""
+    float_stream = config.needs_float_stream
+    guard = (
+        config.bias_compensation
+        and config.bc_target == "auto"
+        and config.bc_granularity != "position"
+        and not config.bc_layer
+    )
+    return 1 + int(float_stream) + int(guard)
 
 
 def activation_bytes(tokens: int, hidden_size: int, dtype: torch.dtype, streams: int) -> int:

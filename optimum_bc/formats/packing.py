@@ -17,6 +17,8 @@ MIN_BITS = 2
 MAX_BITS = 8
 _WORD_BITS = 32
 _WORD_MASK = (1 << _WORD_BITS) - 1
+#: Codes packed per block of rows by :func:`pack_int32`.
+PACK_BLOCK = 1 << 16
 #: Codes unpacked per block of rows: the int64 temporaries of a block (about 32 bytes a code) stay near 8 MiB.
 UNPACK_CODES = 1 << 18
 
@@ -65,18 +67,22 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
             raise ValueError(f"codes must be in [0, {max_code}] for bits={bits}, got values in [{lo}, {hi}]")
 
     width = packed_width(n, bits)
-    values = codes.to(torch.int64)
     word, offset = _code_positions(n, bits, codes.device)
-    # One spare word absorbs the (always zero) spill of the last code when it does not straddle.
-    words = torch.zeros(rows, width + 1, dtype=torch.int64, device=codes.device)
-    shifted = values << offset
-    # Codes never overlap, so adding their bit patterns is the same as OR-ing them.
-    words.index_add_(1, word, shifted & _WORD_MASK)
-    words.index_add_(1, word + 1, shifted >> _WORD_BITS)
-    words = words[:, :width]
-    # Reinterpret unsigned 32-bit values as two's complement int32.
-    words = torch.where(words >= (1 << 31), words - (1 << _WORD_BITS), words)
-    return words.to(torch.int32)
+    packed = torch.empty(rows, width, dtype=torch.int32, device=codes.device)
+    # A block of rows at a time: the int64 temporaries (~30 bytes a code) stay near PACK_BLOCK codes, not the layer.
+    step = max(1, PACK_BLOCK // max(n, 1))
+    for start in range(0, rows, step):
+        values = codes[start : start + step].to(torch.int64)
+        # One spare word absorbs the (always zero) spill of the last code when it does not straddle.
+        words = torch.zeros(values.shape[0], width + 1, dtype=torch.int64, device=codes.device)
+        shifted = values << offset
+        # Codes never overlap, so adding their bit patterns is the same as OR-ing them.
+        words.index_add_(1, word, shifted & _WORD_MASK)
+        words.index_add_(1, word + 1, shifted >> _WORD_BITS)
+        words = words[:, :width]
+        # Reinterpret unsigned 32-bit values as two's complement int32.
+        packed[start : start + step] = torch.where(words >= (1 << 31), words - (1 << _WORD_BITS), words)
+    return packed
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

@@ -18,9 +18,11 @@ from ..api import build_calibration, check_layers, resolve_modules_to_not_conver
 from ..calibration import attention_observers, experts
 from ..calibration.architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
 from ..calibration.calibrator import FLOAT_BIASES_ATTR
-from ..calibration.offload import block_calibration_bytes, check_device_map, check_max_memory
+from ..calibration.memory import block_calibration_bytes, reserve_calibration_memory
+from ..calibration.offload import check_device_map
 from ..calibration.report import QuantizationReport
 from ..calibration.skeleton import skeleton_layer
+from ..calibration.streams import activation_bytes, activation_streams
 from ..config import QUANT_METHOD, BCQuantizationConfig
 from ..layers import kernels, validation
 from ..layers.packed_base import PackedLinearBase, packed_layers
@@ -45,7 +47,8 @@ class BCHfQuantizer(HfQuantizer):
         self.dtype: torch.dtype | None = None
         self._calibration: list | None = None
         self._checkpoint_files: list[str] = []
-        self._block_bytes: int | None = None
+        # Calibrating one block offloaded (float copy streamed, shared), the activations, the largest block's weights.
+        self._block_needs: tuple[int, int, int, int] | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         config = self.quantization_config
@@ -54,10 +57,12 @@ class BCHfQuantizer(HfQuantizer):
             build_calibration(config)  # raises the "dataset=None" error before anything is loaded
 
     def adjust_max_memory(self, max_memory: dict) -> dict:
-        """Refuse, before loading, a ``max_memory`` whose execution device cannot hold one block while calibrated."""
-        if not self.pre_quantized and self._block_bytes is not None:
-            check_max_memory(max_memory, self._block_bytes)
-        return max_memory
+        """Refuse, before loading, a ``max_memory`` whose execution device cannot hold one block while calibrated;
+        lower that device's budget for the placement by calibration's working memory, so that the modules placed
+        there and the block being calibrated fit ``max_memory`` together."""
+        if self.pre_quantized or self._block_needs is None:
+            return max_memory
+        return reserve_calibration_memory(max_memory, *self._block_needs)
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         self.dtype = dtype if isinstance(dtype, torch.dtype) else None
@@ -77,20 +82,12 @@ class BCHfQuantizer(HfQuantizer):
             self._swap_in_skeletons(model)
             validation.check_checkpoint_files(model, self._checkpoint_files, config)
         else:
-            skip = list(config.modules_to_not_convert)
-            self._block_bytes = max(
-                block_calibration_bytes(
-                    block,
-                    [[rel] for rel in block_layers(block, f"{spec.blocks}.{i}.", spec, model.config, skip)],
-                    config.bias_compensation,
-                )
-                for i, block in enumerate(get_blocks(model, spec))
-            )
             # This hook runs under transformers' meta-device init context: build the token tensors on the CPU.
             with torch.device("cpu"):
                 self._calibration = _build_model_calibration(model, config)
             if not is_vision_model(model):
                 validation.check_calibration(model, self._calibration, config)
+            self._block_needs = _block_needs(model, spec, config, self._calibration)
         return model
 
     def _swap_in_skeletons(self, model: Any) -> None:
@@ -204,6 +201,27 @@ class BCHfQuantizer(HfQuantizer):
         for bound in ("save_pretrained", "push_to_hub"):  # the BC card writers bound by save_hooks.attach
             model.__dict__.pop(bound, None)
         return model
+
+
+def _block_needs(model: Any, spec: Any, config: BCQuantizationConfig, calibration: list) -> tuple[int, int, int, int]:
+    """What calibrating one block offloaded needs (``reserve_calibration_memory``'s arguments): the largest block's
+    estimate with its float copy streamed and shared, the calibration activations, the largest block's weights."""
+    skip = list(config.modules_to_not_convert)
+    blocks = get_blocks(model, spec)
+    streamed, shared, weights = 0, 0, 0
+    for i, block in enumerate(blocks):
+        groups = [[rel] for rel in block_layers(block, f"{spec.blocks}.{i}.", spec, model.config, skip)]
+        options = {"bits": config.bits, "group_size": config.group_size}
+        streamed = max(streamed, block_calibration_bytes(block, groups, config.bias_compensation, **options))
+        shared = max(
+            shared, block_calibration_bytes(block, groups, config.bias_compensation, **options, shared_float_copy=True)
+        )
+        weights = max(weights, sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()]))
+    tokens = sum(int(s["input_ids"].numel()) for s in calibration if isinstance(s, dict) and "input_ids" in s)
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
+    dtype = next(blocks[0].parameters()).dtype
+    activations = activation_bytes(tokens, hidden, dtype, activation_streams(config)) if hidden else 0
+    return streamed, shared, activations, weights
 
 
 def _build_model_calibration(model: Any, config: BCQuantizationConfig) -> list:

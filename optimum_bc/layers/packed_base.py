@@ -8,11 +8,30 @@ it (e.g. merging a LoRA adapter) therefore cannot silently act on a copy; dequan
 (``model.dequantize()``), after which the layers are plain dense Linears.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from ..formats.activations import ActSpec, quantize_input
 from .positions import position_term, sink_term
+
+
+_cache_dense = True
+
+
+@contextmanager
+def transient_dense_weights() -> Iterator[None]:
+    """Inside, a packed layer on the reference path builds its dense weight for each forward and frees it after,
+    instead of caching it: an offloaded calibration then holds only the packed weights of a block's quantized layers,
+    not their dense copies (the price: one dequantization per forward)."""
+    global _cache_dense
+    saved, _cache_dense = _cache_dense, False
+    try:
+        yield
+    finally:
+        _cache_dense = saved
 
 
 class PositionBiases:
@@ -106,20 +125,23 @@ class PackedLinearBase(PositionBiases, nn.Linear):
         return quantize_input(x, spec, self.input_scale, self.input_zero)
 
     def _weight_for(self, x: torch.Tensor) -> torch.Tensor:
-        """Cached dense weight in ``x``'s dtype and device, rebuilt only when those change or the cache was dropped."""
+        """Cached dense weight in ``x``'s dtype and device, rebuilt only when those change or the cache was dropped
+        (inside :func:`transient_dense_weights` a missing or stale cache is built for this call and not kept)."""
         cached = getattr(self, "_cached_weight", None)
         if (
-            cached is None
-            or cached.dtype != x.dtype
-            or cached.device != x.device
+            cached is not None
+            and cached.dtype == x.dtype
+            and cached.device == x.device
             # Inference-mode tensors cannot be saved for backward outside inference mode.
-            or (cached.is_inference() and not torch.is_inference_mode_enabled())
+            and (not cached.is_inference() or torch.is_inference_mode_enabled())
         ):
-            # Drop the stale cache first so it is not alive next to the new one (its bytes would add to the peak).
-            cached = self._cached_weight = None
-            cached = self.dequantize_weight(x.dtype).to(x.device)
-            self._cached_weight = cached
-        return cached
+            return cached
+        # Drop the stale cache first so it is not alive next to the new one (its bytes would add to the peak).
+        self._cached_weight = None
+        dense = self.dequantize_weight(x.dtype).to(x.device)
+        if _cache_dense:
+            self._cached_weight = dense
+        return dense
 
 
 def packed_layers(model: nn.Module) -> dict[str, "PackedLinearBase"]:

@@ -36,13 +36,15 @@ def _num_groups(in_features: int, group_size: int) -> int:
 
 
 def _as_integer(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """Return ``tensor`` as int64, accepting floating tensors only when every value is integral."""
+    """Return ``tensor`` as an integer tensor (itself when it is one: an int64 copy of a layer's codes would cost 8
+    bytes a weight), accepting floating tensors only when every value is integral (then as int64)."""
     if tensor.dtype == torch.bool or tensor.dtype.is_complex:
         raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
     if tensor.dtype.is_floating_point:
         if not torch.isfinite(tensor).all() or not torch.equal(tensor, tensor.round()):
             raise ValueError(f"{name} must hold integer values, got non-integral {tensor.dtype} values")
-    return tensor.to(torch.int64)
+        return tensor.to(torch.int64)
+    return tensor
 
 
 class QuantLinear(PackedLinearBase):
@@ -179,16 +181,16 @@ class QuantLinear(PackedLinearBase):
         if g_idx is not None:
             if tuple(g_idx.shape) != (in_features,):
                 raise ValueError(f"g_idx must have shape ({in_features},) (in_features,), got {tuple(g_idx.shape)}")
-            g_idx64 = _as_integer(g_idx, "g_idx")
-            if g_idx64.numel() and (int(g_idx64.min()) < 0 or int(g_idx64.max()) >= groups):
+            g_idx_int = _as_integer(g_idx, "g_idx")
+            if g_idx_int.numel() and (int(g_idx_int.min()) < 0 or int(g_idx_int.max()) >= groups):
                 raise ValueError(
-                    f"g_idx values must be in [0, {groups - 1}], got values in [{int(g_idx64.min())}, "
-                    f"{int(g_idx64.max())}]"
+                    f"g_idx values must be in [0, {groups - 1}], got values in [{int(g_idx_int.min())}, "
+                    f"{int(g_idx_int.max())}]"
                 )
-        codes64 = _as_integer(codes.detach(), "codes")
-        zeros64 = _as_integer(zeros.detach(), "zeros").to(codes.device)
+        codes_int = _as_integer(codes.detach(), "codes")
+        zeros_int = _as_integer(zeros.detach(), "zeros").to(codes.device)
         max_code = (1 << bits) - 1
-        for name, values in (("codes", codes64), ("zeros", zeros64)):
+        for name, values in (("codes", codes_int), ("zeros", zeros_int)):
             if values.numel() and (int(values.min()) < 0 or int(values.max()) > max_code):
                 raise ValueError(
                     f"{name} must be in [0, {max_code}] for bits={bits}, got values in "
@@ -198,11 +200,11 @@ class QuantLinear(PackedLinearBase):
             raise ValueError(f"bias must have shape ({out_features},) (out_features,), got {tuple(bias.shape)}")
 
         with torch.no_grad():
-            module.qweight.copy_(pack_int32(codes64, bits))
-            module.qzeros.copy_(pack_int32(zeros64, bits))
+            module.qweight.copy_(pack_int32(codes_int, bits))
+            module.qzeros.copy_(pack_int32(zeros_int, bits))
             module.scales.copy_(scales16)
             if g_idx is not None:
-                module.g_idx.copy_(g_idx64.to(device=codes.device, dtype=torch.int32))
+                module.g_idx.copy_(g_idx_int.to(device=codes.device, dtype=torch.int32))
             if bias is not None:
                 module.bias.copy_(bias.detach().to(device=codes.device, dtype=dtype))
         return module

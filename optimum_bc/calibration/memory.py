@@ -1,0 +1,146 @@
+"""How much memory calibrating one block needs, checked against ``max_memory`` before anything loads.
+
+The estimates follow the calibration's own steps (the Gram triangle, GPTQ's in-place factor, a packed layer's dense
+weight, bias compensation's streamed float copy, the activation streams) and are measured within 20 % of real peaks
+(tests/test_gptq_memory.py, tests/test_block_memory.py).
+"""
+
+from collections.abc import Mapping
+
+import torch
+from accelerate.utils import named_module_tensors
+from torch import nn
+
+from ..algorithms.base import GRAM_ROW_BLOCK
+from .discovery import layer_features
+
+
+Device = int | str | torch.device
+
+
+def group_calibration_bytes(in_features: int, stacked_out: int) -> int:
+    """Peak bytes of observing and quantizing one group of Linears sharing an input (``stacked_out`` rows in all).
+
+    Accumulating: the float64 lower triangle of the Gram sum (row blocks of
+    :data:`~optimum_bc.algorithms.base.GRAM_ROW_BLOCK`: ``4 · in · (in + block)``) plus one row block of the batch
+    product in float32 and float64. Solving (GPTQ, :mod:`optimum_bc.algorithms.gptq`): the float32 lower triangle
+    (half an in×in matrix) beside the in×in factor computed in place; then, once the triangle is freed, the factor
+    with the float32 working copy of the weights, the uint8 codes and their reordered copy (8 bytes a weight).
+    Measured within 20 % (tests/test_gptq_memory.py).
+    """
+    n, block = in_features, min(GRAM_ROW_BLOCK, in_features)
+    accumulate = 4 * n * (n + block) + 12 * block * n
+    solve = max(4 * n * n + 2 * n * (n + block) + 2 * block * n, 4 * n * n + 8 * stacked_out * n)
+    return max(accumulate, solve)
+
+
+#: Peak bytes per weight of computing a packed layer's dense weight, which the quantized stream does on the layer's
+#: forwards (``QuantLinear.dequantize_weight``, built a block of rows at a time into the result): the float32
+#: result (4), the per-row scales / zeros (at most 0.17 at group size 32) and ~1-2 MiB of per-block temporaries.
+#: Measured with tests/test_dequant_memory.py's live-storage counter on 2048x5504 layers: 4.02-4.17 (was 33).
+DENSE_WEIGHT_BYTES_PER_WEIGHT = 5
+
+
+def packed_bytes(numel: int, bits: int, group_size: int) -> int:
+    """About the bytes of one packed layer with ``numel`` weights: the codes (``bits`` a weight) and per group of
+    ``group_size`` weights a float16 scale and a packed zero point."""
+    groups = -(-numel // group_size) if group_size > 0 else 1
+    return numel * bits // 8 + groups * (16 + bits) // 8
+
+
+def block_calibration_bytes(
+    block: nn.Module,
+    groups: list[list[str]],
+    float_copy: bool,
+    bits: int = 4,
+    group_size: int = 128,
+    shared_float_copy: bool = False,
+) -> int:
+    """Memory one offloaded block needs on its execution device while calibrated (activations not included).
+
+    Calibration goes through the block's Linear groups in order; while group ``g`` is quantized the device holds the
+    block's other tensors (norms), the float weights of ``g`` and the groups after it, the packed weights of the
+    groups before it (offloaded calibration keeps no dense cache: ``transient_dense_weights``), and the larger of
+    ``g``'s solve (its stacked float32 weights, ``4 · out · in``, and :func:`group_calibration_bytes`), a forward
+    pass's temporary dense weight of its largest packed layer (:data:`DENSE_WEIGHT_BYTES_PER_WEIGHT`) and, with bias
+    compensation, the float stream's streamed Linear (they never overlap). The estimate is the largest of these over
+    the groups.
+
+    With bias compensation (``float_copy``) the float stream's copy of a block on disk streams its weights one module
+    at a time (:meth:`OffloadedCalibration.float_copy`): the largest Linear's float weight, and at the block's
+    end, where the report's errors are measured, the float32 dense weights of its quantized Linears (what the float
+    target's residuals need) beside the packed block. ``shared_float_copy``: the copy shares the block's tensors
+    instead (a block kept on the CPU and calibrated on a GPU), so every float weight stays until the block's end.
+
+    Before loading the groups are not observed yet: Linears of ``groups`` under one parent module with the same
+    input width are counted as one group (q/k/v, gate/up), which over-counts only a sibling that has its own input.
+    """
+    weights = sum(
+        t.numel() * t.element_size() for _, t in named_module_tensors(block, include_buffers=True, recurse=True)
+    )
+    merged: dict[tuple[str, int], list[str]] = {}
+    for name in (n for group in groups for n in group):
+        key = (name.rpartition(".")[0], layer_features(block.get_submodule(name))[0])
+        merged.setdefault(key, []).append(name)
+    linears = [[block.get_submodule(name) for name in group] for group in merged.values()]
+    numels = [[linear.weight.numel() for linear in group] for group in linears]
+    size = next(block.parameters()).element_size()
+    floats = [sum(n) * size for n in numels]
+    packed = [sum(packed_bytes(n, bits, group_size) for n in group) for group in numels]
+    rest = weights - sum(floats)
+    largest = max((n for group in numels for n in group), default=0)
+    streamed = largest * size if float_copy else 0
+    need = 0
+    for g, group in enumerate(linears):
+        in_features = layer_features(group[0])[0]
+        stacked = sum(layer_features(linear)[1] for linear in group)
+        solve = 4 * stacked * in_features + group_calibration_bytes(in_features, stacked)
+        dense = DENSE_WEIGHT_BYTES_PER_WEIGHT * max((n for group in numels[:g] for n in group), default=0)
+        held = sum(floats) if float_copy and shared_float_copy else sum(floats[g:])
+        need = max(need, rest + held + sum(packed[:g]) + max(solve, dense, streamed))
+    if float_copy:
+        held = sum(floats) if shared_float_copy else 0
+        end = rest + held + sum(packed) + 4 * sum(sum(n) for n in numels)
+        need = max(need, end + max(streamed, DENSE_WEIGHT_BYTES_PER_WEIGHT * largest))
+    return need
+
+
+def execution_device(max_memory: Mapping[Device, int]) -> Device:
+    """The device a ``max_memory`` calibrates on: its first accelerator with a budget, else the CPU."""
+    devices = [d for d in max_memory if d not in ("cpu", "disk") and max_memory[d] > 0]
+    return devices[0] if devices else "cpu"
+
+
+def check_max_memory(max_memory: Mapping[Device, int], needed: int) -> None:
+    """Raise if the execution device's budget in ``max_memory`` cannot hold one block during calibration."""
+    device = execution_device(max_memory)
+    budget = max_memory.get(device, 0)
+    if budget < needed:
+        raise ValueError(
+            f"max_memory[{device!r}] = {budget / 2**20:.1f} MiB is too small to calibrate even one decoder block: "
+            f"one block needs about {needed / 2**20:.1f} MiB on its execution device (its weights, the in×in "
+            "statistics and float32 weights of its largest Linear group, a streamed float Linear for bias "
+            "compensation, and on the CPU the calibration activations). Fix: raise "
+            f"max_memory[{device!r}] to at least {-(-needed // 2**20)}MiB."
+        )
+
+
+def reserve_calibration_memory(
+    max_memory: Mapping[Device, int], streamed: int, shared: int, activations: int, block_weights: int
+) -> dict[Device, int]:
+    """Check ``max_memory`` can calibrate one block, and return the budgets Accelerate places the modules with.
+
+    ``streamed`` / ``shared``: one block's need (:func:`block_calibration_bytes`) when its float copy streams from
+    disk (the CPU calibrates the blocks of a CPU / disk map) or shares its tensors (a GPU calibrates blocks kept on
+    the CPU); ``activations``: the calibration streams (``streams.activation_bytes``), counted on the CPU, where they
+    live (a GPU keeps them only when they fit, see ``offload_activations``). The execution device's budget is
+    lowered by what calibration needs beyond the block's weights (``block_weights``, the largest block: Accelerate
+    keeps room for the largest layer itself), so that the modules placed there and the block being calibrated fit
+    in the budget together.
+    """
+    device = execution_device(max_memory)
+    needed = streamed + activations if device == "cpu" else shared
+    check_max_memory(max_memory, needed)
+    budgets = dict(max_memory)
+    budgets[device] = max_memory[device] - max(0, needed - block_weights)
+    return budgets
