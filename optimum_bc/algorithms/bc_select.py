@@ -44,6 +44,19 @@ def modes_for(sink_tokens: int) -> tuple[str, ...]:
     return MODES if sink_tokens else tuple(m for m in MODES if not m.endswith("+sink"))
 
 
+#: The whole-model candidates of the race (:mod:`optimum_bc.calibration.auto_race`), in the order ties are broken.
+#: One stream per mode runs through the model: shrink this tuple to cut passes ("none" is the BC-off guard).
+RACE_MODES = ("none", "float+sink", "sequential", "sequential+sink")
+
+
+def race_modes(sink_tokens: int) -> tuple[str, ...]:
+    """The race's candidates when the layers hold ``sink_tokens`` sink rows (none: the "+sink" modes drop their sink,
+    duplicates removed, and the float target joins as "float")."""
+    if sink_tokens:
+        return RACE_MODES
+    return tuple(dict.fromkeys(m.removesuffix("+sink") for m in RACE_MODES))
+
+
 def fallback_mode(sink_tokens: int) -> str:
     """The stated rule when nothing can be held out: the sequential target, with the sink bias when layers hold one
     (the variant measured best with GPTQ, the default method)."""
@@ -145,6 +158,16 @@ class ResidualSums:
         return float(drop)
 
 
+def leader(scores: dict[str, float], order: tuple[str, ...]) -> str:
+    """The mode with the lowest score (ties: the earlier of ``order``)."""
+    return min(scores, key=lambda mode: (scores[mode], order.index(mode)))
+
+
+def survivors(scores: dict[str, float], order: tuple[str, ...], block: int, blocks: int) -> list[str]:
+    """The race's streams kept after block ``block`` of ``blocks`` (in ``order``)."""
+    return [mode for mode in order if mode in scores]
+
+
 def fold_of(global_index: int) -> int:
     """The fold of a calibration batch, from its index among ALL batches (of every data-parallel rank), so that
     every rank splits the same way one process does."""
@@ -187,6 +210,13 @@ class AutoLayer:
     # Per target ("float", "sequential"): the streamed residual before compensation (filled after the choice).
     residual: dict[str, ResidualMoments] = field(default_factory=dict)
     bc_mode: str = "none"  # the mode its block chose (what ``apply`` last stored, once chosen)
+    # The race: the residual sums of the candidate streams whose sequential target has its own quantized inputs
+    # (every other mode reads ``sums``: the float target's only need the float inputs).
+    sources: dict[str, ResidualSums] = field(default_factory=dict)
+
+    def bias_of(self, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(bias, sink)`` that ``mode`` fits on all calibration batches, from its own stream's sums."""
+        return self.sources.get(mode, self.sums).candidate(mode, list(range(FOLDS)))
 
     def report_mse(self, mode: str) -> tuple[float | None, float | None]:
         """(MSE before, MSE after) of the layer against the target ``mode`` compensates for (the sequential one for
@@ -194,7 +224,7 @@ class AutoLayer:
         target = "float" if mode.startswith("float") else "sequential"
         if target not in self.residual:
             return None, None
-        bias, sink = self.sums.candidate(mode, list(range(FOLDS)))
+        bias, sink = self.bias_of(mode)
         per_class = bias[None] if sink is None else torch.cat([bias + sink, bias[None]])
         return self.residual[target].mse(), self.residual[target].mse(per_class)
 

@@ -1,0 +1,193 @@
+"""``bc_target="auto"``: a race of whole-model candidate streams, scored where their effect ends.
+
+A block's own output error prefers the sequential target almost everywhere, yet end to end the float target often
+wins: a block's bias choice shows up downstream, not at its own output (docs/bc_auto.md). So the choice is made for
+the whole model, by the streams themselves: one quantized stream per candidate of
+:func:`optimum_bc.algorithms.bc_select.race_modes` runs through the blocks. All streams share the quantized weights;
+each gets the biases its mode fits on all calibration batches from its own inputs (a sequential mode's quantized
+inputs are its own stream's, taken by one stopped pass per stage; a float mode needs only the float stream's). After
+every block each stream's output is scored against the float model's (the per-token RMS-normalised squared error of
+:func:`optimum_bc.algorithms.bc_select.normalized_error`, summed over every calibration token and rank), streams
+that fall clearly behind are dropped (:func:`optimum_bc.algorithms.bc_select.survivors`), and the leading stream is
+the quantized stream the next block's weights are fitted on. After the last block, the stream closest to the float
+model wins and its biases are stored in every block. The BC-off stream ("none") is one of the candidates: it is the
+guard, so the default never ends further from the float model than BC off on the calibration windows.
+
+A mixin of :class:`optimum_bc.calibration.calibrator.BlockCalibrator` (its state: config, clock, batches, report).
+"""
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..algorithms.bc_select import (
+    AutoLayer,
+    FoldInputSums,
+    fallback_mode,
+    fold_of,
+    leader,
+    normalized_error,
+    race_modes,
+    survivors,
+    token_rows,
+)
+from ..formats.activations import StageActivations
+from .block_inputs import _Batch
+from .report import BlockReport
+from .streams import _capture_inputs, _run_block, _valid_positions, _valid_rows
+
+
+logger = logging.getLogger(__name__)
+
+
+class AutoRace:
+    """The race steps of the calibrator (see the module docstring)."""
+
+    def _race_start(self, batches: list[_Batch]) -> None:
+        """Every candidate stream starts from the block inputs; the stated rule's mode leads at block 0."""
+        modes = race_modes(self.config.layer_sink_tokens)
+        self.streams: dict[str, list[_Batch]] = dict.fromkeys(modes, batches)
+        rule = fallback_mode(self.config.layer_sink_tokens)
+        self.primary = rule if rule in modes else modes[-1]
+        self.race_scores: dict[str, float] = {}
+
+    def _race_block_start(
+        self, index: int, features: dict[str, int], device: torch.device, store: torch.device | None
+    ) -> None:
+        """Move the other streams to the block; open input sums for each sequential stream but the leading one."""
+        for mode, batches in self.streams.items():
+            if mode != self.primary:
+                self.streams[mode] = [b.for_block(index).to(device, store) for b in batches]
+        sink_tokens = self.config.layer_sink_tokens
+        self.stream_sums = {
+            mode: {key: FoldInputSums(n, sink_tokens, device) for key, n in features.items()}
+            for mode in self.streams
+            if mode.startswith("sequential") and mode != self.primary
+        }
+
+    def _race_add_float(self, key: str, fold: int, x_float: torch.Tensor, positions: torch.Tensor) -> None:
+        """The float inputs of ``key`` (stage 0's float pass) join every stream's sums."""
+        for sums in self.stream_sums.values():
+            sums[key].add_float(fold, x_float, positions)
+
+    def _race_stage(self, block: nn.Module, keys: list[str], acts: StageActivations, device: torch.device) -> None:
+        """One stopped pass per sequential stream but the leading one: the inputs of the stage's layers, with the
+        block's earlier stages carrying that stream's biases."""
+        for mode, sums in self.stream_sums.items():
+            for layer in self.auto_layers:
+                layer.apply(*layer.bias_of(mode))
+            for b, batch in enumerate(self.streams[mode]):
+                seen: dict[str, torch.Tensor] = {}
+                with _capture_inputs(block, keys, seen, stop=True):
+                    self.clock.count_pass(stopped=True)
+                    _run_block(block, batch.hidden.to(device), batch.kwargs)
+                positions = _valid_positions(batch.valid)
+                for key in keys:
+                    x = _valid_rows(acts.apply(key, seen[key]), batch.valid)
+                    sums[key].add_quant(fold_of(self.batch_ids[b]), x, positions)
+            for key in keys:  # complete now (the float inputs came in stage 0): sum over data-parallel ranks
+                sums[key].reduce()
+        for layer in self.auto_layers:
+            layer.apply(*layer.bias_of(self.primary))
+
+    def _add_auto_layer(
+        self,
+        name: str,
+        qlinear: nn.Module,
+        linear: nn.Module,
+        W: torch.Tensor,
+        Q: torch.Tensor,
+        group: tuple[str, ...],
+        sums: FoldInputSums,
+    ) -> None:
+        """Track a quantized Linear of group ``group`` (float weights ``W``, dequantized ``Q``) for auto. In the race
+        it also gets the residual sums of every sequential stream but the leading one and the leading stream's biases,
+        until the race ends."""
+        base = linear.bias.detach().float() if linear.bias is not None else torch.zeros(W.shape[0])
+        residual = sums.residual_sums(W, Q)
+        layer = AutoLayer(name, qlinear, residual, base.to(residual.count.device))
+        if self.race:
+            key = group[0]
+            for mode, stream in self.stream_sums.items():
+                layer.sources[mode] = stream[key].residual_sums(W, Q)
+            layer.apply(*layer.bias_of(self.primary))
+        self.auto_layers.append(layer)
+
+    def _race_register(self, index: int, report: BlockReport) -> None:
+        """Record the block's layers (they hold the leading stream's biases until the race ends)."""
+        rows = {row.name: row for row in self.report.layers if row.block == index}
+        for layer in self.auto_layers:
+            layer.bc_mode = rows[layer.name].bc_choice = self.primary
+        self.auto_history.extend((index, layer) for layer in self.auto_layers)
+        report.bc_choice = self.primary
+
+    def _race_step(
+        self,
+        index: int,
+        block: nn.Module,
+        next_q: list[_Batch],
+        next_fp: list[_Batch],
+        report: BlockReport,
+        device: torch.device,
+        store: torch.device | None,
+    ) -> list[_Batch]:
+        """Run the block on every other stream with its biases, score all streams against the float model, drop the
+        ones clearly behind and return the leading stream (the next block's quantized stream)."""
+        start = time.perf_counter()
+        layers: list[AutoLayer] = [layer for i, layer in self.auto_history if i == index]
+        self.streams[self.primary] = next_q
+        for mode in self.streams:
+            if mode == self.primary:
+                continue
+            for layer in layers:
+                layer.apply(*layer.bias_of(mode))
+            self.streams[mode] = [
+                b.with_hidden(self._counted_run(block, b.hidden.to(device), b.kwargs).to(store))
+                for b in self.streams[mode]
+            ]
+        for layer in layers:
+            layer.apply(*layer.bias_of(self.primary))
+        modes = list(self.streams)
+        errors = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # squared error, elements
+        for m, mode in enumerate(modes):
+            for out, fp in zip(self.streams[mode], next_fp, strict=True):
+                error = normalized_error(
+                    token_rows(out.hidden.to(device), out.valid), token_rows(fp.hidden.to(device), out.valid)
+                )
+                errors[m, 0] += error.sum()
+                errors[m, 1] += error.numel() * out.hidden.shape[-1]
+        distributed.all_reduce_sum([errors], "the auto race's stream errors")
+        scores = {mode: float(errors[m, 0] / errors[m, 1].clamp(min=1)) for m, mode in enumerate(modes)}
+        order = race_modes(self.config.layer_sink_tokens)
+        kept = survivors(scores, order, index, self.total_blocks)
+        dropped = [m for m in modes if m not in kept]
+        if dropped:
+            logger.info("optimum-bc: bc_target='auto': after block %d the streams %s are dropped", index, dropped)
+        self.streams = {m: s for m, s in self.streams.items() if m in kept}
+        self.race_scores = {m: scores[m] for m in kept}
+        self.primary = leader(self.race_scores, order)
+        report.bc_scores = scores
+        report.bc_choice_seconds = time.perf_counter() - start
+        return self.streams[self.primary]
+
+    def _race_finish(self) -> None:
+        """Store the winning stream's biases in every block and write the choice into the report."""
+        if not self.race_scores:
+            return
+        chosen = leader(self.race_scores, race_modes(self.config.layer_sink_tokens))
+        logger.info("optimum-bc: bc_target='auto': the %r stream ended closest to the float model", chosen)
+        rows = {row.name: row for row in self.report.layers if row.bc_choice is not None}
+        for _, layer in self.auto_history:
+            layer.apply(*layer.bias_of(chosen))
+            layer.bc_mode = chosen
+            row = rows.get(layer.name)
+            if row is not None:
+                row.bc_choice = chosen
+                row.mse_before, row.mse_after = layer.report_mse(chosen)
+        for block_report in self.report.blocks:
+            if block_report.bc_choice is not None:
+                block_report.bc_choice = chosen
+        self.streams, self.stream_sums = {}, {}
