@@ -53,6 +53,7 @@ class AutoRace:
         rule = fallback_mode(self.config.layer_sink_tokens)
         self.primary = rule if rule in modes else modes[-1]
         self.race_scores: dict[str, float] = {}
+        self.race_dropped: dict[str, int] = {}  # mode -> the block after which its stream was dropped
 
     def _race_block_start(
         self, index: int, features: dict[str, int], device: torch.device, store: torch.device | None
@@ -138,6 +139,7 @@ class AutoRace:
         ones clearly behind and return the leading stream (the next block's quantized stream)."""
         start = time.perf_counter()
         layers: list[AutoLayer] = [layer for i, layer in self.auto_history if i == index]
+        self.auto_layers, self.measured = [], []
         self.streams[self.primary] = next_q
         for mode in self.streams:
             if mode == self.primary:
@@ -164,6 +166,7 @@ class AutoRace:
         order = race_modes(self.config.layer_sink_tokens)
         kept = survivors(scores, order, index, self.total_blocks)
         dropped = [m for m in modes if m not in kept]
+        self.race_dropped.update(dict.fromkeys(dropped, index))
         if dropped:
             logger.info("optimum-bc: bc_target='auto': after block %d the streams %s are dropped", index, dropped)
         self.streams = {m: s for m, s in self.streams.items() if m in kept}
@@ -186,8 +189,14 @@ class AutoRace:
             row = rows.get(layer.name)
             if row is not None:
                 row.bc_choice = chosen
-                row.mse_before, row.mse_after = layer.report_mse(chosen)
         for block_report in self.report.blocks:
             if block_report.bc_choice is not None:
                 block_report.bc_choice = chosen
+        scores = ", ".join(f"{mode} {score:.4g}" for mode, score in self.race_scores.items())
+        dropped = ", ".join(f"{mode} after block {index}" for mode, index in self.race_dropped.items())
+        self.report.bc_summary = (
+            f"BC chosen by the auto race: {chosen!r}, the stream closest to the float model after the last block "
+            f"(RMS-normalised squared error per element: {scores})"
+            + (f"; dropped earlier: {dropped}" if dropped else "")
+        )
         self.streams, self.stream_sums = {}, {}

@@ -333,15 +333,16 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                     self._race_register(index, block_report)
                 else:
                     self._choose_block(block, h_q, next_fp, block_report, device)
-        if self.bc:
-            # The next block's inputs, and beside them the float block's Linear outputs: the report's MSEs.
+        if self.bc and not self.race:
+            # The next block's inputs, and beside them the float block's Linear outputs: the report's MSEs. (Not in
+            # the race: the layers' biases are only known once it ends, and its streams' scores are its report.)
             next_q = self._measure_layers(index, block, fblock, h_q, h_fp, device, store)
         else:
             with self.clock.timed("forward"):
                 next_q = [
                     b.with_hidden(self._counted_run(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q
                 ]
-        del fblock  # its last use was the measurement: free it before the guard's and layer-level BC's passes
+        del fblock  # its last use was the measurement: free it before the race's and layer-level BC's passes
         if self.race:
             with self.clock.timed("bc"):
                 next_q = self._race_step(index, block, next_q, next_fp, block_report, device, store)

@@ -109,6 +109,7 @@ class QuantizationReport:
     total_seconds: float = 0.0
     calibration_tokens: int = 0
     experts: list[ExpertReport] = field(default_factory=list)
+    bc_summary: str | None = None  # bc_target="auto": which candidate stream won the race, and why
 
     def without_timings(self) -> "QuantizationReport":
         """A copy with every recorded time set to 0 (timings differ between otherwise identical runs)."""
@@ -153,6 +154,7 @@ class QuantizationReport:
             total_seconds=data.get("total_seconds", 0.0),
             calibration_tokens=data.get("calibration_tokens", 0),
             experts=[ExpertReport(**row) for row in data.get("experts", [])],
+            bc_summary=data.get("bc_summary"),
         )
 
     def format_table(self) -> str:
@@ -181,6 +183,8 @@ class QuantizationReport:
         for block in self.blocks:
             if block.bc_fallback:
                 lines.append(f"block {block.index}: {block.bc_fallback}")
+        if self.bc_summary:
+            lines.append(self.bc_summary)
         lines.append(
             f"{len(self.layers)} layers, {len(self.blocks)} blocks, {self.calibration_tokens} calibration tokens,"
             f" {self.total_seconds:.1f} s"
