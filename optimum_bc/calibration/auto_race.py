@@ -43,6 +43,24 @@ from .streams import _capture_inputs, _run_block, _valid_positions, _valid_rows
 logger = logging.getLogger(__name__)
 
 
+#: Tokens per LM-head call of the final score (bounds the logits' memory: tokens x vocabulary floats).
+LOGIT_CHUNK = 256
+
+
+def final_head(model: nn.Module, blocks: str) -> tuple[nn.Module, nn.Module] | None:
+    """The model's final norm and LM head, when it has exactly one norm beside its blocks and an output embedding
+    with its weights in memory (None otherwise: the race then ends on the last block's normalised error)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    parent = model.get_submodule(blocks.rpartition(".")[0])
+    norms = [m for m in parent.children() if "norm" in type(m).__name__.lower()]
+    if head is None or len(norms) != 1:
+        return None
+    params = [*head.parameters(), *norms[0].parameters()]
+    if any(p.device.type == "meta" for p in params):
+        return None
+    return norms[0], head
+
+
 class AutoRace:
     """The race steps of the calibrator (see the module docstring)."""
 
@@ -54,6 +72,8 @@ class AutoRace:
         self.primary = rule if rule in modes else modes[-1]
         self.race_scores: dict[str, float] = {}
         self.race_dropped: dict[str, int] = {}  # mode -> the block after which its stream was dropped
+        self.race_head = final_head(self.model, self.spec.blocks)
+        self.race_hidden: dict[str, float] = {}  # the last block's normalised errors (when the head decides)
 
     def _race_block_start(
         self, index: int, features: dict[str, int], device: torch.device, store: torch.device | None
@@ -152,20 +172,13 @@ class AutoRace:
             ]
         for layer in layers:
             layer.apply(*layer.bias_of(self.primary))
-        modes = list(self.streams)
-        errors = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # squared error, elements
-        for m, mode in enumerate(modes):
-            for out, fp in zip(self.streams[mode], next_fp, strict=True):
-                error = normalized_error(
-                    token_rows(out.hidden.to(device), out.valid), token_rows(fp.hidden.to(device), out.valid)
-                )
-                errors[m, 0] += error.sum()
-                errors[m, 1] += error.numel() * out.hidden.shape[-1]
-        distributed.all_reduce_sum([errors], "the auto race's stream errors")
-        scores = {mode: float(errors[m, 0] / errors[m, 1].clamp(min=1)) for m, mode in enumerate(modes)}
+        scores = self._stream_errors(next_fp, device)
+        if index == self.total_blocks - 1 and self.race_head is not None:
+            self.race_hidden = scores
+            scores = self._logit_divergence(next_fp, device)
         order = race_modes(self.config.layer_sink_tokens)
         kept = survivors(scores, order, index, self.total_blocks)
-        dropped = [m for m in modes if m not in kept]
+        dropped = [m for m in scores if m not in kept]
         self.race_dropped.update(dict.fromkeys(dropped, index))
         if dropped:
             logger.info("optimum-bc: bc_target='auto': after block %d the streams %s are dropped", index, dropped)
@@ -175,6 +188,49 @@ class AutoRace:
         report.bc_scores = scores
         report.bc_choice_seconds = time.perf_counter() - start
         return self.streams[self.primary]
+
+    def _scored(self, batch: _Batch) -> torch.Tensor:
+        """The tokens the race scores: every valid one but the sink positions, whose own outputs are dominated by
+        massive activations the final norm scales away (their effect on later tokens is in those tokens' errors),
+        and whose bias is fitted on these very tokens (one per window)."""
+        scored = batch.valid.clone()
+        scored[:, : self.config.layer_sink_tokens] = False
+        return scored
+
+    def _stream_errors(self, next_fp: list[_Batch], device: torch.device) -> dict[str, float]:
+        """Each stream's RMS-normalised squared error per element against the float stream, summed over ranks."""
+        modes = list(self.streams)
+        errors = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # squared error, elements
+        for m, mode in enumerate(modes):
+            for out, fp in zip(self.streams[mode], next_fp, strict=True):
+                scored = self._scored(out)
+                error = normalized_error(
+                    token_rows(out.hidden.to(device), scored), token_rows(fp.hidden.to(device), scored)
+                )
+                errors[m, 0] += error.sum()
+                errors[m, 1] += error.numel() * out.hidden.shape[-1]
+        distributed.all_reduce_sum([errors], "the auto race's stream errors")
+        return {mode: float(errors[m, 0] / errors[m, 1].clamp(min=1)) for m, mode in enumerate(modes)}
+
+    @torch.no_grad()
+    def _logit_divergence(self, final_fp: list[_Batch], device: torch.device) -> dict[str, float]:
+        """Each stream's mean KL divergence from the float model's next-token distribution (the model's final norm
+        and LM head on the last block's outputs), per scored token, summed over ranks: what perplexity sees."""
+        norm, head = self.race_head
+        modes = list(self.streams)
+        sums = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # KL, tokens
+        for b, fp in enumerate(final_fp):
+            scored = self._scored(fp)
+            target = token_rows(fp.hidden.to(device), scored)
+            outs = [token_rows(self.streams[mode][b].hidden.to(device), scored) for mode in modes]
+            for start in range(0, target.shape[0], LOGIT_CHUNK):
+                p = head(norm(target[start : start + LOGIT_CHUNK])).float().log_softmax(-1)
+                for m, out in enumerate(outs):
+                    q = head(norm(out[start : start + LOGIT_CHUNK])).float().log_softmax(-1)
+                    sums[m, 0] += (p.exp() * (p - q)).sum().double()
+                    sums[m, 1] += p.shape[0]
+        distributed.all_reduce_sum([sums], "the auto race's logit divergences")
+        return {mode: float(sums[m, 0] / sums[m, 1].clamp(min=1)) for m, mode in enumerate(modes)}
 
     def _race_finish(self) -> None:
         """Store the winning stream's biases in every block and write the choice into the report."""
@@ -193,10 +249,14 @@ class AutoRace:
             if block_report.bc_choice is not None:
                 block_report.bc_choice = chosen
         scores = ", ".join(f"{mode} {score:.4g}" for mode, score in self.race_scores.items())
+        hidden = ", ".join(f"{mode} {score:.4g}" for mode, score in self.race_hidden.items())
         dropped = ", ".join(f"{mode} after block {index}" for mode, index in self.race_dropped.items())
+        measure = "mean KL divergence of the next-token distribution" if hidden else "RMS-normalised squared error"
         self.report.bc_summary = (
             f"BC chosen by the auto race: {chosen!r}, the stream closest to the float model after the last block "
-            f"(RMS-normalised squared error per element: {scores})"
+            f"({measure}: {scores}"
+            + (f"; last block's normalised error: {hidden}" if hidden else "")
+            + ")"
             + (f"; dropped earlier: {dropped}" if dropped else "")
         )
         self.streams, self.stream_sums = {}, {}
