@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .algorithms.bc_select import race_modes
 from .calibration import attention_observers
 from .calibration.architectures import ArchitectureSpec, first_param_device, get_blocks, resolve_spec, target_linears
 from .calibration.block_inputs import capture_block_inputs, collate
@@ -125,6 +126,9 @@ def _activation_store(
     """Where calibration activations are kept (None: with the blocks), from ``config.offload_activations``."""
     device = placement.execution_device if placement is not None else first_param_device(blocks[0])
     streams = 2 if config.needs_float_stream else 1
+    race = config.bc_target == "auto" and config.bc_granularity == "channel" and not config.bc_layer
+    if config.bias_compensation and race:  # the auto race's other candidate streams
+        streams += len(race_modes(config.layer_sink_tokens)) - 1
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     dtype = model.get_input_embeddings().weight.dtype
     needed = activation_bytes(tokens, model.config.hidden_size, dtype, streams)

@@ -2,18 +2,27 @@
 
 A block's own output error prefers the sequential target almost everywhere, yet end to end the float target often
 wins: a block's bias choice shows up downstream, not at its own output (docs/bc_auto.md). So the choice is made for
-the whole model, by the streams themselves: one quantized stream per candidate of
-:func:`optimum_bc.algorithms.bc_select.race_modes` runs through the blocks. All streams share the quantized weights;
-each gets the biases its mode fits on all calibration batches from its own inputs (a sequential mode's quantized
-inputs are its own stream's, taken by one stopped pass per stage; a float mode needs only the float stream's). After
-every block each stream's output is scored against the float model's (the per-token RMS-normalised squared error of
-:func:`optimum_bc.algorithms.bc_select.normalized_error`, summed over every calibration token and rank), streams
-that fall clearly behind are dropped (:func:`optimum_bc.algorithms.bc_select.survivors`), and the leading stream is
-the quantized stream the next block's weights are fitted on. After the last block, the stream closest to the float
-model wins and its biases are stored in every block. The BC-off stream ("none") is one of the candidates: it is the
-guard, so the default never ends further from the float model than BC off on the calibration windows.
+the whole model, by the streams themselves. The rule:
 
-A mixin of :class:`optimum_bc.calibration.calibrator.BlockCalibrator` (its state: config, clock, batches, report).
+- One quantized stream per candidate of :func:`optimum_bc.algorithms.bc_select.race_modes` runs through the blocks.
+  All streams share the quantized weights, fitted on the leading stream (the one closest to the float model after
+  the previous block; at block 0 the stated rule's mode). Each stream gets the biases its mode fits on all
+  calibration batches from its own inputs: a float mode needs only the float stream's, a sequential mode its own
+  quantized inputs, taken by one stopped pass per stage. So with RTN each stream is exactly the model the manual
+  variant gives, and with GPTQ it differs only by the inputs the weights were fitted on.
+- After every block each stream's output is scored against the float model's: the per-token RMS-normalised squared
+  error (:func:`optimum_bc.algorithms.bc_select.normalized_error`) over every calibration token but the sink
+  positions (:meth:`AutoRace._scored`), summed over data-parallel ranks. The field is halved on a depth schedule
+  (:func:`optimum_bc.algorithms.bc_select.survivors`: successive halving, no threshold).
+- After the last block the survivors are scored by the mean KL divergence of their next-token distributions from the
+  float model's (the model's final norm and LM head; the normalised error where the model has none), and the
+  closest wins: its biases are stored in every block. On RTN the normalised error of the final hidden states ranked
+  the sink-bias stream first where perplexity ranks it third (docs/bc_auto.md, fifth round).
+
+The BC-off stream ("none") is one of the candidates: the guard. The report's ``bc_summary`` gives the final scores
+and the streams dropped; each block's ``bc_scores`` the live streams' errors after it. The per-layer MSEs are not
+measured in the race (the biases are known only once it ends). A mixin of
+:class:`optimum_bc.calibration.calibrator.BlockCalibrator` (its state: config, clock, batches, report).
 """
 
 import logging
