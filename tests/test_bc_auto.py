@@ -14,10 +14,8 @@ from optimum_bc.algorithms.bc_select import (
     AutoLayer,
     FoldInputSums,
     choose_block_mode,
-    halving_blocks,
     held_out_folds,
     race_modes,
-    survivors,
 )
 from optimum_bc.algorithms.compensation import ResidualMoments
 from optimum_bc.calibration.block_inputs import _Batch
@@ -173,7 +171,7 @@ MANUAL = {
 @pytest.mark.parametrize("mode", RACE_MODES)
 def test_each_race_stream_is_its_manual_variant(calib_ids, monkeypatch, mode) -> None:
     """With RTN (weights independent of the stream) the stream of each mode is exactly the model of the manual
-    variant: kept, forced to lead after block 0 and to win, its stored biases and logits are that variant's. Block 0 is
+    variant: forced to lead after block 0 and to win, its stored biases and logits are that variant's. Block 0 is
     calibrated with the stated rule's mode leading, so a sequential mode's biases there come from its own stream's
     stopped passes, block 1's from the leading stream's passes: both paths are checked."""
     from optimum_bc.calibration import auto_race
@@ -181,7 +179,6 @@ def test_each_race_stream_is_its_manual_variant(calib_ids, monkeypatch, mode) ->
     monkeypatch.setattr(
         auto_race, "leader", lambda scores, order: mode if mode in scores else min(scores, key=scores.get)
     )
-    monkeypatch.setattr(auto_race, "survivors", lambda scores, order, block, blocks: list(scores))
     raced = tiny_llama()
     report = quantize_model(raced, _cfg(calib_ids, method="rtn"))
     assert [b.bc_choice for b in report.blocks] == [mode, mode]
@@ -269,17 +266,3 @@ def test_cli_quantize_defaults_to_auto(capsys) -> None:
     assert main(["quantize", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--bc-target {auto,float,sequential}" in text and '"auto" (default' in text
-
-
-def test_race_halves_its_field_on_a_depth_schedule() -> None:
-    """Successive halving over the depth: ceil(log2 n) rounds of equal depth, the worse half dropped at the end of
-    every round but the last; elsewhere every stream runs on, however far behind."""
-    assert halving_blocks(4, 30) == [14] and halving_blocks(3, 30) == [14] and halving_blocks(5, 30) == [9, 19]
-    assert halving_blocks(4, 2) == [0] and halving_blocks(2, 30) == [] and halving_blocks(1, 30) == []
-    scores = {"none": 3.0, "float+sink": 1.0, "sequential": 2.0, "sequential+sink": 40.0}
-    assert survivors(scores, RACE_MODES, 13, 30) == list(RACE_MODES)
-    assert survivors(scores, RACE_MODES, 14, 30) == ["float+sink", "sequential"]
-    tied = dict.fromkeys(RACE_MODES, 1.0)
-    assert survivors(tied, RACE_MODES, 14, 30) == ["none", "float+sink"]  # ties: the earlier of the order
-    assert survivors({"none": 2.0, "float": 1.0, "sequential": 3.0}, race_modes(0), 14, 30) == ["none", "float"]
-    assert race_modes(0) == ("none", "float", "sequential")

@@ -24,7 +24,6 @@ ones) the sums of the float inputs and of the quantized inputs give the sums of 
 ``(W - Q) x`` and of the sequential one's ``(W - Q) x + Q (x - x̂)`` (see :mod:`optimum_bc.compensation`).
 """
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -163,30 +162,6 @@ def leader(scores: dict[str, float], order: tuple[str, ...]) -> str:
     return min(scores, key=lambda mode: (scores[mode], order.index(mode)))
 
 
-def halving_blocks(candidates: int, blocks: int) -> list[int]:
-    """The blocks after which the race halves its field: successive halving over the depth, ``ceil(log2 n)`` rounds
-    of equal depth for ``n`` candidates, the field halved at the end of every round but the last (4 candidates, 30
-    blocks: after block 14, leaving 2 to the end, so the final score decides between two whole models)."""
-    rounds = math.ceil(math.log2(candidates)) if candidates > 1 else 1
-    return sorted({math.ceil((r + 1) * blocks / rounds) - 1 for r in range(rounds - 1)})
-
-
-def survivors(scores: dict[str, float], order: tuple[str, ...], block: int, blocks: int) -> list[str]:
-    """The race's streams kept after block ``block`` of ``blocks`` (in ``order``): all of them, except after a
-    block of :func:`halving_blocks`, where the better half (rounded up) by ``scores`` is kept (ties: ``order``).
-
-    Why halving on a depth schedule and not a margin: a stream's error against the float model can fall behind and
-    then overtake far down the model (RTN mxfp4 on the packaged model: the float target's stream trails the
-    sequential ones by 2 % after block 7 and leads them 3x after block 11), so no margin at a given depth is safe;
-    successive halving spends the same depth on every round and needs no threshold."""
-    live = [mode for mode in order if mode in scores]
-    if block not in halving_blocks(len(order), blocks):
-        return live
-    ranked = sorted(live, key=lambda mode: (scores[mode], order.index(mode)))
-    kept = set(ranked[: math.ceil(len(live) / 2)])
-    return [mode for mode in live if mode in kept]
-
-
 def fold_of(global_index: int) -> int:
     """The fold of a calibration batch, from its index among ALL batches (of every data-parallel rank), so that
     every rank splits the same way one process does."""
@@ -237,10 +212,11 @@ class AutoLayer:
         """``(bias, sink)`` that ``mode`` fits on all calibration batches, from its own stream's sums."""
         return self.sources.get(mode, self.sums).candidate(mode, list(range(FOLDS)))
 
-    def report_mse(self, mode: str) -> tuple[float | None, float | None]:
-        """(MSE before, MSE after) of the layer against the target ``mode`` compensates for (the sequential one for
-        "none"), on all calibration tokens, with the bias ``mode`` fits on all of them (None: not measured)."""
-        target = "float" if mode.startswith("float") else "sequential"
+    def report_mse(self, mode: str, target: str | None = None) -> tuple[float | None, float | None]:
+        """(MSE before, MSE after) of the layer against ``target`` (default: the target ``mode`` compensates for, the
+        sequential one for "none"), on all calibration tokens, with the bias ``mode`` fits on all of them (None: not
+        measured)."""
+        target = target or ("float" if mode.startswith("float") else "sequential")
         if target not in self.residual:
             return None, None
         bias, sink = self.bias_of(mode)

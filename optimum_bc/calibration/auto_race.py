@@ -40,7 +40,6 @@ from ..algorithms.bc_select import (
     leader,
     normalized_error,
     race_modes,
-    survivors,
     token_rows,
 )
 from ..formats.activations import StageActivations
@@ -80,7 +79,6 @@ class AutoRace:
         rule = fallback_mode(self.config.layer_sink_tokens)
         self.primary = rule if rule in modes else modes[-1]
         self.race_scores: dict[str, float] = {}
-        self.race_dropped: dict[str, int] = {}  # mode -> the block after which its stream was dropped
         self.race_head = final_head(self.model, self.spec.blocks)
         self.race_hidden: dict[str, float] = {}  # the last block's normalised errors (when the head decides)
 
@@ -168,7 +166,6 @@ class AutoRace:
         ones clearly behind and return the leading stream (the next block's quantized stream)."""
         start = time.perf_counter()
         layers: list[AutoLayer] = [layer for i, layer in self.auto_history if i == index]
-        self.auto_layers, self.measured = [], []
         self.streams[self.primary] = next_q
         for mode in self.streams:
             if mode == self.primary:
@@ -185,15 +182,8 @@ class AutoRace:
         if index == self.total_blocks - 1 and self.race_head is not None:
             self.race_hidden = scores
             scores = self._logit_divergence(next_fp, device)
-        order = race_modes(self.config.layer_sink_tokens)
-        kept = survivors(scores, order, index, self.total_blocks)
-        dropped = [m for m in scores if m not in kept]
-        self.race_dropped.update(dict.fromkeys(dropped, index))
-        if dropped:
-            logger.info("optimum-bc: bc_target='auto': after block %d the streams %s are dropped", index, dropped)
-        self.streams = {m: s for m, s in self.streams.items() if m in kept}
-        self.race_scores = {m: scores[m] for m in kept}
-        self.primary = leader(self.race_scores, order)
+        self.race_scores = scores
+        self.primary = leader(scores, race_modes(self.config.layer_sink_tokens))
         report.bc_scores = scores
         report.bc_choice_seconds = time.perf_counter() - start
         return self.streams[self.primary]
@@ -254,18 +244,15 @@ class AutoRace:
             row = rows.get(layer.name)
             if row is not None:
                 row.bc_choice = chosen
+                row.mse_before, row.mse_after = layer.report_mse(chosen, "sequential")
         for block_report in self.report.blocks:
             if block_report.bc_choice is not None:
                 block_report.bc_choice = chosen
         scores = ", ".join(f"{mode} {score:.4g}" for mode, score in self.race_scores.items())
         hidden = ", ".join(f"{mode} {score:.4g}" for mode, score in self.race_hidden.items())
-        dropped = ", ".join(f"{mode} after block {index}" for mode, index in self.race_dropped.items())
         measure = "mean KL divergence of the next-token distribution" if hidden else "RMS-normalised squared error"
         self.report.bc_summary = (
             f"BC chosen by the auto race: {chosen!r}, the stream closest to the float model after the last block "
-            f"({measure}: {scores}"
-            + (f"; last block's normalised error: {hidden}" if hidden else "")
-            + ")"
-            + (f"; dropped earlier: {dropped}" if dropped else "")
+            f"({measure}: {scores}" + (f"; last block's normalised error: {hidden}" if hidden else "") + ")"
         )
         self.streams, self.stream_sums = {}, {}

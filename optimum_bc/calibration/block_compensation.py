@@ -109,7 +109,8 @@ class BlockCompensation:
             if auto is None:
                 targets[rel] = {self.target}
             else:
-                targets[rel] = {"sequential"} | ({"float"} if auto.bc_mode.startswith("float") else set())
+                with_float = auto.bc_mode.startswith("float") and not self.race  # the race reports the sequential
+                targets[rel] = {"sequential"} | ({"float"} if with_float else set())
             out = module.bias.shape[0]
             base[rel] = float_bias.to(device) if float_bias is not None else torch.zeros(out, device=device)
             applied[rel] = applied_bias(module, base[rel], classes)
@@ -149,7 +150,7 @@ class BlockCompensation:
             for moments in residuals[rel].values():
                 moments.reduce()
             auto = autos.get(prefix + rel)
-            target = self.target if auto is None else ("float" if auto.bc_mode.startswith("float") else "sequential")
+            target = self.target if auto is None else next(t for t in ("float", "sequential") if t in residuals[rel])
             row.mse_before = residuals[rel][target].mse()
             row.mse_after = residuals[rel][target].mse(applied[rel])
             if auto is not None:

@@ -333,9 +333,8 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                     self._race_register(index, block_report)
                 else:
                     self._choose_block(block, h_q, next_fp, block_report, device)
-        if self.bc and not self.race:
-            # The next block's inputs, and beside them the float block's Linear outputs: the report's MSEs. (Not in
-            # the race: the layers' biases are only known once it ends, and its streams' scores are its report.)
+        if self.bc:
+            # The next block's inputs, and beside them the float block's Linear outputs: the report's MSEs.
             next_q = self._measure_layers(index, block, fblock, h_q, h_fp, device, store)
         else:
             with self.clock.timed("forward"):
