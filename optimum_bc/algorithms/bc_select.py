@@ -8,8 +8,8 @@ prefers the sequential target almost everywhere, while the effect of a block's b
 
 So by default the choice is made for the whole model by a race (:mod:`optimum_bc.calibration.auto_race`): one
 quantized stream per mode of :data:`RACE_MODES` runs through the blocks, each with the biases its mode fits on all
-calibration batches; the field is halved on a depth schedule (:func:`survivors`) and the stream that ends closest to
-the float model wins. ``"none"`` (BC off) is a candidate: the race's guard.
+calibration batches, and the stream that ends closest to the float model wins. ``"none"`` (BC off) is a candidate:
+the race's guard.
 
 With layer-level BC (``bc_layer``, whose block bias the streams do not track) each block chooses on its own
 (:func:`choose_block_mode`): each of :data:`MODES` sets every compensated Linear of the block to the biases it fits

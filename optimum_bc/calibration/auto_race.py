@@ -12,16 +12,19 @@ the whole model, by the streams themselves. The rule:
   variant gives, and with GPTQ it differs only by the inputs the weights were fitted on.
 - After every block each stream's output is scored against the float model's: the per-token RMS-normalised squared
   error (:func:`optimum_bc.algorithms.bc_select.normalized_error`) over every calibration token but the sink
-  positions (:meth:`AutoRace._scored`), summed over data-parallel ranks. The field is halved on a depth schedule
-  (:func:`optimum_bc.algorithms.bc_select.survivors`: successive halving, no threshold).
-- After the last block the survivors are scored by the mean KL divergence of their next-token distributions from the
+  positions (:meth:`AutoRace._scored`), summed over data-parallel ranks: it picks the leading stream and is
+  reported, but drops no stream. Every stream runs to the end: on the packaged model these mid-depth errors rank the
+  streams unlike perplexity (GPTQ 3-bit g128: the float target's stream is third at block 14 and the best model),
+  so no stream can be dropped on them (docs/bc_auto.md, fifth round).
+- After the last block the streams are scored by the mean KL divergence of their next-token distributions from the
   float model's (the model's final norm and LM head; the normalised error where the model has none), and the
-  closest wins: its biases are stored in every block. On RTN the normalised error of the final hidden states ranked
-  the sink-bias stream first where perplexity ranks it third (docs/bc_auto.md, fifth round).
+  closest wins: its biases are stored in every block. The normalised error of the final hidden states ranked the
+  streams unlike perplexity too (RTN 3-bit g128: the sink-bias stream first, third by perplexity); the KL ranked
+  all four as perplexity does in the three cells measured.
 
-The BC-off stream ("none") is one of the candidates: the guard. The report's ``bc_summary`` gives the final scores
-and the streams dropped; each block's ``bc_scores`` the live streams' errors after it. The per-layer MSEs are not
-measured in the race (the biases are known only once it ends). A mixin of
+The BC-off stream ("none") is one of the candidates: the guard. The report's ``bc_summary`` gives the final scores,
+each block's ``bc_scores`` the streams' errors after it; each layer's MSEs are the sequential target's, measured on
+the leading stream (the report's residual pass), with the winner's bias. A mixin of
 :class:`optimum_bc.calibration.calibrator.BlockCalibrator` (its state: config, clock, batches, report).
 """
 
