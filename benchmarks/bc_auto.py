@@ -121,6 +121,10 @@ def main() -> None:
                 if choices:  # the mode each block chose, in block order, and the seconds choosing took
                     row["choices"][variant] = choices
                     row.setdefault("choice_seconds", {})[variant] = sum(b.bc_choice_seconds for b in report.blocks)
+                    # Per block, the score of every candidate (auto's race: each live stream's error after the block)
+                    row.setdefault("scores", {})[variant] = [block.bc_scores for block in report.blocks]
+                    if report.bc_summary:
+                        row.setdefault("summary", {})[variant] = report.bc_summary
                 save_results(args.json, results)
                 print(
                     f"{key} {variant}: {row['ppl'][variant]:.2f} (quantize {seconds:.0f} s, cell "

@@ -94,9 +94,10 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         true_sequential: quantize the Linears of a block group by group (q/k/v, o, up/gate, down), each group
             observed after the previous one was quantized; else the whole block at once.
         bias_compensation: add to every quantized Linear the bias that cancels its mean output error.
-        bc_target: ``"auto"`` (default: each decoder block chooses among no bias and the two targets below, with
-            and without the sink bias, by its output error on calibration batches held out from the fit; see
-            ``optimum_bc.bc_select``), ``"sequential"`` (target = the float model's output, the quantized layer fed
+        bc_target: ``"auto"`` (default: one quantized stream per candidate (no bias, the float target with the sink
+            bias, the sequential target with and without it) runs through the whole model and the one whose
+            next-token distribution ends closest to the float model's on the calibration windows wins; with
+            ``bc_layer`` each block chooses on held-out batches; see ``optimum_bc.bc_select``), ``"sequential"`` (target = the float model's output, the quantized layer fed
             by the quantized prefix, so BC also cancels the mean error carried in from earlier blocks) or
             ``"float"`` (both layers see the float model's inputs, as the reference code does).
         bc_layer: also compensate each whole decoder block's output (folded into its last bias).

@@ -1,4 +1,5 @@
-"""``bc_target="auto"``: held-out choice per block, its closed forms, the fallback, old configs, OPT positions."""
+"""``bc_target="auto"``: the race of whole-model streams, the held-out choice per block (layer-level BC), its closed
+forms, the fallback, old configs, OPT positions."""
 
 import logging
 
@@ -8,7 +9,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear, quantize_model
-from optimum_bc.algorithms.bc_select import MODES, AutoLayer, FoldInputSums, choose_block_mode, held_out_folds
+from optimum_bc.algorithms.bc_select import (
+    RACE_MODES,
+    AutoLayer,
+    FoldInputSums,
+    choose_block_mode,
+    held_out_folds,
+    race_modes,
+)
 from optimum_bc.algorithms.compensation import ResidualMoments
 from optimum_bc.calibration.block_inputs import _Batch
 from optimum_bc.layers import kernels
@@ -119,22 +127,74 @@ def test_auto_keeps_a_bias_that_pays_held_out() -> None:
     torch.testing.assert_close(layer.bias.data, auto.sums.candidate(choice.mode, [0, 1])[0])
 
 
-def test_auto_on_a_model_records_choices_and_never_scores_worse_than_off(calib_ids) -> None:
+def _final_divergence(model: nn.Module, reference: nn.Module, ids: torch.Tensor) -> float:
+    """The race's final score of a finished model: the mean KL divergence of its next-token distributions from the
+    float model's on the calibration windows, the sink position (0) left out."""
+    with torch.no_grad(), kernels.use_backend("reference"):
+        p = reference(ids).logits.float().log_softmax(-1)[:, 1:]
+        q = model(ids).logits.float().log_softmax(-1)[:, 1:]
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_auto_race_stores_the_winning_stream(calib_ids, method) -> None:
+    """Every candidate stream runs through the model; the one that ends closest to the float model wins, and the
+    model it leaves is that stream: the KL divergence of its logits from the float model's, measured on the finished
+    model, is the winner's score."""
     model = tiny_llama()
-    report = quantize_model(model, _cfg(calib_ids))
+    report = quantize_model(model, _cfg(calib_ids, method=method))
     assert len(report.blocks) == 2
-    for block in report.blocks:
-        assert block.bc_choice in MODES and set(block.bc_scores) == set(MODES)
-        assert block.bc_scores[block.bc_choice] <= block.bc_scores["none"]
-        assert block.bc_fallback is None
-    rows = list(report.layers)
-    assert rows and all(r.bc_choice == report.blocks[r.block].bc_choice for r in rows)
-    # against the target the chosen mode compensates for, the layer error never goes up
-    assert all(r.mse_after <= r.mse_before * (1 + 1e-5) for r in rows)
+    assert set(report.blocks[0].bc_scores) == set(race_modes(1)) == set(RACE_MODES)
+    last = report.blocks[-1].bc_scores
+    chosen = min(last, key=last.get)
+    assert all(b.bc_choice == chosen and b.bc_fallback is None for b in report.blocks)
+    assert all(r.bc_choice == chosen for r in report.layers)
     assert "BC chosen" in report.format_table()
+    assert _final_divergence(model, tiny_llama(), calib_ids) == pytest.approx(last[chosen], rel=1e-4)
+    assert "KL divergence" in report.bc_summary and chosen in report.bc_summary
+    if "none" in last:  # the BC-off stream is the guard
+        assert last[chosen] <= last["none"]
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and report.blocks[int(name.split(".")[2])].bc_choice in ("none", "float"):
-            assert not module.sink_bias.any()
+        if isinstance(module, QuantLinear) and not chosen.endswith("+sink"):
+            assert not module.sink_bias.any(), name
+
+
+#: Each race mode and the manual variant (config keywords) it reproduces.
+MANUAL = {
+    "none": {"bias_compensation": False},
+    "float+sink": {"bc_target": "float", "bc_sink_tokens": 1},
+    "sequential": {"bc_target": "sequential", "bc_sink_tokens": 0},
+    "sequential+sink": {"bc_target": "sequential", "bc_sink_tokens": 1},
+}
+
+
+@pytest.mark.parametrize("mode", RACE_MODES)
+def test_each_race_stream_is_its_manual_variant(calib_ids, monkeypatch, mode) -> None:
+    """With RTN (weights independent of the stream) the stream of each mode is exactly the model of the manual
+    variant: forced to lead after block 0 and to win, its stored biases and logits are that variant's. Block 0 is
+    calibrated with the stated rule's mode leading, so a sequential mode's biases there come from its own stream's
+    stopped passes, block 1's from the leading stream's passes: both paths are checked."""
+    from optimum_bc.calibration import auto_race
+
+    monkeypatch.setattr(
+        auto_race, "leader", lambda scores, order: mode if mode in scores else min(scores, key=scores.get)
+    )
+    raced = tiny_llama()
+    report = quantize_model(raced, _cfg(calib_ids, method="rtn"))
+    assert [b.bc_choice for b in report.blocks] == [mode, mode]
+    manual = tiny_llama()
+    quantize_model(manual, _cfg(calib_ids, method="rtn", **MANUAL[mode]))
+    theirs = dict(manual.named_modules())
+    for name, module in raced.named_modules():
+        if isinstance(module, QuantLinear):
+            torch.testing.assert_close(module.bias, theirs[name].bias, rtol=1e-4, atol=1e-5)
+            sink = theirs[name].sink_bias
+            if sink is None:
+                assert not module.sink_bias.any()
+            else:
+                torch.testing.assert_close(module.sink_bias, sink, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), kernels.use_backend("reference"):
+        torch.testing.assert_close(raced(calib_ids).logits, manual(calib_ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_tiny_calibration_falls_back_to_the_stated_rule(calib_ids, caplog) -> None:
@@ -206,35 +266,3 @@ def test_cli_quantize_defaults_to_auto(capsys) -> None:
     assert main(["quantize", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--bc-target {auto,float,sequential}" in text and '"auto" (default' in text
-
-
-def test_guard_takes_back_every_bias_once_the_bc_off_stream_is_closer(calib_ids, monkeypatch, caplog) -> None:
-    """When the BC-off stream is closer to the float model after block 0 (forced here by halving the guard's error of
-    that stream), every bias auto stored is taken back and the later blocks get none: with RTN (weights independent
-    of the stream) the model is then exactly the BC-off model, and the report says why."""
-    from optimum_bc.calibration import block_compensation as calibrator
-    from optimum_bc.layers.packed_base import PackedLinearBase
-
-    calls = []
-    error_of = calibrator.normalized_error
-
-    def off_looks_closer(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        calls.append(None)  # the guard scores the BC stream, then the BC-off stream, batch by batch
-        error = error_of(out, target)
-        return error if len(calls) % 2 else 0.5 * error
-
-    monkeypatch.setattr(calibrator, "normalized_error", off_looks_closer)
-    with caplog.at_level(logging.WARNING, logger="optimum_bc"):
-        guarded = tiny_llama()
-        report = quantize_model(guarded, _cfg(calib_ids, method="rtn"))
-    assert calls and "taken back" in caplog.text
-    assert [b.bc_choice for b in report.blocks] == ["none"] * len(report.blocks)
-    assert all("BC" in (b.bc_fallback or "") for b in report.blocks)
-    assert all(row.bc_choice == "none" and row.mse_after == row.mse_before for row in report.layers)
-    off = tiny_llama()
-    quantize_model(off, _cfg(calib_ids, method="rtn", bias_compensation=False))
-    for name, module in guarded.named_modules():
-        if isinstance(module, PackedLinearBase):
-            assert not module.bias.any() and (module.sink_bias is None or not module.sink_bias.any()), name
-    with torch.no_grad():
-        assert torch.equal(guarded(calib_ids).logits, off(calib_ids).logits)

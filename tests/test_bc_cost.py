@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from optimum_bc import BCQuantizationConfig, QuantizationReport, QuantLinear, quantize_model
+from optimum_bc.algorithms.bc_select import fallback_mode, leader, race_modes
 from optimum_bc.algorithms.rtn import rtn_quantize
 from optimum_bc.layers import kernels
 
@@ -78,12 +79,18 @@ def test_sequential_biases_sinks_codes_and_report_equal_an_explicit_computation(
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_auto_report_mse_equals_a_direct_measurement(calib_ids, method) -> None:
-    """Under bc_target="auto" each layer's row is measured against the target of its block's choice on the final
-    model (with the chosen biases stored)."""
+    """Where auto chooses per block (here one calibration batch: the stated rule), each layer's row is measured
+    against the target of its block's choice on the final model (with the chosen biases stored). In the race every
+    row names the winner and its MSEs are the sequential target's on the leading stream, with the winner's bias."""
+    raced = quantize_model(tiny_llama(), _cfg(calib_ids, method=method))
+    assert "auto race" in raced.bc_summary and "auto race" in raced.format_table()
+    chosen = raced.blocks[0].bc_choice
+    assert all(r.bc_choice == chosen and r.mse_before > 0 and r.mse_after >= 0 for r in raced.layers)
+    calib_ids = calib_ids[:4]
     reference = tiny_llama()
     model = tiny_llama()
-    report = quantize_model(model, _cfg(calib_ids, method=method))
-    assert all(b.bc_fallback is None for b in report.blocks)
+    report = quantize_model(model, _cfg(calib_ids, method=method, num_samples=4))
+    assert all("nothing to hold out" in b.bc_fallback for b in report.blocks)
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     fp, q = _io(reference, names, calib_ids), _io(model, names, calib_ids)
     first = (torch.arange(calib_ids.numel()) % calib_ids.shape[1]) == 0
@@ -102,17 +109,24 @@ def test_auto_report_mse_equals_a_direct_measurement(calib_ids, method) -> None:
 
 def test_report_counts_block_passes_and_splits_time_and_round_trips(calib_ids) -> None:
     """The report says where each block's time went and how many block forwards it ran; save/load keeps it. With
-    auto BC on 4 batches: stage 0's float pass, 5 candidates (each half scored once), the residual pass (float and
-    quantized blocks) and the guard's BC-off pass; the 4 true-sequential stages each stop after their inputs."""
+    auto BC on 4 batches: stage 0's float pass, the leading stream's pass to the next block beside the report's float
+    pass, and one pass per other stream of the race; the 4 true-sequential stages each stop after their inputs, on
+    the leading stream and on every other sequential stream."""
     report = quantize_model(tiny_llama(), _cfg(calib_ids, method="gptq"))
-    for block in report.blocks:
-        assert block.block_passes == pytest.approx(1 + 5 + 2 + 1)
-        assert block.stopped_passes == pytest.approx(4)
+    order = race_modes(1)
+    leading = fallback_mode(1)  # the stated rule's mode leads at block 0, then the stream ahead after each block
+    for i, block in enumerate(report.blocks):
+        if i:
+            previous = report.blocks[i - 1].bc_scores
+            leading = leader({mode: previous[mode] for mode in block.bc_scores}, order)
+        others = [mode for mode in block.bc_scores if mode != leading]
+        assert block.block_passes == pytest.approx(3 + len(others))
+        assert block.stopped_passes == pytest.approx(4 * (1 + sum(m.startswith("sequential") for m in others)))
         split = block.forward_seconds + block.statistics_seconds + block.solve_seconds + block.bc_seconds
         assert 0 < split <= block.seconds and block.bc_seconds > 0 and block.solve_seconds > 0
     assert "time split" in report.format_table()
     again = QuantizationReport.from_dict(report.to_dict())
-    assert again.blocks == report.blocks
+    assert again.blocks == report.blocks and again.bc_summary == report.bc_summary
     quiet = report.without_timings()
     assert all(b.forward_seconds == b.bc_seconds == 0.0 for b in quiet.blocks)
     off = quantize_model(tiny_llama(), _cfg(calib_ids, method="gptq", bias_compensation=False))

@@ -257,20 +257,10 @@ def test_quantize_model_with_bc(family: str, method: str, name: str, calib_ids: 
     assert 0 < (out - ref).pow(2).mean().item() < ref.pow(2).mean().item()
 
 
-#: bc_target="auto" (the default) is not yet guaranteed to beat BC off on the final logits: on this tiny OPT its blocks'
-#: outputs get closer to the float model (the guard sees 5 % less error) but the logits after the final norm and LM
-#: head are 0.8 % further (2.540e-4 vs 2.521e-4). Issue #15 stays open on it; strict, so a fix shows up here.
-_AUTO_OPEN = {("mxint4", "gptq", "opt")}
-
-
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("method", ["rtn", "gptq", "comq"])
 @pytest.mark.parametrize("name", ["mxfp4", "mxint4"])
-def test_quantize_model_without_bc_and_bc_helps(
-    family: str, method: str, name: str, calib_ids: torch.Tensor, request: pytest.FixtureRequest
-) -> None:
-    if (name, method, family) in _AUTO_OPEN:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="auto BC vs BC off on the final logits, issue #15"))
+def test_quantize_model_without_bc_and_bc_helps(family: str, method: str, name: str, calib_ids: torch.Tensor) -> None:
     outputs = {}
     for bc in (False, True):
         model = tiny_llama() if family == "llama" else tiny_opt()

@@ -1,28 +1,27 @@
-"""``bc_target="auto"``: each decoder block chooses its bias compensation on calibration windows held out from the fit.
+"""``bc_target="auto"``: the candidates of bias compensation, the rules that choose between them, and their math.
 
-No single BC variant is best everywhere (measured on the packaged model, ``benchmarks/bc_auto.py``): the sequential
-target wins for GPTQ at 3 bits and is a disaster for RTN on mxfp4, the first-token (sink) bias helps GPTQ and hurts
-RTN. Each variant is the least-squares optimum of the layer error it was fitted on, so the layer-local error cannot
-choose between them; what matters is what the block hands to the rest of the model.
+No single BC variant is best everywhere (measured on the packaged model, ``benchmarks/bc_auto.py``): the float target
+with the first-token (sink) bias wins for RTN on mxfp4 and GPTQ at 3 bits, the sequential target for RTN at 3 bits,
+the sink bias helps some cells and hurts others. Each variant is the least-squares optimum of the layer error it was
+fitted on, so the layer-local error cannot choose between them; and a block's own output error cannot either: it
+prefers the sequential target almost everywhere, while the effect of a block's bias shows up downstream.
 
-So for every block, after its Linears are quantized, each candidate :data:`MODES` sets every compensated Linear of
-the block to the biases it fits on one half of the calibration batches (2-fold split by the batch's global index, so
-data-parallel ranks split as one process does), the block runs on the other half, and the candidate's score is the
-mean squared error of the block output against the float model's block output (the residual stream after the
-block), each token's row first divided by its RMS, summed over both halves: the next block starts with a norm, and
-the raw error is dominated by a few massive-activation channels and the sink token. Both halves are scored: scoring
-the second half only (half the forwards) chose worse on the packaged model (RTN mxfp4, 8 x 512 calibration tokens:
-the guard took every bias back after block 27, perplexity 23.65 = BC off, against 22.11 with both halves). The lowest
-score wins (ties: the earlier of :data:`MODES`), and its biases are refitted on all batches. ``"none"`` is a
-candidate: where no bias pays on held-out data, the block gets none. The calibrator adds a global guard on top
-(``BlockCompensation._guard``): a BC-off stream runs beside the chosen one, and once it is closer to the float model
-every bias is taken back.
+So by default the choice is made for the whole model by a race (:mod:`optimum_bc.calibration.auto_race`): one
+quantized stream per mode of :data:`RACE_MODES` runs through the blocks, each with the biases its mode fits on all
+calibration batches, and the stream that ends closest to the float model wins. ``"none"`` (BC off) is a candidate:
+the race's guard.
+
+With layer-level BC (``bc_layer``, whose block bias the streams do not track) each block chooses on its own
+(:func:`choose_block_mode`): each of :data:`MODES` sets every compensated Linear of the block to the biases it fits
+on one half of the calibration batches (2-fold split by the batch's global index, so data-parallel ranks split as
+one process does), the block runs on the other half, and the candidate's score is the RMS-normalised squared error of
+the block output against the float model's, summed over both halves; the lowest wins and is refitted on all batches.
+With fewer than two calibration batches (too small to hold out; the race is not run either) every block takes
+:func:`fallback_mode` and the report says so.
 
 All candidates come from the same streamed first moments: per fold and position class (sink positions, then all later
-ones) the sums of the float inputs and of the quantized prefix's inputs give the sums of the float target's residual
-``(W - Q) x`` and of the sequential one's ``(W - Q) x + Q (x - x̂)`` (see :mod:`optimum_bc.compensation`), so the
-choice costs one block forward per candidate and no extra pass over the model. With fewer than two calibration
-batches nothing can be held out: the block takes :func:`fallback_mode` and the report says so.
+ones) the sums of the float inputs and of the quantized inputs give the sums of the float target's residual
+``(W - Q) x`` and of the sequential one's ``(W - Q) x + Q (x - x̂)`` (see :mod:`optimum_bc.compensation`).
 """
 
 from dataclasses import dataclass, field
@@ -42,6 +41,19 @@ FOLDS = 2
 def modes_for(sink_tokens: int) -> tuple[str, ...]:
     """The candidates when the layers hold ``sink_tokens`` sink rows (none: no "+sink" candidate)."""
     return MODES if sink_tokens else tuple(m for m in MODES if not m.endswith("+sink"))
+
+
+#: The whole-model candidates of the race (:mod:`optimum_bc.calibration.auto_race`), in the order ties are broken.
+#: One stream per mode runs through the model: shrink this tuple to cut passes ("none" is the BC-off guard).
+RACE_MODES = ("none", "float+sink", "sequential", "sequential+sink")
+
+
+def race_modes(sink_tokens: int) -> tuple[str, ...]:
+    """The race's candidates when the layers hold ``sink_tokens`` sink rows (none: the "+sink" modes drop their sink,
+    duplicates removed, and the float target joins as "float")."""
+    if sink_tokens:
+        return RACE_MODES
+    return tuple(dict.fromkeys(m.removesuffix("+sink") for m in RACE_MODES))
 
 
 def fallback_mode(sink_tokens: int) -> str:
@@ -145,6 +157,11 @@ class ResidualSums:
         return float(drop)
 
 
+def leader(scores: dict[str, float], order: tuple[str, ...]) -> str:
+    """The mode with the lowest score (ties: the earlier of ``order``)."""
+    return min(scores, key=lambda mode: (scores[mode], order.index(mode)))
+
+
 def fold_of(global_index: int) -> int:
     """The fold of a calibration batch, from its index among ALL batches (of every data-parallel rank), so that
     every rank splits the same way one process does."""
@@ -187,14 +204,22 @@ class AutoLayer:
     # Per target ("float", "sequential"): the streamed residual before compensation (filled after the choice).
     residual: dict[str, ResidualMoments] = field(default_factory=dict)
     bc_mode: str = "none"  # the mode its block chose (what ``apply`` last stored, once chosen)
+    # The race: the residual sums of the candidate streams whose sequential target has its own quantized inputs
+    # (every other mode reads ``sums``: the float target's only need the float inputs).
+    sources: dict[str, ResidualSums] = field(default_factory=dict)
 
-    def report_mse(self, mode: str) -> tuple[float | None, float | None]:
-        """(MSE before, MSE after) of the layer against the target ``mode`` compensates for (the sequential one for
-        "none"), on all calibration tokens, with the bias ``mode`` fits on all of them (None: not measured)."""
-        target = "float" if mode.startswith("float") else "sequential"
+    def bias_of(self, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(bias, sink)`` that ``mode`` fits on all calibration batches, from its own stream's sums."""
+        return self.sources.get(mode, self.sums).candidate(mode, list(range(FOLDS)))
+
+    def report_mse(self, mode: str, target: str | None = None) -> tuple[float | None, float | None]:
+        """(MSE before, MSE after) of the layer against ``target`` (default: the target ``mode`` compensates for, the
+        sequential one for "none"), on all calibration tokens, with the bias ``mode`` fits on all of them (None: not
+        measured)."""
+        target = target or ("float" if mode.startswith("float") else "sequential")
         if target not in self.residual:
             return None, None
-        bias, sink = self.sums.candidate(mode, list(range(FOLDS)))
+        bias, sink = self.bias_of(mode)
         per_class = bias[None] if sink is None else torch.cat([bias + sink, bias[None]])
         return self.residual[target].mse(), self.residual[target].mse(per_class)
 

@@ -1,6 +1,8 @@
-"""Block-level bias compensation of the calibrator: the ``bc_target="auto"`` choice per block, its global guard and
-layer-level BC (``bc_layer``). A mixin of :class:`optimum_bc.calibration.calibrator.BlockCalibrator`, which holds the
-state these methods read (the config, the auto layers and their history, the BC-off stream, the report)."""
+"""Block-level bias compensation of the calibrator: the ``bc_target="auto"`` choice per block (with layer-level BC or
+one calibration batch; otherwise auto races whole-model streams, :mod:`optimum_bc.calibration.auto_race`), the
+report's residual pass and layer-level BC (``bc_layer``). A mixin of
+:class:`optimum_bc.calibration.calibrator.BlockCalibrator`, which holds the state these methods read (the config, the
+auto layers and their history, the report)."""
 
 import logging
 import time
@@ -11,8 +13,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .. import distributed
-from ..algorithms.bc_select import FOLDS, BlockChoice, choose_block_mode, normalized_error, token_rows
+from ..algorithms.bc_select import choose_block_mode
 from ..algorithms.compensation import ResidualMoments, position_classes
 from .architectures import is_skipped
 from .block_bias import fold_block_bias, holds_sink, residual_accumulator
@@ -61,15 +62,9 @@ class BlockCompensation:
     ) -> None:
         """``bc_target="auto"``: the block's BC mode by held-out block-output error (see optimum_bc.bc_select)."""
         start = time.perf_counter()
-        if self.bc_off_since is None:
-            choice = choose_block_mode(
-                self.auto_layers, block, h_q, next_fp, self._counted_run, device, self.batch_ids, self.total_batches
-            )
-        else:
-            for layer in self.auto_layers:
-                layer.apply(*layer.sums.candidate("none", list(range(FOLDS))))
-            reason = f"BC off since block {self.bc_off_since} (its BC-off stream was closer to the float model)"
-            choice = BlockChoice(mode="none", scores={}, fallback=reason)
+        choice = choose_block_mode(
+            self.auto_layers, block, h_q, next_fp, self._counted_run, device, self.batch_ids, self.total_batches
+        )
         report.bc_choice_seconds = time.perf_counter() - start
         report.bc_choice, report.bc_scores = choice.mode, choice.scores
         if choice.fallback:
@@ -103,7 +98,7 @@ class BlockCompensation:
         hooks on every compensated Linear and its float twin. Each layer streams its residual before compensation
         (:class:`optimum_bc.compensation.ResidualMoments`): the sequential target's ``float output - quantized
         output + what its bias adds``, the float target's ``(W - Q) x`` on the float inputs. The MSE of any bias then
-        follows in closed form: the guard taking biases back needs no new pass. No ``in x in`` matrix is kept."""
+        follows in closed form: the race's final choice needs no new pass. No ``in x in`` matrix is kept."""
         prefix = f"{self.spec.blocks}.{index}."
         classes = self.positions or self.config.layer_sink_tokens + 1
         autos = {layer.name: layer for layer in self.auto_layers}
@@ -114,7 +109,8 @@ class BlockCompensation:
             if auto is None:
                 targets[rel] = {self.target}
             else:
-                targets[rel] = {"sequential"} | ({"float"} if auto.bc_mode.startswith("float") else set())
+                with_float = auto.bc_mode.startswith("float") and not self.race  # the race reports the sequential
+                targets[rel] = {"sequential"} | ({"float"} if with_float else set())
             out = module.bias.shape[0]
             base[rel] = float_bias.to(device) if float_bias is not None else torch.zeros(out, device=device)
             applied[rel] = applied_bias(module, base[rel], classes)
@@ -155,68 +151,13 @@ class BlockCompensation:
             for moments in residuals[rel].values():
                 moments.reduce()
             auto = autos.get(prefix + rel)
-            target = self.target if auto is None else ("float" if auto.bc_mode.startswith("float") else "sequential")
+            target = self.target if auto is None else next(t for t in ("float", "sequential") if t in residuals[rel])
             row.mse_before = residuals[rel][target].mse()
             row.mse_after = residuals[rel][target].mse(applied[rel])
             if auto is not None:
                 auto.residual = residuals[rel]
         self.auto_layers, self.measured = [], []
         return next_q
-
-    def _guard(
-        self,
-        index: int,
-        block: nn.Module,
-        next_q: list[_Batch],
-        next_fp: list[_Batch],
-        report: BlockReport,
-        device: torch.device,
-        store: torch.device | None,
-    ) -> list[_Batch]:
-        """The global guard of ``bc_target="auto"``: run the block without its biases on the BC-off stream and
-        compare both streams' block outputs with the float model's (normalised like the choice, all calibration
-        batches, summed over ranks). Once the BC-off stream is closer, take back every bias auto added, so far and
-        from now on, and continue on the BC-off stream; returns the quantized stream for the next block."""
-        layers = [layer for i, layer in self.auto_history if i == index]
-        everything = list(range(FOLDS))
-        chosen = {layer.name: layer.sums.candidate(layer.bc_mode, everything) for layer in layers}
-        for layer in layers:
-            layer.apply(*layer.sums.candidate("none", everything))
-        off_in = [b.for_block(index).to(device, store) for b in self.off_stream]
-        next_off = [b.with_hidden(self._counted_run(block, b.hidden.to(device), b.kwargs).to(store)) for b in off_in]
-        for layer in layers:
-            layer.apply(*chosen[layer.name])
-        errors = torch.zeros(2, dtype=torch.float64, device=device)  # BC stream, BC-off stream
-        for q, off, fp in zip(next_q, next_off, next_fp, strict=True):
-            target = token_rows(fp.hidden.to(device), q.valid)  # blocks may carry extra axes (hyper-connections)
-            errors[0] += normalized_error(token_rows(q.hidden.to(device), q.valid), target).sum()
-            errors[1] += normalized_error(token_rows(off.hidden.to(device), q.valid), target).sum()
-        distributed.all_reduce_sum([errors], "the auto guard's stream errors")
-        if errors[1] >= errors[0]:
-            self.off_stream = next_off
-            return next_q
-        self.bc_off_since = index
-        logger.warning(
-            "optimum-bc: bc_target='auto': after block %d the BC-off stream is closer to the float model (%.4g < %.4g);"
-            " bias compensation is taken back in blocks 0-%d and off for the rest",
-            index,
-            float(errors[1]),
-            float(errors[0]),
-            index,
-        )
-        by_name = {row.name: row for row in self.report.layers if row.bc_choice is not None}
-        for _, layer in self.auto_history:
-            layer.apply(*layer.sums.candidate("none", everything))
-            layer.bc_mode = "none"
-            row = by_name[layer.name]
-            row.bc_choice = "none"
-            row.mse_before, row.mse_after = layer.report_mse("none")
-        reason = f"BC taken back: after block {index} the BC-off stream was closer to the float model"
-        for block_report in [*self.report.blocks, report]:
-            if block_report.bc_choice is not None:
-                block_report.bc_choice, block_report.bc_fallback = "none", reason
-        self.off_stream = None
-        return next_off
 
     def _compensate_block(
         self,

@@ -18,11 +18,7 @@ from transformers.utils.logging import tqdm
 
 from .. import distributed
 from ..algorithms import WeightQuantizer, get_algorithm
-from ..algorithms.bc_select import (
-    AutoLayer,
-    FoldInputSums,
-    fold_of,
-)
+from ..algorithms.bc_select import FOLDS, AutoLayer, FoldInputSums, fold_of
 from ..algorithms.compensation import InputMoments
 from ..config import BCQuantizationConfig
 from ..formats.activations import StageActivations
@@ -30,6 +26,7 @@ from ..layers import kernels
 from ..layers.packed_base import PackedLinearBase, transient_dense_weights
 from .architectures import ArchitectureSpec, bias_flags, block_layers, first_param_device, get_blocks
 from .attention_observers import calibrate_block_attention
+from .auto_race import AutoRace
 from .block_compensation import BlockCompensation
 from .block_inputs import _Batch
 from .discovery import BlockLayout, dense_weight, find_output_bias, fused_expert_weights, layer_features, observe_block
@@ -55,7 +52,7 @@ def set_progress_bars(enabled: bool) -> None:
     _progress_bars = enabled
 
 
-class BlockCalibrator(BlockCompensation):
+class BlockCalibrator(BlockCompensation, AutoRace):
     """Quantizes the blocks of one model in order; holds the two activation streams between blocks."""
 
     def __init__(
@@ -84,11 +81,12 @@ class BlockCalibrator(BlockCompensation):
         self.auto_layers: list[AutoLayer] = []
         self.batch_ids: list[int] = []  # global index of each local calibration batch (set by run)
         self.total_batches = 0  # calibration batches over all data-parallel ranks
-        # The global guard of "auto": a BC-off quantized stream runs beside the chosen one; once it is closer to the
-        # float model, every bias auto added is taken back and the later blocks get none (bc_off_since).
-        self.off_stream: list[_Batch] | None = None
+        self.total_blocks = 0
+        # "auto" races whole-model candidate streams (optimum_bc.calibration.auto_race), except with layer-level BC
+        # (whose block bias the streams do not track) or one calibration batch: then each block chooses on its own.
+        self.race = False
+        self.stream_sums: dict[str, dict[str, FoldInputSums]] = {}  # per block: the other sequential streams' sums
         self.auto_history: list[tuple[int, AutoLayer]] = []
-        self.bc_off_since: int | None = None
         # The float stream runs beside the quantized one for BC's target and for algorithms that use float inputs.
         self.float_stream = config.needs_float_stream
         # The compensated Linears of the block being calibrated (relative name, report row): the residual pass at
@@ -188,9 +186,11 @@ class BlockCalibrator(BlockCompensation):
         self.batch_ids = list(distributed.shard_range(self.total_batches)) if batches else []
         h_q = batches
         h_fp = batches if self.float_stream else None
-        # The guard needs the biases auto stored to be all the BC there is: not with layer-level BC on top.
-        self.off_stream = batches if self.auto and not self.config.bc_layer else None
         blocks = get_blocks(self.model, self.spec)
+        self.total_blocks = len(blocks)
+        self.race = self.auto and not self.config.bc_layer and self.total_batches >= FOLDS
+        if self.race:
+            self._race_start(batches)
         bar = tqdm(total=len(blocks), desc="optimum-bc", unit="block", disable=not _progress_bars)
         # The quantized stream runs the packed layers on the exact path (the fast kernels compute in bf16), and
         # their dense caches are dropped once a block is done, so the quantized model holds only packed weights.
@@ -210,6 +210,8 @@ class BlockCalibrator(BlockCompensation):
                     self.placement.offload(blocks[i], prefix)
                 bar.update(1)
         bar.close()
+        if self.race:
+            self._race_finish()
         flags = bias_flags(self.model.config, self.spec.blocks, self.compensated)
         for flag, value in flags.items():
             setattr(self.model.config, flag, value)
@@ -248,6 +250,8 @@ class BlockCalibrator(BlockCompensation):
             moments[key] = InputMoments(in_features, target, device, self.positions, sink_tokens)
             if self.auto:
                 fold_sums[key] = FoldInputSums(in_features, sink_tokens, device)
+        if self.race:
+            self._race_block_start(index, {k: s.sum_x.shape[-1] for k, s in fold_sums.items()}, device, store)
         self.auto_layers, self.measured = [], []
         next_fp: list[_Batch] | None = [] if self.float_stream else None
         pair = self.algorithm.needs_float_inputs or self.act_float_target
@@ -310,6 +314,10 @@ class BlockCalibrator(BlockCompensation):
                                     moments[key].add_quant(acts.apply(key, x_fp), positions)
                                 if s == 0 and key in fold_sums:
                                     fold_sums[key].add_float(fold, x_fp, positions)
+                                    self._race_add_float(key, fold, x_fp, positions)
+            if self.race:
+                with self.clock.timed("bc"):
+                    self._race_stage(block, keys, acts, device)
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
             if self.placement is not None:  # the stage's replaced float Linears, before the next stage's solve
                 self.placement.release()
@@ -326,7 +334,10 @@ class BlockCalibrator(BlockCompensation):
         block_report = BlockReport(index=index, seconds=0.0)
         if self.auto:
             with self.clock.timed("bc"):
-                self._choose_block(block, h_q, next_fp, block_report, device)
+                if self.race:
+                    self._race_register(index, block_report)
+                else:
+                    self._choose_block(block, h_q, next_fp, block_report, device)
         if self.bc:
             # The next block's inputs, and beside them the float block's Linear outputs: the report's MSEs.
             next_q = self._measure_layers(index, block, fblock, h_q, h_fp, device, store)
@@ -335,10 +346,10 @@ class BlockCalibrator(BlockCompensation):
                 next_q = [
                     b.with_hidden(self._counted_run(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q
                 ]
-        del fblock  # its last use was the measurement: free it before the guard's and layer-level BC's passes
-        if self.off_stream is not None:
+        del fblock  # its last use was the measurement: free it before the race's and layer-level BC's passes
+        if self.race:
             with self.clock.timed("bc"):
-                next_q = self._guard(index, block, next_q, next_fp, block_report, device, store)
+                next_q = self._race_step(index, block, next_q, next_fp, block_report, device, store)
         if self.config.bc_layer:
             with self.clock.timed("bc"):
                 self._compensate_block(index, block, layout.bias_target, h_fp, next_q, next_fp, block_report, device)
@@ -403,10 +414,7 @@ class BlockCalibrator(BlockCompensation):
                 if comp is not None and comp.sink is not None:
                     qlinear.set_sink_bias(comp.sink)
                 if group[0] in fold_sums:
-                    sums = fold_sums[group[0]].residual_sums(W, qw.dequantize())
-                    base = linear.bias.detach().float() if linear.bias is not None else torch.zeros(W.shape[0])
-                    auto = AutoLayer(prefix + rel, qlinear, sums, base.to(sums.count.device))
-                    self.auto_layers.append(auto)
+                    self._add_auto_layer(prefix + rel, qlinear, linear, W, qw.dequantize(), group, fold_sums[group[0]])
                 parent_name, _, child = rel.rpartition(".")
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, qlinear)
                 row.seconds = time.perf_counter() - t0 + share * W.shape[0]

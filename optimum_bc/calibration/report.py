@@ -43,15 +43,15 @@ class BlockReport:
     seconds: float
     mse_before: float | None = None
     mse_after: float | None = None
-    bc_choice: str | None = None  # bc_target="auto": the chosen BC mode
-    bc_scores: dict[str, float] = field(default_factory=dict)  # held-out block-output MSE of every candidate
-    bc_fallback: str | None = (
-        None  # why the held-out choice did not decide: nothing held out, or the guard took BC back
-    )
-    bc_choice_seconds: float = 0.0  # time the held-out choice took (the extra block forwards)
+    bc_choice: str | None = None  # bc_target="auto": the chosen BC mode (in the race: the winner, in every block)
+    # Per-block choice: the held-out block-output error of every candidate. Race: every stream's normalised error
+    # after the block (after the last block: the KL divergence of its next-token distribution, when there is a head).
+    bc_scores: dict[str, float] = field(default_factory=dict)
+    bc_fallback: str | None = None  # why the held-out choice did not decide (nothing held out)
+    bc_choice_seconds: float = 0.0  # time choosing took (the extra block forwards: candidates or the race's streams)
     # Where the block's time went (BlockClock): block forwards of the stage passes, the float pass and the pass to
     # the next block; statistics (Hessians, BC input sums); solve (the quantization algorithm and packing); BC (the
-    # auto choice, the guard, the report's residual pass, layer-level BC, each with its own forwards).
+    # auto choice or race, the report's residual pass, layer-level BC, each with its own forwards).
     forward_seconds: float = 0.0
     statistics_seconds: float = 0.0
     solve_seconds: float = 0.0
@@ -109,6 +109,7 @@ class QuantizationReport:
     total_seconds: float = 0.0
     calibration_tokens: int = 0
     experts: list[ExpertReport] = field(default_factory=list)
+    bc_summary: str | None = None  # bc_target="auto": which candidate stream won the race, and why
 
     def without_timings(self) -> "QuantizationReport":
         """A copy with every recorded time set to 0 (timings differ between otherwise identical runs)."""
@@ -153,6 +154,7 @@ class QuantizationReport:
             total_seconds=data.get("total_seconds", 0.0),
             calibration_tokens=data.get("calibration_tokens", 0),
             experts=[ExpertReport(**row) for row in data.get("experts", [])],
+            bc_summary=data.get("bc_summary"),
         )
 
     def format_table(self) -> str:
@@ -181,6 +183,8 @@ class QuantizationReport:
         for block in self.blocks:
             if block.bc_fallback:
                 lines.append(f"block {block.index}: {block.bc_fallback}")
+        if self.bc_summary:
+            lines.append(self.bc_summary)
         lines.append(
             f"{len(self.layers)} layers, {len(self.blocks)} blocks, {self.calibration_tokens} calibration tokens,"
             f" {self.total_seconds:.1f} s"

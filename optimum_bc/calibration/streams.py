@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..algorithms.bc_select import race_modes
 from ..config import BCQuantizationConfig
 from ..layers.positions import token_positions
 from .block_inputs import _StopForward
@@ -32,15 +33,12 @@ def free_memory(device: torch.device) -> int | None:
 def activation_streams(config: BCQuantizationConfig) -> int:
     """How many activation streams calibration keeps from block to block: the quantized stream, the float stream
     (bias compensation's target, algorithms using float inputs) and, with ``bc_target="auto"`` (channel
-    granularity, no ``bc_layer``), the guard's BC-off quantized stream (:class:`BlockCalibrator`'s ``off_stream``)."""
-    float_stream = config.needs_float_stream
-    guard = (
-        config.bias_compensation
-        and config.bc_target == "auto"
-        and config.bc_granularity != "position"
-        and not config.bc_layer
-    )
-    return 1 + int(float_stream) + int(guard)
+    granularity, no ``bc_layer``), the race's other candidate streams (:mod:`optimum_bc.calibration.auto_race`)."""
+    streams = 1 + int(config.needs_float_stream)
+    race = config.bc_target == "auto" and config.bc_granularity == "channel" and not config.bc_layer
+    if config.bias_compensation and race:
+        streams += len(race_modes(config.layer_sink_tokens)) - 1
+    return streams
 
 
 def activation_bytes(tokens: int, hidden_size: int, dtype: torch.dtype, streams: int) -> int:
