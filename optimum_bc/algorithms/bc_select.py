@@ -74,6 +74,10 @@ class FoldInputSums:
         self.count_q = torch.zeros(FOLDS, classes, dtype=torch.float64, device=device)
         self.sum_x = torch.zeros(FOLDS, classes, in_features, dtype=torch.float64, device=device)
         self.sum_xq = torch.zeros(FOLDS, classes, in_features, dtype=torch.float64, device=device)
+        # With activation quantization, the float inputs as the quantized layer sees them (the float target's
+        # W x - Q Q_a(x)); unused (the float inputs themselves) without.
+        self.sum_xa = torch.zeros(FOLDS, classes, in_features, dtype=torch.float64, device=device)
+        self.act = False
 
     def _add(
         self, count: torch.Tensor, sums: torch.Tensor, fold: int, x: torch.Tensor, positions: torch.Tensor
@@ -87,6 +91,12 @@ class FoldInputSums:
         :func:`fold_of`) with their token positions ``(tokens,)``."""
         self._add(self.count, self.sum_x, fold, x_float, positions)
 
+    def add_float_act(self, fold: int, x_act: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add the same float inputs through the layer's activation quantizer (only with activation quantization)."""
+        self.act = True
+        classes = positions.clamp(max=self.sink_tokens).to(self.sum_xa.device)
+        self.sum_xa[fold].index_add_(0, classes, x_act.double().to(self.sum_xa.device))
+
     def add_quant(self, fold: int, x_quant: torch.Tensor, positions: torch.Tensor) -> None:
         """Add the quantized prefix's inputs of the same tokens."""
         self._add(self.count_q, self.sum_xq, fold, x_quant, positions)
@@ -98,7 +108,8 @@ class FoldInputSums:
 
     def reduce(self) -> None:
         """Sum over data-parallel ranks (no-op in one process); call once, before ``residual_sums``."""
-        all_reduce_sum([self.count, self.count_q, self.sum_x, self.sum_xq], "the held-out fold input sums")
+        sums = [self.count, self.count_q, self.sum_x, self.sum_xq] + ([self.sum_xa] if self.act else [])
+        all_reduce_sum(sums, "the held-out fold input sums")
 
     def residual_sums(self, W: torch.Tensor, Q: torch.Tensor) -> "ResidualSums":
         """The per-(fold, class) sums of both targets' residuals for a layer with weights ``W`` and ``Q``."""
@@ -111,8 +122,10 @@ class FoldInputSums:
         Q = Q.float().to(self.sum_x.device)
         # Rounded once from the float64 sums.
         sum_x, sum_delta = self.sum_x.float(), (self.sum_x - self.sum_xq).float()
-        float_sum = sum_x @ (W - Q).T
-        return ResidualSums(count=self.count.float(), float_sum=float_sum, seq_sum=float_sum + sum_delta @ Q.T)
+        weight_only = sum_x @ (W - Q).T
+        # Float target W x - Q Q_a(x) = (W - Q) x + Q (x - Q_a(x)); sequential (W - Q) x + Q δ (x̂ carries Q_a).
+        float_sum = weight_only + (self.sum_x - self.sum_xa).float() @ Q.T if self.act else weight_only
+        return ResidualSums(count=self.count.float(), float_sum=float_sum, seq_sum=weight_only + sum_delta @ Q.T)
 
 
 @dataclass

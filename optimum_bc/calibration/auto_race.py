@@ -99,10 +99,13 @@ class AutoRace:
             if mode.startswith("sequential") and mode != self.primary
         }
 
-    def _race_add_float(self, key: str, fold: int, x_float: torch.Tensor, positions: torch.Tensor) -> None:
-        """The float inputs of ``key`` (stage 0's float pass) join every stream's sums."""
+    def _race_add_float(
+        self, key: str, fold: int, x_float: torch.Tensor, positions: torch.Tensor, act: bool = False
+    ) -> None:
+        """The float inputs of ``key`` (stage 0's float pass; ``act``: through the layer's activation quantizer, from
+        the layer's own stage) join every stream's sums."""
         for sums in self.stream_sums.values():
-            sums[key].add_float(fold, x_float, positions)
+            (sums[key].add_float_act if act else sums[key].add_float)(fold, x_float, positions)
 
     def _race_stage(self, block: nn.Module, keys: list[str], acts: StageActivations, device: torch.device) -> None:
         """One stopped pass per sequential stream but the leading one: the inputs of the stage's layers, with the

@@ -34,7 +34,7 @@ from .expert_calibration import ExpertCalibrator
 from .offload import OffloadedCalibration, float_copy
 from .report import BlockClock, BlockReport, LayerReport, QuantizationReport
 from .skeleton import packed_layer
-from .streams import _capture_inputs, _run_block, _valid_positions, _valid_rows
+from .streams import _capture_inputs, _run_block, _valid_positions, _valid_rows, fit_input_scales
 
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ class BlockCalibrator(BlockCompensation, AutoRace):
         # quantizer, whose scale each stage fits just before it runs: so that stage's float inputs are paired, and its
         # moments are the sequential target's with x̂ = Q_a(x) (r = W x - Q Q_a(x)).
         self.act_float_target = self.bc and self.target == "float" and config.act_bits is not None
+        # auto's float candidates need the float inputs through each layer's activation quantizer, whose static
+        # scales are fitted at the layer's own stage: a float pass per stage.
+        self.auto_act = self.bc and self.auto and config.act_bits is not None
         self.report = QuantizationReport()
         self.compensated: list[str] = []
         # Float modules that layer-level BC gave a bias they had no slot for (recorded so a reload creates it).
@@ -254,7 +257,7 @@ class BlockCalibrator(BlockCompensation, AutoRace):
             self._race_block_start(index, {k: s.sum_x.shape[-1] for k, s in fold_sums.items()}, device, store)
         self.auto_layers, self.measured = [], []
         next_fp: list[_Batch] | None = [] if self.float_stream else None
-        pair = self.algorithm.needs_float_inputs or self.act_float_target
+        pair = self.algorithm.needs_float_inputs or self.act_float_target or self.auto_act
         for s, stage in enumerate(stages):
             keys = [g[0] for g in stage]
             need_q = self.algorithm.needs_inputs or self.sequential_target
@@ -268,14 +271,8 @@ class BlockCalibrator(BlockCompensation, AutoRace):
             }
             acts = StageActivations(self.config, keys)
             if acts.static:  # fit the input scales on the quantized stream before the weights see the inputs
-                for batch in h_q:
-                    seen: dict[str, torch.Tensor] = {}
-                    with self.clock.timed("forward"), _capture_inputs(block, keys, seen, stop=True):
-                        self.clock.count_pass(stopped=True)
-                        _run_block(block, batch.hidden.to(device), batch.kwargs)
-                    for key in keys:
-                        acts.observe(key, _valid_rows(seen[key], batch.valid))
-                acts.fit()
+                with self.clock.timed("forward"):
+                    fit_input_scales(acts, block, keys, h_q, device, self.clock.count_pass)
             if need_q or run_float:
                 for b, batch in enumerate(h_q):
                     seen_q: dict[str, torch.Tensor] = {}
@@ -315,20 +312,22 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                                 if s == 0 and key in fold_sums:
                                     fold_sums[key].add_float(fold, x_fp, positions)
                                     self._race_add_float(key, fold, x_fp, positions)
+                                if self.auto_act and key in quantizers and key in fold_sums:
+                                    x_act = acts.apply(key, x_fp)
+                                    fold_sums[key].add_float_act(fold, x_act, positions)
+                                    self._race_add_float(key, fold, x_act, positions, act=True)
             if self.race:
                 with self.clock.timed("bc"):
                     self._race_stage(block, keys, acts, device)
             self._finish_stage(index, block, stage, quantizers, moments, fold_sums, acts)
             if self.placement is not None:  # the stage's replaced float Linears, before the next stage's solve
                 self.placement.release()
-        calibrate_block_attention(block, h_q, lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs), self.config)
-        experts = ExpertCalibrator(
-            self.config,
-            self._options(),
-            self.algorithm,
-            lambda m, b: _run_block(m, b.hidden.to(device), b.kwargs),
-            self.skip,
-        )
+
+        def run(module: nn.Module, batch: _Batch) -> torch.Tensor:
+            return _run_block(module, batch.hidden.to(device), batch.kwargs)
+
+        calibrate_block_attention(block, h_q, run, self.config)
+        experts = ExpertCalibrator(self.config, self._options(), self.algorithm, run, self.skip)
         with self.clock.timed("solve"):
             self.report.experts.extend(experts.quantize(block, f"{self.spec.blocks}.{index}.", h_q, self.model.config))
         block_report = BlockReport(index=index, seconds=0.0)
@@ -380,11 +379,9 @@ class BlockCalibrator(BlockCompensation, AutoRace):
             t0 = time.perf_counter()
             weights = [dense_weight(linear) for linear in linears]
             # Data-parallel ranks sum their statistics here, in the same group order on every rank.
-            quantizer.reduce()
-            if self.bc:
-                moments[group[0]].reduce()
-            if group[0] in fold_sums:
-                fold_sums[group[0]].reduce()
+            for stats in (quantizer, moments.get(group[0]), fold_sums.get(group[0])):
+                if stats is not None:
+                    stats.reduce()
             with self.clock.timed("solve"):
                 stacked = quantizer.quantize(torch.cat(weights))
             quantizer.free()
@@ -407,7 +404,7 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                         bias = comp.bias
                         self.compensated.append(prefix + rel)
                 qlinear = packed_layer(qw, self.config, bias, W.dtype).to(W.device)
-                if acts is not None:
+                if acts is not None:  # its input quantizer
                     acts.attach(group[0], qlinear)
                 if comp is not None and self.positions is not None:
                     qlinear.set_position_bias(comp.bias)
@@ -420,5 +417,4 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                 row.seconds = time.perf_counter() - t0 + share * W.shape[0]
                 self.report.layers.append(row)
         for group in stage:
-            moments.pop(group[0], None)
-            fold_sums.pop(group[0], None)
+            moments.pop(group[0], None), fold_sums.pop(group[0], None)

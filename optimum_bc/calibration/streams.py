@@ -2,7 +2,7 @@
 of its Linears, and the rows / positions of non-padding tokens."""
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 
 from ..algorithms.bc_select import race_modes
 from ..config import BCQuantizationConfig
+from ..formats.activations import StageActivations
 from ..layers.positions import token_positions
 from .block_inputs import _StopForward
 
@@ -112,3 +113,23 @@ def _capture_inputs(
     finally:
         for h in handles:
             h.remove()
+
+
+def fit_input_scales(
+    acts: StageActivations,
+    block: nn.Module,
+    keys: list[str],
+    batches: list,
+    device: torch.device,
+    count_pass: Callable[..., None],
+) -> None:
+    """Fit a stage's static activation scales on its layers' inputs in the quantized stream ``batches`` (one
+    stopped block pass per batch, each counted with ``count_pass(stopped=True)``)."""
+    for batch in batches:
+        seen: dict[str, torch.Tensor] = {}
+        with _capture_inputs(block, keys, seen, stop=True):
+            count_pass(stopped=True)
+            _run_block(block, batch.hidden.to(device), batch.kwargs)
+        for key in keys:
+            acts.observe(key, _valid_rows(seen[key], batch.valid))
+    acts.fit()
