@@ -185,7 +185,7 @@ class AutoRace:
         for layer in layers:
             layer.apply(*layer.bias_of(self.primary))
         scores = self._stream_errors(next_fp, device)
-        if index == self.total_blocks - 1 and self.race_head is not None:
+        if index == self.total_blocks - 1 and self._head_fits(next_fp):
             self.race_hidden = scores
             scores = self._logit_divergence(next_fp, device)
         self.race_scores = scores
@@ -193,6 +193,15 @@ class AutoRace:
         report.bc_scores = scores
         report.bc_choice_seconds = time.perf_counter() - start
         return self.streams[self.primary]
+
+    def _head_fits(self, final_fp: list[_Batch]) -> bool:
+        """Whether the final norm and LM head read the last block's output as it is: ``(batch, tokens, hidden)``.
+        Blocks that carry extra axes (hyper-connection streams, e.g. DeepSeek-V4) are collapsed by the model's own
+        code before its norm; the race then ends on the normalised error."""
+        if self.race_head is None:
+            return False
+        width = self.race_head[1].weight.shape[-1]
+        return all(b.hidden.dim() == 3 and b.hidden.shape[-1] == width for b in final_fp)
 
     def _scored(self, batch: _Batch) -> torch.Tensor:
         """The tokens the race scores: every valid one but the sink positions, whose own outputs are dominated by
