@@ -168,8 +168,9 @@ class AutoRace:
         device: torch.device,
         store: torch.device | None,
     ) -> list[_Batch]:
-        """Run the block on every other stream with its biases, score all streams against the float model, drop the
-        ones clearly behind and return the leading stream (the next block's quantized stream)."""
+        """Run the block on every other stream with its biases, score all streams against the float model (after the
+        last block: the final KL where the head fits) and return the leading stream (the next block's quantized
+        stream). No stream is dropped: mid-depth errors misrank them (docs/bc_auto.md, fifth round)."""
         start = time.perf_counter()
         layers: list[AutoLayer] = [layer for i, layer in self.auto_history if i == index]
         self.streams[self.primary] = next_q

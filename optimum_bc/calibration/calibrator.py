@@ -365,7 +365,7 @@ class BlockCalibrator(BlockCompensation, AutoRace):
         quantizers: dict[str, WeightQuantizer],
         moments: dict[str, InputMoments],
         fold_sums: dict[str, FoldInputSums],
-        acts: StageActivations | None = None,
+        acts: StageActivations,
     ) -> None:
         """Quantize every Linear of a stage, add its compensation bias and swap in the packed layer (with its input
         quantizer, ``acts``).
@@ -404,8 +404,7 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                         bias = comp.bias
                         self.compensated.append(prefix + rel)
                 qlinear = packed_layer(qw, self.config, bias, W.dtype).to(W.device)
-                if acts is not None:  # its input quantizer
-                    acts.attach(group[0], qlinear)
+                acts.attach(group[0], qlinear)  # its input quantizer (none without act_bits)
                 if comp is not None and self.positions is not None:
                     qlinear.set_position_bias(comp.bias)
                 if comp is not None and comp.sink is not None:
@@ -417,4 +416,5 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                 row.seconds = time.perf_counter() - t0 + share * W.shape[0]
                 self.report.layers.append(row)
         for group in stage:
-            moments.pop(group[0], None), fold_sums.pop(group[0], None)
+            moments.pop(group[0], None)
+            fold_sums.pop(group[0], None)
