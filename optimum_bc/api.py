@@ -169,13 +169,6 @@ def quantize_model(
     # Anything that splits the windows further (a held-out split) must do it before this line, or on the global
     # indices of distributed.shard_range, so that all ranks agree on it.
     calibration = distributed.prepare(config.to_dict(), calibration, config.batch_size)
-    if distributed.is_distributed() and config.act_bits is not None and config.act_scale != "dynamic":
-        # Static activation scales are fitted from samples of each rank's own windows: ranks would disagree.
-        raise ValueError(
-            f"act_scale={config.act_scale!r} (static activation scales) is not supported with data-parallel "
-            f"calibration ({distributed.world()} ranks): each rank would fit its own scales. Fix: calibrate in one "
-            "process, or act_scale='dynamic'."
-        )
     was_training = model.training
     model.eval()
     batches = collate(calibration, config.batch_size)

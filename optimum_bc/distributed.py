@@ -123,6 +123,34 @@ def all_reduce_sum(tensors: Iterable[torch.Tensor], what: str) -> None:
             tensor.copy_(buffer)
 
 
+def all_reduce_max(tensors: Iterable[torch.Tensor], what: str) -> None:
+    """The elementwise maximum of each tensor over all ranks, in place (no-op without a process group)."""
+    if not is_distributed():
+        return
+    device = _backend_device()
+    for tensor in tensors:
+        buffer = tensor if tensor.device == device else tensor.to(device)
+        _collective(what, dist.all_reduce, buffer, op=dist.ReduceOp.MAX)
+        if buffer is not tensor:
+            tensor.copy_(buffer)
+
+
+def all_gather_rows(tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+    """Every rank's 1-D ``tensor`` (lengths may differ), in rank order, on the tensor's device (``[tensor]`` alone
+    without a process group)."""
+    if not is_distributed():
+        return [tensor]
+    device = _backend_device()
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world())]
+    _collective(what, dist.all_gather, lengths, torch.tensor([tensor.numel()], device=device))
+    longest = int(max(n.item() for n in lengths))
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=device)
+    padded[: tensor.numel()] = tensor.reshape(-1).to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world())]
+    _collective(what, dist.all_gather, gathered, padded)
+    return [g[: int(n.item())].to(tensor.device) for g, n in zip(gathered, lengths, strict=True)]
+
+
 def all_reduce_count(count: int, what: str) -> int:
     """The sum of an integer count over all ranks (``count`` itself without a process group)."""
     if not is_distributed():

@@ -53,6 +53,12 @@ RUNS = {
     "rtn_bc_sink": ({"method": "rtn", "bc_sink_tokens": 1}, None),
     "gptq_bc_layer_sink": ({"method": "gptq", "bc_sink_tokens": 1, "bc_layer": True, "batch_size": 2}, {"": "cpu"}),
     "gptq_bc_disk_offload": ({"method": "gptq", "bc_sink_tokens": 1}, OFFLOADED),
+    # Static activation scales: the observers merge every rank's values before fitting (exact at this size).
+    "gptq_w8a8_mse": ({"method": "gptq", "bc_sink_tokens": 1, "act_bits": 8, "act_scale": "mse"}, None),
+    "rtn_w4a6_percentile": (
+        {"method": "rtn", "bits": 4, "bc_sink_tokens": 1, "act_bits": 6, "act_scale": "percentile"},
+        None,
+    ),
 }
 
 
@@ -96,13 +102,13 @@ def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
         for name, config in (
             ("mismatch", _config("rtn", bits=4 if rank == 0 else 3)),
             ("too_few", _config("rtn", num_samples=1)),
-            ("static_act", _config("rtn", act_bits=8)),
         ):
             try:
                 quantize_model(tiny_llama(), config)
                 result[name] = None
             except ValueError as err:
                 result[name] = str(err)
+        result["subsampled_scales"] = _subsampled_scales()
         try:
             dp.check_agree(["q_proj", "k_proj"][: 2 - rank], "layer layout of block 0")
             result["disagree"] = None
@@ -122,6 +128,20 @@ def _worker(rank: int, port: int, out: str, float_dir: str) -> None:
         torch.save(result, Path(out) / f"rank{rank}.pt")
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _subsampled_scales() -> dict[str, torch.Tensor]:
+    """Static MSE scales fitted from subsamples (SAMPLE_SIZE shrunk below one batch's values): the input scales."""
+    from optimum_bc.formats import activations
+
+    size = activations.SAMPLE_SIZE
+    activations.SAMPLE_SIZE = 128
+    try:
+        model = tiny_llama()
+        quantize_model(model, _config("rtn", act_bits=8, act_scale="mse"))
+    finally:
+        activations.SAMPLE_SIZE = size
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("input_scale", "input_zero"))}
 
 
 def _disk_full() -> None:
@@ -218,12 +238,15 @@ def test_more_ranks_than_windows_fails_on_every_rank(spawned) -> None:
         assert "num_samples >= 2" in result["too_few"]
 
 
-def test_static_activation_scales_refused_on_every_rank(spawned) -> None:
+def test_subsampled_static_scales_agree_between_ranks(spawned) -> None:
+    """Beyond the exact regime the ranks merge proportional samples with one seed: every rank fits the same scales,
+    within the range one process observes."""
     _, results, _ = spawned
-    for result in results:
-        assert result["static_act"] is not None
-        assert "not supported with data-parallel calibration (2 ranks)" in result["static_act"]
-        assert "act_scale='dynamic'" in result["static_act"]
+    ours, theirs = results[0]["subsampled_scales"], results[1]["subsampled_scales"]
+    assert ours.keys() == theirs.keys() and any(k.endswith("input_scale") for k in ours)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert all(torch.isfinite(v).all() and (v > 0).all() for k, v in ours.items() if k.endswith("input_scale"))
 
 
 def test_layouts_that_differ_between_ranks_fail_on_every_rank(spawned) -> None:

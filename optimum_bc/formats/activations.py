@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
+
 
 ACT_BITS = (4, 6, 8)
 ACT_GRANULARITIES = ("tensor", "token")
@@ -113,6 +115,7 @@ class ActObserver:
         self.samples: list[torch.Tensor] = []
         self.tail = torch.empty(0)
         self.count = 0
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -135,7 +138,8 @@ class ActObserver:
             self.samples = [merged[torch.randperm(merged.numel(), generator=self.generator)[:SAMPLE_SIZE]]]
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fitted ``(scale, zero)`` as float32 tensors of shape ``[1]``."""
+        """The fitted ``(scale, zero)`` as float32 tensors of shape ``[1]`` (every data-parallel rank's values)."""
+        self._merge_ranks()
         if self.count == 0:
             raise ValueError("activation observer saw no calibration values; the layer was never reached")
         values = torch.cat(self.samples)
@@ -147,6 +151,37 @@ class ActObserver:
         else:
             scale, zero = self._mse_search(values[:MSE_SAMPLE])
         return scale.reshape(1).float(), zero.reshape(1).float()
+
+    def _merge_ranks(self) -> None:
+        """Make the observation every data-parallel rank's (no-op in one process), so all ranks fit one scale.
+
+        The range, the count and the tail are exact (all ranks' extremes). The values are exact too, in one process's
+        order, while no rank subsampled (at most ``2 * SAMPLE_SIZE`` values in all, ``SAMPLE_SIZE`` per batch);
+        beyond that each rank's sample gives a share proportional to its count, drawn with the same seed on every
+        rank: a uniform sample like one process's, but another one, so percentile and MSE scales can differ from a
+        one-process run by that sample's noise."""
+        if not distributed.is_distributed():
+            return
+        what = "the static activation scales' observations"
+        ends = torch.stack([-self.low, self.high]).float()
+        distributed.all_reduce_max([ends], what)
+        self.low, self.high = -ends[0], ends[1]
+        tail = torch.cat(distributed.all_gather_rows(self.tail.float(), what))
+        self.tail = tail[tail.abs().topk(min(TAIL_SIZE, tail.numel())).indices]
+        counts = [int(c) for c in torch.cat(distributed.all_gather_rows(torch.tensor([self.count]), what))]
+        mine = torch.cat(self.samples) if self.samples else torch.empty(0)
+        samples = distributed.all_gather_rows(mine, what)
+        self.count = sum(counts)
+        if self.count <= 2 * SAMPLE_SIZE and all(s.numel() == c for s, c in zip(samples, counts, strict=True)):
+            self.samples = [torch.cat(samples)]
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        parts = []
+        for sample, count in zip(samples, counts, strict=True):
+            take = min(sample.numel(), round(SAMPLE_SIZE * count / self.count))
+            parts.append(sample[torch.randperm(sample.numel(), generator=generator)[:take]])
+        merged = torch.cat(parts)
+        self.samples = [merged[torch.randperm(merged.numel(), generator=generator)]]
 
     def _mse_search(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shrink the range ends by the factors of ``MSE_ALPHAS``: both ends together (symmetric grids), or each end
