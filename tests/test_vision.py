@@ -111,6 +111,44 @@ def test_erq_beats_gptq_at_w4a4(data) -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_auto_race_ends_on_the_final_features_cls_included(data) -> None:
+    """A backbone's race ends on the features it outputs: the normalised error after the final norm over every token,
+    the CLS token included. The winner's score is that error of the finished model on the calibration images."""
+    from optimum_bc.algorithms.bc_select import normalized_error
+
+    calib, _ = data
+    pixels = torch.cat([s["pixel_values"] for s in calib])
+    with torch.no_grad():
+        ref = tiny_dinov2()(pixel_values=pixels).last_hidden_state
+    model = tiny_dinov2()
+    report = quantize_model(model, _cfg(), calibration=calib)
+    assert "final norm" in report.bc_summary
+    last = report.blocks[-1].bc_scores
+    chosen = min(last, key=last.get)
+    assert all(b.bc_choice == chosen for b in report.blocks)
+    with torch.no_grad():
+        out = model(pixel_values=pixels).last_hidden_state
+    width = out.shape[-1]
+    every_token = float(normalized_error(out.reshape(-1, width), ref.reshape(-1, width)).mean()) / width
+    assert every_token == pytest.approx(last[chosen], rel=1e-3)
+    patches = normalized_error(out[:, 1:].reshape(-1, width), ref[:, 1:].reshape(-1, width)).mean() / width
+    assert float(patches) != pytest.approx(last[chosen], rel=1e-3)  # the CLS token is scored
+
+
+def test_erq_lambda_default_is_the_image_models_ridge(data) -> None:
+    """``erq_lambda=None`` resolves to the image models' ridge when an image model is quantized (text: 0.01)."""
+    from optimum_bc.algorithms.erq import TEXT_LAMBDA
+    from optimum_bc.vision.calibrate import VISION_ERQ_LAMBDA
+
+    calib, _ = data
+    config = _cfg(method="erq", bias_compensation=False)
+    assert config.erq_lambda is None
+    quantize_model(tiny_dinov2(), config, calibration=calib[:4])
+    assert config.erq_lambda == VISION_ERQ_LAMBDA > TEXT_LAMBDA
+    assert BCQuantizationConfig.from_dict(config.to_dict()).erq_lambda == VISION_ERQ_LAMBDA
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_position_granularity_is_a_token_table(data) -> None:
     calib, _ = data
     pixels = torch.cat([s["pixel_values"] for s in calib])

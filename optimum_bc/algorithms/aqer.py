@@ -11,13 +11,16 @@ with the streamed statistics ``H = 2 X̃ᵀX̃ / N`` (the GPTQ Hessian of the qu
 (``λ' = 2 λ``). Only ``E[x̃ x̃ᵀ]`` and ``E[x̃ xᵀ]`` are needed, so no activation is kept.
 
 **λ.** ``lam`` is relative to ``mean(diag H)`` (the mean input power), like GPTQ's dampening, so it does not depend on
-the token count or on the activation scale: ``λ' = lam · mean(diag H)``. ``BCQuantizationConfig.erq_lambda``
-(default 0.01) is that number, shared with Wqer's ridge steps as in the reference (whose absolute ``λ = 0.1 · coe =
-2000`` is tied to its unnormalised ViT Gram matrices and 32-image batch). Why 0.01: with ``λ → 0`` the update fits the
-calibration tokens' quantization noise (``H`` of a few thousand tokens is ill-conditioned along low-power input
-directions, and ``δW`` there is large and does not transfer to new images); with ``λ → ∞`` it vanishes (``δW → 0``:
-plain quantization). 1 % of the mean diagonal damps exactly the directions whose power is below that, as GPTQ's
-``damp_percent=0.01`` does for the same matrix.
+the activation scale: ``λ' = lam · mean(diag H)``. ``BCQuantizationConfig.erq_lambda`` is that number, shared with
+Wqer's ridge steps as in the reference (whose absolute ``λ = 0.1 · coe = 2000`` is tied to its unnormalised ViT Gram
+matrices and 32-image batch). With ``λ → 0`` the update fits the calibration tokens' quantization noise (``H`` is
+ill-conditioned along low-power input directions, and ``δW`` there is large and does not transfer to new inputs); with
+``λ → ∞`` it vanishes (``δW → 0``: plain quantization). How much ridge pays depends on how many independent tokens
+the statistics hold per input dimension: text models (many windows of many tokens) take 0.01, which damps the
+directions whose power is below 1 % of the mean, as GPTQ's ``damp_percent=0.01`` does; image models (a few
+thousand strongly correlated tokens from 16-32 images) take 1.0: on DINOv2-S at W4A4 with 16 images, 0.01 gave
+16 dB SQNR on the calibration images and 3.4 dB on held-out photos, 1.0 gave 5.8 dB held out (``erq_lambda=None``
+picks by model; ``optimum_bc.vision.calibrate.VISION_ERQ_LAMBDA``).
 
 The reference appends a ones column to ``X̃`` so that the bias also absorbs the mean error; here that job is bias
 compensation's (``bias_compensation=True``), which is exactly that mean correction and sees the Aqer-corrected weight.
@@ -48,7 +51,7 @@ def aqer_correction(weight: torch.Tensor, H: torch.Tensor, C: torch.Tensor, lam:
     with the float inputs of the same tokens.
     """
     if lam <= 0:
-        raise ValueError(f"Aqer: ridge λ={lam} must be positive. Fix: erq_lambda > 0 (default 0.01)")
+        raise ValueError(f"Aqer: ridge λ={lam} must be positive. Fix: erq_lambda > 0 (e.g. 0.01)")
     W = weight.to(H.dtype)
     return ridge_solve(H, (C - H) @ W.T, lam).T
 

@@ -61,6 +61,8 @@ from .rtn import rtn_quantize
 logger = logging.getLogger(__name__)
 
 REFINE_ITERS = 100
+#: ``erq_lambda=None``'s ridge for text models (calibrated on many windows of many tokens each).
+TEXT_LAMBDA = 0.01
 
 
 def erq_quantize(
@@ -154,9 +156,16 @@ class ERQQuantizer(GramQuantizer):
     needs_float_inputs = True
     supports_mx = True
 
-    def __init__(self, in_features: int, *, erq_lambda: float = 0.01, erq_chunk: float = 0.5, **options: Any) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        erq_lambda: float | None = None,
+        erq_chunk: float = 0.5,
+        **options: Any,
+    ) -> None:
         super().__init__(in_features, **options)
-        self.lam = erq_lambda
+        self.lam = TEXT_LAMBDA if erq_lambda is None else erq_lambda
         self.chunk = erq_chunk
         self.cross: torch.Tensor | None = None
 

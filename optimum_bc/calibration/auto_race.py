@@ -20,7 +20,9 @@ the whole model, by the streams themselves. The rule:
   float model's (the model's final norm and LM head; the normalised error where the model has none), and the
   closest wins: its biases are stored in every block. The normalised error of the final hidden states ranked the
   streams unlike perplexity too (RTN 3-bit g128: the sink-bias stream first, third by perplexity); the KL ranked
-  all four as perplexity does in the three cells measured.
+  all four as perplexity does in the three cells measured. An image encoder (ViT, DeiT, DINOv2: no LM head, every
+  token's final feature is an output, the CLS token first) ends on its final norm instead: the normalised error of
+  the features it outputs, over every token, the CLS token included (:meth:`AutoRace._feature_errors`).
 
 The BC-off stream ("none") is one of the candidates: the guard. The report's ``bc_summary`` gives the final scores,
 each block's ``bc_scores`` the streams' errors after it; each layer's MSEs are the sequential target's, measured on
@@ -72,6 +74,22 @@ def final_head(model: nn.Module, blocks: str) -> tuple[nn.Module, nn.Module] | N
     return norms[0], head
 
 
+def encoder_norm(model: nn.Module, blocks: str) -> nn.Module | None:
+    """An image encoder's final norm (the model reads ``pixel_values``): the one norm among the children of the
+    nearest ancestor of its blocks that has any (ViT, DeiT, DINOv2: ``layernorm`` beside ``encoder``). None for other
+    models, several norms there, or weights not in memory."""
+    if getattr(model, "main_input_name", None) != "pixel_values":
+        return None
+    path = blocks
+    while path:
+        path = path.rpartition(".")[0]
+        norms = [m for m in model.get_submodule(path).children() if "norm" in type(m).__name__.lower()]
+        if norms:
+            on_meta = any(p.device.type == "meta" for p in norms[0].parameters())
+            return norms[0] if len(norms) == 1 and not on_meta else None
+    return None
+
+
 class AutoRace:
     """The race steps of the calibrator (see the module docstring)."""
 
@@ -83,6 +101,7 @@ class AutoRace:
         self.primary = rule if rule in modes else modes[-1]
         self.race_scores: dict[str, float] = {}
         self.race_head = final_head(self.model, self.spec.blocks)
+        self.race_norm = encoder_norm(self.model, self.spec.blocks) if self.race_head is None else None
         self.race_hidden: dict[str, float] = {}  # the last block's normalised errors (when the head decides)
 
     def _race_block_start(
@@ -189,6 +208,9 @@ class AutoRace:
         if index == self.total_blocks - 1 and self._head_fits(next_fp):
             self.race_hidden = scores
             scores = self._logit_divergence(next_fp, device)
+        elif index == self.total_blocks - 1 and self.race_norm is not None:
+            self.race_hidden = scores
+            scores = self._feature_errors(next_fp, device)
         self.race_scores = scores
         self.primary = leader(scores, race_modes(self.config.layer_sink_tokens))
         report.bc_scores = scores
@@ -212,20 +234,31 @@ class AutoRace:
         scored[:, : self.config.layer_sink_tokens] = False
         return scored
 
-    def _stream_errors(self, next_fp: list[_Batch], device: torch.device) -> dict[str, float]:
-        """Each stream's RMS-normalised squared error per element against the float stream, summed over ranks."""
+    def _stream_errors(
+        self, next_fp: list[_Batch], device: torch.device, output: nn.Module | None = None
+    ) -> dict[str, float]:
+        """Each stream's RMS-normalised squared error per element against the float stream, summed over ranks;
+        ``output``: of that module's outputs (the encoder's final norm), over every valid token."""
         modes = list(self.streams)
         errors = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # squared error, elements
         for m, mode in enumerate(modes):
             for out, fp in zip(self.streams[mode], next_fp, strict=True):
-                scored = self._scored(out)
-                error = normalized_error(
-                    token_rows(out.hidden.to(device), scored), token_rows(fp.hidden.to(device), scored)
-                )
+                scored = self._scored(out) if output is None else out.valid
+                out_rows, fp_rows = token_rows(out.hidden.to(device), scored), token_rows(fp.hidden.to(device), scored)
+                if output is not None:
+                    out_rows, fp_rows = output(out_rows), output(fp_rows)
+                error = normalized_error(out_rows, fp_rows)
                 errors[m, 0] += error.sum()
                 errors[m, 1] += error.numel() * out.hidden.shape[-1]
         distributed.all_reduce_sum([errors], "the auto race's stream errors")
         return {mode: float(errors[m, 0] / errors[m, 1].clamp(min=1)) for m, mode in enumerate(modes)}
+
+    @torch.no_grad()
+    def _feature_errors(self, final_fp: list[_Batch], device: torch.device) -> dict[str, float]:
+        """An image encoder's final score: each stream's normalised error after the model's final norm (the features
+        it outputs), over every token. The CLS token is scored too: it is the encoder's pooled output, not a sink
+        whose own output a later norm scales away."""
+        return self._stream_errors(final_fp, device, output=self.race_norm)
 
     @torch.no_grad()
     def _logit_divergence(self, final_fp: list[_Batch], device: torch.device) -> dict[str, float]:
@@ -266,7 +299,13 @@ class AutoRace:
                 block_report.bc_choice = chosen
         scores = ", ".join(f"{mode} {score:.4g}" for mode, score in self.race_scores.items())
         hidden = ", ".join(f"{mode} {score:.4g}" for mode, score in self.race_hidden.items())
-        measure = "mean KL divergence of the next-token distribution" if hidden else "RMS-normalised squared error"
+        measure = "RMS-normalised squared error"
+        if hidden:
+            measure = (
+                "mean KL divergence of the next-token distribution"
+                if self.race_norm is None
+                else "normalised error of the final norm's output, every token"
+            )
         self.report.bc_summary = (
             f"BC chosen by the auto race: {chosen!r}, the stream closest to the float model after the last block "
             f"({measure}: {scores}" + (f"; last block's normalised error: {hidden}" if hidden else "") + ")"
