@@ -76,11 +76,15 @@ class AutoRace:
     """The race steps of the calibrator (see the module docstring)."""
 
     def _race_start(self, batches: list[_Batch]) -> None:
-        """Every candidate stream starts from the block inputs; the stated rule's mode leads at block 0."""
+        """Every candidate stream starts from the block inputs; the stated rule's mode leads at block 0. The leading
+        stream holds every batch (the weight method reads it), the others the budget batches only
+        (:mod:`optimum_bc.calibration.bc_budget`)."""
         modes = race_modes(self.config.layer_sink_tokens)
-        self.streams: dict[str, list[_Batch]] = dict.fromkeys(modes, batches)
         rule = fallback_mode(self.config.layer_sink_tokens)
         self.primary = rule if rule in modes else modes[-1]
+        self.streams: dict[str, list[_Batch]] = {
+            mode: batches if mode == self.primary else batches[: self.bc_batches] for mode in modes
+        }
         self.race_scores: dict[str, float] = {}
         self.race_head = final_head(self.model, self.spec.blocks)
         self.race_hidden: dict[str, float] = {}  # the last block's normalised errors (when the head decides)
@@ -169,8 +173,11 @@ class AutoRace:
         store: torch.device | None,
     ) -> list[_Batch]:
         """Run the block on every other stream with its biases, score all streams against the float model (after the
-        last block: the final KL where the head fits) and return the leading stream (the next block's quantized
-        stream). No stream is dropped: mid-depth errors misrank them (docs/bc_auto.md, fifth round)."""
+        last block: the final KL where the head fits) on the budget batches and return the leading stream (the next
+        block's quantized stream). No stream is dropped: mid-depth errors misrank them (docs/bc_auto.md, fifth round).
+
+        Beyond the budget only the leading stream runs: when another stream takes the lead, its budget batches join
+        the batches beyond the budget as the old leader left them (this block with the old leader's biases)."""
         start = time.perf_counter()
         layers: list[AutoLayer] = [layer for i, layer in self.auto_history if i == index]
         self.streams[self.primary] = next_q
@@ -185,24 +192,30 @@ class AutoRace:
             ]
         for layer in layers:
             layer.apply(*layer.bias_of(self.primary))
-        scores = self._stream_errors(next_fp, device)
-        if index == self.total_blocks - 1 and self._head_fits(next_fp):
+        n = self.bc_batches
+        scores = self._stream_errors(next_fp[:n], device)
+        if index == self.total_blocks - 1 and self._head_fits(next_q):
             self.race_hidden = scores
-            scores = self._logit_divergence(next_fp, device)
+            scores = self._logit_divergence(next_fp[:n], device)
         self.race_scores = scores
-        self.primary = leader(scores, race_modes(self.config.layer_sink_tokens))
+        ahead = leader(scores, race_modes(self.config.layer_sink_tokens))
+        if ahead != self.primary:
+            self.streams[ahead] = self.streams[ahead] + next_q[n:]
+            self.streams[self.primary] = next_q[:n]
+            self.primary = ahead
         report.bc_scores = scores
         report.bc_choice_seconds = time.perf_counter() - start
         return self.streams[self.primary]
 
-    def _head_fits(self, final_fp: list[_Batch]) -> bool:
-        """Whether the final norm and LM head read the last block's output as it is: ``(batch, tokens, hidden)``.
+    def _head_fits(self, outputs: list[_Batch]) -> bool:
+        """Whether the final norm and LM head read the last block's output (``outputs``: the leading stream, which
+        every rank holds batches of) as it is: ``(batch, tokens, hidden)``.
         Blocks that carry extra axes (hyper-connection streams, e.g. DeepSeek-V4) are collapsed by the model's own
         code before its norm; the race then ends on the normalised error."""
         if self.race_head is None:
             return False
         width = self.race_head[1].weight.shape[-1]
-        return all(b.hidden.dim() == 3 and b.hidden.shape[-1] == width for b in final_fp)
+        return all(b.hidden.dim() == 3 and b.hidden.shape[-1] == width for b in outputs)
 
     def _scored(self, batch: _Batch) -> torch.Tensor:
         """The tokens the race scores: every valid one but the sink positions, whose own outputs are dominated by
@@ -213,11 +226,12 @@ class AutoRace:
         return scored
 
     def _stream_errors(self, next_fp: list[_Batch], device: torch.device) -> dict[str, float]:
-        """Each stream's RMS-normalised squared error per element against the float stream, summed over ranks."""
+        """Each stream's RMS-normalised squared error per element against the float stream (``next_fp``: the budget
+        batches), summed over ranks."""
         modes = list(self.streams)
         errors = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # squared error, elements
         for m, mode in enumerate(modes):
-            for out, fp in zip(self.streams[mode], next_fp, strict=True):
+            for out, fp in zip(self.streams[mode][: len(next_fp)], next_fp, strict=True):
                 scored = self._scored(out)
                 error = normalized_error(
                     token_rows(out.hidden.to(device), scored), token_rows(fp.hidden.to(device), scored)
