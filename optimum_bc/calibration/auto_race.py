@@ -6,12 +6,12 @@ the whole model, by the streams themselves. The rule:
 
 - One quantized stream per candidate of :func:`optimum_bc.algorithms.bc_select.race_modes` runs through the blocks.
   All streams share the quantized weights, fitted on the leading stream (the one closest to the float model after
-  the previous block; at block 0 the stated rule's mode). Each stream gets the biases its mode fits on all
-  calibration batches from its own inputs: a float mode needs only the float stream's, a sequential mode its own
+  the previous block; at block 0 the stated rule's mode). Each stream gets the biases its mode fits on the
+  budget's calibration batches from its own inputs: a float mode needs only the float stream's, a sequential mode its own
   quantized inputs, taken by one stopped pass per stage. So with RTN each stream is exactly the model the manual
   variant gives, and with GPTQ it differs only by the inputs the weights were fitted on.
 - After every block each stream's output is scored against the float model's: the per-token RMS-normalised squared
-  error (:func:`optimum_bc.algorithms.bc_select.normalized_error`) over every calibration token but the sink
+  error (:func:`optimum_bc.algorithms.bc_select.normalized_error`) over every budget token but the sink
   positions (:meth:`AutoRace._scored`), summed over data-parallel ranks: it picks the leading stream and is
   reported, but drops no stream. Every stream runs to the end: on the packaged model these mid-depth errors rank the
   streams unlike perplexity (GPTQ 3-bit g128: the float target's stream is third at block 14 and the best model),
@@ -22,7 +22,10 @@ the whole model, by the streams themselves. The rule:
   streams unlike perplexity too (RTN 3-bit g128: the sink-bias stream first, third by perplexity); the KL ranked
   all four as perplexity does in the three cells measured.
 
-The BC-off stream ("none") is one of the candidates: the guard. The report's ``bc_summary`` gives the final scores,
+Everything the race fits and scores runs on BC's token budget (the first calibration batches up to
+:data:`optimum_bc.calibration.bc_budget.BC_TOKENS` tokens): the other streams hold those batches only; the leading
+stream holds every batch, since the weight method reads it. The BC-off stream ("none") is one of the candidates:
+the guard. The report's ``bc_summary`` gives the final scores,
 each block's ``bc_scores`` the streams' errors after it; each layer's MSEs are the sequential target's, measured on
 the leading stream (the report's residual pass), with the winner's bias. A mixin of
 :class:`optimum_bc.calibration.calibrator.BlockCalibrator` (its state: config, clock, batches, report).

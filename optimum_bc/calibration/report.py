@@ -9,7 +9,8 @@ from typing import Any
 
 @dataclass
 class LayerReport:
-    """One quantized Linear. MSEs are per output element on the calibration tokens, against the BC target."""
+    """One quantized Linear. MSEs are per output element against the BC target, on the tokens BC ran on
+    (``QuantizationReport.bc_tokens``)."""
 
     name: str
     block: int
