@@ -28,7 +28,6 @@ def test_budget_takes_the_leading_whole_batches_up_to_the_budget(monkeypatch) ->
     assert budget_batches([128, 100, 90, 128], [0, 1, 2, 3], 4) == (3, 3, 318)
     monkeypatch.setattr(bc_budget, "BC_TOKENS", 10)
     assert budget_batches([128, 100], [0, 1], 2) == (1, 1, 128)
-    assert bc_budget.BC_TOKENS >= 10  # the real constant is restored after the test; checked below
     monkeypatch.undo()
     assert bc_budget.BC_TOKENS >= 8 * 512  # runs up to 8 x 512 tokens are unchanged by it
 

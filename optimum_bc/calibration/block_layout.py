@@ -1,6 +1,6 @@
 """How the calibrator sees a block: its Linears' shared inputs (one observed forward), the stages they are
 quantized in, and the refusals that must come before any long work. A mixin of
-:class:`optimum_bc.calibration.calibrator.BlockCalibrator` (its state: model, spec, config, skip)."""
+:class:`optimum_bc.calibration.calibrator.BlockCalibrator` (its state: model, spec, config, skip, positions)."""
 
 import logging
 
