@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_bc import BCQuantizationConfig, quantize_model
 from optimum_bc import distributed as dp
+from optimum_bc.calibration import bc_budget
 
 from .conftest import VOCAB, tiny_llama
 
@@ -48,9 +49,13 @@ OFFLOADED = {
     "model.rotary_emb": "cpu",
     "lm_head": "disk",
 }
-#: name -> (config options, device map of a from_pretrained load; None: quantize_model on a loaded model)
+#: name -> (config options, device map of a from_pretrained load; None: quantize_model on a loaded model). "budget":
+#: BC's token budget for the run (4 batches of 64 tokens: GPTQ's 192 splits them 2 + 1 over the ranks; RTN's 64
+#: leaves rank 1 none, and RTN + BC runs on the budget batches alone).
 RUNS = {
     "rtn_bc_sink": ({"method": "rtn", "bc_sink_tokens": 1}, None),
+    "gptq_bc_budget": ({"method": "gptq", "bc_sink_tokens": 1, "batch_size": 2, "budget": 192}, None),
+    "rtn_bc_budget": ({"method": "rtn", "bc_sink_tokens": 1, "batch_size": 2, "budget": 64}, None),
     "gptq_bc_layer_sink": ({"method": "gptq", "bc_sink_tokens": 1, "bc_layer": True, "batch_size": 2}, {"": "cpu"}),
     "gptq_bc_disk_offload": ({"method": "gptq", "bc_sink_tokens": 1}, OFFLOADED),
     # Static activation scales: the observers merge every rank's values before fitting (exact at this size).
@@ -64,10 +69,17 @@ RUNS = {
 
 def _quantized(name: str, float_dir: str) -> tuple[torch.nn.Module, int]:
     options, device_map = RUNS[name]
+    options = dict(options)
+    budget = options.pop("budget", bc_budget.BC_TOKENS)
     config = _config(**options)
     if device_map is None:
         model = tiny_llama()
-        quantize_model(model, config)
+        default, bc_budget.BC_TOKENS = bc_budget.BC_TOKENS, budget
+        try:
+            quantize_model(model, config)
+        finally:
+            bc_budget.BC_TOKENS = default
+        assert model.quantization_report.bc_tokens == min(budget, 8 * 32)
         return model, model.quantization_report.calibration_tokens
     model = AutoModelForCausalLM.from_pretrained(
         float_dir, quantization_config=config, device_map=device_map, offload_folder=tempfile.mkdtemp()

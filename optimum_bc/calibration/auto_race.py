@@ -6,12 +6,12 @@ the whole model, by the streams themselves. The rule:
 
 - One quantized stream per candidate of :func:`optimum_bc.algorithms.bc_select.race_modes` runs through the blocks.
   All streams share the quantized weights, fitted on the leading stream (the one closest to the float model after
-  the previous block; at block 0 the stated rule's mode). Each stream gets the biases its mode fits on all
-  calibration batches from its own inputs: a float mode needs only the float stream's, a sequential mode its own
+  the previous block; at block 0 the stated rule's mode). Each stream gets the biases its mode fits on the
+  budget's calibration batches from its own inputs: a float mode needs only the float stream's, a sequential mode its own
   quantized inputs, taken by one stopped pass per stage. So with RTN each stream is exactly the model the manual
   variant gives, and with GPTQ it differs only by the inputs the weights were fitted on.
 - After every block each stream's output is scored against the float model's: the per-token RMS-normalised squared
-  error (:func:`optimum_bc.algorithms.bc_select.normalized_error`) over every calibration token but the sink
+  error (:func:`optimum_bc.algorithms.bc_select.normalized_error`) over every budget token but the sink
   positions (:meth:`AutoRace._scored`), summed over data-parallel ranks: it picks the leading stream and is
   reported, but drops no stream. Every stream runs to the end: on the packaged model these mid-depth errors rank the
   streams unlike perplexity (GPTQ 3-bit g128: the float target's stream is third at block 14 and the best model),
@@ -24,7 +24,10 @@ the whole model, by the streams themselves. The rule:
   token's final feature is an output, the CLS token first) ends on its final norm instead: the normalised error of
   the features it outputs, over every token, the CLS token included (:meth:`AutoRace._feature_errors`).
 
-The BC-off stream ("none") is one of the candidates: the guard. The report's ``bc_summary`` gives the final scores,
+Everything the race fits and scores runs on BC's token budget (the first calibration batches up to
+:data:`optimum_bc.calibration.bc_budget.BC_TOKENS` tokens): the other streams hold those batches only; the leading
+stream holds every batch, since the weight method reads it. The BC-off stream ("none") is one of the candidates:
+the guard. The report's ``bc_summary`` gives the final scores,
 each block's ``bc_scores`` the streams' errors after it; each layer's MSEs are the sequential target's, measured on
 the leading stream (the report's residual pass), with the winner's bias. A mixin of
 :class:`optimum_bc.calibration.calibrator.BlockCalibrator` (its state: config, clock, batches, report).
@@ -94,11 +97,15 @@ class AutoRace:
     """The race steps of the calibrator (see the module docstring)."""
 
     def _race_start(self, batches: list[_Batch]) -> None:
-        """Every candidate stream starts from the block inputs; the stated rule's mode leads at block 0."""
+        """Every candidate stream starts from the block inputs; the stated rule's mode leads at block 0. The leading
+        stream holds every batch (the weight method reads it), the others the budget batches only
+        (:mod:`optimum_bc.calibration.bc_budget`)."""
         modes = race_modes(self.config.layer_sink_tokens)
-        self.streams: dict[str, list[_Batch]] = dict.fromkeys(modes, batches)
         rule = fallback_mode(self.config.layer_sink_tokens)
         self.primary = rule if rule in modes else modes[-1]
+        self.streams: dict[str, list[_Batch]] = {
+            mode: batches if mode == self.primary else batches[: self.bc_batches] for mode in modes
+        }
         self.race_scores: dict[str, float] = {}
         self.race_head = final_head(self.model, self.spec.blocks)
         self.race_norm = encoder_norm(self.model, self.spec.blocks) if self.race_head is None else None
@@ -188,8 +195,11 @@ class AutoRace:
         store: torch.device | None,
     ) -> list[_Batch]:
         """Run the block on every other stream with its biases, score all streams against the float model (after the
-        last block: the final KL where the head fits) and return the leading stream (the next block's quantized
-        stream). No stream is dropped: mid-depth errors misrank them (docs/bc_auto.md, fifth round)."""
+        last block: the final KL where the head fits) on the budget batches and return the leading stream (the next
+        block's quantized stream). No stream is dropped: mid-depth errors misrank them (docs/bc_auto.md, fifth round).
+
+        Beyond the budget only the leading stream runs: when another stream takes the lead, its budget batches join
+        the batches beyond the budget as the old leader left them (this block with the old leader's biases)."""
         start = time.perf_counter()
         layers: list[AutoLayer] = [layer for i, layer in self.auto_history if i == index]
         self.streams[self.primary] = next_q
@@ -204,27 +214,33 @@ class AutoRace:
             ]
         for layer in layers:
             layer.apply(*layer.bias_of(self.primary))
-        scores = self._stream_errors(next_fp, device)
-        if index == self.total_blocks - 1 and self._head_fits(next_fp):
+        n = self.bc_batches
+        scores = self._stream_errors(next_fp[:n], device)
+        if index == self.total_blocks - 1 and self._head_fits(next_q):
             self.race_hidden = scores
-            scores = self._logit_divergence(next_fp, device)
+            scores = self._logit_divergence(next_fp[:n], device)
         elif index == self.total_blocks - 1 and self.race_norm is not None:
             self.race_hidden = scores
-            scores = self._feature_errors(next_fp, device)
+            scores = self._feature_errors(next_fp[:n], device)
         self.race_scores = scores
-        self.primary = leader(scores, race_modes(self.config.layer_sink_tokens))
+        ahead = leader(scores, race_modes(self.config.layer_sink_tokens))
+        if ahead != self.primary:
+            self.streams[ahead] = self.streams[ahead] + next_q[n:]
+            self.streams[self.primary] = next_q[:n]
+            self.primary = ahead
         report.bc_scores = scores
         report.bc_choice_seconds = time.perf_counter() - start
         return self.streams[self.primary]
 
-    def _head_fits(self, final_fp: list[_Batch]) -> bool:
-        """Whether the final norm and LM head read the last block's output as it is: ``(batch, tokens, hidden)``.
+    def _head_fits(self, outputs: list[_Batch]) -> bool:
+        """Whether the final norm and LM head read the last block's output (``outputs``: the leading stream, which
+        every rank holds batches of) as it is: ``(batch, tokens, hidden)``.
         Blocks that carry extra axes (hyper-connection streams, e.g. DeepSeek-V4) are collapsed by the model's own
         code before its norm; the race then ends on the normalised error."""
         if self.race_head is None:
             return False
         width = self.race_head[1].weight.shape[-1]
-        return all(b.hidden.dim() == 3 and b.hidden.shape[-1] == width for b in final_fp)
+        return all(b.hidden.dim() == 3 and b.hidden.shape[-1] == width for b in outputs)
 
     def _scored(self, batch: _Batch) -> torch.Tensor:
         """The tokens the race scores: every valid one but the sink positions, whose own outputs are dominated by
@@ -237,12 +253,13 @@ class AutoRace:
     def _stream_errors(
         self, next_fp: list[_Batch], device: torch.device, output: nn.Module | None = None
     ) -> dict[str, float]:
-        """Each stream's RMS-normalised squared error per element against the float stream, summed over ranks;
-        ``output``: of that module's outputs (the encoder's final norm), over every valid token."""
+        """Each stream's RMS-normalised squared error per element against the float stream (``next_fp``: the budget
+        batches), summed over ranks; ``output``: of that module's outputs (the encoder's final norm), over every
+        valid token."""
         modes = list(self.streams)
         errors = torch.zeros(len(modes), 2, dtype=torch.float64, device=device)  # squared error, elements
         for m, mode in enumerate(modes):
-            for out, fp in zip(self.streams[mode], next_fp, strict=True):
+            for out, fp in zip(self.streams[mode][: len(next_fp)], next_fp, strict=True):
                 scored = self._scored(out) if output is None else out.valid
                 out_rows, fp_rows = token_rows(out.hidden.to(device), scored), token_rows(fp.hidden.to(device), scored)
                 if output is not None:

@@ -62,8 +62,16 @@ class BlockCompensation:
     ) -> None:
         """``bc_target="auto"``: the block's BC mode by held-out block-output error (see optimum_bc.bc_select)."""
         start = time.perf_counter()
+        n = self.bc_batches  # the budget batches: the float stream's own (optimum_bc.calibration.bc_budget)
         choice = choose_block_mode(
-            self.auto_layers, block, h_q, next_fp, self._counted_run, device, self.batch_ids, self.total_batches
+            self.auto_layers,
+            block,
+            h_q[:n],
+            next_fp[:n],
+            self._counted_run,
+            device,
+            self.batch_ids[:n],
+            self.total_bc_batches,
         )
         report.bc_choice_seconds = time.perf_counter() - start
         report.bc_choice, report.bc_scores = choice.mode, choice.scores
@@ -82,20 +90,14 @@ class BlockCompensation:
         return _run_block(block, hidden, kwargs)
 
     def _measure_layers(
-        self,
-        index: int,
-        block: nn.Module,
-        fblock: nn.Module,
-        h_q: list[_Batch],
-        h_fp: list[_Batch],
-        device: torch.device,
-        store: torch.device | None,
+        self, index: int, block: nn.Module, h_q: list[_Batch], device: torch.device, store: torch.device | None
     ) -> list[_Batch]:
         """The pass to the next block, measuring the report's per-layer MSEs on the way; returns the next block's
         quantized inputs.
 
-        Per batch the float block runs on the float stream and the quantized block on the quantized stream, with
-        hooks on every compensated Linear and its float twin. Each layer streams its residual before compensation
+        On the budget batches (``self.kept``: the float Linears' outputs and inputs of stage 0's float pass, the same
+        tokens) hooks on every compensated Linear pair its quantized output with its kept float one: no float pass
+        runs here. Each layer streams its residual before compensation
         (:class:`optimum_bc.compensation.ResidualMoments`): the sequential target's ``float output - quantized
         output + what its bias adds``, the float target's ``(W - Q) x`` on the float inputs. The MSE of any bias then
         follows in closed form: the race's final choice needs no new pass. No ``in x in`` matrix is kept."""
@@ -118,35 +120,32 @@ class BlockCompensation:
                 dense[rel] = module.dequantize_weight(torch.float32)
                 quantize_input[rel] = module._quantize_input  # the float target's residual is W x - Q Q_a(x)
             residuals[rel] = {t: ResidualMoments(out, classes, device) for t in sorted(targets[rel])}
-        now: dict[str, torch.Tensor] = {}  # the batch being measured: valid mask, row positions, position classes
-        float_out: dict[str, torch.Tensor] = {}
-        float_in: dict[str, torch.Tensor] = {}
-
-        def float_hook(module: nn.Module, args: tuple, output: torch.Tensor, rel: str) -> None:
-            float_out[rel] = _valid_rows(output, now["valid"]).float()
-            if rel in dense:
-                float_in[rel] = _valid_rows(quantize_input[rel](args[0]), now["valid"]).float()
+        kept = self.kept
+        now: dict = {}  # the batch being measured: its index, valid mask, row positions, position classes
 
         def quant_hook(module: nn.Module, args: tuple, output: torch.Tensor, rel: str) -> None:
-            if "sequential" in residuals[rel]:
-                r = float_out[rel] - _valid_rows(output, now["valid"]).float() + applied[rel][now["index"]]
+            if now["batch"] < len(kept) and "sequential" in residuals[rel]:
+                float_out = kept.outputs[now["batch"]][rel].to(device).float()
+                r = float_out - _valid_rows(output, now["valid"]).float() + applied[rel][now["index"]]
                 residuals[rel]["sequential"].add_batch(r, now["positions"])
 
         next_q = []
-        with _hooks(fblock, list(targets), float_hook), _hooks(block, list(targets), quant_hook):
+        with _hooks(block, list(targets), quant_hook):
             for b, batch in enumerate(h_q):
-                now["valid"], now["positions"] = batch.valid, _valid_positions(batch.valid)
+                now["batch"], now["valid"], now["positions"] = b, batch.valid, _valid_positions(batch.valid)
                 now["index"] = position_classes(now["positions"], classes).to(device)
                 with self.clock.timed("bc"):
-                    self.clock.count_pass()
-                    _run_block(fblock, h_fp[b].hidden.to(device), h_fp[b].kwargs)
-                    for rel, weight in dense.items():
-                        r = float_out[rel] - base[rel] - float_in[rel] @ weight.to(device).T
+                    for rel, weight in dense.items() if b < len(kept) else ():
+                        x = kept.float_input(b, rel).to(device)
+                        float_in = _valid_rows(quantize_input[rel](x), batch.valid).float()
+                        float_out = kept.outputs[b][rel].to(device).float()
+                        r = float_out - base[rel] - float_in @ weight.to(device).T
                         residuals[rel]["float"].add_batch(r, now["positions"])
                 with self.clock.timed("forward"):
                     self.clock.count_pass()
                     out = _run_block(block, batch.hidden.to(device), batch.kwargs)
                 next_q.append(batch.with_hidden(out.to(store)))
+        self.kept = None
         for rel, row, _ in self.measured:  # the same order on every data-parallel rank
             for moments in residuals[rel].values():
                 moments.reduce()
@@ -177,7 +176,7 @@ class BlockCompensation:
         sink_tokens = self.config.layer_sink_tokens
         with_sink = holds_sink(target, full_name, sink_tokens)
         residual = residual_accumulator(next_q[0].hidden.shape[-1], sink_tokens, device)
-        for b, batch in enumerate(next_q):
+        for b, batch in enumerate(next_q[: self.bc_batches]):  # the budget batches (the float stream's own)
             if self.sequential_target:
                 out = batch.hidden.to(device)
             else:

@@ -24,12 +24,14 @@ from ..config import BCQuantizationConfig
 from ..formats.activations import StageActivations
 from ..layers import kernels
 from ..layers.packed_base import PackedLinearBase, transient_dense_weights
-from .architectures import ArchitectureSpec, bias_flags, block_layers, first_param_device, get_blocks
+from .architectures import ArchitectureSpec, bias_flags, first_param_device, get_blocks
 from .attention_observers import calibrate_block_attention
 from .auto_race import AutoRace
+from .bc_budget import FloatOutputs, budget_batches, weights_read_every_window
 from .block_compensation import BlockCompensation
 from .block_inputs import _Batch
-from .discovery import BlockLayout, dense_weight, find_output_bias, fused_expert_weights, layer_features, observe_block
+from .block_layout import BlockLayoutSteps
+from .discovery import dense_weight, layer_features
 from .expert_calibration import ExpertCalibrator
 from .offload import OffloadedCalibration, float_copy
 from .report import BlockClock, BlockReport, LayerReport, QuantizationReport
@@ -52,7 +54,7 @@ def set_progress_bars(enabled: bool) -> None:
     _progress_bars = enabled
 
 
-class BlockCalibrator(BlockCompensation, AutoRace):
+class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
     """Quantizes the blocks of one model in order; holds the two activation streams between blocks."""
 
     def __init__(
@@ -81,6 +83,10 @@ class BlockCalibrator(BlockCompensation, AutoRace):
         self.auto_layers: list[AutoLayer] = []
         self.batch_ids: list[int] = []  # global index of each local calibration batch (set by run)
         self.total_batches = 0  # calibration batches over all data-parallel ranks
+        self.bc_batches = 0  # the local batches in BC's token budget: a prefix (optimum_bc.calibration.bc_budget)
+        self.total_bc_batches = 0  # the budget's batches over all ranks
+        self.local_batches = 0  # this rank's calibration batches (what the report's pass counts are relative to)
+        self.kept: FloatOutputs | None = None  # the float Linear outputs the report pairs (the block's budget batches)
         self.total_blocks = 0
         # "auto" races whole-model candidate streams (optimum_bc.calibration.auto_race), except with layer-level BC
         # (whose block bias the streams do not track) or one calibration batch: then each block chooses on its own.
@@ -104,64 +110,6 @@ class BlockCalibrator(BlockCompensation, AutoRace):
         self.compensated: list[str] = []
         # Float modules that layer-level BC gave a bias they had no slot for (recorded so a reload creates it).
         self.float_biases: list[str] = []
-
-    def stages(self, layout: BlockLayout) -> list[list[tuple[str, ...]]]:
-        """Per stage, the groups of layers (relative names) sharing one input, in forward order.
-
-        ``modules_in_block_to_quantize`` fixes the stages (one per inner list, in its order); otherwise each group is
-        a stage (``true_sequential``) or the whole block is one.
-        """
-        groups = list(layout.groups)
-        if self.config.modules_in_block_to_quantize:
-            stages = []
-            for names in map(set, self.config.modules_in_block_to_quantize):
-                stage = [tuple(n for n in g if n in names) for g in groups if names.intersection(g)]
-                if stage:
-                    stages.append(stage)
-            return stages
-        return [[g] for g in groups] if self.config.true_sequential else [groups]
-
-    def observe(self, index: int, block: nn.Module, batch: _Batch | None, device: torch.device) -> BlockLayout:
-        """One forward of ``block`` on one batch: its layers' order and shared inputs; refuse what cannot work."""
-        prefix = f"{self.spec.blocks}.{index}."
-        names = block_layers(block, prefix, self.spec, self.model.config, self.skip)
-        if batch is None:  # no calibration data (RTN without BC): no statistics, so no grouping is needed
-            return BlockLayout(groups=[(n,) for n in names], order=names)
-        hidden = batch.hidden.to(device)
-        layout = observe_block(block, names, hidden, batch.kwargs, run=_run_block)
-        if self.config.act_bits is not None and fused_expert_weights(block):
-            raise ValueError(
-                f"act_bits={self.config.act_bits} is not available for model_type {self.model.config.model_type!r}: "
-                "its fused experts have no input quantizer, so their inputs would silently stay in float. Fix: "
-                "act_bits=None (weight-only quantization)."
-            )
-        if self.positions is not None and fused_expert_weights(block):
-            raise ValueError(
-                f"bc_granularity='position' is not available for model_type {self.model.config.model_type!r}: its "
-                "experts see routed (flattened) tokens, so a per-position bias cannot be applied. Fix: "
-                "bc_granularity='channel'."
-            )
-        for rel, reason in layout.left_out.items():
-            logger.warning("optimum-bc: %s%s stays in float: %s", prefix, rel, reason)
-            self.skip.append(prefix + rel)
-            if (
-                self.config.modules_to_not_convert is not None
-                and prefix + rel not in self.config.modules_to_not_convert
-            ):
-                self.config.modules_to_not_convert.append(prefix + rel)
-        if self.config.bc_layer:
-            target = self.spec.layer_bias_target or find_output_bias(
-                block, layout.order, hidden, batch.kwargs, run=_run_block
-            )
-            if target is None:
-                raise ValueError(
-                    f"bc_layer=True: no module of block {prefix.rstrip('.')} ({type(block).__name__}) adds its output "
-                    "unchanged to the block output (e.g. a norm follows the residual branch, as Gemma 2's post "
-                    "norms), so the block bias has no exact place. Fix: bc_layer=False, or name a target with "
-                    "optimum_bc.architectures.register_architecture(model_type, blocks, layer_bias_target=...)."
-                )
-            layout.bias_target = target
-        return layout
 
     def _options(self) -> dict:
         c = self.config
@@ -187,8 +135,19 @@ class BlockCalibrator(BlockCompensation, AutoRace):
         # Held-out folds come from each batch's global index, so data-parallel ranks split as one process does.
         self.total_batches = distributed.all_reduce_count(len(batches), "the calibration batch count")
         self.batch_ids = list(distributed.shard_range(self.total_batches)) if batches else []
+        valid = [int(b.valid.sum()) for b in batches]
+        self.local_batches = len(batches)
+        self.bc_batches, self.total_bc_batches, bc_tokens = budget_batches(valid, self.batch_ids, self.total_batches)
+        self.report.bc_tokens = bc_tokens if self.bc else 0
+        algorithm = self.algorithm
+        if self.bc and not weights_read_every_window(
+            self.config, algorithm.needs_inputs, algorithm.needs_float_inputs
+        ):
+            # Only BC reads the data (RTN): the budget batches alone (one at least, which observes the layout).
+            batches = batches[: max(self.bc_batches, 1)]
         h_q = batches
-        h_fp = batches if self.float_stream else None
+        # The float stream beyond the budget only where the weight method pairs float inputs (ERQ).
+        h_fp = (batches if algorithm.needs_float_inputs else batches[: self.bc_batches]) if self.float_stream else None
         blocks = get_blocks(self.model, self.spec)
         self.total_blocks = len(blocks)
         self.race = self.auto and not self.config.bc_layer and self.total_batches >= FOLDS
@@ -235,7 +194,7 @@ class BlockCalibrator(BlockCompensation, AutoRace):
         store = self.store or device
         h_q = [b.for_block(index).to(device, store) for b in h_q]
         h_fp = [b.for_block(index).to(device, store) for b in h_fp] if h_fp is not None else None
-        self.clock = BlockClock(len(h_q))
+        self.clock = BlockClock(self.local_batches)  # passes over all calibration tokens, budgeted or not
         layout = self.observe(index, block, h_q[0] if h_q else None, device)
         # Each data-parallel rank observed its own first batch: the layouts must agree, or the sums would not match.
         distributed.check_agree((layout.groups, sorted(layout.left_out)), f"layer layout of block {index}")
@@ -256,6 +215,10 @@ class BlockCalibrator(BlockCompensation, AutoRace):
         if self.race:
             self._race_block_start(index, {k: s.sum_x.shape[-1] for k, s in fold_sums.items()}, device, store)
         self.auto_layers, self.measured = [], []
+        # The report pairs the float Linears' outputs of stage 0's pass (budget batches) with the quantized ones.
+        groups = {rel: g[0] for stage in stages for g in stage for rel in g}
+        float_residual = self.target == "float" or (self.auto and not self.race)
+        self.kept = FloatOutputs(groups, float_residual, store) if self.bc else None
         next_fp: list[_Batch] | None = [] if self.float_stream else None
         pair = self.algorithm.needs_float_inputs or self.act_float_target or self.auto_act
         for s, stage in enumerate(stages):
@@ -280,7 +243,8 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                     valid = batch.valid
                     positions = _valid_positions(valid)
                     fold = fold_of(self.batch_ids[b]) if self.auto else 0
-                    if need_q:
+                    in_bc = b < self.bc_batches  # BC's sums and the report: the budget batches only
+                    if need_q and (self.algorithm.needs_inputs or in_bc):
                         with self.clock.timed("forward"), _capture_inputs(block, keys, seen_q, stop=True):
                             self.clock.count_pass(stopped=True)
                             _run_block(block, batch.hidden.to(device), batch.kwargs)
@@ -288,14 +252,20 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                             seen_q = {k: _valid_rows(acts.apply(k, v), valid) for k, v in seen_q.items()}
                             for key in keys:
                                 quantizers[key].add_batch(seen_q[key])
-                                if self.sequential_target:
+                                if self.sequential_target and in_bc:
                                     moments[key].add_quant(seen_q[key], positions)
-                                if key in fold_sums:
+                                if key in fold_sums and in_bc:
                                     fold_sums[key].add_quant(fold, seen_q[key], positions)
-                    if run_float:
+                    if run_float and b < len(h_fp):
                         fp_batch = h_fp[b]
+                        keep = (
+                            self.kept.recording(fblock, valid)
+                            if s == 0 and in_bc and self.kept is not None
+                            else nullcontext()
+                        )
                         # Only the first stage needs the whole float block: its output feeds the next block.
-                        with self.clock.timed("forward"), _capture_inputs(fblock, float_keys, seen_fp, stop=s > 0):
+                        capture = _capture_inputs(fblock, float_keys, seen_fp, stop=s > 0)
+                        with self.clock.timed("forward"), capture, keep:
                             self.clock.count_pass(stopped=s > 0)
                             out = _run_block(fblock, fp_batch.hidden.to(device), fp_batch.kwargs)
                         if s == 0:
@@ -305,6 +275,8 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                                 x_fp = _valid_rows(seen_fp[key], valid)
                                 if self.algorithm.needs_float_inputs and key in quantizers:
                                     quantizers[key].add_float_batch(seen_q[key], x_fp)
+                                if not in_bc:
+                                    continue
                                 if s == 0 and key in moments:
                                     moments[key].add_float(x_fp, positions)
                                 if self.act_float_target and key in quantizers:
@@ -337,15 +309,15 @@ class BlockCalibrator(BlockCompensation, AutoRace):
                     self._race_register(index, block_report)
                 else:
                     self._choose_block(block, h_q, next_fp, block_report, device)
+        del fblock  # its last use was the stage passes: free it before the race's and layer-level BC's passes
         if self.bc:
-            # The next block's inputs, and beside them the float block's Linear outputs: the report's MSEs.
-            next_q = self._measure_layers(index, block, fblock, h_q, h_fp, device, store)
+            # The next block's inputs, paired on the way with the kept float Linear outputs: the report's MSEs.
+            next_q = self._measure_layers(index, block, h_q, device, store)
         else:
             with self.clock.timed("forward"):
                 next_q = [
                     b.with_hidden(self._counted_run(block, b.hidden.to(device), b.kwargs).to(store)) for b in h_q
                 ]
-        del fblock  # its last use was the measurement: free it before the race's and layer-level BC's passes
         if self.race:
             with self.clock.timed("bc"):
                 next_q = self._race_step(index, block, next_q, next_fp, block_report, device, store)

@@ -9,7 +9,8 @@ from typing import Any
 
 @dataclass
 class LayerReport:
-    """One quantized Linear. MSEs are per output element on the calibration tokens, against the BC target."""
+    """One quantized Linear. MSEs are per output element against the BC target, on the tokens BC ran on
+    (``QuantizationReport.bc_tokens``)."""
 
     name: str
     block: int
@@ -110,6 +111,9 @@ class QuantizationReport:
     calibration_tokens: int = 0
     experts: list[ExpertReport] = field(default_factory=list)
     bc_summary: str | None = None  # bc_target="auto": which candidate stream won the race, and why
+    # Calibration tokens BC's sums, the auto race and the per-layer MSEs ran on: the first batches up to
+    # optimum_bc.calibration.bc_budget.BC_TOKENS (0 without BC).
+    bc_tokens: int = 0
 
     def without_timings(self) -> "QuantizationReport":
         """A copy with every recorded time set to 0 (timings differ between otherwise identical runs)."""
@@ -155,6 +159,7 @@ class QuantizationReport:
             calibration_tokens=data.get("calibration_tokens", 0),
             experts=[ExpertReport(**row) for row in data.get("experts", [])],
             bc_summary=data.get("bc_summary"),
+            bc_tokens=data.get("bc_tokens", 0),
         )
 
     def format_table(self) -> str:
@@ -185,8 +190,9 @@ class QuantizationReport:
                 lines.append(f"block {block.index}: {block.bc_fallback}")
         if self.bc_summary:
             lines.append(self.bc_summary)
+        bc = f" (BC and its MSEs on {self.bc_tokens})" if self.bc_tokens else ""
         lines.append(
-            f"{len(self.layers)} layers, {len(self.blocks)} blocks, {self.calibration_tokens} calibration tokens,"
+            f"{len(self.layers)} layers, {len(self.blocks)} blocks, {self.calibration_tokens} calibration tokens{bc},"
             f" {self.total_seconds:.1f} s"
         )
         if self.blocks:
