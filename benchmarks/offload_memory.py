@@ -78,6 +78,7 @@ class PhaseTimeline:
         # Per calibrated block: RSS when it starts (what stays resident between blocks: anonymous, file-backed) and
         # the highest RSS sampled while it runs.
         self.blocks: list[dict[str, int]] = []
+        self.onload_rss = 0
         self.running = True
         self.period = period
         threading.Thread(target=self._sample, daemon=True).start()
@@ -91,13 +92,29 @@ class PhaseTimeline:
             time.sleep(self.period)
 
     def mark_blocks(self, owner: object, attr: str) -> None:
-        """Record the resident memory at the start of every call of ``owner.attr`` (one calibrated block)."""
+        """Record the resident memory at the start of every call of ``owner.attr`` (one calibrated block), and as
+        its ``base`` the RSS before the block's onload (:meth:`mark_onloads`), else the RSS at its start."""
         fn = getattr(owner, attr)
 
         @functools.wraps(fn)
         def wrapped(*args: object, **kwargs: object) -> object:
-            self.blocks.append({**_rss_parts(), "peak": _rss()})
+            rss = _rss()
+            self.blocks.append({**_rss_parts(), "peak": rss, "base": self.onload_rss or rss})
+            self.onload_rss = 0
             return fn(*args, **kwargs)
+
+        setattr(owner, attr, wrapped)
+
+    def mark_onloads(self, owner: object, attr: str) -> None:
+        """Remember the RSS before each call of ``owner.attr`` (onloading a block's weights from the offload store)."""
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def wrapped(*args: object, **kwargs: object) -> object:
+            rss = _rss()
+            result = fn(*args, **kwargs)
+            self.onload_rss = rss
+            return result
 
         setattr(owner, attr, wrapped)
 
@@ -125,6 +142,7 @@ def _timeline() -> PhaseTimeline:
     timeline.wrap(offload.OffloadedCalibration, "offload", "offload")
     timeline.wrap(calibrator.BlockCalibrator, "quantize_block", "block")
     timeline.mark_blocks(calibrator.BlockCalibrator, "quantize_block")
+    timeline.mark_onloads(offload.OffloadedCalibration, "onload")
     timeline.wrap(calibrator, "_run_block", "forward")
     timeline.wrap(base.GramQuantizer, "add_batch", "gram")
     timeline.wrap(gptq.GPTQQuantizer, "quantize", "gptq")
@@ -168,8 +186,12 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, **kwargs)
     wall = time.perf_counter() - start
     timeline.running = False
+    calibration_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = model.quantization_report
     device_map = getattr(model, "hf_device_map", {"": "cpu"})
+    # The pre-check's estimate of one block's calibration on the CPU (float copy streamed) plus the activations.
+    needs = model.hf_quantizer._block_needs
+    estimate = needs[0] + needs[2] if needs is not None else 0
     blocks = len(report.blocks)
     on_disk = sum(1 for i in range(blocks) if _placement(device_map, f"model.layers.{i}") == "disk")
     with torch.no_grad():  # inference: with autograd on, the graph would keep every block's dense weight alive
@@ -180,6 +202,8 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     return {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "imports_rss_bytes": imports_rss,
+        "calibration_peak_rss_bytes": calibration_peak,
+        "estimate_bytes": estimate,
         "phase_peaks": sorted(timeline.peaks.items(), key=lambda kv: -kv[1])[:6],
         "block_timeline": timeline.blocks,
         "seconds_per_block": report.total_seconds / blocks,
@@ -187,6 +211,7 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
         "blocks": blocks,
         "blocks_on_disk": on_disk,
         "on_cpu": sorted(k for k, v in device_map.items() if v == "cpu"),
+        "device_map": {k: str(v) for k, v in device_map.items()},
         "finite_logits": bool(logits.isfinite().all()),
     }
 
@@ -197,12 +222,21 @@ def _rss() -> int:
 
 
 def _rss_parts() -> dict[str, int]:
-    """The process's resident memory split into anonymous (heap, tensors) and file-backed (mapped checkpoint) bytes."""
-    parts = {}
+    """The process's resident memory split into anonymous (heap, tensors) and file-backed bytes, and of these the
+    resident pages of mapped ``.safetensors`` files (the checkpoint, the offload store)."""
+    parts = {"mapped": 0}
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(("RssAnon:", "RssFile:")):
                 parts[line.split(":")[0][3:].lower()] = int(line.split()[1]) * 1024
+    with open("/proc/self/smaps") as f:
+        path = ""
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: address range, perms, offset, dev, inode
+                path = fields[5] if len(fields) > 5 else ""
+            elif fields[0] == "Rss:" and path.endswith(".safetensors"):
+                parts["mapped"] += int(fields[1]) * 1024
     return parts
 
 
@@ -232,6 +266,9 @@ def main() -> None:
     parser.add_argument(
         "--modes", default="offload,offload-nobc,memory", help="runs to make, comma-separated (offload is needed)"
     )
+    parser.add_argument(
+        "--model", help="a folder to save the random model in and reuse when it is there (default: a temporary one)"
+    )
     parser.add_argument("--child", choices=["build", *MODES])
     parser.add_argument("--folder")
     args = parser.parse_args()
@@ -255,13 +292,14 @@ def main() -> None:
         return
 
     root = tempfile.mkdtemp(prefix="optimum_bc_offload_bench_", dir=args.tmp)
-    folder = os.path.join(root, "model")
+    folder = args.model or os.path.join(root, "model")
     try:
-        subprocess.run(
-            [sys.executable, __file__, "--child", "build", "--folder", folder, "--layers", str(args.layers)]
-            + ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads)],
-            check=True,
-        )
+        if args.model is None or not os.path.exists(os.path.join(folder, "config.json")):
+            subprocess.run(
+                [sys.executable, __file__, "--child", "build", "--folder", folder, "--layers", str(args.layers)]
+                + ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads)],
+                check=True,
+            )
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
         runs = {mode: _child(folder, mode, args) for mode in modes}
     finally:
@@ -287,10 +325,26 @@ def main() -> None:
     for mode, run in runs.items():
         phases = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in run["phase_peaks"])
         print(f"{mode} peak RSS (GiB) by phase: {phases}")
+        blocks = run["block_timeline"]
         steps = ", ".join(
-            f"{b['anon'] / 2**30:.2f}+{b['file'] / 2**30:.2f}/{b['peak'] / 2**30:.2f}" for b in run["block_timeline"]
+            f"{b['anon'] / 2**30:.2f}+{b['file'] / 2**30:.2f} ({b['mapped'] / 2**30:.2f})/{b['peak'] / 2**30:.2f}"
+            for b in blocks
         )
-        print(f"{mode} per block, RSS at its start anonymous+file-backed / peak inside (GiB): {steps}")
+        print(
+            f"{mode} per block, RSS at its start anonymous+file-backed (of which mapped .safetensors) / peak inside "
+            f"(GiB): {steps}"
+        )
+        rise = max((b["peak"] - b["base"] for b in blocks), default=0)
+        if run["estimate_bytes"] and rise:
+            print(
+                f"{mode} pre-check estimate of one block (streamed float copy + activations) "
+                f"{run['estimate_bytes'] / 2**30:.3f} GiB; largest rise in a block (peak inside - RSS before its "
+                f"onload) {rise / 2**30:.3f} GiB; estimate / rise {run['estimate_bytes'] / rise:.2f}"
+            )
+        print(
+            f"{mode} peak RSS at the end of from_pretrained (calibration) {run['calibration_peak_rss_bytes'] / 2**30:.2f}"
+            f" GiB; device map after calibration: {run['device_map']}"
+        )
     summary = f"offload peak RSS / model size: {off['peak_rss_bytes'] / size:.3f}"
     if "offload-nobc" in runs:
         summary += f", without BC {runs['offload-nobc']['peak_rss_bytes'] / size:.3f}"
