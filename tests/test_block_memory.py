@@ -107,3 +107,35 @@ def test_block_estimate_within_20_percent_of_the_measured_peak() -> None:
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     for case, (peak, estimate) in zip(CASES, measured, strict=True):
         assert 0.8 < estimate / peak < 1.2, (case, estimate / 2**20, peak / 2**20, [e / p for p, e in measured])
+
+
+def test_per_batch_arguments_follow_the_calibration() -> None:
+    """The pre-check's per-batch terms: one batch of ``batch_size`` windows of the longest window, eager attention's
+    scores and softmax (2 · heads · window per token), the float target's dense weights only where the float target
+    is measured, and the race's streams only when the race runs (at least two batches)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from optimum_bc import BCQuantizationConfig
+    from optimum_bc.calibration.memory import forward_shape, measures_float_residuals
+    from optimum_bc.calibration.streams import activation_streams
+
+    calibration = [{"input_ids": torch.zeros(n, dtype=torch.long)} for n in (20, 32, 32, 32, 32, 32)]
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4)
+    config._attn_implementation = "eager"
+    assert forward_shape(config, calibration, 4) == {"batch_tokens": 128, "hidden_size": 128, "attention_scores": 256}
+    config._attn_implementation = "sdpa"
+    assert forward_shape(config, calibration, 8)["batch_tokens"] == 6 * 32
+    assert forward_shape(config, calibration, 8)["attention_scores"] == 0
+    assert forward_shape(config, [{"pixel_values": torch.zeros(3, 8, 8)}], 1) == {}
+
+    def cfg(**kw: object) -> BCQuantizationConfig:
+        return BCQuantizationConfig(**{"bits": 4, "group_size": 32, "num_samples": 8, "batch_size": 4, **kw})
+
+    assert not measures_float_residuals(cfg(), 2)  # the race measures the sequential target
+    assert not measures_float_residuals(cfg(bias_compensation=False), 2)
+    assert measures_float_residuals(cfg(bc_target="float"), 1)
+    assert measures_float_residuals(cfg(bc_layer=True), 2)  # auto chooses per block, float candidates included
+    assert not measures_float_residuals(cfg(bc_layer=True), 1)  # one batch: the fallback, a sequential mode
+    assert activation_streams(cfg()) == 5  # quantized, float and the race's three other candidates
+    assert activation_streams(cfg(batch_size=8)) == 2  # one batch: no race
