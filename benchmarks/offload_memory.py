@@ -157,6 +157,7 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     import torch
     from transformers import AutoModelForCausalLM
 
+    import optimum_bc
     from optimum_bc import BCQuantizationConfig
     from optimum_bc.calibration.calibrator import set_progress_bars
 
@@ -212,6 +213,7 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
         "blocks_on_disk": on_disk,
         "on_cpu": sorted(k for k, v in device_map.items() if v == "cpu"),
         "device_map": {k: str(v) for k, v in device_map.items()},
+        "package": os.path.dirname(optimum_bc.__file__),
         "finite_logits": bool(logits.isfinite().all()),
     }
 
@@ -248,8 +250,15 @@ def _placement(device_map: dict, name: str) -> object:
 def _child(folder: str, mode: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--folder", folder, "--cpu-budget", args.cpu_budget]
     cmd += ["--samples", str(args.samples), "--tokens", str(args.tokens), "--memory-layers", str(args.memory_layers)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env())
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _env() -> dict[str, str]:
+    """The children import this checkout's optimum_bc, not an installed copy: a script's ``sys.path`` starts at its
+    own folder, so without this an editable install elsewhere is what gets measured."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
 def main() -> None:
@@ -303,6 +312,7 @@ def main() -> None:
                 [sys.executable, __file__, "--child", "build", "--folder", folder, "--layers", str(args.layers)]
                 + ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads)],
                 check=True,
+                env=_env(),
             )
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
         runs = {mode: _child(folder, mode, args) for mode in modes}
@@ -347,7 +357,7 @@ def main() -> None:
             )
         print(
             f"{mode} peak RSS at the end of from_pretrained (calibration) {run['calibration_peak_rss_bytes'] / 2**30:.2f}"
-            f" GiB; device map after calibration: {run['device_map']}"
+            f" GiB; device map after calibration: {run['device_map']}; optimum_bc from {run['package']}"
         )
     summary = ", ".join(
         f"{mode} peak RSS / model size: {run['peak_rss_bytes'] / size:.3f}"
