@@ -1,8 +1,9 @@
 """How much memory calibrating one block needs, checked against ``max_memory`` before anything loads.
 
 The estimates follow the calibration's own steps (the Gram triangle, GPTQ's in-place factor, a packed layer's dense
-weight, bias compensation's streamed float copy, the activation streams) and are measured within 20 % of real peaks
-(tests/test_gptq_memory.py, tests/test_block_memory.py).
+weight, bias compensation's streamed float copy, one batch's forward activations and the report's residual pass, the
+activation streams) and are measured within 20 % of real peaks (tests/test_gptq_memory.py,
+tests/test_block_memory.py).
 """
 
 from collections.abc import Mapping
@@ -119,7 +120,8 @@ def block_calibration_bytes(
     groups before it (offloaded calibration keeps no dense cache: ``transient_dense_weights``), and the largest of
     the working sets that never overlap (the estimate is the largest over the groups):
 
-    * ``g``'s solve: its stacked float32 weights (``4 · out · in``) and :func:`group_calibration_bytes`;
+    * ``g``'s solve: its stacked float32 weights (``4 · out · in``), :func:`group_calibration_bytes` and the last
+      batch's captured inputs (float32);
     * a forward pass on one batch of ``batch_tokens`` tokens: the temporary dense weight of its largest packed layer
       (:data:`DENSE_WEIGHT_BYTES_PER_WEIGHT`) and the activations (:func:`forward_elements`, ``hidden_size`` and
       ``attention_scores``); the first one (the layer-order pass, and with bias compensation the float pass) runs
