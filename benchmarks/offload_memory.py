@@ -16,16 +16,19 @@ Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on
 time per block of the runs side by side, per run the phases holding the highest RSS (an RSS timeline sampled every
 5 ms, attributed to the innermost running step: ``block/forward`` a calibration forward, ``gptq`` the solve, ``gram``
 the Hessian accumulation, ``pack`` building a packed layer, ``bc-moments`` / ``bc-solve`` bias compensation's
-statistics), and per calibrated block the RSS at its start (what stays resident between blocks, anonymous and
-file-backed, e.g. pages of the memory-mapped checkpoint) and its peak inside.
+statistics), per calibrated block the RSS at its start (after its onload: what stays resident between blocks,
+anonymous and file-backed, and of these the mapped ``.safetensors`` pages) and its peak inside, the pre-check's
+estimate of one block beside the largest rise in a block over the RSS before its onload, and the device map.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]
-[--modes offload,offload-nobc,memory]`` (``--memory-layers 0``: the whole model in the reference run).
+[--modes offload,offload-nobc,memory] [--model DIR]`` (``--memory-layers 0``: the whole model in the reference run;
+``--model``: keep the random checkpoint in DIR and reuse it). The children import the optimum_bc of this checkout.
 ``--hidden/--intermediate/--heads`` pick the block shape; the wide-MLP shape of issue #16 (intermediate 2.7x hidden,
 where ``down_proj``'s in×in statistics and the stacked gate/up solve dominate a block's memory) is ``--layers 12
---hidden 2048 --intermediate 5504 --heads 16 --cpu-budget 600MB --modes offload,offload-nobc`` (600 MB:
-above the smallest budget the pre-check accepts, 482 MB with BC and 448 MB without; the placement keeps the
-calibration working set free, so every module is on disk).
+--hidden 2048 --intermediate 5504 --heads 16 --cpu-budget 600MB --modes offload,offload-nobc`` (600 MB: above the
+smallest budget the pre-check accepts, 452 MiB with BC and 436 MiB without; the placement keeps the calibration
+working set free, so every module is on disk); the StableLM-3B block is ``--hidden 2560 --intermediate 6912 --heads
+32 --cpu-budget 800MB``.
 """
 
 import argparse
