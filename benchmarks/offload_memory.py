@@ -16,16 +16,19 @@ Prints the model size, each run's peak RSS (``resource.getrusage``, kilobytes on
 time per block of the runs side by side, per run the phases holding the highest RSS (an RSS timeline sampled every
 5 ms, attributed to the innermost running step: ``block/forward`` a calibration forward, ``gptq`` the solve, ``gram``
 the Hessian accumulation, ``pack`` building a packed layer, ``bc-moments`` / ``bc-solve`` bias compensation's
-statistics), and per calibrated block the RSS at its start (what stays resident between blocks, anonymous and
-file-backed, e.g. pages of the memory-mapped checkpoint) and its peak inside.
+statistics), per calibrated block the RSS at its start (after its onload: what stays resident between blocks,
+anonymous and file-backed, and of these the mapped ``.safetensors`` pages) and its peak inside, the pre-check's
+estimate of one block beside the largest rise in a block over the RSS before its onload, and the device map.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/offload_memory.py [--layers 104] [--memory-layers 0] [--tmp /tmp]
-[--modes offload,offload-nobc,memory]`` (``--memory-layers 0``: the whole model in the reference run).
+[--modes offload,offload-nobc,memory] [--model DIR]`` (``--memory-layers 0``: the whole model in the reference run;
+``--model``: keep the random checkpoint in DIR and reuse it). The children import the optimum_bc of this checkout.
 ``--hidden/--intermediate/--heads`` pick the block shape; the wide-MLP shape of issue #16 (intermediate 2.7x hidden,
 where ``down_proj``'s in×in statistics and the stacked gate/up solve dominate a block's memory) is ``--layers 12
---hidden 2048 --intermediate 5504 --heads 16 --cpu-budget 600MB --modes offload,offload-nobc`` (600 MB:
-above the smallest budget the pre-check accepts, 482 MB with BC and 448 MB without; the placement keeps the
-calibration working set free, so every module is on disk).
+--hidden 2048 --intermediate 5504 --heads 16 --cpu-budget 600MB --modes offload,offload-nobc`` (600 MB: above the
+smallest budget the pre-check accepts, 452 MiB with BC and 436 MiB without; the placement keeps the calibration
+working set free, so every module is on disk); the StableLM-3B block is ``--hidden 2560 --intermediate 6912 --heads
+32 --cpu-budget 800MB``.
 """
 
 import argparse
@@ -78,6 +81,7 @@ class PhaseTimeline:
         # Per calibrated block: RSS when it starts (what stays resident between blocks: anonymous, file-backed) and
         # the highest RSS sampled while it runs.
         self.blocks: list[dict[str, int]] = []
+        self.onload_rss = 0
         self.running = True
         self.period = period
         threading.Thread(target=self._sample, daemon=True).start()
@@ -91,13 +95,29 @@ class PhaseTimeline:
             time.sleep(self.period)
 
     def mark_blocks(self, owner: object, attr: str) -> None:
-        """Record the resident memory at the start of every call of ``owner.attr`` (one calibrated block)."""
+        """Record the resident memory at the start of every call of ``owner.attr`` (one calibrated block), and as
+        its ``base`` the RSS before the block's onload (:meth:`mark_onloads`), else the RSS at its start."""
         fn = getattr(owner, attr)
 
         @functools.wraps(fn)
         def wrapped(*args: object, **kwargs: object) -> object:
-            self.blocks.append({**_rss_parts(), "peak": _rss()})
+            rss = _rss()
+            self.blocks.append({**_rss_parts(), "peak": rss, "base": self.onload_rss or rss})
+            self.onload_rss = 0
             return fn(*args, **kwargs)
+
+        setattr(owner, attr, wrapped)
+
+    def mark_onloads(self, owner: object, attr: str) -> None:
+        """Remember the RSS before each call of ``owner.attr`` (onloading a block's weights from the offload store)."""
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def wrapped(*args: object, **kwargs: object) -> object:
+            rss = _rss()
+            result = fn(*args, **kwargs)
+            self.onload_rss = rss
+            return result
 
         setattr(owner, attr, wrapped)
 
@@ -125,6 +145,7 @@ def _timeline() -> PhaseTimeline:
     timeline.wrap(offload.OffloadedCalibration, "offload", "offload")
     timeline.wrap(calibrator.BlockCalibrator, "quantize_block", "block")
     timeline.mark_blocks(calibrator.BlockCalibrator, "quantize_block")
+    timeline.mark_onloads(offload.OffloadedCalibration, "onload")
     timeline.wrap(calibrator, "_run_block", "forward")
     timeline.wrap(base.GramQuantizer, "add_batch", "gram")
     timeline.wrap(gptq.GPTQQuantizer, "quantize", "gptq")
@@ -139,6 +160,7 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     import torch
     from transformers import AutoModelForCausalLM
 
+    import optimum_bc
     from optimum_bc import BCQuantizationConfig
     from optimum_bc.calibration.calibrator import set_progress_bars
 
@@ -168,8 +190,12 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, **kwargs)
     wall = time.perf_counter() - start
     timeline.running = False
+    calibration_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = model.quantization_report
     device_map = getattr(model, "hf_device_map", {"": "cpu"})
+    # The pre-check's estimate of one block's calibration on the CPU (float copy streamed) plus the activations.
+    needs = model.hf_quantizer._block_needs
+    estimate = needs[0] + needs[2] if needs is not None else 0
     blocks = len(report.blocks)
     on_disk = sum(1 for i in range(blocks) if _placement(device_map, f"model.layers.{i}") == "disk")
     with torch.no_grad():  # inference: with autograd on, the graph would keep every block's dense weight alive
@@ -180,6 +206,8 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
     return {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "imports_rss_bytes": imports_rss,
+        "calibration_peak_rss_bytes": calibration_peak,
+        "estimate_bytes": estimate,
         "phase_peaks": sorted(timeline.peaks.items(), key=lambda kv: -kv[1])[:6],
         "block_timeline": timeline.blocks,
         "seconds_per_block": report.total_seconds / blocks,
@@ -187,6 +215,8 @@ def quantize(folder: str, mode: str, cpu_budget: str, samples: int, tokens: int,
         "blocks": blocks,
         "blocks_on_disk": on_disk,
         "on_cpu": sorted(k for k, v in device_map.items() if v == "cpu"),
+        "device_map": {k: str(v) for k, v in device_map.items()},
+        "package": os.path.dirname(optimum_bc.__file__),
         "finite_logits": bool(logits.isfinite().all()),
     }
 
@@ -197,12 +227,21 @@ def _rss() -> int:
 
 
 def _rss_parts() -> dict[str, int]:
-    """The process's resident memory split into anonymous (heap, tensors) and file-backed (mapped checkpoint) bytes."""
-    parts = {}
+    """The process's resident memory split into anonymous (heap, tensors) and file-backed bytes, and of these the
+    resident pages of mapped ``.safetensors`` files (the checkpoint, the offload store)."""
+    parts = {"mapped": 0}
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(("RssAnon:", "RssFile:")):
                 parts[line.split(":")[0][3:].lower()] = int(line.split()[1]) * 1024
+    with open("/proc/self/smaps") as f:
+        path = ""
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: address range, perms, offset, dev, inode
+                path = fields[5] if len(fields) > 5 else ""
+            elif fields[0] == "Rss:" and path.endswith(".safetensors"):
+                parts["mapped"] += int(fields[1]) * 1024
     return parts
 
 
@@ -214,8 +253,15 @@ def _placement(device_map: dict, name: str) -> object:
 def _child(folder: str, mode: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--folder", folder, "--cpu-budget", args.cpu_budget]
     cmd += ["--samples", str(args.samples), "--tokens", str(args.tokens), "--memory-layers", str(args.memory_layers)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env())
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _env() -> dict[str, str]:
+    """The children import this checkout's optimum_bc, not an installed copy: a script's ``sys.path`` starts at its
+    own folder, so without this an editable install elsewhere is what gets measured."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
 def main() -> None:
@@ -230,7 +276,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument(
-        "--modes", default="offload,offload-nobc,memory", help="runs to make, comma-separated (offload is needed)"
+        "--modes",
+        default="offload,offload-nobc,memory",
+        help="runs to make, comma-separated (at least one offload run)",
+    )
+    parser.add_argument(
+        "--model", help="a folder to save the random model in and reuse when it is there (default: a temporary one)"
     )
     parser.add_argument("--child", choices=["build", *MODES])
     parser.add_argument("--folder")
@@ -241,8 +292,10 @@ def main() -> None:
             "fix: e.g. --hidden 2048 --heads 16 --intermediate 5504"
         )
     modes = args.modes.split(",")
-    if "offload" not in modes or not set(modes) <= set(MODES):
-        parser.error(f"--modes {args.modes!r}: a comma-separated subset of {','.join(MODES)} with 'offload' in it")
+    if not any(m.startswith("offload") for m in modes) or not set(modes) <= set(MODES):
+        parser.error(
+            f"--modes {args.modes!r}: a comma-separated subset of {','.join(MODES)} with an offload run in it"
+        )
     if args.child == "build":
         build(args.folder, args.layers, args.hidden, args.intermediate, args.heads)
         return
@@ -255,18 +308,20 @@ def main() -> None:
         return
 
     root = tempfile.mkdtemp(prefix="optimum_bc_offload_bench_", dir=args.tmp)
-    folder = os.path.join(root, "model")
+    folder = args.model or os.path.join(root, "model")
     try:
-        subprocess.run(
-            [sys.executable, __file__, "--child", "build", "--folder", folder, "--layers", str(args.layers)]
-            + ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads)],
-            check=True,
-        )
+        if args.model is None or not os.path.exists(os.path.join(folder, "config.json")):
+            subprocess.run(
+                [sys.executable, __file__, "--child", "build", "--folder", folder, "--layers", str(args.layers)]
+                + ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--heads", str(args.heads)],
+                check=True,
+                env=_env(),
+            )
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
         runs = {mode: _child(folder, mode, args) for mode in modes}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    off = runs["offload"]
+    off = next(run for mode, run in runs.items() if mode.startswith("offload"))
     print(
         f"model: LLaMA-shaped, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
         f"vocab {VOCAB} "
@@ -287,13 +342,31 @@ def main() -> None:
     for mode, run in runs.items():
         phases = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in run["phase_peaks"])
         print(f"{mode} peak RSS (GiB) by phase: {phases}")
+        blocks = run["block_timeline"]
         steps = ", ".join(
-            f"{b['anon'] / 2**30:.2f}+{b['file'] / 2**30:.2f}/{b['peak'] / 2**30:.2f}" for b in run["block_timeline"]
+            f"{b['anon'] / 2**30:.2f}+{b['file'] / 2**30:.2f} ({b['mapped'] / 2**30:.2f})/{b['peak'] / 2**30:.2f}"
+            for b in blocks
         )
-        print(f"{mode} per block, RSS at its start anonymous+file-backed / peak inside (GiB): {steps}")
-    summary = f"offload peak RSS / model size: {off['peak_rss_bytes'] / size:.3f}"
-    if "offload-nobc" in runs:
-        summary += f", without BC {runs['offload-nobc']['peak_rss_bytes'] / size:.3f}"
+        print(
+            f"{mode} per block, RSS at its start anonymous+file-backed (of which mapped .safetensors) / peak inside "
+            f"(GiB): {steps}"
+        )
+        rise = max((b["peak"] - b["base"] for b in blocks), default=0)
+        if run["estimate_bytes"] and rise:
+            print(
+                f"{mode} pre-check estimate of one block (streamed float copy + activations) "
+                f"{run['estimate_bytes'] / 2**30:.3f} GiB; largest rise in a block (peak inside - RSS before its "
+                f"onload) {rise / 2**30:.3f} GiB; estimate / rise {run['estimate_bytes'] / rise:.2f}"
+            )
+        print(
+            f"{mode} peak RSS at the end of from_pretrained (calibration) {run['calibration_peak_rss_bytes'] / 2**30:.2f}"
+            f" GiB; device map after calibration: {run['device_map']}; optimum_bc from {run['package']}"
+        )
+    summary = ", ".join(
+        f"{mode} peak RSS / model size: {run['peak_rss_bytes'] / size:.3f}"
+        for mode, run in runs.items()
+        if mode.startswith("offload")
+    )
     summary += " (target <= 0.35)"
     if "memory" in runs:
         summary += (

@@ -178,7 +178,7 @@ def quantize_model(
     # Only the modules before the first block run during input capture: the blocks and the LM head stay offloaded.
     outside = (spec.blocks, *_module_names(model, model.get_output_embeddings()))
     if placement is not None:
-        placement.onload(model, skip=outside)
+        placement.onload(model, skip=outside, copy=False)  # offloaded again right after the capture
     store = _activation_store(model, config, blocks, batches, placement)
     inputs = capture_block_inputs(model, blocks, batches, store) if batches else []
     if placement is not None:

@@ -1,6 +1,8 @@
 """The offload pre-check's estimate of one block's calibration memory (``block_calibration_bytes`` plus the
 activations) is within 20 % of the measured peak of calibrating a block loaded from disk, with and without bias
-compensation, on an attention-heavy block and two wide-MLP blocks (intermediate 2.75x and 4x hidden)."""
+compensation, on an attention-heavy block and two wide-MLP blocks (intermediate 2.75x and 4x hidden) at 256 tokens
+per batch, and on a wide-MLP block at 1024 tokens per batch, where one batch's forward activations and the report's
+residual pass outweigh the solves."""
 
 import json
 import os
@@ -20,7 +22,7 @@ PROBE = textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     from optimum_bc import BCQuantizationConfig
-    from optimum_bc.calibration.memory import block_calibration_bytes
+    from optimum_bc.calibration.memory import block_calibration_bytes, forward_shape, measures_float_residuals
     from optimum_bc.calibration.streams import activation_bytes, activation_streams
 
     def rss(key):
@@ -38,39 +40,41 @@ PROBE = textwrap.dedent(
         model.save_pretrained(folder)
         return model.model.layers[0]
 
-    def config(bc):
-        ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    def config(bc, samples=4, window=64):
+        ids = torch.randint(0, 256, (samples, window), generator=torch.Generator().manual_seed(1))
         return BCQuantizationConfig(
-            method="gptq", bits=4, group_size=128, dataset=ids, num_samples=4, seq_len=64, batch_size=4,
-            bias_compensation=bc,
+            method="gptq", bits=4, group_size=128, dataset=ids, num_samples=samples, seq_len=window,
+            batch_size=samples, bias_compensation=bc,
         )
 
     DISK = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
             "lm_head": "cpu"}
 
-    def quantize(folder, bc):
+    def quantize(folder, bc, samples=4, window=64):
         offload = tempfile.mkdtemp()
         return AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=config(bc), device_map=DISK, offload_folder=offload
+            folder, quantization_config=config(bc, samples, window), device_map=DISK, offload_folder=offload
         )
 
     root = tempfile.mkdtemp()
     save(256, 512, root + "/warm")
     quantize(root + "/warm", True)  # warm-up: BLAS/LAPACK buffers are allocated once per process
     results = []
-    for hidden, inter, bc in json.loads(sys.argv[1]):
+    for hidden, inter, bc, samples, window in json.loads(sys.argv[1]):
         folder = f"{root}/{hidden}_{inter}"
         block = save(hidden, inter, folder)
         names = [[n] for n, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)]
-        estimate = block_calibration_bytes(block, names, bc) + activation_bytes(
-            4 * 64, hidden, torch.float32, activation_streams(config(bc))
-        )
+        cfg = config(bc, samples, window)
+        calibration = [{"input_ids": torch.zeros(window, dtype=torch.long)}] * samples
+        shape = forward_shape(block.self_attn.config, calibration, samples)  # one batch of all windows
+        need = block_calibration_bytes(block, names, bc, float_residuals=measures_float_residuals(cfg, 1), **shape)
+        estimate = need + activation_bytes(samples * window, hidden, torch.float32, activation_streams(cfg))
         del block
         gc.collect()
         ctypes.CDLL(None).malloc_trim(0)
         base = rss("VmRSS")
         open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
-        model = quantize(folder, bc)
+        model = quantize(folder, bc, samples, window)
         results.append([rss("VmHWM") - base, estimate])
         del model
     print(json.dumps(results))
@@ -78,7 +82,9 @@ PROBE = textwrap.dedent(
 )
 
 SHAPES = [(1024, 1024), (768, 3072), (1024, 2816)]
-CASES = [(h, i, bc) for h, i in SHAPES for bc in (False, True)]
+# (hidden, intermediate, bias compensation, windows in the one batch, window length)
+CASES = [(h, i, bc, 4, 64) for h, i in SHAPES for bc in (False, True)]
+CASES += [(1024, 2816, bc, 8, 128) for bc in (False, True)]
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM")
@@ -87,7 +93,8 @@ def test_block_estimate_within_20_percent_of_the_measured_peak() -> None:
     memory before, for quantizing a one-block LLaMA (vocabulary 256, so the block is nearly all of it) whose block
     is on "disk" (the CPU calibrates it, as in an offloaded run: loading from the offload store, no dense caches,
     BC's float copy streamed), GPTQ 4-bit g128 with bias compensation (bc_target "auto") and without, after a
-    warm-up run. The estimate is the pre-check's: the block's need plus the calibration activations."""
+    warm-up run, the calibration windows in one batch. The estimate is the pre-check's: the block's need (with one
+    batch's forward activations) plus the calibration activations."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = subprocess.run(
         [sys.executable, "-c", PROBE, json.dumps(CASES)],
@@ -99,4 +106,36 @@ def test_block_estimate_within_20_percent_of_the_measured_peak() -> None:
     )
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     for case, (peak, estimate) in zip(CASES, measured, strict=True):
-        assert 0.8 < estimate / peak < 1.2, (case, estimate / 2**20, peak / 2**20)
+        assert 0.8 < estimate / peak < 1.2, (case, estimate / 2**20, peak / 2**20, [e / p for p, e in measured])
+
+
+def test_per_batch_arguments_follow_the_calibration() -> None:
+    """The pre-check's per-batch terms: one batch of ``batch_size`` windows of the longest window, eager attention's
+    scores and softmax (2 · heads · window per token), the float target's dense weights only where the float target
+    is measured, and the race's streams only when the race runs (at least two batches)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from optimum_bc import BCQuantizationConfig
+    from optimum_bc.calibration.memory import forward_shape, measures_float_residuals
+    from optimum_bc.calibration.streams import activation_streams
+
+    calibration = [{"input_ids": torch.zeros(n, dtype=torch.long)} for n in (20, 32, 32, 32, 32, 32)]
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4)
+    config._attn_implementation = "eager"
+    assert forward_shape(config, calibration, 4) == {"batch_tokens": 128, "hidden_size": 128, "attention_scores": 256}
+    config._attn_implementation = "sdpa"
+    assert forward_shape(config, calibration, 8)["batch_tokens"] == 6 * 32
+    assert forward_shape(config, calibration, 8)["attention_scores"] == 0
+    assert forward_shape(config, [{"pixel_values": torch.zeros(3, 8, 8)}], 1) == {}
+
+    def cfg(**kw: object) -> BCQuantizationConfig:
+        return BCQuantizationConfig(**{"bits": 4, "group_size": 32, "num_samples": 8, "batch_size": 4, **kw})
+
+    assert not measures_float_residuals(cfg(), 2)  # the race measures the sequential target
+    assert not measures_float_residuals(cfg(bias_compensation=False), 2)
+    assert measures_float_residuals(cfg(bc_target="float"), 1)
+    assert measures_float_residuals(cfg(bc_layer=True), 2)  # auto chooses per block, float candidates included
+    assert not measures_float_residuals(cfg(bc_layer=True), 1)  # one batch: the fallback, a sequential mode
+    assert activation_streams(cfg()) == 5  # quantized, float and the race's three other candidates
+    assert activation_streams(cfg(batch_size=8)) == 2  # one batch: no race

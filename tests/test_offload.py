@@ -10,7 +10,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear
-from optimum_bc.calibration.memory import block_calibration_bytes, reserve_calibration_memory
+from optimum_bc.calibration.memory import (
+    block_calibration_bytes,
+    forward_shape,
+    measures_float_residuals,
+    reserve_calibration_memory,
+)
 from optimum_bc.calibration.offload import (
     OffloadedCalibration,
     check_device_map,
@@ -48,6 +53,23 @@ def _cfg(ids: torch.Tensor, **kw: object) -> BCQuantizationConfig:
     base = {"bits": 3, "group_size": 32, "dataset": ids, "num_samples": 16, "seq_len": 32, "batch_size": 4}
     base.update(kw)
     return BCQuantizationConfig(**base)
+
+
+def _block_need(
+    model: torch.nn.Module, block: torch.nn.Module, linears: list, cfg: BCQuantizationConfig, ids: torch.Tensor
+) -> int:
+    """The pre-check's need for one block with ``cfg`` (one batch's forward activations included)."""
+    calibration = [{"input_ids": row} for row in ids]
+    batches = -(-len(calibration) // cfg.batch_size)
+    return block_calibration_bytes(
+        block,
+        linears,
+        cfg.bias_compensation,
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        float_residuals=measures_float_residuals(cfg, batches),
+        **forward_shape(model.config, calibration, cfg.batch_size),
+    )
 
 
 def _saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -162,7 +184,7 @@ def test_smallest_accepted_max_memory_puts_embeddings_and_lm_head_on_disk_and_ma
     block = float_model.model.layers[0]
     linears = [[name] for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     activations = activation_bytes(calib_ids.numel(), config.hidden_size, torch.float32, activation_streams(cfg))
-    needed = block_calibration_bytes(block, linears, False, bits=3, group_size=32) + activations
+    needed = _block_need(float_model, block, linears, cfg, calib_ids) + activations
     ref = AutoModelForCausalLM.from_pretrained(
         tmp_path / "float", quantization_config=_cfg(calib_ids, bias_compensation=False)
     )
@@ -200,7 +222,7 @@ def test_max_memory_smaller_than_one_block_fails_before_loading(calib_ids, tmp_p
     streams = activation_streams(config)
     assert streams == 5
     activations = activation_bytes(calib_ids.numel(), model.config.hidden_size, torch.float32, streams)
-    needed = block_calibration_bytes(block, linears, True, bits=3, group_size=32) + activations
+    needed = _block_need(model, block, linears, config, calib_ids) + activations
     with pytest.raises(
         ValueError, match=r"too small to calibrate even one decoder block: one block needs about"
     ) as err:

@@ -1,8 +1,9 @@
 """How much memory calibrating one block needs, checked against ``max_memory`` before anything loads.
 
 The estimates follow the calibration's own steps (the Gram triangle, GPTQ's in-place factor, a packed layer's dense
-weight, bias compensation's streamed float copy, the activation streams) and are measured within 20 % of real peaks
-(tests/test_gptq_memory.py, tests/test_block_memory.py).
+weight, bias compensation's streamed float copy, one batch's forward activations and the report's residual pass, the
+activation streams) and are measured within 20 % of real peaks (tests/test_gptq_memory.py,
+tests/test_block_memory.py).
 """
 
 from collections.abc import Mapping
@@ -12,6 +13,8 @@ from accelerate.utils import named_module_tensors
 from torch import nn
 
 from ..algorithms.base import GRAM_ROW_BLOCK
+from ..algorithms.bc_select import FOLDS
+from ..config import BCQuantizationConfig
 from .discovery import layer_features
 
 
@@ -48,6 +51,55 @@ def packed_bytes(numel: int, bits: int, group_size: int) -> int:
     return numel * bits // 8 + groups * (16 + bits) // 8
 
 
+def forward_elements(hidden_size: int, widest_input: int, attention_scores: int = 0) -> int:
+    """Activation elements per token alive at the peak of one decoder block's forward pass (no autograd).
+
+    The MLP holds its input and the residual (``2 · hidden``) beside three ``widest_input``-wide tensors (the gated
+    MLP's activated gate, its up projection and their product; ``widest_input`` is the block's widest Linear input,
+    the MLP's intermediate size); attention holds about ``8 · hidden`` (the normalised input, q / k / v, the rotated
+    q / k, the attention output, the residual) plus the scores an eager implementation materialises
+    (``attention_scores`` per token, e.g. ``2 · heads · seq_len`` for the scores and their softmax; SDPA keeps none).
+    Measured with LLaMA blocks (SDPA, 1024-2048 hidden, 512-5504 intermediate, 4096 tokens): 1.00-1.03 of this.
+    """
+    return max(2 * hidden_size + 3 * widest_input, 8 * hidden_size + attention_scores)
+
+
+#: Bytes per output element of the report's residual pass (``_measure_layers``) beside the layer's output: its
+#: float32 valid-rows copy and ``r = float - quantized + bias`` (float32), ``r`` in float64 and ``r²`` (float64).
+RESIDUAL_BYTES_PER_OUTPUT = 20
+
+
+def forward_shape(model_config: object, calibration: list, batch_size: int) -> dict[str, int]:
+    """The per-batch arguments of :func:`block_calibration_bytes` for a text model: the tokens of one calibration
+    batch (``batch_size`` windows of the longest window), the hidden size and, with eager attention, the attention
+    scores per token (scores and softmax: ``2 · heads · window``)."""
+    windows = [int(s["input_ids"].shape[-1]) for s in calibration if isinstance(s, dict) and "input_ids" in s]
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = getattr(text, "hidden_size", None)
+    if not windows or not hidden:
+        return {}
+    window = max(windows)
+    scores = 0
+    if getattr(model_config, "_attn_implementation", None) == "eager":
+        scores = 2 * int(getattr(text, "num_attention_heads", 0) or 0) * window
+    return {
+        "batch_tokens": min(batch_size, len(windows)) * window,
+        "hidden_size": int(hidden),
+        "attention_scores": scores,
+    }
+
+
+def measures_float_residuals(config: BCQuantizationConfig, batches: int) -> bool:
+    """Whether a block's end measures the float target's residuals, which needs the float32 dense weights of its
+    Linears: ``bc_target="float"`` (or per-position BC), or "auto" choosing per block on held-out batches (with
+    ``bc_layer``; the race and a single batch measure the sequential target only)."""
+    if not config.bias_compensation:
+        return False
+    if config.bc_target != "auto" or config.bc_granularity != "channel":
+        return config.bc_target == "float" or config.bc_granularity == "position"
+    return bool(config.bc_layer) and batches >= FOLDS
+
+
 def block_calibration_bytes(
     block: nn.Module,
     groups: list[list[str]],
@@ -55,22 +107,37 @@ def block_calibration_bytes(
     bits: int = 4,
     group_size: int = 128,
     shared_float_copy: bool = False,
+    batch_tokens: int = 0,
+    hidden_size: int = 0,
+    attention_scores: int = 0,
+    float_residuals: bool = True,
 ) -> int:
-    """Memory one offloaded block needs on its execution device while calibrated (activations not included).
+    """Memory one offloaded block needs on its execution device while calibrated (the activation streams kept
+    between blocks not included: ``streams.activation_bytes``).
 
     Calibration goes through the block's Linear groups in order; while group ``g`` is quantized the device holds the
     block's other tensors (norms), the float weights of ``g`` and the groups after it, the packed weights of the
-    groups before it (offloaded calibration keeps no dense cache: ``transient_dense_weights``), and the larger of
-    ``g``'s solve (its stacked float32 weights, ``4 · out · in``, and :func:`group_calibration_bytes`), a forward
-    pass's temporary dense weight of its largest packed layer (:data:`DENSE_WEIGHT_BYTES_PER_WEIGHT`) and, with bias
-    compensation, the float stream's streamed Linear (they never overlap). The estimate is the largest of these over
-    the groups.
+    groups before it (offloaded calibration keeps no dense cache: ``transient_dense_weights``), and the largest of
+    the working sets that never overlap (the estimate is the largest over the groups):
+
+    * ``g``'s solve: its stacked float32 weights (``4 · out · in``), :func:`group_calibration_bytes` and the last
+      batch's captured inputs (float32);
+    * a forward pass on one batch of ``batch_tokens`` tokens: the temporary dense weight of its largest packed layer
+      (:data:`DENSE_WEIGHT_BYTES_PER_WEIGHT`) and the activations (:func:`forward_elements`, ``hidden_size`` and
+      ``attention_scores``); the first one (the layer-order pass, and with bias compensation the float pass) runs
+      the whole float block and keeps every group's input;
+    * accumulating ``g``'s statistics: the Gram triangle and two float32 copies of the batch's inputs (valid rows,
+      a column slice);
+    * with bias compensation, the float stream's streamed Linear.
 
     With bias compensation (``float_copy``) the float stream's copy of a block on disk streams its weights one module
-    at a time (:meth:`OffloadedCalibration.float_copy`): the largest Linear's float weight, and at the block's
-    end, where the report's errors are measured, the float32 dense weights of its quantized Linears (what the float
-    target's residuals need) beside the packed block. ``shared_float_copy``: the copy shares the block's tensors
-    instead (a block kept on the CPU and calibrated on a GPU), so every float weight stays until the block's end.
+    at a time (:meth:`OffloadedCalibration.float_copy`): the largest Linear's float weight. At the block's end, where
+    the report's errors are measured, the device holds the packed block, the float32 dense weights of its quantized
+    Linears when the float target's residuals are measured (``float_residuals``: ``bc_target="float"``, or "auto"
+    choosing per block on held-out batches), the float block's Linear outputs of one batch (float32) and a layer's
+    residual terms (:data:`RESIDUAL_BYTES_PER_OUTPUT`) beside the quantized pass's activations.
+    ``shared_float_copy``: the copy shares the block's tensors instead (a block kept on the CPU and calibrated on a
+    GPU), so every float weight stays until the block's end. ``batch_tokens=0`` leaves the per-batch terms out.
 
     Before loading the groups are not observed yet: Linears of ``groups`` under one parent module with the same
     input width are counted as one group (q/k/v, gate/up), which over-counts only a sibling that has its own input.
@@ -90,18 +157,35 @@ def block_calibration_bytes(
     rest = weights - sum(floats)
     largest = max((n for group in numels for n in group), default=0)
     streamed = largest * size if float_copy else 0
+    inputs = [layer_features(group[0])[0] for group in linears]
+    outputs = sum(layer_features(linear)[1] for group in linears for linear in group)
+    widest_out = max((layer_features(linear)[1] for group in linears for linear in group), default=0)
+    widest_in = max(inputs, default=0)
+    tokens, hidden = (batch_tokens, hidden_size or widest_in) if batch_tokens else (0, 0)
+    forward = tokens * size * forward_elements(hidden, widest_in, attention_scores) if tokens else 0
+    # The first pass keeps every group's input until its end (the widest is the MLP's product, already counted).
+    first_pass = forward + tokens * size * (sum(inputs) - widest_in)
     need = 0
     for g, group in enumerate(linears):
-        in_features = layer_features(group[0])[0]
+        in_features = inputs[g]
         stacked = sum(layer_features(linear)[1] for linear in group)
-        solve = 4 * stacked * in_features + group_calibration_bytes(in_features, stacked)
+        solve = 4 * stacked * in_features + group_calibration_bytes(in_features, stacked) + 4 * tokens * in_features
         dense = DENSE_WEIGHT_BYTES_PER_WEIGHT * max((n for group in numels[:g] for n in group), default=0)
+        block_rows = min(GRAM_ROW_BLOCK, in_features)
+        gram = 4 * in_features * (in_features + block_rows) + 8 * tokens * in_features
+        passes = max(dense + forward, streamed + first_pass if g == 0 else 0)
         held = sum(floats) if float_copy and shared_float_copy else sum(floats[g:])
-        need = max(need, rest + held + sum(packed[:g]) + max(solve, dense, streamed))
+        need = max(need, rest + held + sum(packed[:g]) + max(solve, gram, passes, streamed))
     if float_copy:
         held = sum(floats) if shared_float_copy else 0
-        end = rest + held + sum(packed) + 4 * sum(sum(n) for n in numels)
-        need = max(need, end + max(streamed, DENSE_WEIGHT_BYTES_PER_WEIGHT * largest))
+        end = rest + held + sum(packed) + (4 * sum(sum(n) for n in numels) if float_residuals else 0)
+        residuals = tokens * (
+            size * (2 * hidden + 2 * widest_in) + 4 * outputs + RESIDUAL_BYTES_PER_OUTPUT * widest_out
+        )
+        need = max(need, end + max(streamed, DENSE_WEIGHT_BYTES_PER_WEIGHT * largest) + residuals)
+    else:
+        end = rest + sum(packed) + DENSE_WEIGHT_BYTES_PER_WEIGHT * largest + forward
+        need = max(need, end)
     return need
 
 

@@ -163,16 +163,22 @@ class OffloadedCalibration:
             if not any((full + ".").startswith(s + ".") for s in skip):
                 yield name, full
 
-    def onload(self, module: nn.Module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
-        """Bring the tensors of ``module`` (named ``prefix`` + name in the model; not under ``skip``) on device."""
+    def onload(self, module: nn.Module, prefix: str = "", skip: tuple[str, ...] = (), copy: bool = True) -> None:
+        """Bring the tensors of ``module`` (named ``prefix`` + name in the model; not under ``skip``) on device.
+
+        ``copy``: tensors read from the offload store are copied, because the loader's tensor maps the whole
+        safetensors file and that mapping would outlive the module. A module onloaded only for a moment (the
+        embeddings, for the input capture) and offloaded again takes the loader's tensors as they are: a copy would
+        double its bytes while it is made (the mapped pages and the copy).
+        """
         for name, full in self._tensors(module, prefix, skip):
             tensor = module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name)
             device = self._device(full)
             if tensor.device.type == "meta":
                 if self.loader is None or full not in self.loader:
                     raise ValueError(f"{full} is on the meta device and no Accelerate weights map holds it")
-                # A copy: the loader's tensor maps the whole safetensors file, and that mapping would outlive the block.
-                set_module_tensor_to_device(module, name, device, value=self.loader[full].clone())
+                value = self.loader[full]
+                set_module_tensor_to_device(module, name, device, value=value.clone() if copy else value)
             elif tensor.device != device:
                 set_module_tensor_to_device(module, name, device)
 

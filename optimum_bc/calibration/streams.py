@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..algorithms.bc_select import race_modes
+from ..algorithms.bc_select import FOLDS, race_modes
 from ..config import BCQuantizationConfig
 from ..formats.activations import StageActivations
 from ..layers.positions import token_positions
@@ -34,10 +34,12 @@ def free_memory(device: torch.device) -> int | None:
 def activation_streams(config: BCQuantizationConfig) -> int:
     """How many activation streams calibration keeps from block to block: the quantized stream, the float stream
     (bias compensation's target, algorithms using float inputs) and, with ``bc_target="auto"`` (channel
-    granularity, no ``bc_layer``), the race's other candidate streams (:mod:`optimum_bc.calibration.auto_race`)."""
+    granularity, no ``bc_layer``, at least :data:`~optimum_bc.algorithms.bc_select.FOLDS` calibration batches), the
+    race's other candidate streams (:mod:`optimum_bc.calibration.auto_race`)."""
     streams = 1 + int(config.needs_float_stream)
+    batches = -(-config.num_samples // max(1, config.batch_size))
     race = config.bc_target == "auto" and config.bc_granularity == "channel" and not config.bc_layer
-    if config.bias_compensation and race:
+    if config.bias_compensation and race and batches >= FOLDS:
         streams += len(race_modes(config.layer_sink_tokens)) - 1
     return streams
 

@@ -18,7 +18,12 @@ from ..api import build_calibration, check_layers, resolve_modules_to_not_conver
 from ..calibration import attention_observers, experts
 from ..calibration.architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
 from ..calibration.calibrator import FLOAT_BIASES_ATTR
-from ..calibration.memory import block_calibration_bytes, reserve_calibration_memory
+from ..calibration.memory import (
+    block_calibration_bytes,
+    forward_shape,
+    measures_float_residuals,
+    reserve_calibration_memory,
+)
 from ..calibration.offload import check_device_map
 from ..calibration.report import QuantizationReport
 from ..calibration.skeleton import skeleton_layer
@@ -209,9 +214,12 @@ def _block_needs(model: Any, spec: Any, config: BCQuantizationConfig, calibratio
     skip = list(config.modules_to_not_convert)
     blocks = get_blocks(model, spec)
     streamed, shared, weights = 0, 0, 0
+    # One calibration batch's forward activations (text models; an image model's are not counted).
+    batch = forward_shape(model.config, calibration, config.batch_size)
+    floats = measures_float_residuals(config, -(-len(calibration) // max(1, config.batch_size)))
     for i, block in enumerate(blocks):
         groups = [[rel] for rel in block_layers(block, f"{spec.blocks}.{i}.", spec, model.config, skip)]
-        options = {"bits": config.bits, "group_size": config.group_size}
+        options = {"bits": config.bits, "group_size": config.group_size, "float_residuals": floats, **batch}
         streamed = max(streamed, block_calibration_bytes(block, groups, config.bias_compensation, **options))
         shared = max(
             shared, block_calibration_bytes(block, groups, config.bias_compensation, **options, shared_float_copy=True)
