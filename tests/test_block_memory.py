@@ -23,7 +23,7 @@ PROBE = textwrap.dedent(
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     from optimum_bc import BCQuantizationConfig
     from optimum_bc.calibration.memory import block_calibration_bytes, forward_shape, measures_float_residuals
-    from optimum_bc.calibration.streams import activation_bytes, activation_streams
+    from optimum_bc.calibration.bc_budget import calibration_activation_bytes
 
     def rss(key):
         for line in open("/proc/self/status"):
@@ -68,7 +68,8 @@ PROBE = textwrap.dedent(
         calibration = [{"input_ids": torch.zeros(window, dtype=torch.long)}] * samples
         shape = forward_shape(block.self_attn.config, calibration, samples)  # one batch of all windows
         need = block_calibration_bytes(block, names, bc, float_residuals=measures_float_residuals(cfg, 1), **shape)
-        estimate = need + activation_bytes(samples * window, hidden, torch.float32, activation_streams(cfg))
+        outputs = sum(block.get_submodule(n[0]).out_features for n in names)
+        estimate = need + calibration_activation_bytes(cfg, samples * window, hidden, outputs, torch.float32)
         del block
         gc.collect()
         ctypes.CDLL(None).malloc_trim(0)

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from optimum_bc import BCQuantizationConfig, QuantLinear
+from optimum_bc.calibration.bc_budget import calibration_activation_bytes
 from optimum_bc.calibration.memory import (
     block_calibration_bytes,
     forward_shape,
@@ -221,7 +222,10 @@ def test_max_memory_smaller_than_one_block_fails_before_loading(calib_ids, tmp_p
     # float, and one quantized stream per candidate of bc_target="auto"'s race (none, float+sink, seq, seq+sink)
     streams = activation_streams(config)
     assert streams == 5
-    activations = activation_bytes(calib_ids.numel(), model.config.hidden_size, torch.float32, streams)
+    outputs = sum(block.get_submodule(n[0]).out_features for n in linears)
+    activations = calibration_activation_bytes(
+        config, calib_ids.numel(), model.config.hidden_size, outputs, torch.float32
+    )
     needed = _block_need(model, block, linears, config, calib_ids) + activations
     with pytest.raises(
         ValueError, match=r"too small to calibrate even one decoder block: one block needs about"

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import distributed
 from ..config import BCQuantizationConfig
-from .streams import _valid_rows
+from .streams import _valid_rows, activation_bytes, activation_streams
 
 
 #: Calibration tokens BC, the auto race and the report's MSEs run on (the first whole batches up to this many;
@@ -46,6 +46,21 @@ def budget_batches(valid_tokens: list[int], batch_ids: list[int], total_batches:
     inside = max(int((cumulative <= BC_TOKENS).sum()), 1) if total_batches else 0
     local = sum(1 for index in batch_ids if index < inside)
     return local, inside, int(cumulative[inside - 1]) if inside else 0
+
+
+def calibration_activation_bytes(
+    config: BCQuantizationConfig, tokens: int, hidden_size: int, outputs: int, dtype: torch.dtype
+) -> int:
+    """Memory of the activations calibration keeps while a block is calibrated (``tokens``: all calibration
+    tokens): the quantized stream and the float stream on every token (``streams.activation_bytes``); on the
+    budget's tokens (at most :data:`BC_TOKENS`) the race's other streams and, with bias compensation, the float
+    outputs the report pairs (:class:`FloatOutputs`; ``outputs``: the sum of the block's Linear output widths)."""
+    base = 1 + int(config.needs_float_stream)
+    race = activation_streams(config) - base
+    kept = min(tokens, BC_TOKENS)
+    size = torch.empty((), dtype=dtype).element_size()
+    on_budget = kept * size * (2 * hidden_size * race + (outputs if config.bias_compensation else 0))
+    return activation_bytes(tokens, hidden_size, dtype, base) + on_budget
 
 
 def weights_read_every_window(config: BCQuantizationConfig, needs_inputs: bool, needs_float_inputs: bool) -> bool:

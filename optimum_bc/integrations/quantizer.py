@@ -17,7 +17,9 @@ from .. import api
 from ..api import build_calibration, check_layers, resolve_modules_to_not_convert
 from ..calibration import attention_observers, experts
 from ..calibration.architectures import block_layers, get_blocks, resolve_spec, set_module, target_linears
+from ..calibration.bc_budget import calibration_activation_bytes
 from ..calibration.calibrator import FLOAT_BIASES_ATTR
+from ..calibration.discovery import layer_features
 from ..calibration.memory import (
     block_calibration_bytes,
     forward_shape,
@@ -27,7 +29,6 @@ from ..calibration.memory import (
 from ..calibration.offload import check_device_map
 from ..calibration.report import QuantizationReport
 from ..calibration.skeleton import skeleton_layer
-from ..calibration.streams import activation_bytes, activation_streams
 from ..config import QUANT_METHOD, BCQuantizationConfig
 from ..layers import kernels, validation
 from ..layers.packed_base import PackedLinearBase, packed_layers
@@ -213,12 +214,13 @@ def _block_needs(model: Any, spec: Any, config: BCQuantizationConfig, calibratio
     estimate with its float copy streamed and shared, the calibration activations, the largest block's weights."""
     skip = list(config.modules_to_not_convert)
     blocks = get_blocks(model, spec)
-    streamed, shared, weights = 0, 0, 0
+    streamed, shared, weights, outputs = 0, 0, 0, 0
     # One calibration batch's forward activations (text models; an image model's are not counted).
     batch = forward_shape(model.config, calibration, config.batch_size)
     floats = measures_float_residuals(config, -(-len(calibration) // max(1, config.batch_size)))
     for i, block in enumerate(blocks):
         groups = [[rel] for rel in block_layers(block, f"{spec.blocks}.{i}.", spec, model.config, skip)]
+        outputs = max(outputs, sum(layer_features(block.get_submodule(g[0]))[1] for g in groups))
         options = {"bits": config.bits, "group_size": config.group_size, "float_residuals": floats, **batch}
         streamed = max(streamed, block_calibration_bytes(block, groups, config.bias_compensation, **options))
         shared = max(
@@ -228,7 +230,7 @@ def _block_needs(model: Any, spec: Any, config: BCQuantizationConfig, calibratio
     tokens = sum(int(s["input_ids"].numel()) for s in calibration if isinstance(s, dict) and "input_ids" in s)
     hidden = getattr(model.config.get_text_config(), "hidden_size", None)
     dtype = next(blocks[0].parameters()).dtype
-    activations = activation_bytes(tokens, hidden, dtype, activation_streams(config)) if hidden else 0
+    activations = calibration_activation_bytes(config, tokens, hidden, outputs, dtype) if hidden else 0
     return streamed, shared, activations, weights
 
 
