@@ -108,31 +108,27 @@ def _backend_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(tensors: Iterable[torch.Tensor], what: str) -> None:
-    """Sum each tensor over all ranks, in place (no-op without a process group).
-
-    Tensors on another device than the backend's (a device map, offloaded statistics) go through a copy.
-    """
+def _all_reduce(tensors: Iterable[torch.Tensor], op: str, what: str) -> None:
+    """Reduce each tensor over all ranks with ``op`` (a ``ReduceOp`` name), in place (no-op without a process group); tensors on another
+    device than the backend's (a device map, offloaded statistics) go through a copy."""
     if not is_distributed():
         return
     device = _backend_device()
     for tensor in tensors:
         buffer = tensor if tensor.device == device else tensor.to(device)
-        _collective(what, dist.all_reduce, buffer, op=dist.ReduceOp.SUM)
+        _collective(what, dist.all_reduce, buffer, op=getattr(dist.ReduceOp, op))
         if buffer is not tensor:
             tensor.copy_(buffer)
+
+
+def all_reduce_sum(tensors: Iterable[torch.Tensor], what: str) -> None:
+    """Sum each tensor over all ranks, in place (no-op without a process group)."""
+    _all_reduce(tensors, "SUM", what)
 
 
 def all_reduce_max(tensors: Iterable[torch.Tensor], what: str) -> None:
     """The elementwise maximum of each tensor over all ranks, in place (no-op without a process group)."""
-    if not is_distributed():
-        return
-    device = _backend_device()
-    for tensor in tensors:
-        buffer = tensor if tensor.device == device else tensor.to(device)
-        _collective(what, dist.all_reduce, buffer, op=dist.ReduceOp.MAX)
-        if buffer is not tensor:
-            tensor.copy_(buffer)
+    _all_reduce(tensors, "MAX", what)
 
 
 def all_gather_rows(tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
