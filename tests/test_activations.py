@@ -146,6 +146,30 @@ def test_bc_targets_the_quantized_activations(calib_ids, target) -> None:
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_dynamic_scales_take_every_layers_target_from_one_float_pass(calib_ids, granularity) -> None:
+    """Dynamic scales need no fitting, so the float target's Q_a(x) of every layer comes from stage 0's float pass:
+    no stopped float pass per stage, and the last stage's layer still gets mean(W x - W_q Q_a(x))."""
+    float_model = tiny_llama()
+    seen = {}
+    down = float_model.model.layers[0].mlp.down_proj
+    handle = down.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach()))
+    with torch.no_grad():
+        float_model(calib_ids)
+    handle.remove()
+    x = seen["x"].reshape(-1, down.in_features)
+    model = tiny_llama()
+    options = {"act_scale": "dynamic", "act_granularity": granularity, "batch_size": calib_ids.shape[0]}
+    config = _cfg(calib_ids, bits=4, act_bits=4, bc_sink_tokens=0, method="rtn", bc_target="float", **options)
+    report = quantize_model(model, config)
+    assert all(block.stopped_passes == 0 for block in report.blocks)
+    layer = model.model.layers[0].mlp.down_proj
+    x_hat = quantize_input(x, layer.act_spec)
+    expected = (x @ down.weight.detach().T - x_hat @ layer.dequantize_weight(torch.float32).T).mean(0)
+    torch.testing.assert_close(layer.bias.float(), expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_w4a8_save_reload_exact(calib_ids, tmp_path) -> None:
     tiny_llama().save_pretrained(tmp_path / "float")
     config = _cfg(calib_ids, bits=4, group_size=32, act_bits=8, act_scale="percentile")

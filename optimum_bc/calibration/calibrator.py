@@ -106,6 +106,8 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         # auto's float candidates need the float inputs through each layer's activation quantizer, whose static
         # scales are fitted at the layer's own stage: a float pass per stage.
         self.auto_act = self.bc and self.auto and config.act_bits is not None
+        # Dynamic scales need no fitting: every layer's Q_a(x) of the float inputs comes from stage 0's float pass.
+        self.act_at_stage_0 = config.act_bits is not None and config.act_scale == "dynamic"
         self.report = QuantizationReport()
         self.compensated: list[str] = []
         # Float modules that layer-level BC gave a bias they had no slot for (recorded so a reload creates it).
@@ -220,7 +222,8 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         float_residual = self.target == "float" or (self.auto and not self.race)
         self.kept = FloatOutputs(groups, float_residual, store) if self.bc else None
         next_fp: list[_Batch] | None = [] if self.float_stream else None
-        pair = self.algorithm.needs_float_inputs or self.act_float_target or self.auto_act
+        act_pair = (self.act_float_target or self.auto_act) and not self.act_at_stage_0
+        pair = self.algorithm.needs_float_inputs or act_pair
         for s, stage in enumerate(stages):
             keys = [g[0] for g in stage]
             need_q = self.algorithm.needs_inputs or self.sequential_target
@@ -279,12 +282,14 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
                                     continue
                                 if s == 0 and key in moments:
                                     moments[key].add_float(x_fp, positions)
-                                if self.act_float_target and key in quantizers:
+                                # Q_a(x): at the layer's own stage (its static scale), or at stage 0 (dynamic).
+                                act_here = s == 0 if self.act_at_stage_0 else key in quantizers
+                                if self.act_float_target and act_here:
                                     moments[key].add_quant(acts.apply(key, x_fp), positions)
                                 if s == 0 and key in fold_sums:
                                     fold_sums[key].add_float(fold, x_fp, positions)
                                     self._race_add_float(key, fold, x_fp, positions)
-                                if self.auto_act and key in quantizers and key in fold_sums:
+                                if self.auto_act and act_here and key in fold_sums:
                                     x_act = acts.apply(key, x_fp)
                                     fold_sums[key].add_float_act(fold, x_act, positions)
                                     self._race_add_float(key, fold, x_act, positions, act=True)
