@@ -63,12 +63,17 @@ logger = logging.getLogger(__name__)
 LOGIT_CHUNK = 256
 
 
+def _child_norms(module: nn.Module) -> list[nn.Module]:
+    """The norm modules among ``module``'s children (by class name: LayerNorm, RMSNorm, each family's own)."""
+    return [m for m in module.children() if "norm" in type(m).__name__.lower()]
+
+
 def final_head(model: nn.Module, blocks: str) -> tuple[nn.Module, nn.Module] | None:
     """The model's final norm and LM head, when it has exactly one norm beside its blocks and an output embedding
     with its weights in memory (None otherwise: the race then ends on the last block's normalised error)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     parent = model.get_submodule(blocks.rpartition(".")[0])
-    norms = [m for m in parent.children() if "norm" in type(m).__name__.lower()]
+    norms = _child_norms(parent)
     if head is None or len(norms) != 1:
         return None
     params = [*head.parameters(), *norms[0].parameters()]
@@ -86,7 +91,7 @@ def encoder_norm(model: nn.Module, blocks: str) -> nn.Module | None:
     path = blocks
     while path:
         path = path.rpartition(".")[0]
-        norms = [m for m in model.get_submodule(path).children() if "norm" in type(m).__name__.lower()]
+        norms = _child_norms(model.get_submodule(path))
         if norms:
             on_meta = any(p.device.type == "meta" for p in norms[0].parameters())
             return norms[0] if len(norms) == 1 and not on_meta else None

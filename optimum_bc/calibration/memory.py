@@ -134,7 +134,8 @@ def block_calibration_bytes(
     at a time (:meth:`OffloadedCalibration.float_copy`): the largest Linear's float weight. At the block's end, where
     the report's errors are measured, the device holds the packed block, the float32 dense weights of its quantized
     Linears when the float target's residuals are measured (``float_residuals``: ``bc_target="float"``, or "auto"
-    choosing per block on held-out batches), the float block's Linear outputs of one batch (float32) and a layer's
+    choosing per block on held-out batches), float32 copies of one batch's kept float Linear outputs
+    (:class:`~optimum_bc.calibration.bc_budget.FloatOutputs`, themselves on the activation store) and a layer's
     residual terms (:data:`RESIDUAL_BYTES_PER_OUTPUT`) beside the quantized pass's activations.
     ``shared_float_copy``: the copy shares the block's tensors instead (a block kept on the CPU and calibrated on a
     GPU), so every float weight stays until the block's end. ``batch_tokens=0`` leaves the per-batch terms out.
@@ -182,7 +183,8 @@ def block_calibration_bytes(
         residuals = tokens * (
             size * (2 * hidden + 2 * widest_in) + 4 * outputs + RESIDUAL_BYTES_PER_OUTPUT * widest_out
         )
-        need = max(need, end + max(streamed, DENSE_WEIGHT_BYTES_PER_WEIGHT * largest) + residuals)
+        # No float block runs here (the report pairs the kept float outputs): the largest dense weight's transient.
+        need = max(need, end + DENSE_WEIGHT_BYTES_PER_WEIGHT * largest + residuals)
     else:
         end = rest + sum(packed) + DENSE_WEIGHT_BYTES_PER_WEIGHT * largest + forward
         need = max(need, end)
