@@ -266,3 +266,32 @@ def test_cli_quantize_defaults_to_auto(capsys) -> None:
     assert main(["quantize", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--bc-target {auto,float,sequential}" in text and '"auto" (default' in text
+
+
+@pytest.mark.parametrize(("method", "mode"), [("gptq", m) for m in RACE_MODES] + [("erq", "sequential+sink")])
+def test_each_model_of_the_race_is_its_manual_variant(calib_ids, monkeypatch, method, mode) -> None:
+    """A weight method that reads its inputs races whole models: each candidate quantizes its own copy of every block
+    on its own stream, so the model the race leaves is the manual variant's, codes and biases alike (the shared-weight
+    race fitted every stream's weights on its leading stream: docs/bc_auto.md, seventh round)."""
+    from optimum_bc.calibration import model_race
+
+    monkeypatch.setattr(model_race, "leader", lambda scores, order: mode)
+    raced = tiny_llama()
+    report = quantize_model(raced, _cfg(calib_ids, method=method))
+    assert [b.bc_choice for b in report.blocks] == [mode, mode]
+    assert set(report.blocks[-1].bc_scores) == set(RACE_MODES) and "whole models" in report.bc_summary
+    assert all(b.bc_choice_seconds > 0 for b in report.blocks)
+    manual = tiny_llama()
+    alone = quantize_model(manual, _cfg(calib_ids, method=method, **MANUAL[mode]))
+    assert [r.name for r in report.layers] == [r.name for r in alone.layers]
+    # The report's passes count every candidate's: four calibrations' worth.
+    assert report.blocks[0].block_passes > 3 * alone.blocks[0].block_passes
+    theirs = dict(manual.named_modules())
+    for name, module in raced.named_modules():
+        if isinstance(module, QuantLinear):
+            assert torch.equal(module.qweight, theirs[name].qweight), name
+            assert torch.equal(module.bias, theirs[name].bias), name
+            sink = theirs[name].sink_bias  # the auto config's layout keeps a (zero) sink row where it has none
+            assert torch.equal(module.sink_bias, sink) if sink is not None else not module.sink_bias.any(), name
+    with torch.no_grad(), kernels.use_backend("reference"):
+        assert torch.equal(raced(calib_ids).logits, manual(calib_ids).logits)

@@ -33,6 +33,7 @@ from .block_inputs import _Batch
 from .block_layout import BlockLayoutSteps
 from .discovery import dense_weight, layer_features
 from .expert_calibration import ExpertCalibrator
+from .model_race import ModelRace
 from .offload import OffloadedCalibration, float_copy
 from .report import BlockClock, BlockReport, LayerReport, QuantizationReport
 from .skeleton import packed_layer
@@ -153,6 +154,10 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         blocks = get_blocks(self.model, self.spec)
         self.total_blocks = len(blocks)
         self.race = self.auto and not self.config.bc_layer and self.total_batches >= FOLDS
+        # A weight method that reads its inputs races whole models (one per candidate; optimum_bc.calibration.
+        # model_race), unless blocks are offloaded: then the shared-weight race, bounded by one block's memory.
+        models = self.race and algorithm.needs_inputs and self.placement is None
+        self.race = self.race and not models
         if self.race:
             self._race_start(batches)
         bar = tqdm(total=len(blocks), desc="optimum-bc", unit="block", disable=not _progress_bars)
@@ -161,18 +166,23 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         # Offloaded, they keep no dense cache at all: a block's quantized layers then hold only packed weights.
         transient = transient_dense_weights() if self.placement is not None else nullcontext()
         with kernels.use_backend("reference"), transient:
-            for i in range(len(blocks)):
-                prefix = f"{self.spec.blocks}.{i}."
-                bar.set_description(f"optimum-bc {prefix[:-1]}")  # the block being worked on; the count is done ones
-                if self.placement is not None:
-                    self.placement.onload(blocks[i], prefix)
-                h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
-                for module in blocks[i].modules():
-                    if isinstance(module, PackedLinearBase):
-                        module.reset_cache()
-                if self.placement is not None:
-                    self.placement.offload(blocks[i], prefix)
-                bar.update(1)
+            if models:
+                ModelRace(self).run(h_q, h_fp, bar)
+            else:
+                for i in range(len(blocks)):
+                    prefix = f"{self.spec.blocks}.{i}."
+                    bar.set_description(
+                        f"optimum-bc {prefix[:-1]}"
+                    )  # the block being worked on; the count is done ones
+                    if self.placement is not None:
+                        self.placement.onload(blocks[i], prefix)
+                    h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
+                    for module in blocks[i].modules():
+                        if isinstance(module, PackedLinearBase):
+                            module.reset_cache()
+                    if self.placement is not None:
+                        self.placement.offload(blocks[i], prefix)
+                    bar.update(1)
         bar.close()
         if self.race:
             self._race_finish()
