@@ -85,17 +85,21 @@ def test_within_the_budget_nothing_changes_and_beyond_it_the_bias_does(calib_ids
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_pass_counts_drop_with_the_budget(calib_ids, monkeypatch, method) -> None:
     """On half the tokens (2 of 4 batches) the float pass, the race's other streams and their stopped passes count
-    half; GPTQ keeps its stopped passes and the leading stream's pass to the next block on every batch, RTN runs
-    on the budget batches alone."""
+    half; RTN runs on the budget batches alone. GPTQ races whole models: each candidate keeps its stopped passes
+    and its pass to the next block on every batch, and each BC candidate's float pass counts half."""
     monkeypatch.setattr(bc_budget, "BC_TOKENS", 8 * 32)
     report = quantize_model(tiny_llama(), _cfg(calib_ids, method=method))
     leading = fallback_mode(1)
     for i, block in enumerate(report.blocks):
+        if method == "gptq":
+            bc_candidates = len(race_modes(1)) - 1
+            assert block.block_passes == pytest.approx(1 + bc_candidates * (1 + 0.5))
+            assert block.stopped_passes == pytest.approx(4 * len(race_modes(1)))
+            continue
         if i:
             previous = report.blocks[i - 1].bc_scores
             leading = leader({mode: previous[mode] for mode in block.bc_scores}, race_modes(1))
         others = [mode for mode in block.bc_scores if mode != leading]
         sequential = sum(m.startswith("sequential") for m in others)
-        leader_share = 1.0 if method == "gptq" else 0.5
-        assert block.block_passes == pytest.approx(leader_share + 0.5 * (1 + len(others)))
-        assert block.stopped_passes == pytest.approx(4 * leader_share + 4 * 0.5 * sequential)
+        assert block.block_passes == pytest.approx(0.5 + 0.5 * (1 + len(others)))
+        assert block.stopped_passes == pytest.approx(2 + 4 * 0.5 * sequential)

@@ -107,22 +107,29 @@ def test_auto_report_mse_equals_a_direct_measurement(calib_ids, method) -> None:
         assert row.mse_after == pytest.approx(float((before - applied).pow(2).mean()), rel=1e-4)
 
 
-def test_report_counts_block_passes_and_splits_time_and_round_trips(calib_ids) -> None:
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_report_counts_block_passes_and_splits_time_and_round_trips(calib_ids, method) -> None:
     """The report says where each block's time went and how many block forwards it ran; save/load keeps it. With
-    auto BC on 4 batches: stage 0's float pass, the leading stream's pass to the next block (the report pairs the
-    float outputs kept from stage 0's pass: no float pass of its own), and one pass per other stream of the race;
-    the 4 true-sequential stages each stop after their inputs, on the leading stream and on every other sequential
-    stream."""
-    report = quantize_model(tiny_llama(), _cfg(calib_ids, method="gptq"))
+    auto BC on 4 batches and RTN (the shared-weight race): stage 0's float pass, the leading stream's pass to the next
+    block (the report pairs the float outputs kept from stage 0's pass: no float pass of its own), and one pass per
+    other stream of the race; the 4 true-sequential stages each stop after their inputs, on the leading stream and on
+    every other sequential stream. With GPTQ (the race of whole models) each candidate is one manual calibration:
+    BC off one pass to the next block, each BC variant its float pass and its pass to the next block; every
+    candidate stops once per stage."""
+    report = quantize_model(tiny_llama(), _cfg(calib_ids, method=method))
     order = race_modes(1)
     leading = fallback_mode(1)  # the stated rule's mode leads at block 0, then the stream ahead after each block
     for i, block in enumerate(report.blocks):
-        if i:
-            previous = report.blocks[i - 1].bc_scores
-            leading = leader({mode: previous[mode] for mode in block.bc_scores}, order)
-        others = [mode for mode in block.bc_scores if mode != leading]
-        assert block.block_passes == pytest.approx(2 + len(others))
-        assert block.stopped_passes == pytest.approx(4 * (1 + sum(m.startswith("sequential") for m in others)))
+        if method == "gptq":
+            assert block.block_passes == pytest.approx(1 + 2 * (len(order) - 1))
+            assert block.stopped_passes == pytest.approx(4 * len(order))
+        else:
+            if i:
+                previous = report.blocks[i - 1].bc_scores
+                leading = leader({mode: previous[mode] for mode in block.bc_scores}, order)
+            others = [mode for mode in block.bc_scores if mode != leading]
+            assert block.block_passes == pytest.approx(2 + len(others))
+            assert block.stopped_passes == pytest.approx(4 * (1 + sum(m.startswith("sequential") for m in others)))
         split = block.forward_seconds + block.statistics_seconds + block.solve_seconds + block.bc_seconds
         assert 0 < split <= block.seconds and block.bc_seconds > 0 and block.solve_seconds > 0
     assert "time split" in report.format_table()

@@ -99,13 +99,15 @@ def test_dinov2_blocks_quantized_errors_ordered_and_bc_helps(data) -> None:
 
 @pytest.mark.usefixtures("one_thread")
 def test_erq_beats_gptq_at_w4a4(data) -> None:
+    """The methods themselves (BC off: with it, auto races whole models, and on this random tiny backbone the two
+    compensated models tie within 1 %)."""
     calib, held = data
     with torch.no_grad():
         ref = tiny_dinov2()(pixel_values=held).last_hidden_state
     errors = {}
     for method in ("gptq", "erq"):
         model = tiny_dinov2()
-        quantize_model(model, _cfg(method=method), calibration=calib)
+        quantize_model(model, _cfg(method=method, bias_compensation=False), calibration=calib)
         errors[method] = _error(model, ref, held)
     assert errors["erq"] < errors["gptq"]
 

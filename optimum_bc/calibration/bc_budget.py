@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..algorithms import get_algorithm
 from ..config import BCQuantizationConfig
 from .streams import _valid_rows, activation_bytes, activation_streams
 
@@ -52,14 +53,17 @@ def calibration_activation_bytes(
     config: BCQuantizationConfig, tokens: int, hidden_size: int, outputs: int, dtype: torch.dtype
 ) -> int:
     """Memory of the activations calibration keeps while a block is calibrated (``tokens``: all calibration
-    tokens): the quantized stream and the float stream on every token (``streams.activation_bytes``); on the
-    budget's tokens (at most :data:`BC_TOKENS`) the race's other streams and, with bias compensation, the float
-    outputs the report pairs (:class:`FloatOutputs`; ``outputs``: the sum of the block's Linear output widths)."""
+    tokens): the quantized stream and the float stream on every token (``streams.activation_bytes``); the race's
+    other streams on the budget's tokens (at most :data:`BC_TOKENS`), or on every token where the weight method reads
+    its inputs (the race of whole models, :mod:`optimum_bc.calibration.model_race`; counted so even where offloaded
+    blocks take the shared-weight race: the safe side); with bias compensation, the float outputs the report pairs on
+    the budget's tokens (:class:`FloatOutputs`; ``outputs``: the sum of the block's Linear output widths)."""
     base = 1 + int(config.needs_float_stream)
     race = activation_streams(config) - base
     kept = min(tokens, BC_TOKENS)
+    raced = tokens if get_algorithm(config.method).needs_inputs else kept
     size = torch.empty((), dtype=dtype).element_size()
-    on_budget = kept * size * (2 * hidden_size * race + (outputs if config.bias_compensation else 0))
+    on_budget = kept * size * (outputs if config.bias_compensation else 0) + raced * size * 2 * hidden_size * race
     return activation_bytes(tokens, hidden_size, dtype, base) + on_budget
 
 
