@@ -295,3 +295,18 @@ def test_each_model_of_the_race_is_its_manual_variant(calib_ids, monkeypatch, me
             assert torch.equal(module.sink_bias, sink) if sink is not None else not module.sink_bias.any(), name
     with torch.no_grad(), kernels.use_backend("reference"):
         assert torch.equal(raced(calib_ids).logits, manual(calib_ids).logits)
+
+
+def test_model_race_falls_back_to_shared_weights_when_copies_do_not_fit(calib_ids, monkeypatch, caplog) -> None:
+    """Packed copies of every candidate's model that would take more than half the available CPU memory: the
+    shared-weight race runs instead, and the log says why and what to set."""
+    from optimum_bc.calibration import model_race
+
+    class Tiny:
+        available = 1024
+
+    monkeypatch.setattr(model_race.psutil, "virtual_memory", lambda: Tiny())
+    with caplog.at_level(logging.WARNING, logger="optimum_bc"):
+        report = quantize_model(tiny_llama(), _cfg(calib_ids))
+    assert "whole models" not in report.bc_summary and "auto race" in report.bc_summary
+    assert "shared-weight race" in caplog.text and "bc_target" in caplog.text

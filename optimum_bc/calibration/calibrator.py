@@ -33,7 +33,7 @@ from .block_inputs import _Batch
 from .block_layout import BlockLayoutSteps
 from .discovery import dense_weight, layer_features
 from .expert_calibration import ExpertCalibrator
-from .model_race import ModelRace
+from .model_race import ModelRace, copies_fit
 from .offload import OffloadedCalibration, float_copy
 from .report import BlockClock, BlockReport, LayerReport, QuantizationReport
 from .skeleton import packed_layer
@@ -156,7 +156,7 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         self.race = self.auto and not self.config.bc_layer and self.total_batches >= FOLDS
         # A weight method that reads its inputs races whole models (one per candidate; optimum_bc.calibration.
         # model_race), unless blocks are offloaded: then the shared-weight race, bounded by one block's memory.
-        models = self.race and algorithm.needs_inputs and self.placement is None
+        models = self.race and algorithm.needs_inputs and self.placement is None and copies_fit(blocks, self.config)
         self.race = self.race and not models
         if self.race:
             self._race_start(batches)

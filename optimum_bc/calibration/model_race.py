@@ -16,13 +16,14 @@ winner's blocks replace the model's. The report is the winner's, with every stre
 and passes of all streams (``bc_choice_seconds``: the other streams').
 
 Cost: one calibration per candidate (four with a sink token). Memory: one packed copy of the quantized model per
-candidate, kept on the CPU; offloaded calibration (blocks on disk) takes the shared-weight race instead, whose memory
-is bounded by one block.
+candidate, kept on the CPU. Offloaded calibration (blocks on disk), or copies that would take more than half the CPU
+memory available (:func:`copies_fit`), take the shared-weight race instead, whose memory is bounded by one block.
 """
 
 import copy
 import logging
 
+import psutil
 import torch
 from torch import nn
 
@@ -48,6 +49,24 @@ def mode_config(config: BCQuantizationConfig, mode: str) -> BCQuantizationConfig
     variant.bc_target = "sequential" if mode == "none" else mode.removesuffix("+sink")
     variant.bc_sink_tokens = config.bc_sink_tokens if mode.endswith("+sink") else 0
     return variant
+
+
+def copies_fit(blocks: nn.ModuleList, config: BCQuantizationConfig) -> bool:
+    """Whether the other candidates' packed copies of ``blocks`` fit in half the CPU memory available now (each
+    weight ``bits / 8`` bytes plus an eighth of a byte for scales and zero points; logged when they do not)."""
+    weights = sum(p.numel() for p in blocks.parameters())
+    need = weights * (config.bits / 8 + 0.125) * (len(race_modes(config.layer_sink_tokens)) - 1)
+    available = psutil.virtual_memory().available
+    if need <= available / 2:
+        return True
+    logger.warning(
+        "optimum-bc: bc_target='auto': the race of whole models would keep %.1f GiB of packed candidate copies, more "
+        "than half the %.1f GiB of CPU memory available: the candidates share their weights instead (the shared-weight "
+        "race). Set bc_target explicitly to run one variant.",
+        need / 2**30,
+        available / 2**30,
+    )
+    return False
 
 
 def _keep(block: nn.Module, device: torch.device) -> nn.Module:
