@@ -98,8 +98,11 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         bias_compensation: add to every quantized Linear the bias that cancels its mean output error.
         bc_target: ``"auto"`` (default: one quantized stream per candidate (no bias, the float target with the sink
             bias, the sequential target with and without it) runs through the whole model and the one whose
-            next-token distribution ends closest to the float model's on the calibration windows wins; with
-            ``bc_layer`` each block chooses on held-out batches; see ``optimum_bc.bc_select``), ``"sequential"`` (target = the float model's output, the quantized layer fed
+            next-token distribution ends closest to the float model's on the calibration windows wins; with GPTQ,
+            COMQ and ERQ each candidate is its own quantized model (``optimum_bc.calibration.model_race``: about one
+            calibration per candidate), with RTN or offloaded blocks they share the quantized weights; with
+            ``bc_layer`` each block chooses on held-out batches; see ``optimum_bc.algorithms.bc_select``),
+            ``"sequential"`` (target = the float model's output, the quantized layer fed
             by the quantized prefix, so BC also cancels the mean error carried in from earlier blocks) or
             ``"float"`` (both layers see the float model's inputs, as the reference code does).
         bc_layer: also compensate each whole decoder block's output (folded into its last bias).
@@ -261,6 +264,13 @@ class BCQuantizationConfig(QuantizationConfigMixin):
         if "format" in kwargs:
             kwargs["weight_format"] = pop_weight_format(kwargs, kwargs.pop("weight_format", None), CONFIG_VERSION)
         used = {k: v for k, v in kwargs.items() if k in fields}
+        fmt = canonical_format(used["weight_format"]) if "weight_format" in used else self.format
+        if isinstance(fmt, str) and fmt in FORMATS and fmt != self.format:
+            # As in __init__, the fields a format fixes that this update leaves unset take the new format's own.
+            mx = fmt in MX_ELEMENTS
+            own = {"bits": MX_ELEMENTS[fmt].bits if mx else DEFAULT_BITS, "sym": mx}
+            own["group_size"] = MX_BLOCK_SIZE if mx else DEFAULT_GROUP_SIZE
+            used = own | used
         saved = dict(self.__dict__)
         try:
             for key, value in used.items():

@@ -327,3 +327,16 @@ def test_update_of_any_values_validates_or_changes_nothing() -> None:
         assert BCQuantizationConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).to_dict() == cfg.to_dict()
 
     check()
+
+
+def test_update_of_the_format_alone_takes_the_formats_own_bits_block_and_symmetry() -> None:
+    """As at construction, a format change leaves the fields it fixes to the new format unless given with it (found
+    by the property test above: ``update(weight_format="MXINT8")`` refused the default 4 bits)."""
+    cfg = BCQuantizationConfig(seq_len=64, num_samples=8)
+    assert cfg.update(weight_format="MXINT8") == {}
+    assert (cfg.format, cfg.bits, cfg.group_size, cfg.sym) == ("mxint8", 8, 32, True)
+    cfg.update(weight_format="int", bits=3)
+    assert (cfg.format, cfg.bits, cfg.group_size, cfg.sym) == ("int", 3, 128, False)
+    with pytest.raises(ValueError, match="bits=3"):
+        cfg.update(weight_format="mxfp4", bits=3)
+    assert cfg.format == "int" and cfg.bits == 3
