@@ -129,10 +129,12 @@ class ModelRace:
             bar.update(1)
         winner = leader(block_scores[-1], self.modes)
         sink_tokens = parent.config.layer_sink_tokens
+        compensated = {name for c in self.calibrators.values() for name in c.compensated}
         for i, block in enumerate(models[winner]):
             blocks[i] = block.to(devices[i])
-            for module in block.modules():  # the config's layout: a (zero) sink bias wherever the config puts one
-                if isinstance(module, PackedLinearBase) and sink_tokens and module.sink_bias is None:
+            for name, module in block.named_modules():  # the config's layout: a (zero) sink bias where BC puts one
+                full = f"{parent.spec.blocks}.{i}.{name}"
+                if full in compensated and sink_tokens and module.sink_bias is None:
                     module.set_sink_bias(torch.zeros(sink_tokens, module.bias.shape[0]))
         self._report(winner, block_scores)
 
