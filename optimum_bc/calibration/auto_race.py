@@ -319,7 +319,12 @@ class AutoRace:
         for block_report in self.report.blocks:
             if block_report.bc_choice is not None:
                 block_report.bc_choice = chosen
-        scores = ", ".join(f"{mode} {score:.4g}" for mode, score in self.race_scores.items())
+        self.report.bc_summary = self._race_summary("BC chosen by the auto race", chosen, self.race_scores, "stream")
+        self.streams, self.stream_sums = {}, {}
+
+    def _race_summary(self, race: str, chosen: str, scores: dict[str, float], what: str) -> str:
+        """The report's ``bc_summary``: the winner and every candidate's final score, named by what it measured."""
+        final = ", ".join(f"{mode} {score:.4g}" for mode, score in scores.items())
         hidden = ", ".join(f"{mode} {score:.4g}" for mode, score in self.race_hidden.items())
         measure = "RMS-normalised squared error"
         if hidden:
@@ -328,8 +333,7 @@ class AutoRace:
                 if self.race_norm is None
                 else "normalised error of the final norm's output, every token"
             )
-        self.report.bc_summary = (
-            f"BC chosen by the auto race: {chosen!r}, the stream closest to the float model after the last block "
-            f"({measure}: {scores}" + (f"; last block's normalised error: {hidden}" if hidden else "") + ")"
+        return (
+            f"{race}: {chosen!r}, the {what} closest to the float model after the last block "
+            f"({measure}: {final}" + (f"; last block's normalised error: {hidden}" if hidden else "") + ")"
         )
-        self.streams, self.stream_sums = {}, {}

@@ -183,19 +183,10 @@ class ModelRace:
         parent.report.experts = chosen.report.experts
         parent.compensated = chosen.compensated
         logger.info("optimum-bc: bc_target='auto': the %r model ended closest to the float model", winner)
-        scores = ", ".join(f"{mode} {score:.4g}" for mode, score in block_scores[-1].items())
-        hidden = ", ".join(f"{mode} {score:.4g}" for mode, score in parent.race_hidden.items())
-        measure = "RMS-normalised squared error"
-        if hidden:
-            measure = (
-                "mean KL divergence of the next-token distribution"
-                if parent.race_norm is None
-                else "normalised error of the final norm's output, every token"
-            )
-        parent.report.bc_summary = (
-            f"BC chosen by the auto race of whole models (each candidate quantized on its own stream): {winner!r}, "
-            f"the model closest to the float model after the last block ({measure}: {scores}"
-            + (f"; last block's normalised error: {hidden}" if hidden else "")
-            + ")"
+        parent.report.bc_summary = parent._race_summary(
+            "BC chosen by the auto race of whole models (each candidate quantized on its own stream)",
+            winner,
+            block_scores[-1],
+            "model",
         )
         parent.race_hidden = {}
