@@ -34,12 +34,14 @@ def test_budget_takes_the_leading_whole_batches_up_to_the_budget(monkeypatch) ->
 
 def test_biases_and_report_on_the_budget_equal_an_explicit_computation(calib_ids, monkeypatch) -> None:
     """RTN, sequential target, sink token, a budget of half the tokens: every bias is the per-class mean of
-    ``W x - Q x̂`` over the first 8 windows only, and the report's MSEs are measured directly on those windows."""
+    ``W x - Q x̂`` over the first 8 windows only, and the report's MSEs (their own budget: 4 windows) are measured
+    directly on the first 4."""
     monkeypatch.setattr(bc_budget, "BC_TOKENS", 8 * 32)
+    monkeypatch.setattr(bc_budget, "REPORT_TOKENS", 4 * 32)
     reference, model = tiny_llama(), tiny_llama()
     report = quantize_model(model, _cfg(calib_ids, bc_target="sequential", bc_sink_tokens=1))
-    assert report.calibration_tokens == 16 * 32 and report.bc_tokens == 8 * 32
-    assert "BC and its MSEs on 256" in report.format_table()
+    assert report.calibration_tokens == 16 * 32 and report.bc_tokens == 8 * 32 and report.mse_tokens == 4 * 32
+    assert "BC on 256, its MSEs on 128" in report.format_table()
     ids = calib_ids[:8]
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     fp, q = _io(reference, names, ids), _io(model, names, ids)
@@ -53,8 +55,10 @@ def test_biases_and_report_on_the_budget_equal_an_explicit_computation(calib_ids
         r = x @ W.T - x_q @ Q.T
         torch.testing.assert_close(module.bias.float(), r[~first].mean(0), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(module.sink_bias[0].float() + module.bias.float(), r[first].mean(0))
-        after = y_fp - y_q
-        before = after + module.bias.float() + torch.where(first[:, None], module.sink_bias[0].float(), 0.0)
+        reported = slice(0, 4 * ids.shape[1])  # the report's first 4 windows
+        after = (y_fp - y_q)[reported]
+        sink = torch.where(first[:, None], module.sink_bias[0].float(), 0.0)[reported]
+        before = after + module.bias.float() + sink
         assert rows[name].mse_before == pytest.approx(float(before.pow(2).mean()), rel=1e-4)
         assert rows[name].mse_after == pytest.approx(float(after.pow(2).mean()), rel=1e-4)
 

@@ -26,17 +26,26 @@ from ..config import BCQuantizationConfig
 from .streams import _valid_rows, activation_bytes, activation_streams
 
 
-#: Calibration tokens BC, the auto race and the report's MSEs run on (the first whole batches up to this many;
-#: at least one batch). At least 4096: runs of up to 8 x 512 tokens are unchanged by it.
+#: Calibration tokens BC and the auto race run on (the first whole batches up to this many; at least one batch).
+#: At least 4096: runs of up to 8 x 512 tokens are unchanged by it.
 BC_TOKENS = 8192
 
+#: Calibration tokens of the report's per-layer MSEs (the first whole batches up to this many, within BC's budget;
+#: at least one batch): the float Linear outputs they pair are kept for these only (:class:`FloatOutputs`: every
+#: Linear's output width per token, 1.4 GB at 8192 tokens for a 7B block, a quarter of it here). A diagnostic, so
+#: a sample suffices.
+REPORT_TOKENS = 2048
 
-def budget_batches(valid_tokens: list[int], batch_ids: list[int], total_batches: int) -> tuple[int, int, int]:
+
+def budget_batches(
+    valid_tokens: list[int], batch_ids: list[int], total_batches: int, limit: int | None = None
+) -> tuple[int, int, int]:
     """(this rank's batches in the budget, the budget's batches over all ranks, the tokens they hold).
 
     ``valid_tokens``: the non-padding tokens of each local batch, ``batch_ids`` their global indices (a contiguous
     ascending range, :func:`optimum_bc.distributed.shard_range`), ``total_batches`` the count over all ranks. The
-    budget takes the leading global batches whose tokens add up to at most :data:`BC_TOKENS` (at least the first);
+    budget takes the leading global batches whose tokens add up to at most ``limit`` (default :data:`BC_TOKENS`; at
+    least the first);
     the token counts are summed over ranks first, so every rank decides as one process does, and its share is a
     prefix of its batches."""
     counts = torch.zeros(total_batches, dtype=torch.float64)
@@ -44,9 +53,17 @@ def budget_batches(valid_tokens: list[int], batch_ids: list[int], total_batches:
         counts[index] = tokens
     distributed.all_reduce_sum([counts], "the calibration batches' token counts")
     cumulative = counts.cumsum(0)
-    inside = max(int((cumulative <= BC_TOKENS).sum()), 1) if total_batches else 0
+    limit = BC_TOKENS if limit is None else limit
+    inside = max(int((cumulative <= limit).sum()), 1) if total_batches else 0
     local = sum(1 for index in batch_ids if index < inside)
     return local, inside, int(cumulative[inside - 1]) if inside else 0
+
+
+def report_batches(valid_tokens: list[int], batch_ids: list[int], total_batches: int) -> tuple[int, int]:
+    """(this rank's batches, their tokens over all ranks) of the report's MSEs: :func:`budget_batches` up to
+    :data:`REPORT_TOKENS`, never beyond BC's own budget."""
+    local, _, tokens = budget_batches(valid_tokens, batch_ids, total_batches, min(REPORT_TOKENS, BC_TOKENS))
+    return local, tokens
 
 
 def calibration_activation_bytes(
@@ -57,13 +74,14 @@ def calibration_activation_bytes(
     other streams on the budget's tokens (at most :data:`BC_TOKENS`), or on every token where the weight method reads
     its inputs (the race of whole models, :mod:`optimum_bc.calibration.model_race`; counted so even where offloaded
     blocks take the shared-weight race: the safe side); with bias compensation, the float outputs the report pairs on
-    the budget's tokens (:class:`FloatOutputs`; ``outputs``: the sum of the block's Linear output widths)."""
+    :data:`REPORT_TOKENS` (:class:`FloatOutputs`; ``outputs``: the sum of the block's Linear output widths)."""
     base = 1 + int(config.needs_float_stream)
     race = activation_streams(config) - base
     kept = min(tokens, BC_TOKENS)
     raced = tokens if get_algorithm(config.method).needs_inputs else kept
     size = torch.empty((), dtype=dtype).element_size()
-    on_budget = kept * size * (outputs if config.bias_compensation else 0) + raced * size * 2 * hidden_size * race
+    reported = min(tokens, REPORT_TOKENS, BC_TOKENS)
+    on_budget = reported * size * (outputs if config.bias_compensation else 0) + raced * size * 2 * hidden_size * race
     return activation_bytes(tokens, hidden_size, dtype, base) + on_budget
 
 
@@ -74,7 +92,7 @@ def weights_read_every_window(config: BCQuantizationConfig, needs_inputs: bool, 
 
 
 class FloatOutputs:
-    """The float block's outputs of the compensated Linears (non-padding rows) on the budget batches, recorded in
+    """The float block's outputs of the compensated Linears (non-padding rows) on the report's batches, recorded in
     its stage-0 pass; with ``groups`` (each Linear's group: the first name of the Linears sharing its input), also
     the raw input of each group (the float target's residual ``W x - Q Q_a(x)`` needs it once ``Q`` and the input
     quantizer exist). Kept on ``store``."""

@@ -27,7 +27,7 @@ from ..layers.packed_base import PackedLinearBase, transient_dense_weights
 from .architectures import ArchitectureSpec, bias_flags, first_param_device, get_blocks
 from .attention_observers import calibrate_block_attention
 from .auto_race import AutoRace
-from .bc_budget import FloatOutputs, budget_batches, weights_read_every_window
+from .bc_budget import FloatOutputs, budget_batches, report_batches, weights_read_every_window
 from .block_compensation import BlockCompensation
 from .block_inputs import _Batch
 from .block_layout import BlockLayoutSteps
@@ -85,6 +85,7 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         self.batch_ids: list[int] = []  # global index of each local calibration batch (set by run)
         self.total_batches = 0  # calibration batches over all data-parallel ranks
         self.bc_batches = 0  # the local batches in BC's token budget: a prefix (optimum_bc.calibration.bc_budget)
+        self.report_batches = 0  # the local batches of the report's MSEs: a prefix of the budget's
         self.total_bc_batches = 0  # the budget's batches over all ranks
         self.local_batches = 0  # this rank's calibration batches (what the report's pass counts are relative to)
         self.kept: FloatOutputs | None = None  # the float Linear outputs the report pairs (the block's budget batches)
@@ -142,6 +143,8 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         self.local_batches = len(batches)
         self.bc_batches, self.total_bc_batches, bc_tokens = budget_batches(valid, self.batch_ids, self.total_batches)
         self.report.bc_tokens = bc_tokens if self.bc else 0
+        self.report_batches, mse_tokens = report_batches(valid, self.batch_ids, self.total_batches)
+        self.report.mse_tokens = mse_tokens if self.bc else 0
         algorithm = self.algorithm
         if self.bc and not weights_read_every_window(
             self.config, algorithm.needs_inputs, algorithm.needs_float_inputs
@@ -273,7 +276,7 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
                         fp_batch = h_fp[b]
                         keep = (
                             self.kept.recording(fblock, valid)
-                            if s == 0 and in_bc and self.kept is not None
+                            if s == 0 and b < self.report_batches and self.kept is not None
                             else nullcontext()
                         )
                         # Only the first stage needs the whole float block: its output feeds the next block.

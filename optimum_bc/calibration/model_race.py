@@ -93,6 +93,7 @@ class ModelRace:
                 "batch_ids",
                 "total_batches",
                 "bc_batches",
+                "report_batches",
                 "total_bc_batches",
                 "local_batches",
                 "total_blocks",
@@ -100,6 +101,7 @@ class ModelRace:
                 setattr(child, name, getattr(parent, name))
             child.report.calibration_tokens = parent.report.calibration_tokens
             child.report.bc_tokens = parent.report.bc_tokens if child.bc else 0
+            child.report.mse_tokens = parent.report.mse_tokens if child.bc else 0
             self.calibrators[mode] = child
 
     def run(self, batches: list[_Batch], float_batches: list[_Batch], bar) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 @dataclass
 class LayerReport:
-    """One quantized Linear. MSEs are per output element against the BC target, on the tokens BC ran on
-    (``QuantizationReport.bc_tokens``)."""
+    """One quantized Linear. MSEs are per output element against the BC target, on the first calibration tokens
+    within BC's (``QuantizationReport.mse_tokens``)."""
 
     name: str
     block: int
@@ -114,6 +114,8 @@ class QuantizationReport:
     # Calibration tokens BC's sums, the auto race and the per-layer MSEs ran on: the first batches up to
     # optimum_bc.calibration.bc_budget.BC_TOKENS (0 without BC).
     bc_tokens: int = 0
+    # Calibration tokens of the per-layer MSEs: the first batches up to bc_budget.REPORT_TOKENS (0 without BC).
+    mse_tokens: int = 0
 
     def without_timings(self) -> "QuantizationReport":
         """A copy with every recorded time set to 0 (timings differ between otherwise identical runs)."""
@@ -160,6 +162,7 @@ class QuantizationReport:
             experts=[ExpertReport(**row) for row in data.get("experts", [])],
             bc_summary=data.get("bc_summary"),
             bc_tokens=data.get("bc_tokens", 0),
+            mse_tokens=data.get("mse_tokens", 0),
         )
 
     def format_table(self) -> str:
@@ -190,7 +193,7 @@ class QuantizationReport:
                 lines.append(f"block {block.index}: {block.bc_fallback}")
         if self.bc_summary:
             lines.append(self.bc_summary)
-        bc = f" (BC and its MSEs on {self.bc_tokens})" if self.bc_tokens else ""
+        bc = f" (BC on {self.bc_tokens}, its MSEs on {self.mse_tokens})" if self.bc_tokens else ""
         lines.append(
             f"{len(self.layers)} layers, {len(self.blocks)} blocks, {self.calibration_tokens} calibration tokens{bc},"
             f" {self.total_seconds:.1f} s"
