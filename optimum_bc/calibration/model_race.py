@@ -70,7 +70,8 @@ def copies_fit(blocks: nn.ModuleList, config: BCQuantizationConfig) -> bool:
 
 
 def _keep(block: nn.Module, device: torch.device) -> nn.Module:
-    """A finished candidate block, its dense caches dropped, held on the CPU until the race ends."""
+    """A block held on the CPU until needed (a finished candidate's, its dense caches dropped, or the pristine float
+    copy)."""
     for module in block.modules():
         if isinstance(module, PackedLinearBase):
             module.reset_cache()
@@ -118,15 +119,17 @@ class ModelRace:
             bar.set_description(f"optimum-bc {parent.spec.blocks}.{i} ({len(self.modes)} candidates)")
             device = first_param_device(blocks[i])
             devices.append(device)
-            # Each candidate quantizes its own copy of the float block (taken before any is quantized).
-            copies = {mode: copy.deepcopy(blocks[i]) for mode in self.modes[1:]}
-            copies[self.modes[0]] = blocks[i]
+            # Each candidate quantizes its own copy of the float block, made when its turn comes from one pristine
+            # copy taken before the first candidate quantizes the block itself (two float copies at most).
+            pristine = _keep(copy.deepcopy(blocks[i]), device)
             shared: dict[int, list[_Batch]] = {}
-            for mode, child in self.calibrators.items():
-                streams[mode], next_fp = child.quantize_block(i, copies[mode], streams[mode], floats[mode])
+            for k, (mode, child) in enumerate(self.calibrators.items()):
+                block = blocks[i] if k == 0 else copy.deepcopy(pristine).to(device)
+                streams[mode], next_fp = child.quantize_block(i, block, streams[mode], floats[mode])
                 if next_fp is not None:  # the float stream is the same for every candidate: keep one copy
                     floats[mode] = shared.setdefault(len(next_fp), next_fp)
-                models[mode].append(_keep(copies[mode], device))
+                models[mode].append(_keep(block, device))
+            del pristine
             block_scores.append(self._score(i, streams, floats, device))
             bar.update(1)
         winner = leader(block_scores[-1], self.modes)
