@@ -310,3 +310,21 @@ def test_model_race_falls_back_to_shared_weights_when_copies_do_not_fit(calib_id
         report = quantize_model(tiny_llama(), _cfg(calib_ids))
     assert "whole models" not in report.bc_summary and "auto race" in report.bc_summary
     assert "shared-weight race" in caplog.text and "bc_target" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["none", "sequential"])
+def test_a_sinkless_winner_of_the_model_race_saves_and_reloads_exactly(calib_ids, monkeypatch, tmp_path, mode) -> None:
+    """A winner without first-token bias (or without any bias) still has the layout the saved config describes: zero
+    sink rows where BC puts them, so the checkpoint reloads bit for bit."""
+    from optimum_bc.calibration import model_race
+
+    monkeypatch.setattr(model_race, "leader", lambda scores, order: mode)
+    tiny_llama().save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=_cfg(calib_ids))
+    assert model.quantization_report.blocks[-1].bc_choice == mode
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    x = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+    assert not reloaded.model.layers[0].self_attn.q_proj.sink_bias.any()
