@@ -3,14 +3,14 @@
 BC needs first moments only (the means of a layer's float and quantized inputs over the same tokens) and the
 ``bc_target="auto"`` race only a ranking of its streams; both settle on far fewer tokens than the weight method's
 second moments (a GPTQ Hessian). So BC's input sums, the float stream (where only BC reads it), the race's other
-streams and its scores, and the report's per-layer MSEs run on the first calibration batches up to
-:data:`BC_TOKENS` tokens; the weight method (GPTQ / COMQ statistics, ERQ's paired float inputs, static activation
+streams and its scores run on the first calibration batches up to :data:`BC_TOKENS` tokens, the report's per-layer
+MSEs on the first up to :data:`REPORT_TOKENS`; the weight method (GPTQ / COMQ statistics, ERQ's paired float inputs, static activation
 scales, attention quantizers) keeps every window. The batches are chosen by their global index
 (:func:`budget_batches`), so data-parallel ranks select what one process selects. Measured: docs/bc_auto.md, sixth
 round.
 
 The report's MSEs pair each compensated Linear's float output with its quantized output on the same tokens. The
-float outputs come from the float block's one whole pass (stage 0), kept for the budget batches
+float outputs come from the float block's one whole pass (stage 0), kept for the report's batches
 (:class:`FloatOutputs`), so the pass to the next block measures them without running the float block again.
 """
 
@@ -45,8 +45,7 @@ def budget_batches(
     ``valid_tokens``: the non-padding tokens of each local batch, ``batch_ids`` their global indices (a contiguous
     ascending range, :func:`optimum_bc.distributed.shard_range`), ``total_batches`` the count over all ranks. The
     budget takes the leading global batches whose tokens add up to at most ``limit`` (default :data:`BC_TOKENS`; at
-    least the first);
-    the token counts are summed over ranks first, so every rank decides as one process does, and its share is a
+    least the first); the token counts are summed over ranks first, so every rank decides as one process does, and its share is a
     prefix of its batches."""
     counts = torch.zeros(total_batches, dtype=torch.float64)
     for index, tokens in zip(batch_ids, valid_tokens, strict=True):

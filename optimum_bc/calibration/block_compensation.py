@@ -95,7 +95,7 @@ class BlockCompensation:
         """The pass to the next block, measuring the report's per-layer MSEs on the way; returns the next block's
         quantized inputs.
 
-        On the budget batches (``self.kept``: the float Linears' outputs and inputs of stage 0's float pass, the same
+        On the report's batches (``self.kept``: the float Linears' outputs and inputs of stage 0's float pass, the same
         tokens) hooks on every compensated Linear pair its quantized output with its kept float one: no float pass
         runs here. Each layer streams its residual before compensation
         (:class:`optimum_bc.compensation.ResidualMoments`): the sequential target's ``float output - quantized

@@ -23,7 +23,7 @@ from ..algorithms.compensation import InputMoments
 from ..config import BCQuantizationConfig
 from ..formats.activations import StageActivations
 from ..layers import kernels
-from ..layers.packed_base import PackedLinearBase, transient_dense_weights
+from ..layers.packed_base import transient_dense_weights
 from .architectures import ArchitectureSpec, bias_flags, first_param_device, get_blocks
 from .attention_observers import calibrate_block_attention
 from .auto_race import AutoRace
@@ -34,7 +34,7 @@ from .block_layout import BlockLayoutSteps
 from .discovery import dense_weight, layer_features
 from .expert_calibration import ExpertCalibrator
 from .model_race import ModelRace, copies_fit
-from .offload import OffloadedCalibration, float_copy
+from .offload import OffloadedCalibration, drop_dense_caches, float_copy
 from .report import BlockClock, BlockReport, LayerReport, QuantizationReport
 from .skeleton import packed_layer
 from .streams import _capture_inputs, _run_block, _valid_positions, _valid_rows, fit_input_scales
@@ -88,7 +88,7 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         self.report_batches = 0  # the local batches of the report's MSEs: a prefix of the budget's
         self.total_bc_batches = 0  # the budget's batches over all ranks
         self.local_batches = 0  # this rank's calibration batches (what the report's pass counts are relative to)
-        self.kept: FloatOutputs | None = None  # the float Linear outputs the report pairs (the block's budget batches)
+        self.kept: FloatOutputs | None = None  # the float Linear outputs the report pairs (the report's batches)
         self.total_blocks = 0
         # "auto" races whole-model candidate streams (optimum_bc.calibration.auto_race), except with layer-level BC
         # (whose block bias the streams do not track) or one calibration batch: then each block chooses on its own.
@@ -174,15 +174,12 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
             else:
                 for i in range(len(blocks)):
                     prefix = f"{self.spec.blocks}.{i}."
-                    bar.set_description(
-                        f"optimum-bc {prefix[:-1]}"
-                    )  # the block being worked on; the count is done ones
+                    # The block being worked on; the count is done ones.
+                    bar.set_description(f"optimum-bc {prefix[:-1]}")
                     if self.placement is not None:
                         self.placement.onload(blocks[i], prefix)
                     h_q, h_fp = self.quantize_block(i, blocks[i], h_q, h_fp)
-                    for module in blocks[i].modules():
-                        if isinstance(module, PackedLinearBase):
-                            module.reset_cache()
+                    drop_dense_caches(blocks[i])
                     if self.placement is not None:
                         self.placement.offload(blocks[i], prefix)
                     bar.update(1)
@@ -230,7 +227,7 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         if self.race:
             self._race_block_start(index, {k: s.sum_x.shape[-1] for k, s in fold_sums.items()}, device, store)
         self.auto_layers, self.measured = [], []
-        # The report pairs the float Linears' outputs of stage 0's pass (budget batches) with the quantized ones.
+        # The report pairs the float Linears' outputs of stage 0's pass (its own batches) with the quantized ones.
         groups = {rel: g[0] for stage in stages for g in stage for rel in g}
         float_residual = self.target == "float" or (self.auto and not self.race)
         self.kept = FloatOutputs(groups, float_residual, store) if self.bc else None
@@ -259,7 +256,7 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
                     valid = batch.valid
                     positions = _valid_positions(valid)
                     fold = fold_of(self.batch_ids[b]) if self.auto else 0
-                    in_bc = b < self.bc_batches  # BC's sums and the report: the budget batches only
+                    in_bc = b < self.bc_batches  # BC's sums: the budget batches only (the report: a prefix of them)
                     if need_q and (self.algorithm.needs_inputs or in_bc):
                         with self.clock.timed("forward"), _capture_inputs(block, keys, seen_q, stop=True):
                             self.clock.count_pass(stopped=True)

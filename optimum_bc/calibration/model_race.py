@@ -29,10 +29,10 @@ from torch import nn
 
 from ..algorithms.bc_select import leader, race_modes
 from ..config import BCQuantizationConfig
-from ..layers.packed_base import PackedLinearBase
 from .architectures import first_param_device, get_blocks
 from .auto_race import encoder_norm, final_head
 from .block_inputs import _Batch
+from .offload import drop_dense_caches
 from .report import TIME_SPLIT
 
 
@@ -72,9 +72,7 @@ def copies_fit(blocks: nn.ModuleList, config: BCQuantizationConfig) -> bool:
 def _keep(block: nn.Module, device: torch.device) -> nn.Module:
     """A block held on the CPU until needed (a finished candidate's, its dense caches dropped, or the pristine float
     copy)."""
-    for module in block.modules():
-        if isinstance(module, PackedLinearBase):
-            module.reset_cache()
+    drop_dense_caches(block)
     return block if device.type == "cpu" else block.to("cpu")
 
 
@@ -134,6 +132,7 @@ class ModelRace:
             bar.update(1)
         winner = leader(block_scores[-1], self.modes)
         sink_tokens = parent.config.layer_sink_tokens
+        # Every Linear BC compensates in some candidate: the layers the saved config gives a bias (and sink rows).
         compensated = {name for c in self.calibrators.values() for name in c.compensated}
         for i, block in enumerate(models[winner]):
             blocks[i] = block.to(devices[i])
@@ -141,7 +140,7 @@ class ModelRace:
                 full = f"{parent.spec.blocks}.{i}.{name}"
                 if full in compensated and sink_tokens and module.sink_bias is None:
                     module.set_sink_bias(torch.zeros(sink_tokens, module.bias.shape[0]))
-        self._report(winner, block_scores)
+        self._report(winner, block_scores, compensated)
 
     def _score(
         self,
@@ -170,11 +169,11 @@ class ModelRace:
         parent.streams = {}
         return scores
 
-    def _report(self, winner: str, block_scores: list[dict[str, float]]) -> None:
-        """The winner's report, with every stream's scores and every calibrator's time and passes per block."""
+    def _report(self, winner: str, block_scores: list[dict[str, float]], compensated: set[str]) -> None:
+        """The winner's report, with every stream's scores and every calibrator's time and passes per block
+        (``compensated``: the layers BC compensates in some candidate, whose rows name the choice)."""
         parent = self.parent
         chosen = self.calibrators[winner]
-        compensated = {name for c in self.calibrators.values() for name in c.compensated}
         for row in chosen.report.layers:
             if row.name in compensated:
                 row.bc_choice = winner

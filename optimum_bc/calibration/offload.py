@@ -187,7 +187,7 @@ class OffloadedCalibration:
 
         Derived caches (the dense weight a ``QuantLinear`` keeps) are dropped first: they would keep the block resident.
         """
-        _drop_caches(module)
+        drop_dense_caches(module)
         transient = {
             f"{m}.{b}".lstrip(".") for m, sub in module.named_modules() for b in sub._non_persistent_buffers_set
         }
@@ -335,7 +335,8 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _drop_caches(module: nn.Module) -> None:
+def drop_dense_caches(module: nn.Module) -> None:
+    """Drop the cached dense weight of every packed layer in ``module``."""
     for sub in module.modules():
         if hasattr(sub, "reset_cache"):
             sub.reset_cache()

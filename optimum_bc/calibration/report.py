@@ -111,7 +111,7 @@ class QuantizationReport:
     calibration_tokens: int = 0
     experts: list[ExpertReport] = field(default_factory=list)
     bc_summary: str | None = None  # bc_target="auto": which candidate stream won the race, and why
-    # Calibration tokens BC's sums, the auto race and the per-layer MSEs ran on: the first batches up to
+    # Calibration tokens BC's sums and the auto race ran on: the first batches up to
     # optimum_bc.calibration.bc_budget.BC_TOKENS (0 without BC).
     bc_tokens: int = 0
     # Calibration tokens of the per-layer MSEs: the first batches up to bc_budget.REPORT_TOKENS (0 without BC).
