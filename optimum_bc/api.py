@@ -16,8 +16,6 @@ from .calibration.architectures import ArchitectureSpec, first_param_device, get
 from .calibration.block_inputs import capture_block_inputs, collate
 from .calibration.calibrator import BlockCalibrator
 from .calibration.discovery import layer_features
-from .calibration.holdout import split_held_out
-from .calibration.model_race import races_whole_models
 from .calibration.offload import OffloadedCalibration, is_dispatched
 from .calibration.report import QuantizationReport
 from .calibration.streams import activation_bytes, activation_store, activation_streams
@@ -167,31 +165,25 @@ def quantize_model(
     if calibration is None:
         calibration = build_calibration(config, tokenizer, getattr(model, "name_or_path", None))
     validation.check_calibration(model, calibration, config)
-    blocks = get_blocks(model, spec)
-    # bc_target="auto" racing whole models scores them on windows held out of every fit, split before the windows
-    # are shared out (every rank holds all the held-out ones).
-    whole_models = races_whole_models(config, is_dispatched(model), blocks)
-    held: list = []
-    if whole_models:
-        calibration, held = split_held_out(calibration, config.batch_size, lambda w: int(w["input_ids"].numel()))
     # Under torchrun / accelerate launch: all ranks check they agree, then each keeps its share of the windows.
-    calibration = distributed.prepare(config.to_dict(), calibration, config.batch_size, held)
+    # Anything that splits the windows further (a held-out split) must do it before this line, or on the global
+    # indices of distributed.shard_range, so that all ranks agree on it.
+    calibration = distributed.prepare(config.to_dict(), calibration, config.batch_size)
     was_training = model.training
     model.eval()
     batches = collate(calibration, config.batch_size)
-    held_batches = collate(held, config.batch_size)
+    blocks = get_blocks(model, spec)
     attach_position_hooks(blocks, model)
     placement = OffloadedCalibration(model) if is_dispatched(model) else None
     # Only the modules before the first block run during input capture: the blocks and the LM head stay offloaded.
     outside = (spec.blocks, *_module_names(model, model.get_output_embeddings()))
     if placement is not None:
         placement.onload(model, skip=outside, copy=False)  # offloaded again right after the capture
-    store = _activation_store(model, config, blocks, batches + held_batches, placement)
+    store = _activation_store(model, config, blocks, batches, placement)
     inputs = capture_block_inputs(model, blocks, batches, store) if batches else []
-    held_inputs = capture_block_inputs(model, blocks, held_batches, store) if held_batches else []
     if placement is not None:
         placement.offload(model, skip=outside, write=False)
-    report = BlockCalibrator(model, spec, config, skip, placement, store).run(inputs, held_inputs, whole_models)
+    report = BlockCalibrator(model, spec, config, skip, placement, store).run(inputs)
     if placement is not None:
         model.tie_weights()
         placement.dispatch()

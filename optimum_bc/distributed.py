@@ -253,15 +253,12 @@ def shard(windows: Sequence[T], batch_size: int = 1) -> list[T]:
     return list(windows[span.start * batch_size : span.stop * batch_size])
 
 
-def prepare(
-    config_dict: dict[str, Any], windows: Sequence[T], batch_size: int = 1, held_out: Sequence[T] = ()
-) -> list[T]:
+def prepare(config_dict: dict[str, Any], windows: Sequence[T], batch_size: int = 1) -> list[T]:
     """Start of a data-parallel calibration: join the launcher's process group, check that all ranks agree on the
-    config and the windows (``held_out`` ones too: every rank keeps all of those), and return this rank's share of
-    ``windows`` (all of them in one process)."""
+    config and the windows, and return this rank's share of them (all of them in one process)."""
     if not init_from_env():
         return list(windows)
-    check_same(fingerprint(config_dict), fingerprint([*windows, *held_out]))
+    check_same(fingerprint(config_dict), fingerprint(list(windows)))
     if not windows:  # nothing to split (RTN without BC): every rank computes the same model
         return []
     mine = shard(windows, batch_size)

@@ -25,10 +25,6 @@ from optimum_bc.layers.positions import token_positions
 from .conftest import VOCAB, tiny_llama, tiny_opt
 
 
-#: The windows of the 16 that the race of whole models fits on (one in eight held out: 7 and 15).
-FIT = [i for i in range(16) if i % 8 != 7]
-
-
 def _cfg(calib_ids: torch.Tensor, **kwargs) -> BCQuantizationConfig:
     options = {"bits": 3, "group_size": 32, "method": "gptq", "num_samples": 16, "seq_len": 32, "batch_size": 4}
     return BCQuantizationConfig(dataset=calib_ids, **(options | kwargs))
@@ -144,8 +140,7 @@ def _final_divergence(model: nn.Module, reference: nn.Module, ids: torch.Tensor)
 def test_auto_race_stores_the_winning_stream(calib_ids, method) -> None:
     """Every candidate stream runs through the model; the one that ends closest to the float model wins, and the
     model it leaves is that stream: the KL divergence of its logits from the float model's, measured on the finished
-    model, is the winner's score. GPTQ races whole models, scored on the windows held out of their fit (7 and 15);
-    RTN's shared-weight race on the fitted ones."""
+    model, is the winner's score."""
     model = tiny_llama()
     report = quantize_model(model, _cfg(calib_ids, method=method))
     assert len(report.blocks) == 2
@@ -155,11 +150,8 @@ def test_auto_race_stores_the_winning_stream(calib_ids, method) -> None:
     assert all(b.bc_choice == chosen and b.bc_fallback is None for b in report.blocks)
     assert all(r.bc_choice == chosen for r in report.layers)
     assert "BC chosen" in report.format_table()
-    held = [i for i in range(16) if i not in FIT] if method == "gptq" else list(range(16))
-    assert _final_divergence(model, tiny_llama(), calib_ids[held]) == pytest.approx(last[chosen], rel=1e-4)
+    assert _final_divergence(model, tiny_llama(), calib_ids) == pytest.approx(last[chosen], rel=1e-4)
     assert "KL divergence" in report.bc_summary and chosen in report.bc_summary
-    assert report.held_out_tokens == (2 * 32 if method == "gptq" else 0)
-    assert ("64 calibration tokens held out" in report.bc_summary) == (method == "gptq")
     if "none" in last:  # the BC-off stream is the guard
         assert last[chosen] <= last["none"]
     for name, module in model.named_modules():
@@ -289,9 +281,8 @@ def test_each_model_of_the_race_is_its_manual_variant(calib_ids, monkeypatch, me
     assert [b.bc_choice for b in report.blocks] == [mode, mode]
     assert set(report.blocks[-1].bc_scores) == set(RACE_MODES) and "whole models" in report.bc_summary
     assert all(b.bc_choice_seconds > 0 for b in report.blocks)
-    # Windows 7 and 15 of the 16 are held out of every candidate's fit: the manual variant on the other 14.
     manual = tiny_llama()
-    alone = quantize_model(manual, _cfg(calib_ids[FIT], method=method, num_samples=len(FIT), **MANUAL[mode]))
+    alone = quantize_model(manual, _cfg(calib_ids, method=method, **MANUAL[mode]))
     assert [r.name for r in report.layers] == [r.name for r in alone.layers]
     # The report's passes count every candidate's: four calibrations' worth.
     assert report.blocks[0].block_passes > 3 * alone.blocks[0].block_passes

@@ -33,7 +33,7 @@ from .block_inputs import _Batch
 from .block_layout import BlockLayoutSteps
 from .discovery import dense_weight, layer_features
 from .expert_calibration import ExpertCalibrator
-from .model_race import ModelRace, races_whole_models
+from .model_race import ModelRace, copies_fit
 from .offload import OffloadedCalibration, drop_dense_caches, float_copy
 from .report import BlockClock, BlockReport, LayerReport, QuantizationReport
 from .skeleton import packed_layer
@@ -131,12 +131,8 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         }
 
     @torch.no_grad()
-    def run(
-        self, batches: list[_Batch], held_out: list[_Batch] | None = None, whole_models: bool | None = None
-    ) -> QuantizationReport:
-        """Quantize every block; returns the report. ``whole_models``: whether ``bc_target="auto"`` races whole
-        models (:func:`~optimum_bc.calibration.holdout.races_whole_models`, decided here when None); ``held_out``:
-        the windows that race is scored on, kept out of ``batches`` (:mod:`optimum_bc.calibration.holdout`)."""
+    def run(self, batches: list[_Batch]) -> QuantizationReport:
+        """Quantize every block; returns the report."""
         start = time.perf_counter()
         tokens = int(sum(int(b.valid.sum()) for b in batches))
         self.report.calibration_tokens = distributed.all_reduce_count(tokens, "the calibration token count")
@@ -163,9 +159,7 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         self.race = self.auto and not self.config.bc_layer and self.total_batches >= FOLDS
         # A weight method that reads its inputs races whole models (one per candidate; optimum_bc.calibration.
         # model_race), unless blocks are offloaded: then the shared-weight race, bounded by one block's memory.
-        if whole_models is None:
-            whole_models = races_whole_models(self.config, self.placement is not None, blocks)
-        models = self.race and whole_models
+        models = self.race and algorithm.needs_inputs and self.placement is None and copies_fit(blocks, self.config)
         self.race = self.race and not models
         if self.race:
             self._race_start(batches)
@@ -176,7 +170,7 @@ class BlockCalibrator(BlockLayoutSteps, BlockCompensation, AutoRace):
         transient = transient_dense_weights() if self.placement is not None else nullcontext()
         with kernels.use_backend("reference"), transient:
             if models:
-                ModelRace(self).run(h_q, h_fp, bar, held_out or [])
+                ModelRace(self).run(h_q, h_fp, bar)
             else:
                 for i in range(len(blocks)):
                     prefix = f"{self.spec.blocks}.{i}."

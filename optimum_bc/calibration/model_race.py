@@ -22,22 +22,18 @@ memory available (:func:`copies_fit`), take the shared-weight race instead, whos
 
 import copy
 import logging
-import time
 
 import psutil
 import torch
 from torch import nn
 
-from ..algorithms import get_algorithm
 from ..algorithms.bc_select import leader, race_modes
 from ..config import BCQuantizationConfig
 from .architectures import first_param_device, get_blocks
 from .auto_race import encoder_norm, final_head
 from .block_inputs import _Batch
-from .holdout import HELD_OUT_EVERY
 from .offload import drop_dense_caches
 from .report import TIME_SPLIT
-from .streams import _run_block
 
 
 logger = logging.getLogger(__name__)
@@ -71,25 +67,6 @@ def copies_fit(blocks: nn.ModuleList, config: BCQuantizationConfig) -> bool:
         available / 2**30,
     )
     return False
-
-
-def races_whole_models(config: BCQuantizationConfig, offloaded: bool, blocks: nn.ModuleList) -> bool:
-    """Whether ``bc_target="auto"`` races whole models: BC on with the auto target at channel granularity, no
-    ``bc_layer``, a weight method that reads its inputs (GPTQ, COMQ, ERQ), blocks in memory (not ``offloaded``) and
-    the candidates' packed copies fitting in memory (:func:`copies_fit`, which logs when they do not). Else the shared-weight race runs, on every window."""
-    auto = config.bias_compensation and config.bc_target == "auto" and config.bc_granularity == "channel"
-    if not auto or config.bc_layer or offloaded or not get_algorithm(config.method).needs_inputs:
-        return False
-    return copies_fit(blocks, config)
-
-
-def _forward(block: nn.Module, index: int, batches: list[_Batch], device: torch.device, store) -> list[_Batch]:
-    """``block``'s outputs on ``batches`` (block ``index``'s inputs; kept on ``store``, default ``device``)."""
-    out = []
-    for batch in batches:
-        batch = batch.for_block(index).to(device, store or device)
-        out.append(batch.with_hidden(_run_block(block, batch.hidden.to(device), batch.kwargs).to(store or device)))
-    return out
 
 
 def _keep(block: nn.Module, device: torch.device) -> nn.Module:
@@ -126,17 +103,12 @@ class ModelRace:
             child.report.mse_tokens = parent.report.mse_tokens if child.bc else 0
             self.calibrators[mode] = child
 
-    def run(self, batches: list[_Batch], float_batches: list[_Batch], bar, held_out: list[_Batch]) -> None:
+    def run(self, batches: list[_Batch], float_batches: list[_Batch], bar) -> None:
         """Quantize every block once per candidate, score the streams, install the winner (``float_batches``: the
-        float stream's batches, ``bar``: the progress bar, advanced per block, ``held_out``: the windows the final
-        score runs on, kept out of every candidate's fit; empty: the fitted windows')."""
+        float stream's batches, ``bar``: the progress bar, advanced per block)."""
         parent = self.parent
         blocks = get_blocks(parent.model, parent.spec)
         streams = dict.fromkeys(self.modes, batches)
-        # The held-out windows run through every candidate's finished blocks and through the float model.
-        held = dict.fromkeys(self.modes, held_out)
-        held_fp = held_out
-        parent.report.held_out_tokens = sum(int(b.valid.sum()) for b in held_out)  # every rank holds them all
         floats = {mode: float_batches if c.float_stream else None for mode, c in self.calibrators.items()}
         models: dict[str, list[nn.Module]] = {mode: [] for mode in self.modes}
         devices: list[torch.device] = []
@@ -145,9 +117,6 @@ class ModelRace:
             bar.set_description(f"optimum-bc {parent.spec.blocks}.{i} ({len(self.modes)} candidates)")
             device = first_param_device(blocks[i])
             devices.append(device)
-            start = time.perf_counter()
-            held_fp = _forward(blocks[i], i, held_fp, device, parent.store)  # the float block, before it is quantized
-            float_seconds = time.perf_counter() - start
             # Each candidate quantizes its own copy of the float block, made when its turn comes from one pristine
             # copy taken before the first candidate quantizes the block itself (two float copies at most).
             pristine = _keep(copy.deepcopy(blocks[i]), device)
@@ -157,18 +126,9 @@ class ModelRace:
                 streams[mode], next_fp = child.quantize_block(i, block, streams[mode], floats[mode])
                 if next_fp is not None:  # the float stream is the same for every candidate: keep one copy
                     floats[mode] = shared.setdefault(len(next_fp), next_fp)
-                start = time.perf_counter()
-                held[mode] = _forward(block, i, held[mode], device, parent.store)
-                row = child.report.blocks[-1]  # the held-out passes are the race's (BC) time
-                seconds = time.perf_counter() - start + (float_seconds if k == 0 else 0.0)
-                row.seconds, row.bc_seconds = row.seconds + seconds, row.bc_seconds + seconds
                 models[mode].append(_keep(block, device))
             del pristine
-            if i == len(blocks) - 1 and held_out:  # the final score: on the held-out windows
-                block_scores.append(self._score(i, held, held_fp, device))
-            else:
-                fp = next(f for f in floats.values() if f is not None)[: parent.bc_batches]
-                block_scores.append(self._score(i, streams, fp, device))
+            block_scores.append(self._score(i, streams, floats, device))
             bar.update(1)
         winner = leader(block_scores[-1], self.modes)
         sink_tokens = parent.config.layer_sink_tokens
@@ -186,13 +146,15 @@ class ModelRace:
         self,
         index: int,
         streams: dict[str, list[_Batch]],
-        fp: list[_Batch],
+        floats: dict[str, list[_Batch] | None],
         device: torch.device,
     ) -> dict[str, float]:
-        """Every stream's error after block ``index`` against the float stream ``fp`` on its batches (the race's
-        measures, reused from :class:`~optimum_bc.calibration.auto_race.AutoRace` through the parent's state)."""
+        """Every stream's error after block ``index`` on the budget batches (the race's measures, reused from
+        :class:`~optimum_bc.calibration.auto_race.AutoRace` through the parent's state)."""
         parent = self.parent
-        parent.streams = {mode: stream[: len(fp)] for mode, stream in streams.items()}
+        n = parent.bc_batches
+        fp = next(f for f in floats.values() if f is not None)[:n]
+        parent.streams = {mode: stream[:n] for mode, stream in streams.items()}
         scores = parent._stream_errors(fp, device)
         if index == parent.total_blocks - 1:
             parent.race_head = final_head(parent.model, parent.spec.blocks)
@@ -225,15 +187,8 @@ class ModelRace:
         parent.report.experts = chosen.report.experts
         parent.compensated = chosen.compensated
         logger.info("optimum-bc: bc_target='auto': the %r model ended closest to the float model", winner)
-        held = parent.report.held_out_tokens
-        scored = (
-            f"scored on {held} calibration tokens held out of every candidate's fit"
-            if held
-            else f"scored on the fitted windows: under {HELD_OUT_EVERY} windows, or too few left to fit on, to hold "
-            "one out"
-        )
         parent.report.bc_summary = parent._race_summary(
-            f"BC chosen by the auto race of whole models (each candidate quantized on its own stream; {scored})",
+            "BC chosen by the auto race of whole models (each candidate quantized on its own stream)",
             winner,
             block_scores[-1],
             "model",

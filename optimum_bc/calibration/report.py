@@ -116,9 +116,6 @@ class QuantizationReport:
     bc_tokens: int = 0
     # Calibration tokens of the per-layer MSEs: the first batches up to bc_budget.REPORT_TOKENS (0 without BC).
     mse_tokens: int = 0
-    # Tokens the auto race of whole models was scored on, held out of every candidate's fit (0: scored on the fitted
-    # windows; optimum_bc.calibration.holdout).
-    held_out_tokens: int = 0
 
     def without_timings(self) -> "QuantizationReport":
         """A copy with every recorded time set to 0 (timings differ between otherwise identical runs)."""
@@ -166,7 +163,6 @@ class QuantizationReport:
             bc_summary=data.get("bc_summary"),
             bc_tokens=data.get("bc_tokens", 0),
             mse_tokens=data.get("mse_tokens", 0),
-            held_out_tokens=data.get("held_out_tokens", 0),
         )
 
     def format_table(self) -> str:

@@ -24,8 +24,6 @@ from torch import nn
 from ..calibration.architectures import first_param_device, get_blocks, resolve_spec, target_linears
 from ..calibration.block_inputs import _Batch, _StopForward
 from ..calibration.calibrator import BlockCalibrator
-from ..calibration.holdout import split_held_out
-from ..calibration.model_race import races_whole_models
 from ..calibration.report import QuantizationReport
 from ..config import BCQuantizationConfig
 from ..layers.positions import attach_position_hooks
@@ -74,13 +72,6 @@ def check_encoder_blocks(model: nn.Module, path: str, blocks: nn.ModuleList) -> 
             f"{required}, which change between blocks (hierarchical models such as Swin), so they cannot be "
             "calibrated block by block yet. Fix: use a plain ViT, DeiT or DINOv2 model."
         )
-
-
-def _tokens(model: nn.Module, sample: dict[str, torch.Tensor]) -> int:
-    """The encoder's tokens for one processed image: its patches and the CLS token."""
-    patch = getattr(model.config, "patch_size", 14)
-    height, width = sample["pixel_values"].shape[-2:]
-    return (height // patch) * (width // patch) + 1
 
 
 def collate_images(samples: list[dict[str, torch.Tensor]], batch_size: int) -> list[torch.Tensor]:
@@ -155,19 +146,11 @@ def quantize_vision_model(
     blocks = get_blocks(model, spec)
     check_encoder_blocks(model, spec.blocks, blocks)
     attach_position_hooks(blocks, numbered=True)
-    calibration = calibration or []
-    # bc_target="auto" racing whole models scores them on images held out of every fit (one in eight).
-    whole_models = races_whole_models(config, False, blocks)
-    held: list = []
-    if whole_models:
-        calibration, held = split_held_out(calibration, config.batch_size, lambda s: _tokens(model, s))
-    batches = collate_images(calibration, config.batch_size)
+    batches = collate_images(calibration or [], config.batch_size)
     inputs = capture_encoder_inputs(model, blocks, batches) if batches else []
-    held_batches = collate_images(held, config.batch_size) if held else []
-    held_inputs = capture_encoder_inputs(model, blocks, held_batches) if held_batches else []
     if config.bc_granularity == "position" and inputs:
         config.seq_len = int(inputs[0].hidden.shape[1])  # the table has one row per token of every image
-    report = BlockCalibrator(model, spec, config, skip).run(inputs, held_inputs, whole_models)
+    report = BlockCalibrator(model, spec, config, skip).run(inputs)
     model.train(was_training)
     model.quantization_report = report
     return report
