@@ -2,7 +2,8 @@
 activations) is within 20 % of the measured peak of calibrating a block loaded from disk, with and without bias
 compensation, on an attention-heavy block and two wide-MLP blocks (intermediate 2.75x and 4x hidden) at 256 tokens
 per batch, and on a wide-MLP block at 1024 tokens per batch, where one batch's forward activations and the report's
-residual pass outweigh the solves."""
+residual pass outweigh the solves; and on an OPT block (non-gated MLP, 4x hidden) at 256 and 1024 tokens per
+batch; and on a Mixtral block (8 fused experts, 2 per token) at 256 and 1024 tokens per batch."""
 
 import json
 import os
@@ -20,7 +21,10 @@ PROBE = textwrap.dedent(
     """
     import ctypes, gc, json, sys, tempfile
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig,
+        OPTForCausalLM,
+    )
     from optimum_bc import BCQuantizationConfig
     from optimum_bc.calibration.memory import block_calibration_bytes, forward_shape, measures_float_residuals
     from optimum_bc.calibration.bc_budget import calibration_activation_bytes
@@ -30,15 +34,32 @@ PROBE = textwrap.dedent(
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
 
-    def save(hidden, inter, folder):
+    def save(family, hidden, inter, folder):
         torch.manual_seed(0)
+        if family == "opt":  # a non-gated MLP (fc1, ReLU, fc2), LayerNorms, Linears with biases
+            config = OPTConfig(
+                vocab_size=256, hidden_size=hidden, ffn_dim=inter, num_hidden_layers=1, word_embed_proj_dim=hidden,
+                num_attention_heads=hidden // 64, max_position_embeddings=256,
+            )
+            model = OPTForCausalLM(config)
+            model.save_pretrained(folder)
+            return model.model.decoder.layers[0], model.config
+        if family == "mixtral":  # 8 fused experts, 2 per token: quantized after the attention Linears
+            config = MixtralConfig(
+                vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=256,
+                num_local_experts=8, num_experts_per_tok=2,
+            )
+            model = MixtralForCausalLM(config)
+            model.save_pretrained(folder)
+            return model.model.layers[0], model.config
         config = LlamaConfig(
             vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
             num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=256,
         )
         model = LlamaForCausalLM(config)
         model.save_pretrained(folder)
-        return model.model.layers[0]
+        return model.model.layers[0], model.config
 
     def config(bc, samples=4, window=64):
         ids = torch.randint(0, 256, (samples, window), generator=torch.Generator().manual_seed(1))
@@ -47,26 +68,33 @@ PROBE = textwrap.dedent(
             batch_size=samples, bias_compensation=bc,
         )
 
-    DISK = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
-            "lm_head": "cpu"}
+    LLAMA_DISK = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    DISK = {
+        "llama": LLAMA_DISK,
+        "mixtral": LLAMA_DISK,
+        "opt": {"model.decoder.embed_tokens": "cpu", "model.decoder.embed_positions": "cpu",
+                "model.decoder.layers.0": "disk", "model.decoder.final_layer_norm": "cpu", "lm_head": "cpu"},
+    }
 
-    def quantize(folder, bc, samples=4, window=64):
+    def quantize(family, folder, bc, samples=4, window=64):
         offload = tempfile.mkdtemp()
         return AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=config(bc, samples, window), device_map=DISK, offload_folder=offload
+            folder, quantization_config=config(bc, samples, window), device_map=DISK[family], offload_folder=offload
         )
 
     root = tempfile.mkdtemp()
-    save(256, 512, root + "/warm")
-    quantize(root + "/warm", True)  # warm-up: BLAS/LAPACK buffers are allocated once per process
+    for family in ("llama", "opt", "mixtral"):  # warm-up: BLAS/LAPACK buffers are allocated once per process
+        save(family, 256, 512, f"{root}/warm_{family}")
+        quantize(family, f"{root}/warm_{family}", True)
     results = []
-    for hidden, inter, bc, samples, window in json.loads(sys.argv[1]):
-        folder = f"{root}/{hidden}_{inter}"
-        block = save(hidden, inter, folder)
+    for family, hidden, inter, bc, samples, window in json.loads(sys.argv[1]):
+        folder = f"{root}/{family}_{hidden}_{inter}"
+        block, model_config = save(family, hidden, inter, folder)
         names = [[n] for n, mod in block.named_modules() if isinstance(mod, torch.nn.Linear)]
         cfg = config(bc, samples, window)
         calibration = [{"input_ids": torch.zeros(window, dtype=torch.long)}] * samples
-        shape = forward_shape(block.self_attn.config, calibration, samples)  # one batch of all windows
+        shape = forward_shape(model_config, calibration, samples)  # one batch of all windows
         need = block_calibration_bytes(block, names, bc, float_residuals=measures_float_residuals(cfg, 1), **shape)
         outputs = sum(block.get_submodule(n[0]).out_features for n in names)
         estimate = need + calibration_activation_bytes(cfg, samples * window, hidden, outputs, torch.float32)
@@ -75,7 +103,7 @@ PROBE = textwrap.dedent(
         ctypes.CDLL(None).malloc_trim(0)
         base = rss("VmRSS")
         open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
-        model = quantize(folder, bc, samples, window)
+        model = quantize(family, folder, bc, samples, window)
         results.append([rss("VmHWM") - base, estimate])
         del model
     print(json.dumps(results))
@@ -83,15 +111,21 @@ PROBE = textwrap.dedent(
 )
 
 SHAPES = [(1024, 1024), (768, 3072), (1024, 2816)]
-# (hidden, intermediate, bias compensation, windows in the one batch, window length)
-CASES = [(h, i, bc, 4, 64) for h, i in SHAPES for bc in (False, True)]
-CASES += [(1024, 2816, bc, 8, 128) for bc in (False, True)]
+# (family, hidden, intermediate, bias compensation, windows in the one batch, window length)
+CASES = [("llama", h, i, bc, 4, 64) for h, i in SHAPES for bc in (False, True)]
+CASES += [("llama", 1024, 2816, bc, 8, 128) for bc in (False, True)]
+# A non-gated MLP (OPT: fc1 4x hidden, ReLU, fc2): measured 0.88-0.94 of the peak (the gated MLP's three
+# intermediate-wide tensors are counted, OPT keeps two, and its Linears' biases and LayerNorms add a little).
+CASES += [("opt", 1024, 4096, bc, 4, 64) for bc in (False, True)] + [("opt", 1024, 4096, True, 8, 128)]
+# Fused experts (Mixtral: 8 experts, 2 per token), whose per-expert Gram triangles, codes and kept float outputs the
+# pre-check counts after the Linear groups: measured 0.90-0.97 of the peak.
+CASES += [("mixtral", 512, 1024, bc, 4, 64) for bc in (False, True)] + [("mixtral", 768, 1536, True, 8, 128)]
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM")
 def test_block_estimate_within_20_percent_of_the_measured_peak() -> None:
     """Measured quantity: the process's peak resident memory (VmHWM, reset right before loading) over the resident
-    memory before, for quantizing a one-block LLaMA (vocabulary 256, so the block is nearly all of it) whose block
+    memory before, for quantizing a one-block LLaMA, OPT or Mixtral (vocabulary 256, so the block is nearly all of it) whose block
     is on "disk" (the CPU calibrates it, as in an offloaded run: loading from the offload store, no dense caches,
     BC's float copy streamed), GPTQ 4-bit g128 with bias compensation (bc_target "auto") and without, after a
     warm-up run, the calibration windows in one batch. The estimate is the pre-check's: the block's need (with one
@@ -124,7 +158,15 @@ def test_per_batch_arguments_follow_the_calibration() -> None:
     calibration = [{"input_ids": torch.zeros(n, dtype=torch.long)} for n in (20, 32, 32, 32, 32, 32)]
     config = LlamaConfig(hidden_size=128, num_attention_heads=4)
     config._attn_implementation = "eager"
-    assert forward_shape(config, calibration, 4) == {"batch_tokens": 128, "hidden_size": 128, "attention_scores": 256}
+    assert forward_shape(config, calibration, 4) == {
+        "batch_tokens": 128,
+        "hidden_size": 128,
+        "attention_scores": 256,
+        "calibration_tokens": 20 + 5 * 32,
+        "experts_per_token": 1,
+    }
+    config.num_experts_per_tok = 2
+    assert forward_shape(config, calibration, 4)["experts_per_token"] == 2
     config._attn_implementation = "sdpa"
     assert forward_shape(config, calibration, 8)["batch_tokens"] == 6 * 32
     assert forward_shape(config, calibration, 8)["attention_scores"] == 0

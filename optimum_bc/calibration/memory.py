@@ -86,7 +86,48 @@ def forward_shape(model_config: object, calibration: list, batch_size: int) -> d
         "batch_tokens": min(batch_size, len(windows)) * window,
         "hidden_size": int(hidden),
         "attention_scores": scores,
+        "calibration_tokens": sum(windows),
+        "experts_per_token": int(getattr(text, "num_experts_per_tok", None) or 1),
     }
+
+
+def expert_calibration_bytes(
+    block: nn.Module, bias_compensation: bool, batch_tokens: int, calibration_tokens: int, experts_per_token: int
+) -> int:
+    """Peak bytes of quantizing ``block``'s fused expert weights (``[experts, ., .]`` parameters,
+    :mod:`optimum_bc.calibration.expert_calibration`) beyond the block's own tensors, 0 without any.
+
+    The parameters are quantized one after the other; while one is, every expert of it accumulates its own Gram
+    triangle (``experts x`` the dense layer's, for a weight method that reads its inputs; all alive until the last
+    expert is solved) beside one expert's solve (:func:`group_calibration_bytes`), float32 copies of its experts'
+    weights when the model is not float32, the uint8 codes of it and of the parameters done before, and one batch's
+    routed inputs (``batch_tokens · experts_per_token`` rows). With bias compensation the float expert outputs of
+    every calibration token are kept for the whole phase (``calibration_tokens · experts_per_token`` rows of each
+    parameter's output width). An experts class declares its layout (``is_transposed``); without one the wider side
+    is taken as the input (the larger Gram)."""
+    from .experts import fused_expert_params
+
+    first = 0
+    codes = 0
+    peak = 0
+    for owner, attr in fused_expert_params(block).values():
+        param = owner._parameters.get(attr)
+        if param is None or param.dim() != 3:
+            continue
+        experts, rows, cols = param.shape
+        flag = getattr(owner, "is_transposed", None)
+        in_f, out_f = (rows, cols) if flag else (cols, rows)
+        if flag is None:
+            in_f, out_f = max(rows, cols), min(rows, cols)
+        block_rows = min(GRAM_ROW_BLOCK, in_f)
+        grams = experts * 4 * in_f * (in_f + block_rows) if batch_tokens else 0
+        copies = 4 * experts * in_f * out_f if param.element_size() != 4 else 0
+        inputs = 4 * batch_tokens * experts_per_token * in_f
+        codes += experts * in_f * out_f
+        peak = max(peak, grams + group_calibration_bytes(in_f, out_f) + copies + codes + inputs)
+        if bias_compensation:
+            first += 4 * calibration_tokens * experts_per_token * out_f
+    return first + peak if peak else 0
 
 
 def measures_float_residuals(config: BCQuantizationConfig, batches: int) -> bool:
@@ -111,6 +152,8 @@ def block_calibration_bytes(
     hidden_size: int = 0,
     attention_scores: int = 0,
     float_residuals: bool = True,
+    calibration_tokens: int = 0,
+    experts_per_token: int = 1,
 ) -> int:
     """Memory one offloaded block needs on its execution device while calibrated (the activation streams kept
     between blocks not included: ``streams.activation_bytes``).
@@ -139,6 +182,8 @@ def block_calibration_bytes(
     residual terms (:data:`RESIDUAL_BYTES_PER_OUTPUT`) beside the quantized pass's activations.
     ``shared_float_copy``: the copy shares the block's tensors instead (a block kept on the CPU and calibrated on a
     GPU), so every float weight stays until the block's end. ``batch_tokens=0`` leaves the per-batch terms out.
+    A block with fused expert weights then quantizes them beside its packed Linears
+    (:func:`expert_calibration_bytes`: ``calibration_tokens`` and ``experts_per_token`` size its kept outputs).
 
     Before loading the groups are not observed yet: Linears of ``groups`` under one parent module with the same
     input width are counted as one group (q/k/v, gate/up), which over-counts only a sibling that has its own input.
@@ -177,6 +222,13 @@ def block_calibration_bytes(
         passes = max(dense + forward, streamed + first_pass if g == 0 else 0)
         held = sum(floats) if float_copy and shared_float_copy else sum(floats[g:])
         need = max(need, rest + held + sum(packed[:g]) + max(solve, gram, passes, streamed))
+    experts = expert_calibration_bytes(block, float_copy, batch_tokens, calibration_tokens, experts_per_token)
+    if experts:
+        # Loaded whole from the offload store, the expert weights' mapped pages stay resident beside the loaded
+        # copy while the block is calibrated on the CPU (measured on Mixtral blocks: file-backed resident memory
+        # +46 MiB for 48 MiB of expert weights); a GPU holds the copy only.
+        mapped = 0 if shared_float_copy else rest
+        need = max(need, rest + mapped + sum(packed) + experts)
     if float_copy:
         held = sum(floats) if shared_float_copy else 0
         end = rest + held + sum(packed) + (4 * sum(sum(n) for n in numels) if float_residuals else 0)
