@@ -16,6 +16,7 @@ from ..algorithms.base import GRAM_ROW_BLOCK
 from ..algorithms.bc_select import FOLDS
 from ..config import BCQuantizationConfig
 from .discovery import layer_features
+from .experts import fused_expert_params
 
 
 Device = int | str | torch.device
@@ -105,8 +106,6 @@ def expert_calibration_bytes(
     every calibration token are kept for the whole phase (``calibration_tokens · experts_per_token`` rows of each
     parameter's output width). An experts class declares its layout (``is_transposed``); without one the wider side
     is taken as the input (the larger Gram)."""
-    from .experts import fused_expert_params
-
     first = 0
     codes = 0
     peak = 0
