@@ -1,7 +1,7 @@
 """Bias compensation, default (``bc_target="auto"``) against BC off and every manual variant, on the packaged model.
 
 One protocol for every cell: the packaged SmolLM2-135M in fp32, calibration ``--num-samples`` x ``--seq-len`` tokens
-drawn (seed 0) from the wiki-vital calibration split, perplexity on the first ``--eval-samples`` x ``--seq-len``
+drawn (``--seed``, default 0) from the wiki-vital calibration split, perplexity on the first ``--eval-samples`` x ``--seq-len``
 tokens of the disjoint wiki-vital evaluation split. A cell is (method, format); its columns are the BC variants.
 Every finished cell is written to the JSON at once and skipped when the script runs again (so the grid can be filled
 in pieces, e.g. ``--methods rtn --formats mxfp4``). Prints the markdown table of everything in the JSON.
@@ -48,7 +48,7 @@ def format_table(results: dict) -> str:
     p = results.get("protocol", {})
     lines = [
         f"Measured by `benchmarks/bc_auto.py` on SmolLM2-135M (packaged GGUF Q4_1 dequantized to fp32), calibration "
-        f"{p.get('num_samples')} x {p.get('seq_len')} wiki-vital tokens (seed 0), perplexity on {p.get('eval_samples')}"
+        f"{p.get('num_samples')} x {p.get('seq_len')} wiki-vital tokens (seed {p.get('seed', 0)}), perplexity on {p.get('eval_samples')}"
         f" x {p.get('seq_len')} held-out wiki-vital tokens. fp32 perplexity: {results.get('fp32', float('nan')):.2f}.",
         "",
         "| method | format | " + " | ".join(VARIANTS) + " | auto <= off | auto within 2 % of best manual |",
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from {list(FORMATS)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn (0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: leave cores to others)")
     parser.add_argument("--json", default="benchmarks/bc_auto.json")
     parser.add_argument("--table", action="store_true", help="only print the table of the JSON")
@@ -90,6 +91,8 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown {name} {unknown}; known: {list(known[1])}")
     protocol = {"num_samples": args.num_samples, "seq_len": args.seq_len, "eval_samples": args.eval_samples}
+    if args.seed:  # another draw of calibration windows is another protocol (seed 0's JSONs name none)
+        protocol["seed"] = args.seed
     if results.get("protocol", protocol) != protocol:
         parser.error(f"{args.json} holds cells of another protocol {results['protocol']}; use another --json")
     results["protocol"] = protocol
@@ -113,7 +116,14 @@ def main() -> None:
                     continue
                 start = time.perf_counter()
                 model, report, seconds = quantize_packaged(
-                    load, tokenizer, args.num_samples, args.seq_len, method=method, **FORMATS[fmt], **VARIANTS[variant]
+                    load,
+                    tokenizer,
+                    args.num_samples,
+                    args.seq_len,
+                    method=method,
+                    seed=args.seed,
+                    **FORMATS[fmt],
+                    **VARIANTS[variant],
                 )
                 row["ppl"][variant] = perplexity(model)
                 row["seconds"][variant] = seconds
